@@ -1,0 +1,147 @@
+"""Command line: ``python -m mpitrain {train,prepare,info} ...``.
+
+Every subcommand runs inside ``runtime.run_or_abort``: an error on any rank
+ends the whole MPI job with the message printed once and a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .runtime import MpitrainError, limit_threads, run_or_abort
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .config import add_arguments
+
+    p = argparse.ArgumentParser(
+        prog="python -m mpitrain",
+        description="Data-parallel training of numpy models over MPI, from HDF5 shards.",
+        epilog="Launch with an MPI launcher, e.g.: mpirun -n 4 python -m mpitrain train")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    t = sub.add_parser("train", help="train a model (data-parallel over all ranks)",
+                       description="Train an MLP data-parallel over all ranks. Keys may also "
+                                   "come from a TOML file (--config); flags override it.")
+    add_arguments(t)
+
+    pr = sub.add_parser("prepare", help="write a sharded HDF5 dataset",
+                        description="Convert an .npz file (arrays x and y) or generate a "
+                                    "synthetic set, as HDF5 shards plus manifest.json.")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", metavar="FILE.npz", help="arrays x (samples, features) and "
+                                                         "y (samples,) integer labels")
+    src.add_argument("--synthetic", action="store_true", help="a deterministic, learnable "
+                                                              "classification set")
+    pr.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
+    pr.add_argument("--shards", type=int, default=4, metavar="N",
+                    help="files per split (default: 4)")
+    pr.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                    help="share of samples set aside for validation (default: 0 for --input, "
+                         "0.1 for --synthetic)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the split and synthetic data")
+    pr.add_argument("--classes", type=int, default=None, metavar="C",
+                    help="number of classes (default: max label + 1; 10 for --synthetic)")
+    pr.add_argument("--samples", type=int, default=20000, metavar="N",
+                    help="--synthetic: number of samples (default: 20000)")
+    pr.add_argument("--features", type=int, default=784, metavar="F",
+                    help="--synthetic: features per sample (default: 784)")
+    pr.add_argument("--x-key", default="x", help="--input: array of samples (default: x)")
+    pr.add_argument("--y-key", default="y", help="--input: array of labels (default: y)")
+
+    sub.add_parser("info", help="print the MPI library, ranks, threads per rank and h5py build",
+                   description="Print what this job runs on.")
+    return p
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from . import prepare
+
+    if args.synthetic:
+        m = prepare.synthetic(args.out, args.samples, args.features, args.classes or 10,
+                              args.seed, args.shards,
+                              0.1 if args.val_fraction is None else args.val_fraction)
+    else:
+        m = prepare.from_npz(args.input, args.out, args.shards, args.val_fraction or 0.0,
+                             args.seed, args.classes, args.x_key, args.y_key)
+    splits = ", ".join(f"{s}: {m.rows(s)} rows in {len(f)} shards" for s, f in m.splits.items())
+    print(f"wrote {args.out}: {splits}; features {m.features}, {m.dtype}, {m.classes} classes")
+
+
+def _on_root(comm, fn) -> None:
+    """Run ``fn`` on rank 0 only; every rank raises its error (collective)."""
+    error = None
+    if comm.Get_rank() == 0:
+        try:
+            fn()
+        except MpitrainError as exc:
+            error = str(exc)
+    error = comm.bcast(error, root=0)
+    if error:
+        raise MpitrainError(error, everywhere=True)
+
+
+def _info(comm) -> None:
+    import h5py
+    import mpi4py
+    import numpy
+    from mpi4py import MPI
+
+    from . import __version__
+    from .runtime import thread_report
+    from .trainer import library_version
+
+    hosts = comm.gather(MPI.Get_processor_name(), root=0)
+    threads = comm.gather(thread_report(), root=0)
+    if comm.Get_rank() == 0:
+        nodes = sorted(set(hosts))
+        lines = [
+            ("mpitrain", __version__),
+            ("python", sys.version.split()[0]),
+            ("MPI library", library_version()),
+            ("MPI standard", "%d.%d" % MPI.Get_version()),
+            ("mpi4py", mpi4py.__version__),
+            ("thread level", {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
+                              MPI.THREAD_SERIALIZED: "serialized",
+                              MPI.THREAD_MULTIPLE: "multiple"}[MPI.Query_thread()]),
+            ("ranks", f"{comm.Get_size()} on {len(nodes)} node(s): {', '.join(nodes)}"),
+            ("threads per rank", threads[0] if len(set(threads)) == 1
+             else "; ".join(f"rank {r}: {t}" for r, t in enumerate(threads))),
+            ("numpy", numpy.__version__),
+            ("h5py", f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})"),
+            ("h5py with MPI", "yes (mpio driver available)" if h5py.get_config().mpi
+             else "no (serial h5py: shards are read per rank, checkpoints written by one rank)"),
+        ]
+        width = max(len(k) for k, _ in lines)
+        for key, value in lines:
+            print(f"{key:<{width}}  {value}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of ``python -m mpitrain``."""
+    limit_threads()  # before numpy is imported by anything below
+    args = _parser().parse_args(argv)
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+
+    def run() -> int:
+        if args.command == "train":
+            from .config import from_sources
+            from .trainer import train
+
+            try:
+                cfg = from_sources(args)
+            except MpitrainError as exc:  # every rank parses the same arguments
+                raise MpitrainError(str(exc), everywhere=True) from None
+            train(cfg, comm)
+        elif args.command == "prepare":
+            _on_root(comm, lambda: _prepare(args))
+        elif args.command == "info":
+            _info(comm)
+        return 0
+
+    sys.exit(run_or_abort(run, comm))

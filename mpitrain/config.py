@@ -1,0 +1,202 @@
+"""The training configuration: one dataclass of commented defaults.
+
+Values come from the defaults, then a TOML file (``--config``), then flags;
+each later source overrides the earlier.  Unknown keys are errors, and every
+error names where the bad value came from (the flag, or the file and key).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+from .runtime import MpitrainError
+
+__all__ = ["Config", "add_arguments", "from_sources", "CHOICES"]
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.9/3.10
+    import tomli as tomllib
+
+CHOICES = {
+    "activation": ("relu", "tanh"),
+    "loss": ("ce", "mse"),
+    "dtype": ("float32", "float64"),
+    "optimizer": ("sgd", "momentum", "adam", "adamw"),
+    "allreduce": ("mpi",),
+    "check_data": ("full", "meta"),
+}
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Everything ``mpitrain train`` needs; see ``--help`` for each key."""
+
+    # Data
+    data: Optional[str] = _opt(None, "dataset directory (default: the built-in synthetic set, "
+                                     "created in the cache directory on first use)")
+    check_data: str = _opt("full", "check shard values before training (full) or only "
+                                   "their structure (meta)")
+    drop_last: bool = _opt(False, "skip the incomplete last batch of each epoch instead of "
+                                  "training on a smaller one")
+    # Model
+    hidden: List[int] = _opt((256, 256), "hidden layer widths, e.g. 256,256")
+    activation: str = _opt("relu", "hidden activation")
+    loss: str = _opt("ce", "softmax cross-entropy (ce) or mean squared error on one-hot labels (mse)")
+    dtype: str = _opt("float32", "parameter and compute precision")
+    # Optimisation
+    batch_size: int = _opt(128, "global batch size, split among the ranks")
+    steps: Optional[int] = _opt(None, "number of steps (default: --epochs)")
+    epochs: Optional[int] = _opt(None, "number of epochs (default 2 when --steps is not given)")
+    optimizer: str = _opt("momentum", "update rule")
+    lr: float = _opt(0.05, "learning rate")
+    momentum: float = _opt(0.9, "momentum of 'momentum'")
+    weight_decay: float = _opt(0.0, "L2 penalty (decoupled for adamw)")
+    seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
+    # Parallelism
+    allreduce: str = _opt("mpi", "gradient all-reduce algorithm")
+    # Output
+    log: Optional[str] = _opt(None, "append one JSON object per logged step to this file")
+    log_every: int = _opt(10, "print and log every N steps")
+    eval_every: Optional[int] = _opt(None, "evaluate on the validation split every N steps "
+                                           "(default: each epoch's end; 0: only at the end)")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's length in steps."""
+        if self.steps is not None:
+            return self.steps
+        return (2 if self.epochs is None else self.epochs) * steps_per_epoch
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per Config field (default None: 'not given') and ``--config``."""
+    parser.add_argument("--config", metavar="FILE.toml",
+                        help="read these keys from a TOML file; flags override it")
+    for f in fields(Config):
+        kw: Dict[str, Any] = {"default": None, "dest": f.name}
+        help = f.metadata["help"]
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.type == "List[int]":
+            kw["type"], kw["metavar"] = _parse_list, "N,N"
+        elif "int" in f.type:
+            kw["type"], kw["metavar"] = int, "N"
+        elif "float" in f.type:
+            kw["type"], kw["metavar"] = float, "X"
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        if default is not None and f.type != "bool":
+            help += f" (default: {default})"
+        parser.add_argument(_flag(f.name), help=help, **kw)
+
+
+def _coerce(name: str, ftype: str, value: Any, where: str) -> Any:
+    """Check a TOML value's type against the field's."""
+    ok = {
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "List[int]": lambda v: isinstance(v, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in v),
+    }
+    base = ftype.replace("Optional[", "").rstrip("]") if ftype != "List[int]" else ftype
+    if not ok[base](value):
+        raise MpitrainError(f"{where}: key {name!r} should be {base}, got {value!r}")
+    return float(value) if base == "float" else value
+
+
+def from_sources(args: argparse.Namespace) -> Config:
+    """Defaults, then ``args.config`` (TOML), then flags given; validated."""
+    cfg = Config()
+    where = {f.name: "default" for f in fields(Config)}
+    path = getattr(args, "config", None)
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                table = tomllib.load(fh)
+        except FileNotFoundError:
+            raise MpitrainError(f"{path}: no such config file") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise MpitrainError(f"{path}: not valid TOML: {exc}") from None
+        known = {f.name: f for f in fields(Config)}
+        for key, value in table.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise MpitrainError(f"{path}: unknown key {key!r} (known: "
+                                    f"{', '.join(sorted(known))})")
+            setattr(cfg, name, _coerce(key, known[name].type, value, path))
+            where[name] = f"{path}: key {key!r}"
+    for f in fields(Config):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            setattr(cfg, f.name, value)
+            where[f.name] = _flag(f.name)
+    cfg.hidden = list(cfg.hidden)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
+    """Raise MpitrainError naming the first invalid value and its source."""
+    where = where or {f.name: _flag(f.name) for f in fields(Config)}
+
+    def bad(name: str, expect: str) -> MpitrainError:
+        src = where[name] if where[name] != "default" else _flag(name)
+        return MpitrainError(f"{src}: expected {expect}, got {getattr(cfg, name)!r}")
+
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise bad(name, "one of " + ", ".join(choices))
+    positive = ["batch_size", "lr", "log_every"]
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise bad(name, "a value > 0")
+    for name in ("steps", "epochs"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise bad(name, "a value >= 1")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise MpitrainError(f"{where['steps']} and {where['epochs']}: give one of the two, "
+                            f"not both (got {cfg.steps} steps and {cfg.epochs} epochs)")
+    if cfg.eval_every is not None and cfg.eval_every < 0:
+        raise bad("eval_every", "a value >= 0")
+    if not cfg.hidden or any(h < 1 for h in cfg.hidden):
+        raise bad("hidden", "one or more positive widths")
+    if not 0 <= cfg.momentum < 1:
+        raise bad("momentum", "a value in [0, 1)")
+    if cfg.weight_decay < 0:
+        raise bad("weight_decay", "a value >= 0")
+    if cfg.data is not None and not os.path.isdir(cfg.data):
+        raise MpitrainError(f"{where['data']}: {cfg.data}: no such dataset directory")
+
+
+def replace(cfg: Config, **changes) -> Config:
+    """A copy of ``cfg`` with ``changes``, validated."""
+    new = dataclasses.replace(cfg, **changes)
+    validate(new)
+    return new

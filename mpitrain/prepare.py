@@ -1,0 +1,175 @@
+"""Write datasets in the sharded HDF5 format: from an .npz file, or synthetic.
+
+A dataset directory is written under a temporary name and renamed into
+place when complete, so a reader never sees half a dataset and an existing
+directory is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from .data import FORMAT, VERSION, X_KEY, Y_KEY, Manifest, rank_slice
+from .runtime import MpitrainError
+
+__all__ = ["write_dataset", "from_npz", "synthetic", "split_val"]
+
+BLOCK = 4096  # rows generated or copied at a time, to bound memory
+
+
+def _refuse_existing(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise MpitrainError(f"{out}: already exists and is not empty; "
+                            "choose another --out (nothing was written)")
+
+
+def write_dataset(out: str, features: Tuple[int, ...], classes: int, dtype,
+                  splits: dict, shards: int) -> Manifest:
+    """Write ``splits`` {name: (rows, rows_fn)} as shards; ``rows_fn(lo, hi)`` gives (x, y).
+
+    Each split is cut into ``shards`` files of nearly equal rows (fewer if
+    it has fewer rows).  Returns the manifest written.
+    """
+    _refuse_existing(out)
+    if shards < 1:
+        raise MpitrainError(f"--shards must be >= 1, got {shards}")
+    import h5py
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
+    try:
+        listing = {}
+        for split, (rows, rows_fn) in splits.items():
+            count = max(1, min(shards, rows))
+            listing[split] = []
+            for k in range(count):
+                lo, hi = rank_slice(rows, k, count)
+                name = f"{split}-{k:05d}-of-{count:05d}.h5"
+                with h5py.File(os.path.join(tmp, name), "w", locking=False) as f:
+                    x = f.create_dataset(X_KEY, (hi - lo, *features), dtype=dtype)
+                    y = f.create_dataset(Y_KEY, (hi - lo,), dtype=np.int64)
+                    for a in range(lo, hi, BLOCK):
+                        b = min(hi, a + BLOCK)
+                        xb, yb = rows_fn(a, b)
+                        x[a - lo:b - lo] = xb.reshape(b - a, *features)
+                        y[a - lo:b - lo] = yb
+                listing[split].append((name, hi - lo))
+        m = Manifest(out, features, np.dtype(dtype).name, classes, listing)
+        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+            json.dump(m.to_json(), f, indent=1)
+            f.write("\n")
+        _refuse_existing(out)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty: checked just above
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return m
+
+
+def split_val(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train ids, val ids), a random split of range(n) from ``seed``, each sorted."""
+    if not 0 <= val_fraction < 1:
+        raise MpitrainError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def from_npz(path: str, out: str, shards: int, val_fraction: float = 0.0, seed: int = 0,
+             classes: Optional[int] = None, x_key: str = "x", y_key: str = "y") -> Manifest:
+    """Convert arrays ``x`` (samples, *features) and ``y`` (samples,) of an .npz into shards."""
+    _refuse_existing(out)
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise MpitrainError(f"{path}: cannot read as .npz: {exc}") from None
+    with npz:
+        for key in (x_key, y_key):
+            if key not in npz:
+                raise MpitrainError(f"{path}: missing array {key!r} (has {sorted(npz.files)})")
+        x, y = npz[x_key], npz[y_key]
+    if x.ndim < 2 or x.dtype.kind not in "fiub":
+        raise MpitrainError(f"{path}: array {x_key!r} should be numeric (samples, features), "
+                            f"got {x.dtype} {x.shape}")
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise MpitrainError(f"{path}: array {y_key!r} should be 1-D integer labels, "
+                            f"got {y.dtype} {y.shape}")
+    if len(x) != len(y):
+        raise MpitrainError(f"{path}: {x_key!r} has {len(x)} samples, {y_key!r} has {len(y)}")
+    if len(x) == 0:
+        raise MpitrainError(f"{path}: no samples")
+    if x.dtype.kind != "f":
+        x = x.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if bad.size:
+        raise MpitrainError(f"{path}: NaN or inf in {x_key!r} at sample {bad[0]}")
+    if y.min() < 0:
+        raise MpitrainError(f"{path}: negative label {y.min()} in {y_key!r}")
+    seen = int(y.max()) + 1
+    classes = max(seen, 2) if classes is None else classes
+    if seen > classes:
+        raise MpitrainError(f"{path}: label {seen - 1} in {y_key!r} is out of range for "
+                            f"--classes {classes}")
+    train, val = split_val(len(x), val_fraction, seed)
+    splits = {"train": (len(train), lambda a, b: (x[train[a:b]], y[train[a:b]]))}
+    if len(val):
+        splits["val"] = (len(val), lambda a, b: (x[val[a:b]], y[val[a:b]]))
+    return write_dataset(out, x.shape[1:], classes, x.dtype, splits, shards)
+
+
+def synthetic_rows(samples: int, features: int, classes: int,
+                   seed: int) -> Callable[[int, int], Tuple[np.ndarray, np.ndarray]]:
+    """A function (lo, hi) -> (x, y) giving rows of a deterministic, learnable set.
+
+    Each class is a Gaussian cloud around its own random centre, passed
+    through tanh so the classes are not linearly separable everywhere; row
+    blocks come from generators keyed by (seed, block), so any row range
+    is the same whichever way the set is sharded.
+    """
+    # Centres ~ N(0, 9/features): two centres lie about 4.2 noise deviations
+    # apart whatever the feature count, so a good model reaches ~90%.
+    centres = np.random.default_rng([seed, 0]).normal(0, 3 / math.sqrt(features),
+                                                      (classes, features))
+
+    def block(j: int) -> Tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([seed, 1, j])
+        n = min(BLOCK, samples - j * BLOCK)
+        y = rng.integers(0, classes, n)
+        x = np.tanh(centres[y] + rng.normal(0, 1.0, (n, features)))
+        return x.astype(np.float32), y
+
+    def rows(lo: int, hi: int) -> Tuple[np.ndarray, np.ndarray]:
+        parts = [block(j) for j in range(lo // BLOCK, -(-hi // BLOCK))]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        start = (lo // BLOCK) * BLOCK
+        return x[lo - start:hi - start], y[lo - start:hi - start]
+
+    return rows
+
+
+def synthetic(out: str, samples: int, features: int, classes: int, seed: int = 0,
+              shards: int = 4, val_fraction: float = 0.1) -> Manifest:
+    """Write the synthetic classification set: ``samples`` rows, the last ``val_fraction`` for validation."""
+    if samples < 2 or features < 1 or classes < 2:
+        raise MpitrainError(f"synthetic data needs --samples >= 2, --features >= 1 and "
+                            f"--classes >= 2, got {samples}, {features}, {classes}")
+    if not 0 <= val_fraction < 1:
+        raise MpitrainError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    rows = synthetic_rows(samples, features, classes, seed)
+    n_val = int(round(samples * val_fraction))
+    n_train = samples - n_val
+    splits = {"train": (n_train, rows)}
+    if n_val:
+        splits["val"] = (n_val, lambda a, b: rows(n_train + a, n_train + b))
+    return write_dataset(out, (features,), classes, np.float32, splits, shards)
+

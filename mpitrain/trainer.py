@@ -1,0 +1,251 @@
+"""The data-parallel training loop, and building it from a Config.
+
+One step on every rank of ``comm``::
+
+    ids   = the rank's slice of global batch k            (data.Sampler)
+    x, y  = rows ids of the shards                        (data.Shards)
+    grads = d/dθ [ sum of the rank's per-sample losses / B ]   (B: global batch)
+    exchange(grads)  ->  sum over ranks = d/dθ [ mean loss of the global batch ]
+    optimizer.step()
+
+Dividing by the global batch B before the sum, rather than averaging the
+ranks' means, makes the result exact when the ranks' parts are unequal.  The
+batch's loss sum and correct count ride in two extra slots at the end of the
+exchange buffer, so one Allreduce per step gives gradients and metrics, and
+every rank sees the same loss (and stops together if it is not finite).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+from mpi4py import MPI
+
+from . import __version__
+from .config import Config
+from .data import Manifest, Sampler, Shards, check_dataset, rank_slice, read_manifest
+from .exchange import make_exchange
+from .metrics import Reporter
+from .nn import Sequential, make_loss, mlp
+from .optim import make_optimizer
+from .runtime import MpitrainError, thread_report
+
+__all__ = ["Trainer", "build", "train", "builtin_dataset", "BUILTIN"]
+
+# The built-in synthetic set `train` uses when no --data is given.
+BUILTIN = dict(samples=20000, features=784, classes=10, seed=0, shards=4, val_fraction=0.1)
+
+
+def library_version() -> str:
+    """The MPI library's name and version, on one line."""
+    return " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+
+
+def cache_dir() -> str:
+    """$MPITRAIN_CACHE, else $XDG_CACHE_HOME/mpitrain, else ~/.cache/mpitrain."""
+    if os.environ.get("MPITRAIN_CACHE"):
+        return os.environ["MPITRAIN_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mpitrain")
+
+
+def builtin_dataset(comm: MPI.Comm) -> str:
+    """Path of the built-in synthetic set, written by rank 0 if missing (collective)."""
+    from .prepare import synthetic
+
+    b = BUILTIN
+    path = os.path.join(cache_dir(), f"synthetic-v1-n{b['samples']}-f{b['features']}-"
+                                     f"c{b['classes']}-s{b['seed']}")
+    error = None
+    if comm.Get_rank() == 0 and not os.path.exists(os.path.join(path, "manifest.json")):
+        try:
+            synthetic(path, b["samples"], b["features"], b["classes"], b["seed"],
+                      b["shards"], b["val_fraction"])
+        except MpitrainError as exc:
+            # Another job may have written it meanwhile; that is fine.
+            if not os.path.exists(os.path.join(path, "manifest.json")):
+                error = str(exc)
+        except OSError as exc:
+            error = f"{path}: cannot write the built-in dataset: {exc} (set MPITRAIN_CACHE)"
+    error = comm.bcast(error, root=0)
+    if error:
+        raise MpitrainError(error, everywhere=True)
+    return path
+
+
+class Trainer:
+    """Data-parallel training of ``model`` over the ranks of ``comm``."""
+
+    def __init__(self, model: Sequential, loss, optimizer_name: str, opt_args: Dict[str, Any],
+                 train: Shards, sampler: Sampler, comm: MPI.Comm, allreduce: str = "mpi",
+                 val: Optional[Shards] = None):
+        self.model, self.loss, self.comm = model, loss, comm
+        self.train, self.val, self.sampler = train, val, sampler
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        n = model.size
+        # The exchange buffer: gradients, then the loss sum and correct count.
+        self.xbuf = np.zeros(n + 2, model.dtype)
+        model.bind_grads(self.xbuf[:n])
+        self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
+        self.exchange = make_exchange(allreduce, comm)
+        self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
+
+    def check_replicas(self) -> None:
+        """Check that every rank starts from the same parameters (collective)."""
+        digest = hashlib.sha256(self.model.params.tobytes()).hexdigest()
+        digests = self.comm.allgather(digest)
+        if len(set(digests)) != 1:
+            ranks = [r for r, d in enumerate(digests) if d != digests[0]]
+            raise MpitrainError(f"initial parameters differ between ranks: ranks {ranks} "
+                                f"differ from rank 0", everywhere=True)
+
+    def step(self, step: int) -> Tuple[float, float, int]:
+        """Run global step ``step``; return (mean loss, accuracy, global batch size)."""
+        t0 = time.perf_counter()
+        ids, batch = self.sampler.local(step, self.rank, self.size)
+        x, y = self.train.read(ids)  # (b, features), (b,)
+        t1 = time.perf_counter()
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught below
+            out = self.model.forward(x)  # (b, classes)
+            loss_sum, dout = self.loss(out, y, 1.0 / batch)
+            self.model.backward(dout)
+        n = self.model.size
+        self.xbuf[n] = loss_sum
+        self.xbuf[n + 1] = np.count_nonzero(out.argmax(axis=1) == y)
+        t2 = time.perf_counter()
+        self.exchange(self.xbuf)
+        t3 = time.perf_counter()
+        loss = float(self.xbuf[n]) / batch
+        if not np.isfinite(loss):
+            epoch, _ = self.sampler.locate(step)
+            raise MpitrainError(f"loss is {loss} at step {step + 1} (epoch {epoch}); "
+                                f"try a lower --lr (now {self.optimizer.lr})", everywhere=True)
+        self.optimizer.step()
+        t4 = time.perf_counter()
+        self.times["data"] += t1 - t0
+        self.times["compute"] += (t2 - t1) + (t4 - t3)
+        self.times["exchange"] += t3 - t2
+        return loss, float(self.xbuf[n + 1]) / batch, batch
+
+    def evaluate(self, chunk: int = 4096) -> Optional[Tuple[float, float]]:
+        """(mean loss, accuracy) on the validation split, each rank a slice (collective)."""
+        if self.val is None or len(self.val) == 0:
+            return None
+        lo, hi = rank_slice(len(self.val), self.rank, self.size)
+        sums = np.zeros(2)  # loss sum, correct count; float64 so counts stay exact
+        for a in range(lo, hi, chunk):
+            x, y = self.val.read_range(a, min(hi, a + chunk))
+            out = self.model.forward(x)
+            loss_sum, _ = self.loss(out, y, 1.0)
+            sums += (loss_sum, np.count_nonzero(out.argmax(axis=1) == y))
+        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        return sums[0] / len(self.val), sums[1] / len(self.val)
+
+
+def build(cfg: Config, comm: MPI.Comm) -> Tuple[Trainer, Manifest]:
+    """Check the data and make the model, optimizer and trainer (collective)."""
+    size = comm.Get_size()
+    root = cfg.data or builtin_dataset(comm)
+    try:
+        m = read_manifest(root)
+    except MpitrainError as exc:  # every rank reads the same manifest
+        raise MpitrainError(str(exc), everywhere=True) from None
+    n_train = m.rows("train")
+    if n_train < size:
+        raise MpitrainError(f"{m.path}: {n_train} training samples for {size} ranks; "
+                            "need at least one per rank", everywhere=True)
+    if cfg.batch_size < size:
+        raise MpitrainError(f"--batch-size {cfg.batch_size} is smaller than the {size} ranks; "
+                            "each rank needs at least one sample", everywhere=True)
+    if cfg.batch_size > n_train:
+        raise MpitrainError(f"--batch-size {cfg.batch_size} is larger than the {n_train} "
+                            f"training samples of {root}", everywhere=True)
+    check_dataset(m, comm, full=cfg.check_data == "full")
+    train = Shards(m, "train", cfg.dtype)
+    val = Shards(m, "val", cfg.dtype) if m.rows("val") else None
+    features = int(np.prod(m.features))
+    model = Sequential(mlp(features, cfg.hidden, m.classes, cfg.activation),
+                       dtype=cfg.dtype, seed=cfg.seed)
+    sampler = Sampler(n_train, cfg.batch_size, cfg.seed, cfg.drop_last)
+    opt_args = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    trainer = Trainer(model, make_loss(cfg.loss), cfg.optimizer, opt_args, train, sampler,
+                      comm, cfg.allreduce, val)
+    trainer.check_replicas()
+    return trainer, m
+
+
+def _is_eval_step(cfg: Config, step: int, spe: int, total: int) -> bool:
+    done = step + 1
+    if done == total:
+        return True
+    if cfg.eval_every is None:
+        return done % spe == 0
+    return cfg.eval_every > 0 and done % cfg.eval_every == 0
+
+
+def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
+    """Train as ``cfg`` says on the ranks of ``comm``; return the summary (on every rank)."""
+    import sys
+
+    trainer, m = build(cfg, comm)
+    spe = trainer.sampler.steps_per_epoch
+    total = cfg.total_steps(spe)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    report = Reporter(rank == 0, cfg.log, total, out or sys.stdout)
+    report.say(f"mpitrain {__version__}: {size} ranks, {library_version()}, "
+               f"threads per rank {thread_report()}")
+    report.say(f"data {m.root}: {len(trainer.train)} train / "
+               f"{len(trainer.val) if trainer.val else 0} val samples, features {m.features}, "
+               f"{m.classes} classes")
+    report.say(f"model {trainer.model}")
+    report.say(f"{total} steps ({spe} per epoch), global batch {cfg.batch_size} "
+               f"(about {cfg.batch_size // size} per rank), {cfg.optimizer} lr {cfg.lr}, "
+               f"allreduce {cfg.allreduce}")
+    record: Dict[str, Any] = {}
+    window_samples, window_time, train_time, timed_samples = 0, 0.0, 0.0, 0
+    t_start = time.perf_counter()
+    for step in range(total):
+        t0 = time.perf_counter()
+        loss, acc, batch = trainer.step(step)
+        dt = time.perf_counter() - t0
+        window_samples += batch
+        window_time += dt
+        if step > 0 or total == 1:  # the first step pays for warm-up
+            train_time += dt
+            timed_samples += batch
+        evaluate = _is_eval_step(cfg, step, spe, total)
+        if (step + 1) % cfg.log_every == 0 or evaluate:
+            record = {"step": step + 1, "epoch": trainer.sampler.locate(step)[0],
+                      "loss": loss, "accuracy": acc,
+                      "samples_per_s": window_samples / window_time, "lr": cfg.lr}
+            if evaluate:
+                result = trainer.evaluate()
+                if result:
+                    record["val_loss"], record["val_accuracy"] = result
+            report.step(record)
+            window_samples, window_time = 0, 0.0
+    wall = time.perf_counter() - t_start
+    # The slowest rank's phase times: the step is as slow as its slowest rank.
+    phases = np.array([trainer.times[k] for k in ("data", "compute", "exchange")])
+    comm.Allreduce(MPI.IN_PLACE, phases, op=MPI.MAX)
+    busy = phases.sum() or 1.0
+    summary = {"steps": total, "ranks": size, "wall_s": wall,
+               "samples_per_s": timed_samples / train_time if train_time else 0.0,
+               "final_loss": record.get("loss"), "val_loss": record.get("val_loss"),
+               "val_accuracy": record.get("val_accuracy"),
+               "share_data": phases[0] / busy, "share_compute": phases[1] / busy,
+               "share_exchange": phases[2] / busy}
+    val = (f", val_acc {summary['val_accuracy']:.3f}"
+           if summary["val_accuracy"] is not None else "")
+    report.say(f"done: {total} steps in {wall:.1f} s, {summary['samples_per_s']:,.0f} samples/s "
+               f"(after step 1), final loss {summary['final_loss']:.4f}{val}; step time: "
+               f"compute {summary['share_compute']:.0%}, exchange {summary['share_exchange']:.0%}, "
+               f"data {summary['share_data']:.0%}")
+    report.close()
+    trainer.train.close()
+    if trainer.val:
+        trainer.val.close()
+    return summary

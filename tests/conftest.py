@@ -1,0 +1,69 @@
+"""Shared helpers: launching mpiexec with a time bound, small datasets."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (a venv with PyPI's MPICH), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpiexec"
+    found = str(here) if here.exists() else shutil.which("mpiexec")
+    if not found:
+        pytest.skip("no mpiexec found (pip install mpich, or load your MPI module)")
+    return found
+
+
+def clean_env(**extra) -> dict:
+    """The environment for a child job: no inherited MPI/PMI state, no thread settings
+    (this process's import of mpitrain set them), so each rank chooses its own."""
+    from mpitrain.runtime import THREAD_VARS
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMI_", "MPI_LOCAL", "HYDRA_", "OMPI_", "PMIX_"))
+           and k not in THREAD_VARS}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def run_mpi(n: int, args, timeout: float = 120, env=None, cwd=None):
+    """Run ``mpiexec -n n python <args>``; a hang fails the test at ``timeout``."""
+    cmd = [mpiexec(), "-n", str(n), sys.executable, *map(str, args)]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=env or clean_env(), cwd=cwd)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (a hang?)\n"
+                    f"stdout: {exc.stdout}\nstderr: {exc.stderr}")
+
+
+def run_train(n: int, *args, timeout: float = 120, env=None):
+    """``mpiexec -n n python -m mpitrain train args``."""
+    return run_mpi(n, ["-m", "mpitrain", "train", *args], timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> str:
+    """A 600-sample, 12-feature, 3-class synthetic set: 540 train in 3 shards, 60 val."""
+    from mpitrain.prepare import synthetic
+
+    out = tmp_path_factory.mktemp("data") / "small"
+    synthetic(str(out), samples=600, features=12, classes=3, seed=1, shards=3,
+              val_fraction=0.1)
+    return str(out)
+
+
+@pytest.fixture
+def data_copy(small_data, tmp_path) -> str:
+    """A private copy of ``small_data`` that a test may damage."""
+    dst = tmp_path / "data"
+    shutil.copytree(small_data, dst)
+    return str(dst)

@@ -1,0 +1,133 @@
+"""The command line under mpiexec: the default run, the log, and every refused input.
+
+Each test launches a real MPI job and bounds it in time, so a hang fails.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import damage
+from conftest import ROOT, clean_env, run_mpi, run_train
+
+
+def test_train_with_no_arguments_builds_the_builtin_data_and_learns(tmp_path):
+    env = clean_env(MPITRAIN_CACHE=str(tmp_path / "cache"))
+    result = run_train(4, "--log", tmp_path / "log.jsonl", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "mpitrain" in out and "4 ranks" in out and "282 steps" in out
+    assert out.count("\ndone: 282 steps") == 1
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in records][:3] == [10, 20, 30] and records[-1]["step"] == 282
+    assert records[-1]["val_accuracy"] > 0.75  # 10 classes: chance is 0.1
+    assert records[-1]["loss"] < records[0]["loss"] / 3
+    assert os.path.exists(tmp_path / "cache")
+
+
+def test_log_records(tmp_path, small_data):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 0, "earlier": "run"}\n')  # appended to, never truncated
+    result = run_train(2, "--data", small_data, "--steps", "20", "--batch-size", "50",
+                       "--log", log, "--log-every", "5", "--eval-every", "8", "--hidden", "16")
+    assert result.returncode == 0, result.stderr
+    lines = log.read_text().splitlines()
+    assert json.loads(lines[0]) == {"step": 0, "earlier": "run"}
+    records = [json.loads(line) for line in lines[1:]]
+    assert [r["step"] for r in records] == [5, 8, 10, 15, 16, 20]
+    for r in records:
+        assert {"step", "epoch", "loss", "accuracy", "samples_per_s"} <= set(r)
+        assert r["samples_per_s"] > 0 and np.isfinite(r["loss"])
+        assert ("val_loss" in r) == (r["step"] in (8, 16, 20))
+        assert r["epoch"] == (r["step"] - 1) // 11  # 540 samples / 50 -> 11 steps per epoch
+    assert 0 <= records[-1]["val_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("damage_fn", damage.ALL, ids=lambda f: f.__name__)
+def test_bad_data_stops_before_the_first_step_with_one_message(data_copy, damage_fn):
+    expected = damage_fn(data_copy)
+    result = run_train(2, "--data", data_copy, "--steps", "3")
+    assert result.returncode != 0
+    assert result.stderr.count(expected) == 1, result.stderr
+    assert result.stderr.count("mpitrain: error") == 1
+    assert "step " not in result.stdout
+
+
+def test_fewer_samples_than_ranks(tmp_path):
+    from mpitrain.prepare import synthetic
+
+    synthetic(str(tmp_path / "tiny"), samples=3, features=2, classes=2, val_fraction=0)
+    result = run_train(4, "--data", tmp_path / "tiny", "--batch-size", "4")
+    assert result.returncode != 0
+    assert result.stderr.count("3 training samples for 4 ranks") == 1, result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "3"], "--batch-size 3 is smaller than the 4 ranks"),
+    (["--batch-size", "10000"], "--batch-size 10000 is larger than the 540 training samples"),
+    (["--lr", "-1"], "--lr: expected a value > 0, got -1.0"),
+    (["--lr", "1000", "--optimizer", "sgd", "--steps", "50"], "loss is nan at step 4 (epoch 0)"),
+])
+def test_bad_options_and_divergence_end_the_job_with_one_message(small_data, args, message):
+    result = run_train(4, "--data", small_data, *args)
+    assert result.returncode == 2
+    assert result.stderr.count(message) == 1, result.stderr
+    assert "Warning" not in result.stderr
+
+
+def test_an_exception_on_one_rank_aborts_the_whole_job():
+    """Rank 1 fails while rank 0 waits in a collective: the job ends, non-zero, message once."""
+    script = ("from mpi4py import MPI\n"
+              "from mpitrain.runtime import run_or_abort\n"
+              "def work():\n"
+              "    comm = MPI.COMM_WORLD\n"
+              "    if comm.rank == 1:\n"
+              "        raise ValueError('disk on fire')\n"
+              "    comm.Barrier()  # would wait forever without the abort\n"
+              "run_or_abort(work)\n")
+    result = run_mpi(3, ["-c", script], timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.count("mpitrain: error (rank 1 of 3): ValueError: disk on fire") == 1
+
+
+def test_info(tmp_path):
+    result = run_mpi(2, ["-m", "mpitrain", "info"])
+    assert result.returncode == 0, result.stderr
+    for key in ("MPI library", "ranks             2 on 1 node", "threads per rank  1",
+                "h5py", "h5py with MPI"):
+        assert key in result.stdout
+
+
+@pytest.mark.parametrize("n,env,expected", [
+    (1, {}, str(len(os.sched_getaffinity(0)))),
+    (4, {}, str(max(1, len(os.sched_getaffinity(0)) // 4))),
+    (2, {"OMP_NUM_THREADS": "3"}, "3"),
+])
+def test_threads_per_rank(n, env, expected):
+    script = ("import os, mpitrain, numpy\n"
+              "print(os.environ['OMP_NUM_THREADS'], os.environ['OPENBLAS_NUM_THREADS'])\n")
+    result = run_mpi(n, ["-c", script], env=clean_env(**env))
+    assert result.returncode == 0, result.stderr
+    omp = expected
+    blas = expected if not env else str(max(1, len(os.sched_getaffinity(0)) // n))
+    assert result.stdout.split("\n")[:n] == [f"{omp} {blas}"] * n
+
+
+def test_prepare_and_help(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "in.npz", x=rng.normal(size=(50, 3)), y=rng.integers(0, 4, 50))
+    result = run_mpi(2, ["-m", "mpitrain", "prepare", "--input", tmp_path / "in.npz",
+                         "--out", tmp_path / "ds", "--shards", "2", "--val-fraction", "0.2"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("wrote ") == 1
+    assert "train: 40 rows in 2 shards, val: 10 rows in 2 shards" in result.stdout
+    again = run_mpi(2, ["-m", "mpitrain", "prepare", "--synthetic", "--out", tmp_path / "ds"])
+    assert again.returncode == 2 and again.stderr.count("already exists") == 1
+    for cmd in ([], ["train"], ["prepare"], ["info"]):
+        import subprocess
+
+        h = subprocess.run([sys.executable, "-m", "mpitrain", *cmd, "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60, env=clean_env())
+        assert h.returncode == 0 and "usage: python -m mpitrain" in h.stdout

@@ -1,0 +1,68 @@
+"""Configuration: defaults, TOML, flags, and errors naming their source (serial)."""
+import pytest
+
+from mpitrain.cli import _parser
+from mpitrain.config import Config, from_sources
+from mpitrain.runtime import MpitrainError
+
+
+def parse(*argv):
+    return from_sources(_parser().parse_args(["train", *argv]))
+
+
+def test_defaults():
+    cfg = parse()
+    assert cfg == Config(hidden=[256, 256])
+    assert cfg.total_steps(100) == 200  # 2 epochs
+
+
+def test_toml_then_flags(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('hidden = [64, 32]\nlr = 1\nbatch-size = 64\noptimizer = "adam"\n'
+                    'drop_last = true\nsteps = 30\n')
+    cfg = parse("--config", str(path), "--lr", "0.5", "--no-drop-last")
+    assert cfg.hidden == [64, 32] and cfg.batch_size == 64 and cfg.optimizer == "adam"
+    assert cfg.lr == 0.5 and isinstance(cfg.lr, float) and cfg.drop_last is False
+    assert cfg.total_steps(7) == 30
+    assert parse("--hidden", "8,4,2", "--epochs", "3").total_steps(5) == 15
+
+
+@pytest.mark.parametrize("text,message", [
+    ("colour = 1\n", "run.toml: unknown key 'colour' (known: "),
+    ("lr = 'fast'\n", "run.toml: key 'lr' should be float, got 'fast'"),
+    ("hidden = [1, 'a']\n", "run.toml: key 'hidden' should be List[int]"),
+    ("batch_size = 0\n", "run.toml: key 'batch_size': expected a value > 0, got 0"),
+    ("optimizer = 'lbfgs'\n", "run.toml: key 'optimizer': expected one of sgd, momentum, "
+                              "adam, adamw, got 'lbfgs'"),
+    ("lr = [\n", "run.toml: not valid TOML"),
+])
+def test_bad_toml(tmp_path, text, message):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(MpitrainError) as info:
+        parse("--config", str(path))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "0"], "--batch-size: expected a value > 0, got 0"),
+    (["--lr", "-1"], "--lr: expected a value > 0, got -1.0"),
+    (["--steps", "0"], "--steps: expected a value >= 1, got 0"),
+    (["--steps", "5", "--epochs", "1"], "give one of the two, not both (got 5 steps and 1 epochs)"),
+    (["--hidden", "8,0"], "--hidden: expected one or more positive widths, got [8, 0]"),
+    (["--momentum", "1.5"], "--momentum: expected a value in [0, 1), got 1.5"),
+    (["--data", "/nonexistent/dir"], "--data: /nonexistent/dir: no such dataset directory"),
+    (["--config", "/nonexistent.toml"], "/nonexistent.toml: no such config file"),
+])
+def test_bad_flags(argv, message):
+    with pytest.raises(MpitrainError) as info:
+        parse(*argv)
+    assert message in str(info.value)
+
+
+def test_argparse_rejects_unknown_flags_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--colour", "red"])
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--optimizer", "lbfgs"])
+    assert "invalid choice: 'lbfgs'" in capsys.readouterr().err
