@@ -67,3 +67,13 @@ def data_copy(small_data, tmp_path) -> str:
     dst = tmp_path / "data"
     shutil.copytree(small_data, dst)
     return str(dst)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Outside mpiexec, leave the ``mpi`` tests to tests/test_mpi_suite.py (deselected here)."""
+    if config.getoption("--with-mpi", default=False):
+        return
+    keep = [i for i in items if i.get_closest_marker("mpi") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep

@@ -131,3 +131,9 @@ def test_prepare_and_help(tmp_path):
         h = subprocess.run([sys.executable, "-m", "mpitrain", *cmd, "--help"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60, env=clean_env())
         assert h.returncode == 0 and "usage: python -m mpitrain" in h.stdout
+
+
+def test_custom_model_example(small_data):
+    result = run_mpi(2, [ROOT / "examples" / "custom_model.py", small_data])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("2 ranks") == 1 and "val_accuracy" in result.stdout

@@ -1,0 +1,130 @@
+"""Data-parallel training under mpiexec (pytest-mpi): run by tests/test_mpi_suite.py.
+
+    $ mpiexec -n 4 python -m pytest --with-mpi -m mpi tests/
+
+Every check is agreed by all ranks (``agree``) before it is asserted, so a
+failure fails the test on every rank together and no rank is left waiting
+in a collective of the next test.
+"""
+import os
+import shutil
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+import damage
+from mpitrain.config import Config
+from mpitrain.data import check_dataset, read_manifest
+from mpitrain.runtime import MpitrainError
+from mpitrain.trainer import build
+
+pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
+
+
+def agree(comm, ok: bool, what: str = "") -> None:
+    """Assert on every rank that ``ok`` holds on every rank."""
+    oks = comm.allgather(bool(ok))
+    assert all(oks), f"{what}: failed on ranks {[r for r, o in enumerate(oks) if not o]}"
+
+
+@pytest.fixture
+def shared_tmp(tmp_path):
+    """A directory created by rank 0 and seen by all ranks (same node here)."""
+    comm = MPI.COMM_WORLD
+    path = comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
+    yield path
+    comm.Barrier()
+
+
+def run(cfg, comm, steps):
+    trainer, _ = build(cfg, comm)
+    losses = [trainer.step(k)[0] for k in range(steps)]
+    return trainer, losses
+
+
+@pytest.mark.parametrize("dtype,optimizer,batch,rtol", [
+    ("float64", "momentum", 50, 1e-10),  # 11 steps per epoch, ranks get unequal parts
+    ("float64", "adam", 269, 1e-10),     # the last batch of each epoch has 2 samples
+    ("float32", "momentum", 50, 2e-4),
+    ("float32", "adamw", 32, 2e-3),
+])
+def test_world_training_equals_single_process_training(small_data, dtype, optimizer,
+                                                       batch, rtol):
+    """N ranks with global batch B reach the parameters 1 process reaches with batch B."""
+    comm = MPI.COMM_WORLD
+    cfg = Config(data=small_data, hidden=[16, 8], batch_size=batch, dtype=dtype,
+                 optimizer=optimizer, lr=0.01 if "adam" in optimizer else 0.1, seed=5,
+                 weight_decay=1e-3)
+    steps = 40
+    world, world_losses = run(cfg, comm, steps)
+    single, single_losses = run(cfg, MPI.COMM_SELF, steps)
+    assert world.model.params.dtype == np.dtype(dtype)
+    moved = not np.allclose(single.model.params, build(cfg, MPI.COMM_SELF)[0].model.params)
+    agree(comm, moved, "training changed the parameters")
+    close = np.allclose(world.model.params, single.model.params, rtol=rtol, atol=rtol * 1e-2)
+    agree(comm, close, f"parameters after {steps} steps match 1 process")
+    agree(comm, np.allclose(world_losses, single_losses, rtol=rtol), "losses match 1 process")
+    # Every rank holds the same parameters and saw the same loss, bit for bit.
+    agree(comm, len(set(comm.allgather(world.model.params.tobytes()))) == 1, "replicas equal")
+    agree(comm, len(set(comm.allgather(tuple(world_losses)))) == 1, "losses equal")
+
+
+def test_same_seed_same_bits(small_data):
+    comm = MPI.COMM_WORLD
+    cfg = Config(data=small_data, hidden=[16], batch_size=40, seed=3)
+    a, _ = run(cfg, comm, 15)
+    b, _ = run(cfg, comm, 15)
+    agree(comm, np.array_equal(a.model.params, b.model.params), "repeat is bitwise equal")
+
+
+def test_each_epoch_partitions_the_samples_among_ranks(small_data):
+    comm = MPI.COMM_WORLD
+    cfg = Config(data=small_data, hidden=[4], batch_size=2 * comm.size + 1, seed=8)
+    trainer, _ = build(cfg, comm)
+    sampler = trainer.sampler
+    n, spe = len(trainer.train), sampler.steps_per_epoch
+    for epoch in range(2):
+        mine = [sampler.local(epoch * spe + k, comm.rank, comm.size)[0] for k in range(spe)]
+        mine = np.concatenate(mine)
+        everyone = comm.allgather(mine)
+        union = np.sort(np.concatenate(everyone))
+        agree(comm, np.array_equal(union, np.arange(n)), f"epoch {epoch} covers each sample once")
+        agree(comm, len(mine) >= (n // comm.size) - spe, "balanced")
+
+
+def test_validation_is_computed_across_ranks(small_data):
+    comm = MPI.COMM_WORLD
+    cfg = Config(data=small_data, hidden=[8], dtype="float64", batch_size=30)
+    world, _ = run(cfg, comm, 5)
+    single, _ = run(cfg, MPI.COMM_SELF, 5)
+    a, b = world.evaluate(), single.evaluate()
+    agree(comm, np.allclose(a, b, rtol=1e-10), "validation loss and accuracy match 1 process")
+
+
+@pytest.mark.parametrize("damage_fn", [damage.missing_shard, damage.nan_feature,
+                                       damage.label_range], ids=lambda f: f.__name__)
+def test_every_rank_raises_the_same_data_error(small_data, shared_tmp, damage_fn):
+    comm = MPI.COMM_WORLD
+    root = os.path.join(shared_tmp, "data")
+    expected = None
+    if comm.rank == 0:
+        shutil.copytree(small_data, root)
+        expected = damage_fn(root)
+    expected = comm.bcast(expected, root=0)
+    try:
+        check_dataset(read_manifest(root), comm)
+        message, everywhere = "no error", False
+    except MpitrainError as exc:
+        message, everywhere = str(exc), exc.everywhere
+    agree(comm, expected in message and everywhere, f"{expected!r} raised everywhere")
+    agree(comm, len(set(comm.allgather(message))) == 1, "the same message on every rank")
+
+
+def test_replicas_are_checked_at_start(small_data):
+    comm = MPI.COMM_WORLD
+    trainer, _ = build(Config(data=small_data, hidden=[4]), comm)
+    if comm.rank == comm.size - 1:
+        trainer.model.params[0] += 1  # a rank that diverged from the others
+    with pytest.raises(MpitrainError, match=rf"ranks \[{comm.size - 1}\] differ from rank 0"):
+        trainer.check_replicas()
