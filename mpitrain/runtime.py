@@ -106,6 +106,19 @@ def thread_report() -> str:
     return f"{info['threads']} ({info['how']}){actual}"
 
 
+def _wait_all(comm, seconds: float) -> bool:
+    """A barrier that gives up after ``seconds``; True if every rank arrived."""
+    import time
+
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + seconds
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)  # polling an error path: no hurry, spare the core
+    return True
+
+
 def run_or_abort(fn: Callable[[], Optional[int]], comm=None) -> int:
     """Run ``fn``; on any exception print it once and end the whole job.
 
@@ -129,10 +142,14 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None) -> int:
             if exc.everywhere:
                 if rank == 0:
                     print(f"mpitrain: error: {exc}", file=sys.stderr, flush=True)
-                comm.Barrier()  # every rank is here: the error was agreed.
-                raise SystemExit(2) from None
-            print(f"mpitrain: error{where}: {exc}", file=sys.stderr, flush=True)
-            code = 2
+                # Every rank should be here (the error was agreed); should one
+                # not arrive, abort rather than wait for it forever.
+                if _wait_all(comm, seconds=60):
+                    raise SystemExit(2) from None
+                code = 2
+            else:
+                print(f"mpitrain: error{where}: {exc}", file=sys.stderr, flush=True)
+                code = 2
         elif isinstance(exc, KeyboardInterrupt):
             print(f"mpitrain: interrupted{where}", file=sys.stderr, flush=True)
             code = 130

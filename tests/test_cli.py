@@ -107,7 +107,10 @@ def test_info(tmp_path):
 ])
 def test_threads_per_rank(n, env, expected):
     script = ("import os, mpitrain, numpy\n"
-              "print(os.environ['OMP_NUM_THREADS'], os.environ['OPENBLAS_NUM_THREADS'])\n")
+              "from mpi4py import MPI\n"
+              "seen = MPI.COMM_WORLD.gather(os.environ['OMP_NUM_THREADS'] + ' '"
+              " + os.environ['OPENBLAS_NUM_THREADS'], root=0)\n"
+              "if seen: print('\\n'.join(seen))\n")
     result = run_mpi(n, ["-c", script], env=clean_env(**env))
     assert result.returncode == 0, result.stderr
     omp = expected
