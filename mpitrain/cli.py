@@ -52,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--x-key", default="x", help="--input: array of samples (default: x)")
     pr.add_argument("--y-key", default="y", help="--input: array of labels (default: y)")
 
+    b = sub.add_parser("bench", help="benchmarks: allreduce",
+                       description="Benchmarks; each prints a table on rank 0 and can write JSON.")
+    bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    from .bench import allreduce
+
+    allreduce.add_arguments(bsub.add_parser(
+        "allreduce", help="ring vs MPI Allreduce: time, algbw, busbw per size",
+        description=allreduce.__doc__.split("\n\n", 1)[1]))
+
     sub.add_parser("info", help="print the MPI library, ranks, threads per rank and h5py build",
                    description="Print what this job runs on.")
     return p
@@ -140,6 +149,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             train(cfg, comm)
         elif args.command == "prepare":
             _on_root(comm, lambda: _prepare(args))
+        elif args.command == "bench":
+            from .bench import allreduce
+
+            allreduce.run(args, comm)
         elif args.command == "info":
             _info(comm)
         return 0

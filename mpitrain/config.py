@@ -27,7 +27,7 @@ CHOICES = {
     "loss": ("ce", "mse"),
     "dtype": ("float32", "float64"),
     "optimizer": ("sgd", "momentum", "adam", "adamw"),
-    "allreduce": ("mpi",),
+    "allreduce": ("mpi", "ring"),
     "check_data": ("full", "meta"),
 }
 
@@ -62,7 +62,7 @@ class Config:
     weight_decay: float = _opt(0.0, "L2 penalty (decoupled for adamw)")
     seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
     # Parallelism
-    allreduce: str = _opt("mpi", "gradient all-reduce algorithm")
+    allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, or mpitrain's ring")
     # Output
     log: Optional[str] = _opt(None, "append one JSON object per logged step to this file")
     log_every: int = _opt(10, "print and log every N steps")

@@ -10,6 +10,9 @@ from mpi4py import MPI
 
 __all__ = ["MPIAllreduce", "make_exchange"]
 
+# The ring (mpitrain.ring.RingAllreduce) is the other strategy; both are
+# callables that sum a flat buffer in place over the ranks of their comm.
+
 
 class MPIAllreduce:
     """MPI's own ``Allreduce``, in place and buffer-based (no pickling)."""
@@ -25,7 +28,11 @@ class MPIAllreduce:
 
 
 def make_exchange(name: str, comm: MPI.Comm):
-    """The exchange strategy called ``name`` on ``comm``."""
+    """The exchange strategy called ``name`` ('mpi' or 'ring') on ``comm``."""
     if name == "mpi":
         return MPIAllreduce(comm)
-    raise ValueError(f"allreduce must be 'mpi', got {name!r}")
+    if name == "ring":
+        from .ring import RingAllreduce
+
+        return RingAllreduce(comm)
+    raise ValueError(f"allreduce must be 'mpi' or 'ring', got {name!r}")

@@ -140,3 +140,24 @@ def test_custom_model_example(small_data):
     result = run_mpi(2, [ROOT / "examples" / "custom_model.py", small_data])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("2 ranks") == 1 and "val_accuracy" in result.stdout
+
+
+def test_bench_allreduce_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--sizes", "4K,100K",
+                         "--repeats", "2", "--warmup", "1", "--json", out])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("# all-reduce, 2 ranks, float32") == 1
+    assert result.stdout.count("memory bandwidth") == 1
+    records = json.loads(out.read_text())
+    keys = {"algorithm", "ranks", "bytes", "time_s", "algbw_GBps", "busbw_GBps"}
+    assert all(set(r) == keys for r in records)
+    pairs = [(r["algorithm"], r["bytes"]) for r in records]
+    assert pairs == [("mpi", 4096), ("ring", 4096), ("mpi", 102400), ("ring", 102400),
+                     ("memory", 64 << 20)]
+    for r in records[:4]:
+        assert r["ranks"] == 2 and r["time_s"] > 0
+        assert r["algbw_GBps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
+        assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2 (p - 1) / p = 1 at p = 2
+    bad = run_mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--sizes", "4Q"])
+    assert bad.returncode == 2 and bad.stderr.count("not a size: '4Q'") == 1

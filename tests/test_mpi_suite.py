@@ -1,8 +1,9 @@
-"""Runs the MPI tests (marked ``mpi``) under mpiexec -n 2, 3 and 4, each bounded in time.
+"""Runs the MPI tests (marked ``mpi`` or ``anysize``) under mpiexec -n 2, 3 and 4,
+each job bounded in time.
 
 This is how ``python -m pytest`` covers them; to run one size yourself:
 
-    $ mpiexec -n 4 python -m pytest --with-mpi -m mpi tests/
+    $ mpiexec -n 4 python -m pytest --with-mpi -m "mpi or anysize" tests/
 
 4 ranks oversubscribe a 2-core machine: slower, and still correct.
 """
@@ -17,7 +18,7 @@ from conftest import ROOT, run_mpi
 def test_mpi_suite(n, request):
     if request.config.getoption("--with-mpi", default=False):
         pytest.skip("already running under mpiexec")
-    result = run_mpi(n, ["-m", "pytest", "--with-mpi", "-m", "mpi", "-q", "-p",
+    result = run_mpi(n, ["-m", "pytest", "--with-mpi", "-m", "mpi or anysize", "-q", "-p",
                          "no:cacheprovider", "-o", "addopts=", str(ROOT / "tests")],
                      timeout=600)
     tail = "\n".join(result.stdout.splitlines()[-40:])

@@ -128,3 +128,19 @@ def test_replicas_are_checked_at_start(small_data):
         trainer.model.params[0] += 1  # a rank that diverged from the others
     with pytest.raises(MpitrainError, match=rf"ranks \[{comm.size - 1}\] differ from rank 0"):
         trainer.check_replicas()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_ring_and_mpi_allreduce_train_alike(small_data, dtype):
+    """--allreduce ring reaches MPI's parameters: bitwise at 2 ranks, to rounding beyond."""
+    comm = MPI.COMM_WORLD
+    cfg = Config(data=small_data, hidden=[32, 16], batch_size=45, dtype=dtype, seed=2)
+    with_mpi, losses_mpi = run(cfg, comm, 30)
+    with_ring, losses_ring = run(Config(**{**cfg.to_dict(), "allreduce": "ring"}), comm, 30)
+    assert type(with_ring.exchange).__name__ == "RingAllreduce"
+    if comm.size == 2:
+        agree(comm, np.array_equal(with_mpi.model.params, with_ring.model.params), "bitwise")
+    rtol = 1e-10 if dtype == "float64" else 1e-4
+    agree(comm, np.allclose(with_mpi.model.params, with_ring.model.params, rtol=rtol,
+                            atol=rtol * 1e-2), "parameters match")
+    agree(comm, np.allclose(losses_mpi, losses_ring, rtol=rtol), "losses match")

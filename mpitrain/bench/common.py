@@ -1,0 +1,66 @@
+"""Timing helpers shared by the benchmarks."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable, List, Sequence
+
+__all__ = ["parse_size", "format_size", "timed", "quiet_barrier", "median", "write_json"]
+
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'4K' -> 4096, '64M' -> 67108864, '100' -> 100 (bytes)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in UNITS else ""
+    number = t[:-1] if unit else t
+    try:
+        value = int(float(number) * UNITS[unit])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4K, 1M, 256M)") from None
+    if value < 0:
+        raise ValueError(f"size must be >= 0, got {text!r}")
+    return value
+
+
+def format_size(n: int) -> str:
+    """67108864 -> '64M'."""
+    for unit in ("G", "M", "K"):
+        if n >= UNITS[unit] and n % UNITS[unit] == 0:
+            return f"{n // UNITS[unit]}{unit}"
+    return f"{n}B"
+
+
+def quiet_barrier(comm, poll_s: float = 1e-3) -> None:
+    """A barrier that sleeps while it waits, so idle ranks leave the cores to a timed one."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
+
+
+def timed(comm, fn: Callable[[], None], iters: int) -> float:
+    """Seconds per call of ``fn``, slowest rank's, over ``iters`` calls started together."""
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = (time.perf_counter() - t0) / iters
+    return comm.allreduce(elapsed, op=_max())
+
+
+def _max():
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def write_json(path: str, records: List[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1)
+        f.write("\n")
