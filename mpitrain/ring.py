@@ -20,7 +20,7 @@ between calls, so a call allocates nothing of the buffer's size.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 from mpi4py import MPI
@@ -55,6 +55,12 @@ def bytes_sent(n: int, itemsize: int, rank: int, size: int) -> int:
     return itemsize * (2 * n - length[(rank + 1) % size] - length[(rank + 2) % size])
 
 
+def chunker(buf: np.ndarray, size: int) -> Callable[[int], np.ndarray]:
+    """``chunk(i)``: part ``i % size`` of ``size`` near-equal, contiguous parts of ``buf``."""
+    bounds = [rank_slice(len(buf), i, size) for i in range(size)]
+    return lambda i: buf[slice(*bounds[i % size])]
+
+
 def ring_allreduce(comm: MPI.Comm, buf: np.ndarray,
                    scratch: Optional[np.ndarray] = None) -> None:
     """Sum ``buf`` over the ranks of ``comm`` in place, by the textbook ring."""
@@ -63,12 +69,7 @@ def ring_allreduce(comm: MPI.Comm, buf: np.ndarray,
     if size == 1:
         return
     right, left = (rank + 1) % size, (rank - 1) % size
-    bounds = [rank_slice(len(buf), i, size) for i in range(size)]
-
-    def chunk(i: int) -> np.ndarray:
-        lo, hi = bounds[i % size]
-        return buf[lo:hi]
-
+    chunk = chunker(buf, size)
     if scratch is None:
         scratch = np.empty(-(-len(buf) // size), buf.dtype)
     # Reduce-scatter: at step s, send chunk rank - s, receive chunk rank - s - 1
@@ -123,13 +124,8 @@ class RingAllreduce:
         if size == 1 or len(buf) == 0:
             return
         right, left = (rank + 1) % size, (rank - 1) % size
-        bounds = [rank_slice(len(buf), i, size) for i in range(size)]
-
-        def chunk(i: int) -> np.ndarray:
-            lo, hi = bounds[i % size]
-            return buf[lo:hi]
-
-        scratch = self.scratch(max(hi - lo for lo, hi in bounds), buf.dtype)
+        chunk = chunker(buf, size)
+        scratch = self.scratch(-(-len(buf) // size), buf.dtype)  # the longest chunk
         sending: Dict[int, List[MPI.Request]] = {i: [] for i in range(size)}  # by chunk
 
         def forward(i: int, parts: List[np.ndarray], tag: int) -> None:
