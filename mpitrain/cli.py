@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .runtime import MpitrainError, limit_threads, run_or_abort
+from .runtime import EXIT_PREEMPTED, MpitrainError, limit_threads, run_or_abort
 
 __all__ = ["main"]
 
@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--x-key", default="x", help="--input: array of samples (default: x)")
     pr.add_argument("--y-key", default="y", help="--input: array of labels (default: y)")
 
+    i = sub.add_parser("inspect", help="show a checkpoint and verify its checksums",
+                       description="Print a checkpoint's step, layout, parameters and whether "
+                                   "every checksum holds (exit 1 if one does not).")
+    i.add_argument("checkpoint", metavar="CKPT", help="a ckpt-*.h5 file")
+    i.add_argument("--export", metavar="FILE.npz",
+                   help="write the parameters to an .npz, under the same names")
+
     b = sub.add_parser("bench", help="benchmarks: allreduce",
                        description="Benchmarks; each prints a table on rank 0 and can write JSON.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
@@ -91,6 +98,30 @@ def _on_root(comm, fn) -> None:
     error = comm.bcast(error, root=0)
     if error:
         raise MpitrainError(error, everywhere=True)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .checkpoint import inspect
+
+    state, rows = inspect(args.checkpoint)
+    print(f"{args.checkpoint}: mpitrain checkpoint, written by mpitrain {state.mpitrain_version}")
+    print(f"  step {state.step} (epoch {state.epoch}, step {state.epoch_step} of the epoch)")
+    print(f"  layout {state.layout}")
+    print(f"  sampler {state.sampler}")
+    print(f"  optimizer {state.optimizer}")
+    width = max(len(r[0]) for r in rows)
+    for name, shape, dtype, ok in rows:
+        print(f"  {name:<{width}}  {str(shape):<14} {dtype:<8} {'ok' if ok else 'CHECKSUM MISMATCH'}")
+    bad = [r[0] for r in rows if not r[3]]
+    print(f"  checksums: {'all ' + str(len(rows)) + ' hold' if not bad else 'FAILED: ' + ', '.join(bad)}")
+    if args.export:
+        if bad:
+            raise MpitrainError(f"{args.checkpoint}: not exporting: checksums fail for {bad}")
+        np.savez(args.export, **state.params)
+        print(f"wrote {args.export}: {len(state.params)} parameters")
+    return 1 if bad else 0
 
 
 def _info(comm) -> None:
@@ -146,9 +177,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                 cfg = from_sources(args)
             except MpitrainError as exc:  # every rank parses the same arguments
                 raise MpitrainError(str(exc), everywhere=True) from None
-            train(cfg, comm)
+            summary = train(cfg, comm)
+            if summary["preempted"]:
+                return EXIT_PREEMPTED
         elif args.command == "prepare":
             _on_root(comm, lambda: _prepare(args))
+        elif args.command == "inspect":
+            return _inspect(args)
         elif args.command == "bench":
             from .bench import allreduce
 

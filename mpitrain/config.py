@@ -63,6 +63,16 @@ class Config:
     seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
     # Parallelism
     allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, or mpitrain's ring")
+    # Checkpoints and failures
+    ckpt_dir: Optional[str] = _opt(None, "write checkpoints here (and resume from here)")
+    ckpt_every: int = _opt(100, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = _opt(3, "keep the N newest checkpoints")
+    resume: str = _opt("auto", "auto: from the newest valid checkpoint in --ckpt-dir if any; "
+                               "none: start afresh; or a checkpoint file")
+    watchdog: float = _opt(600.0, "abort the job when a step makes no progress for this many "
+                                  "seconds (0: off)")
+    fault: Optional[str] = _opt(None, "inject failures for drills, comma-separated: "
+                                      "kill|stop|term:rank=R:step=S, ckpt-kill:step=S")
     # Output
     log: Optional[str] = _opt(None, "append one JSON object per logged step to this file")
     log_every: int = _opt(10, "print and log every N steps")
@@ -191,6 +201,20 @@ def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
         raise bad("momentum", "a value in [0, 1)")
     if cfg.weight_decay < 0:
         raise bad("weight_decay", "a value >= 0")
+    if cfg.ckpt_every < 0:
+        raise bad("ckpt_every", "a value >= 0")
+    if cfg.keep_last < 1:
+        raise bad("keep_last", "a value >= 1 (the newest checkpoint is always kept)")
+    if cfg.watchdog < 0:
+        raise bad("watchdog", "a value >= 0 (0 turns it off)")
+    if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
+        raise bad("resume", "auto, none, or an existing checkpoint file")
+    from .runtime import Faults
+
+    try:
+        Faults(cfg.fault)
+    except MpitrainError as exc:
+        raise MpitrainError(f"{where['fault']}: {str(exc).split(': ', 1)[1]}") from None
     if cfg.data is not None and not os.path.isdir(cfg.data):
         raise MpitrainError(f"{where['data']}: {cfg.data}: no such dataset directory")
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-__all__ = ["MpitrainError", "limit_threads", "thread_report", "run_or_abort"]
+__all__ = ["MpitrainError", "limit_threads", "thread_report", "run_or_abort", "Preemption",
+           "EXIT_PREEMPTED", "Faults", "Watchdog"]
 
 # Every variable a BLAS or OpenMP runtime numpy may be linked with reads.
 THREAD_VARS = (
@@ -106,6 +107,38 @@ def thread_report() -> str:
     return f"{info['threads']} ({info['how']}){actual}"
 
 
+def drain_output(seconds: float = 2.0) -> None:
+    """Flush stdout/stderr and wait (bounded) until the launcher has read them.
+
+    MPI_Abort makes the launcher kill every rank at once; a message still in
+    the pipe to the launcher would be lost with them.  On Linux FIONREAD on
+    the pipe tells how much of it is still unread.
+    """
+    import time
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        import fcntl
+        import struct
+        import termios
+    except ImportError:  # not POSIX
+        return
+    deadline = time.monotonic() + seconds
+    for fd in (1, 2):
+        while time.monotonic() < deadline:
+            try:
+                unread = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+            except OSError:  # a file or terminal: nothing to wait for
+                break
+            if unread <= 0:
+                break
+            time.sleep(0.005)
+
+
 def _wait_all(comm, seconds: float) -> bool:
     """A barrier that gives up after ``seconds``; True if every rank arrived."""
     import time
@@ -158,7 +191,212 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None) -> int:
             print(f"mpitrain: error{where}: {type(exc).__name__}: {exc}",
                   file=sys.stderr, flush=True)
             code = 1
-        sys.stdout.flush()
         if size > 1:
+            drain_output()
             comm.Abort(code)
         return code
+
+
+# ---------------------------------------------------------------------------
+# Pre-emption: SIGTERM or SIGUSR1 asks the run to checkpoint and stop.
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again": a checkpoint was written, relaunch to resume
+
+
+class Preemption:
+    """Records SIGTERM/SIGUSR1; the trainer agrees on it across ranks at the next step."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.signal: Optional[str] = None
+        self._old: Dict[int, object] = {}
+
+    def __enter__(self) -> "Preemption":
+        import signal
+
+        for name in self.SIGNALS:
+            num = getattr(signal, name)
+            self._old[num] = signal.signal(num, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for num, old in self._old.items():
+            signal.signal(num, old)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+# ---------------------------------------------------------------------------
+# Fault injection, for tests and drills.
+
+class Faults:
+    """Planned failures, from ``--fault``: comma-separated ``ACTION:KEY=VALUE...``.
+
+    - ``kill:rank=R:step=S``  rank R sends itself SIGKILL as step S starts (1-based)
+    - ``stop:rank=R:step=S``  rank R sends itself SIGSTOP as step S starts
+    - ``term:rank=R:step=S``  rank R sends itself SIGTERM (pre-emption) as step S starts
+    - ``ckpt-kill:step=S``    the rank writing the checkpoint of step S gets
+      SIGKILL half-way through the file
+
+    Any of them may add ``attempt=N``: only on the N-th launch of the job
+    (``$MPITRAIN_ATTEMPT``, set by examples/relaunch.sh, or Slurm's
+    ``$SLURM_RESTART_COUNT + 1``; 1 if neither is set), so a relaunched job
+    does not meet the same fault again.
+    """
+
+    ACTIONS = {"kill": ("rank", "step"), "stop": ("rank", "step"), "term": ("rank", "step"),
+               "ckpt-kill": ("step",)}
+    SIGNALS = {"kill": "SIGKILL", "stop": "SIGSTOP", "term": "SIGTERM"}
+
+    def __init__(self, spec: Optional[str]):
+        self.plans: List[Tuple[str, Dict[str, int]]] = []
+        for part in filter(None, (spec or "").split(",")):
+            action, *pairs = part.strip().split(":")
+            if action not in self.ACTIONS:
+                raise MpitrainError(f"--fault: unknown action {action!r} in {part!r} "
+                                    f"(known: {', '.join(self.ACTIONS)})")
+            try:
+                keys = {k: int(v) for k, v in (p.split("=", 1) for p in pairs)}
+            except ValueError:
+                raise MpitrainError(f"--fault: expected KEY=INTEGER pairs in {part!r}") from None
+            if set(keys) - {"attempt"} != set(self.ACTIONS[action]):
+                raise MpitrainError(f"--fault: {action} takes "
+                                    f"{', '.join(self.ACTIONS[action])} (and optionally "
+                                    f"attempt), got {part!r}")
+            if keys.pop("attempt", self.attempt) == self.attempt:
+                self.plans.append((action, keys))
+
+    @property
+    def attempt(self) -> int:
+        """Which launch of the job this is (1 for the first)."""
+        if os.environ.get("MPITRAIN_ATTEMPT", "").isdigit():
+            return int(os.environ["MPITRAIN_ATTEMPT"])
+        if os.environ.get("SLURM_RESTART_COUNT", "").isdigit():
+            return int(os.environ["SLURM_RESTART_COUNT"]) + 1
+        return 1
+
+    def at_step(self, rank: int, step: int) -> None:
+        """Send the signal planned for ``rank`` at (1-based) ``step``, if any."""
+        import signal
+
+        for action, keys in self.plans:
+            if action in self.SIGNALS and keys == {"rank": rank, "step": step}:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.kill(os.getpid(), getattr(signal, self.SIGNALS[action]))
+
+    def in_checkpoint(self, step: int) -> Optional[Callable[[], None]]:
+        """The fault to run half-way through writing the checkpoint of ``step``, if any."""
+        import signal
+
+        if any(a == "ckpt-kill" and k["step"] == step for a, k in self.plans):
+            return lambda: os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+
+# ---------------------------------------------------------------------------
+# The watchdog: a stalled step ends the job instead of the allocation.
+
+class Watchdog:
+    """Aborts the job when a rank sees no progress for ``limit`` seconds.
+
+    The training loop calls ``beat(step)`` as each step starts and sets
+    ``phase`` as it goes.  A thread on every rank checks the time since the
+    last beat.  When it passes the limit, the rank reports (rank, step, phase)
+    to ranks 0 and 1 on a private communicator; rank 0 (or rank 1, if rank 0
+    does not answer) waits a grace period for the others' reports, then
+    prints one message naming the step and the ranks that did not report (a
+    stopped or hung rank cannot) and calls MPI_Abort.  A checkpoint write
+    may take ``checkpoint_factor`` times the limit.
+    """
+
+    PHASES = ("starting", "reading data", "computing", "exchange", "evaluation",
+              "checkpoint", "finished")
+
+    def __init__(self, comm, limit: float, checkpoint_factor: float = 10.0):
+        import threading
+        import time
+
+        self.comm = comm.Dup()  # its own context: its messages never meet the trainer's
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.limit, self.factor = float(limit), checkpoint_factor
+        self.step, self.phase = 0, "starting"
+        self.last = time.monotonic()
+        self.grace = min(30.0, max(2.0, self.limit / 4))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mpitrain-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def beat(self, step: int) -> None:
+        """Progress: (1-based) ``step`` starts now."""
+        import time
+
+        self.step, self.phase, self.last = step, "reading data", time.monotonic()
+
+    def close(self) -> None:
+        """Stop watching (collective: frees the private communicator)."""
+        self._stop.set()
+        self._thread.join()
+        self.comm.Free()
+
+    def _limit_now(self) -> float:
+        return self.limit * (self.factor if self.phase == "checkpoint" else 1.0)
+
+    def _run(self) -> None:
+        import time
+
+        poll = min(1.0, self.limit / 10)
+        while not self._stop.wait(poll):
+            if time.monotonic() - self.last > self._limit_now():
+                self._fire(time.monotonic() - self.last)
+                return
+
+    def _fire(self, stalled: float) -> None:
+        import time
+
+        import numpy as np
+        from mpi4py import MPI
+
+        TAG = 77
+        me = np.array([self.rank, self.step, self.PHASES.index(self.phase), int(stalled)],
+                      np.int64)
+        collectors = [r for r in (0, 1) if r < self.size]
+        requests = [self.comm.Isend(me, dest=r, tag=TAG) for r in collectors if r != self.rank]
+        if self.rank in collectors:
+            reports = {self.rank: me}
+            deadline = time.monotonic() + self.grace * (1 + 2 * self.rank)
+            while len(reports) < self.size and time.monotonic() < deadline:
+                if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG):
+                    got = np.empty(4, np.int64)
+                    self.comm.Recv(got, source=MPI.ANY_SOURCE, tag=TAG)
+                    reports[int(got[0])] = got
+                else:
+                    time.sleep(0.01)
+        else:  # a collector normally ends the job first; this is the fallback
+            time.sleep(self.grace * 5)
+            reports = {self.rank: me}
+        silent = [r for r in range(self.size) if r not in reports]
+        steps = sorted({int(r[1]) for r in reports.values()})
+        waiting: Dict[str, List[int]] = {}
+        for r in sorted(reports):
+            waiting.setdefault(self.PHASES[int(reports[r][2])], []).append(r)
+        doing = "; ".join(f"ranks {ranks} in {phase}" for phase, ranks in waiting.items())
+        who = (f"rank(s) {silent} did not answer (stopped, hung or dead); " if silent
+               else "every rank answered; ")
+        print(f"mpitrain: watchdog: no progress for {stalled:.0f} s (limit "
+              f"{self._limit_now():.0f} s) at step {steps[0] if steps else self.step}: "
+              f"{who}{doing}. Aborting the job.", file=sys.stderr, flush=True)
+        del requests
+        drain_output()
+        MPI.COMM_WORLD.Abort(3)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -31,7 +31,10 @@ from .exchange import make_exchange
 from .metrics import Reporter
 from .nn import Sequential, make_loss, mlp
 from .optim import make_optimizer
-from .runtime import MpitrainError, thread_report
+from . import checkpoint
+from .checkpoint import State
+from .runtime import (EXIT_PREEMPTED, Faults, MpitrainError, Preemption, Watchdog,
+                      thread_report)
 
 __all__ = ["Trainer", "build", "train", "builtin_dataset", "BUILTIN"]
 
@@ -86,12 +89,15 @@ class Trainer:
         self.train, self.val, self.sampler = train, val, sampler
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         n = model.size
-        # The exchange buffer: gradients, then the loss sum and correct count.
-        self.xbuf = np.zeros(n + 2, model.dtype)
+        # The exchange buffer: gradients, then the loss sum, the correct count
+        # and the number of ranks asked to stop (pre-emption), all in one Allreduce.
+        self.xbuf = np.zeros(n + 3, model.dtype)
         model.bind_grads(self.xbuf[:n])
         self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
         self.exchange = make_exchange(allreduce, comm)
         self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
+        self.stop_agreed = False  # set by step(): some rank was asked to stop
+        self.on_phase: Callable[[str], None] = lambda phase: None  # for the watchdog
 
     def check_replicas(self) -> None:
         """Check that every rank starts from the same parameters (collective)."""
@@ -102,12 +108,17 @@ class Trainer:
             raise MpitrainError(f"initial parameters differ between ranks: ranks {ranks} "
                                 f"differ from rank 0", everywhere=True)
 
-    def step(self, step: int) -> Tuple[float, float, int]:
-        """Run global step ``step``; return (mean loss, accuracy, global batch size)."""
+    def step(self, step: int, stop: bool = False) -> Tuple[float, float, int]:
+        """Run global step ``step`` (0-based); return (mean loss, accuracy, global batch).
+
+        ``stop`` says this rank was asked to stop; afterwards ``stop_agreed``
+        tells every rank alike whether any rank was.
+        """
         t0 = time.perf_counter()
         ids, batch = self.sampler.local(step, self.rank, self.size)
         x, y = self.train.read(ids)  # (b, features), (b,)
         t1 = time.perf_counter()
+        self.on_phase("computing")
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught below
             out = self.model.forward(x)  # (b, classes)
             loss_sum, dout = self.loss(out, y, 1.0 / batch)
@@ -115,9 +126,12 @@ class Trainer:
         n = self.model.size
         self.xbuf[n] = loss_sum
         self.xbuf[n + 1] = np.count_nonzero(out.argmax(axis=1) == y)
+        self.xbuf[n + 2] = 1.0 if stop else 0.0
         t2 = time.perf_counter()
+        self.on_phase("exchange")
         self.exchange(self.xbuf)
         t3 = time.perf_counter()
+        self.stop_agreed = bool(self.xbuf[n + 2] > 0)
         loss = float(self.xbuf[n]) / batch
         if not np.isfinite(loss):
             epoch, _ = self.sampler.locate(step)
@@ -134,6 +148,7 @@ class Trainer:
         """(mean loss, accuracy) on the validation split, each rank a slice (collective)."""
         if self.val is None or len(self.val) == 0:
             return None
+        self.on_phase("evaluation")
         lo, hi = rank_slice(len(self.val), self.rank, self.size)
         sums = np.zeros(2)  # loss sum, correct count; float64 so counts stay exact
         for a in range(lo, hi, chunk):
@@ -143,6 +158,75 @@ class Trainer:
             sums += (loss_sum, np.count_nonzero(out.argmax(axis=1) == y))
         self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
         return sums[0] / len(self.val), sums[1] / len(self.val)
+
+
+    def named(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
+        """A flat parameter-shaped buffer as {parameter name: view}."""
+        m = self.model
+        return {n: flat[sl].reshape(m.shapes[n]) for n, sl in m.slices.items()}
+
+    def capture(self, step: int, config: Dict[str, Any]) -> State:
+        """The state after ``step`` steps, as a checkpoint holds it (views, not copies)."""
+        epoch, epoch_step = divmod(step, self.sampler.steps_per_epoch)
+        opt = self.optimizer
+        hyper = {k: getattr(opt, k) for k in ("lr", "weight_decay", "momentum", "beta1",
+                                               "beta2", "eps", "decoupled") if hasattr(opt, k)}
+        s = self.sampler
+        return State(
+            step=step, epoch=epoch, epoch_step=epoch_step,
+            params=self.model.named_params(),
+            optimizer_state={k: self.named(flat) for k, flat in opt.state().items()},
+            optimizer={"name": config.get("optimizer", type(opt).__name__.lower()),
+                       "steps": opt.steps, **hyper},
+            config=config, layout={"world_size": self.size, "pp": 1, "dp": self.size},
+            sampler={"seed": s.seed, "batch_size": s.batch_size, "samples": s.n,
+                     "drop_last": s.drop_last},
+            rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
+                                 f"({s.n}), cut into batches of {s.batch_size}",
+                 "init": "numpy.random.default_rng([seed, layer index]) per layer",
+                 "stateful_generators": {}})
+
+    def mismatch(self, state: State, config: Dict[str, Any]) -> Optional[str]:
+        """Why ``state`` cannot continue this run, or None."""
+        shapes = {n: a.shape for n, a in state.params.items()}
+        if shapes != self.model.shapes:
+            for name in sorted(set(shapes) | set(self.model.shapes)):
+                if shapes.get(name) != self.model.shapes.get(name):
+                    return (f"parameter {name!r} is {shapes.get(name)} in the checkpoint and "
+                            f"{self.model.shapes.get(name)} in this model (check --hidden)")
+        dtype = next(iter(state.params.values())).dtype
+        if dtype != self.model.dtype:
+            return f"parameters are {dtype} in the checkpoint, {self.model.dtype} here (--dtype)"
+        name = config.get("optimizer")
+        if state.optimizer.get("name") != name or set(state.optimizer_state) != set(
+                self.optimizer.state()):
+            return (f"written with --optimizer {state.optimizer.get('name')}, "
+                    f"this run has {name}")
+        s = self.sampler
+        here = {"seed": s.seed, "batch_size": s.batch_size, "samples": s.n,
+                "drop_last": s.drop_last}
+        for key, value in here.items():
+            if state.sampler.get(key) != value:
+                flag = {"samples": "training samples in --data"}.get(key, "--" + key.replace(
+                    "_", "-"))
+                return (f"written with {flag} {state.sampler.get(key)}, this run has {value}: "
+                        "the sample order would differ")
+        return None
+
+    def restore(self, state: Optional[State]) -> None:
+        """Load ``state`` (given on rank 0, None elsewhere) on every rank (collective)."""
+        steps = None
+        if self.rank == 0:
+            for name, arr in state.params.items():
+                self.named(self.model.params)[name][...] = arr
+            for key, flat in self.optimizer.state().items():
+                for name, arr in state.optimizer_state[key].items():
+                    self.named(flat)[name][...] = arr
+            steps = int(state.optimizer["steps"])
+        self.optimizer.steps = self.comm.bcast(steps, root=0)
+        self.comm.Bcast(self.model.params, root=0)
+        for flat in self.optimizer.state().values():
+            self.comm.Bcast(flat, root=0)
 
 
 def build(cfg: Config, comm: MPI.Comm) -> Tuple[Trainer, Manifest]:
@@ -186,10 +270,88 @@ def _is_eval_step(cfg: Config, step: int, spe: int, total: int) -> bool:
     return cfg.eval_every > 0 and done % cfg.eval_every == 0
 
 
+def on_root(comm: MPI.Comm, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 and broadcast its result; an error there is raised on
+    every rank (collective)."""
+    result = error = None
+    if comm.Get_rank() == 0:
+        try:
+            result = fn()
+        except (MpitrainError, OSError) as exc:
+            error = str(exc)
+    error, result = comm.bcast((error, result), root=0)
+    if error:
+        raise MpitrainError(error, everywhere=True)
+    return result
+
+
+def resume(cfg: Config, comm: MPI.Comm, trainer: Trainer, report: Reporter) -> int:
+    """Restore the checkpoint ``cfg.resume`` asks for, if any; return the steps already done."""
+    config = cfg.to_dict()
+
+    def choose():
+        removed = checkpoint.clean_leftovers(cfg.ckpt_dir) if cfg.ckpt_dir else []
+        for path in removed:
+            report.say(f"removed {path}: the leftover of an interrupted checkpoint write")
+        if cfg.resume == "none":
+            found = checkpoint.listing(cfg.ckpt_dir) if cfg.ckpt_dir else []
+            if found:
+                raise MpitrainError(
+                    f"--ckpt-dir {cfg.ckpt_dir} holds checkpoints up to step {found[-1][0]}; "
+                    "--resume none would overwrite them: use another --ckpt-dir, remove "
+                    "them, or --resume auto")
+            return None
+        if cfg.resume == "auto":
+            if not cfg.ckpt_dir:
+                return None
+            got = checkpoint.newest_valid(cfg.ckpt_dir, lambda w: report.say(f"warning: {w}"))
+            if got is None:
+                return None
+            how = "--resume auto (the newest valid checkpoint; --resume none starts afresh)"
+        else:
+            got = checkpoint.load(cfg.resume), cfg.resume
+            how = "--resume"
+        state, path = got
+        why = trainer.mismatch(state, config)
+        if why:
+            raise MpitrainError(f"{path}: cannot resume: {why}")
+        was = state.layout.get("world_size")
+        report.say(f"resuming from {path} at step {state.step} (epoch {state.epoch}), "
+                   f"written by {was} ranks, now {trainer.size}; {how}")
+        trainer._loaded = state
+        return state.step
+
+    step = on_root(comm, choose)
+    if step is None:
+        return 0
+    trainer.restore(getattr(trainer, "_loaded", None))
+    trainer.__dict__.pop("_loaded", None)
+    return step
+
+
+def save_checkpoint(cfg: Config, comm: MPI.Comm, trainer: Trainer, step: int,
+                    faults: Faults, report: Reporter) -> Tuple[float, int]:
+    """Write the checkpoint of ``step`` from rank 0 and prune old ones (collective).
+    Returns (seconds, bytes)."""
+    def write():
+        t0 = time.perf_counter()
+        state = trainer.capture(step, cfg.to_dict())
+        path, nbytes = checkpoint.save(cfg.ckpt_dir, state,
+                                       die_midway=faults.in_checkpoint(step))
+        removed = checkpoint.prune(cfg.ckpt_dir, cfg.keep_last, step)
+        seconds = time.perf_counter() - t0
+        report.say(f"checkpoint {path}: step {step}, {nbytes / 1e6:.1f} MB in {seconds:.2f} s"
+                   + (f"; removed {len(removed)} older" if removed else ""))
+        return seconds, nbytes
+
+    return on_root(comm, write)
+
+
 def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     """Train as ``cfg`` says on the ranks of ``comm``; return the summary (on every rank)."""
     import sys
 
+    faults = Faults(cfg.fault)
     trainer, m = build(cfg, comm)
     spe = trainer.sampler.steps_per_epoch
     total = cfg.total_steps(spe)
@@ -204,46 +366,84 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     report.say(f"{total} steps ({spe} per epoch), global batch {cfg.batch_size} "
                f"(about {cfg.batch_size // size} per rank), {cfg.optimizer} lr {cfg.lr}, "
                f"allreduce {cfg.allreduce}")
+    start = resume(cfg, comm, trainer, report)
+    summary: Dict[str, Any] = {"steps": total, "ranks": size, "start_step": start,
+                               "preempted": False}
+    if start >= total:
+        report.say(f"nothing to do: the checkpoint is at step {start} of {total}")
+        report.close()
+        return summary
+    dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
+    if dog:
+        trainer.on_phase = lambda phase: setattr(dog, "phase", phase)
     record: Dict[str, Any] = {}
     window_samples, window_time, train_time, timed_samples = 0, 0.0, 0.0, 0
+    ckpt_time, ckpt_bytes, ckpt_count = 0.0, 0, 0
     t_start = time.perf_counter()
-    for step in range(total):
-        t0 = time.perf_counter()
-        loss, acc, batch = trainer.step(step)
-        dt = time.perf_counter() - t0
-        window_samples += batch
-        window_time += dt
-        if step > 0 or total == 1:  # the first step pays for warm-up
-            train_time += dt
-            timed_samples += batch
-        evaluate = _is_eval_step(cfg, step, spe, total)
-        if (step + 1) % cfg.log_every == 0 or evaluate:
-            record = {"step": step + 1, "epoch": trainer.sampler.locate(step)[0],
-                      "loss": loss, "accuracy": acc,
-                      "samples_per_s": window_samples / window_time, "lr": cfg.lr}
-            if evaluate:
-                result = trainer.evaluate()
-                if result:
-                    record["val_loss"], record["val_accuracy"] = result
-            report.step(record)
-            window_samples, window_time = 0, 0.0
+    with Preemption() as preemption:
+        for step in range(start, total):
+            if dog:
+                dog.beat(step + 1)
+            faults.at_step(rank, step + 1)
+            t0 = time.perf_counter()
+            loss, acc, batch = trainer.step(step, stop=preemption.requested)
+            dt = time.perf_counter() - t0
+            window_samples += batch
+            window_time += dt
+            if step > start or total - start == 1:  # the first step pays for warm-up
+                train_time += dt
+                timed_samples += batch
+            done = step + 1
+            evaluate = _is_eval_step(cfg, step, spe, total)
+            if done % cfg.log_every == 0 or evaluate or trainer.stop_agreed:
+                record = {"step": done, "epoch": trainer.sampler.locate(step)[0],
+                          "loss": loss, "accuracy": acc,
+                          "samples_per_s": window_samples / window_time, "lr": cfg.lr}
+                if evaluate:
+                    result = trainer.evaluate()
+                    if result:
+                        record["val_loss"], record["val_accuracy"] = result
+                report.step(record)
+                window_samples, window_time = 0, 0.0
+            periodic = cfg.ckpt_every and done % cfg.ckpt_every == 0
+            if cfg.ckpt_dir and (periodic or done == total or trainer.stop_agreed):
+                if dog:
+                    dog.phase = "checkpoint"
+                seconds, nbytes = save_checkpoint(cfg, comm, trainer, done, faults, report)
+                ckpt_time, ckpt_bytes, ckpt_count = ckpt_time + seconds, nbytes, ckpt_count + 1
+            if trainer.stop_agreed:
+                summary["preempted"] = True
+                total = done
+                break
+    if dog:
+        dog.phase = "finished"
+        dog.close()
     wall = time.perf_counter() - t_start
     # The slowest rank's phase times: the step is as slow as its slowest rank.
     phases = np.array([trainer.times[k] for k in ("data", "compute", "exchange")])
     comm.Allreduce(MPI.IN_PLACE, phases, op=MPI.MAX)
     busy = phases.sum() or 1.0
-    summary = {"steps": total, "ranks": size, "wall_s": wall,
-               "samples_per_s": timed_samples / train_time if train_time else 0.0,
-               "final_loss": record.get("loss"), "val_loss": record.get("val_loss"),
-               "val_accuracy": record.get("val_accuracy"),
-               "share_data": phases[0] / busy, "share_compute": phases[1] / busy,
-               "share_exchange": phases[2] / busy}
+    summary.update({
+        "steps_run": total - start, "wall_s": wall,
+        "samples_per_s": timed_samples / train_time if train_time else 0.0,
+        "final_loss": record.get("loss"), "val_loss": record.get("val_loss"),
+        "val_accuracy": record.get("val_accuracy"),
+        "share_data": phases[0] / busy, "share_compute": phases[1] / busy,
+        "share_exchange": phases[2] / busy,
+        "checkpoints": ckpt_count, "checkpoint_s": ckpt_time, "checkpoint_bytes": ckpt_bytes,
+        "share_checkpoint": ckpt_time / wall if wall else 0.0})
     val = (f", val_acc {summary['val_accuracy']:.3f}"
            if summary["val_accuracy"] is not None else "")
-    report.say(f"done: {total} steps in {wall:.1f} s, {summary['samples_per_s']:,.0f} samples/s "
-               f"(after step 1), final loss {summary['final_loss']:.4f}{val}; step time: "
-               f"compute {summary['share_compute']:.0%}, exchange {summary['share_exchange']:.0%}, "
-               f"data {summary['share_data']:.0%}")
+    ckpt = (f"; {ckpt_count} checkpoints, {summary['share_checkpoint']:.1%} of the time"
+            if ckpt_count else "")
+    report.say(f"done: steps {start + 1}-{total} in {wall:.1f} s, "
+               f"{summary['samples_per_s']:,.0f} samples/s (after the first), final loss "
+               f"{summary['final_loss']:.4f}{val}; step time: compute "
+               f"{summary['share_compute']:.0%}, exchange {summary['share_exchange']:.0%}, "
+               f"data {summary['share_data']:.0%}{ckpt}")
+    if summary["preempted"]:
+        report.say(f"stopped at step {total} on {preemption.signal or 'a signal to another rank'}"
+                   f"; exit status {EXIT_PREEMPTED}: relaunch with --resume auto to continue")
     report.close()
     trainer.train.close()
     if trainer.val:

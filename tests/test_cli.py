@@ -19,7 +19,7 @@ def test_train_with_no_arguments_builds_the_builtin_data_and_learns(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "mpitrain" in out and "4 ranks" in out and "282 steps" in out
-    assert out.count("\ndone: 282 steps") == 1
+    assert out.count("\ndone: steps 1-282 in") == 1
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in records][:3] == [10, 20, 30] and records[-1]["step"] == 282
     assert records[-1]["val_accuracy"] > 0.75  # 10 classes: chance is 0.1

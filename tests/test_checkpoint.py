@@ -1,0 +1,146 @@
+"""Checkpoint files: round trip, checksums, damage, leftovers, pruning (serial)."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from mpitrain import checkpoint
+from mpitrain.checkpoint import CheckpointError, State
+
+
+def make_state(step=100, seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"0.weight": rng.normal(size=(4, 3)).astype(np.float32),
+              "0.bias": rng.normal(size=4).astype(np.float32)}
+    return State(step=step, epoch=2, epoch_step=4, params=params,
+                 optimizer_state={"m": {k: v * 2 for k, v in params.items()},
+                                  "v": {k: v * 3 for k, v in params.items()}},
+                 optimizer={"name": "adam", "steps": step, "lr": 0.001},
+                 config={"hidden": [4], "lr": 0.001}, layout={"world_size": 4, "pp": 1, "dp": 4},
+                 sampler={"seed": 0, "batch_size": 8, "samples": 96, "drop_last": False},
+                 rng={"sample_order": "default_rng([seed, epoch])"})
+
+
+def test_round_trip(tmp_path):
+    state = make_state()
+    path, nbytes = checkpoint.save(str(tmp_path), state)
+    assert path == str(tmp_path / "ckpt-000000100.h5") and nbytes == os.path.getsize(path)
+    got = checkpoint.load(path)
+    for name in state.params:
+        np.testing.assert_array_equal(got.params[name], state.params[name])
+        assert got.params[name].dtype == np.float32
+        for key in ("m", "v"):
+            np.testing.assert_array_equal(got.optimizer_state[key][name],
+                                          state.optimizer_state[key][name])
+    for key in ("step", "epoch", "epoch_step", "optimizer", "config", "layout", "sampler", "rng"):
+        assert getattr(got, key) == getattr(state, key), key
+    assert os.listdir(tmp_path) == ["ckpt-000000100.h5"]
+
+
+def test_the_file_is_plain_hdf5_with_the_documented_schema(tmp_path):
+    path, _ = checkpoint.save(str(tmp_path), make_state())
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format"] == "mpitrain.checkpoint" and f.attrs["format_version"] == 1
+        assert sorted(f["params"]) == ["0.bias", "0.weight"]
+        assert sorted(f["optimizer"]) == ["m", "v"]
+        seen = []
+        f.visititems(lambda name, obj: seen.append(obj) if isinstance(obj, h5py.Dataset) else None)
+        assert len(seen) == 6
+        for ds in seen:  # numbers only: nothing to unpickle, nothing executed on load
+            assert ds.dtype.kind == "f" and "crc32" in ds.attrs
+        for key in ("config", "layout", "sampler", "rng", "optimizer"):
+            assert isinstance(f.attrs[key], str)
+
+
+def flip_byte(path, dataset, index=5):
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(offset + index)
+        byte = fh.read(1)
+        fh.seek(offset + index)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_a_flipped_bit_is_caught(tmp_path):
+    path, _ = checkpoint.save(str(tmp_path), make_state())
+    flip_byte(path, "params/0.weight")
+    with pytest.raises(CheckpointError, match="checksum of params/0.weight does not match"):
+        checkpoint.load(path)
+    state, rows = checkpoint.inspect(path)
+    assert [r[0] for r in rows if not r[3]] == ["params/0.weight"]
+
+
+def test_changed_metadata_is_caught(tmp_path):
+    path, _ = checkpoint.save(str(tmp_path), make_state())
+    with h5py.File(path, "r+") as f:
+        f.attrs["config"] = f.attrs["config"].replace("0.001", "0.002")
+    with pytest.raises(CheckpointError, match="checksum of the metadata does not match"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.0])
+def test_a_truncated_file_is_caught(tmp_path, keep):
+    path, size = checkpoint.save(str(tmp_path), make_state())
+    with open(path, "r+b") as fh:
+        fh.truncate(int(size * keep))
+    with pytest.raises(CheckpointError, match="unreadable .*truncated or damaged"):
+        checkpoint.load(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        checkpoint.load(str(tmp_path / "nope.h5"))
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = 1
+    with pytest.raises(CheckpointError, match="not an mpitrain checkpoint"):
+        checkpoint.load(str(tmp_path / "other.h5"))
+
+
+def test_newest_valid_skips_damaged_files_with_a_warning(tmp_path):
+    for step in (10, 20, 30):
+        checkpoint.save(str(tmp_path), make_state(step))
+    flip_byte(str(tmp_path / "ckpt-000000030.h5"), "optimizer/v/0.bias", 0)
+    with open(tmp_path / "ckpt-000000020.h5", "r+b") as fh:
+        fh.truncate(1000)
+    warnings = []
+    state, path = checkpoint.newest_valid(str(tmp_path), warnings.append)
+    assert state.step == 10 and path.endswith("ckpt-000000010.h5")
+    assert len(warnings) == 2
+    assert "ckpt-000000030.h5: checksum of optimizer/v/0.bias" in warnings[0]
+    assert "ckpt-000000020.h5: unreadable" in warnings[1]
+    assert checkpoint.newest_valid(str(tmp_path / "empty"), warnings.append) is None
+
+
+def test_an_interrupted_write_leaves_no_file_and_the_older_one_intact(tmp_path):
+    checkpoint.save(str(tmp_path), make_state(10))
+
+    def die():
+        raise KeyboardInterrupt  # stands for a crash half-way through the file
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(str(tmp_path), make_state(20), die_midway=die)
+    assert os.listdir(tmp_path) == ["ckpt-000000010.h5"]
+    assert checkpoint.load(str(tmp_path / "ckpt-000000010.h5")).step == 10
+
+
+def test_leftovers_are_cleaned_and_nothing_else(tmp_path):
+    checkpoint.save(str(tmp_path), make_state(10))
+    for name in (".ckpt-000000020.h5.tmp-1234", "notes.txt", "ckpt-x.h5"):
+        (tmp_path / name).write_text("x")
+    removed = checkpoint.clean_leftovers(str(tmp_path))
+    assert removed == [str(tmp_path / ".ckpt-000000020.h5.tmp-1234")]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000010.h5", "ckpt-x.h5", "notes.txt"]
+    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10]
+
+
+def test_prune_keeps_the_newest_and_never_the_written_one_or_later(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        checkpoint.save(str(tmp_path), make_state(step))
+    # 50 exists from another timeline; we just wrote 30.
+    removed = checkpoint.prune(str(tmp_path), keep_last=2, written_step=30)
+    assert [os.path.basename(p) for p in removed] == ["ckpt-000000010.h5"]
+    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [20, 30, 40, 50]
+    checkpoint.prune(str(tmp_path), keep_last=1, written_step=50)
+    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [50]

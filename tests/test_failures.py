@@ -1,0 +1,210 @@
+"""Checkpoint, kill, relaunch: real MPI jobs, real signals, each bounded in time.
+
+A run is compared with an uninterrupted run of the same length through the
+parameters and optimizer state of their final checkpoints.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import clean_env, mpiexec, run_train
+from mpitrain import checkpoint
+
+STEPS = 60
+ARGS = ["--hidden", "16", "--batch-size", "64", "--steps", str(STEPS), "--ckpt-every", "10",
+        "--log-every", "5", "--optimizer", "adam", "--lr", "0.01"]
+
+
+def train(n, data, ckpt, *extra, timeout=120):
+    return run_train(n, "--data", data, "--ckpt-dir", ckpt, *ARGS, *extra, timeout=timeout)
+
+
+def final(ckpt):
+    steps = checkpoint.listing(str(ckpt))
+    return checkpoint.load(steps[-1][1])
+
+
+def same_bits(a, b):
+    return (a.step == b.step and a.params.keys() == b.params.keys()
+            and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+            and all(np.array_equal(a.optimizer_state[s][k], b.optimizer_state[s][k])
+                    for s in a.optimizer_state for k in a.params)
+            and a.optimizer["steps"] == b.optimizer["steps"])
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory):
+    """An uninterrupted 4-rank run of STEPS steps."""
+    ckpt = tmp_path_factory.mktemp("reference")
+    result = train(4, small_data, ckpt)
+    assert result.returncode == 0, result.stderr
+    assert [s for s, _ in checkpoint.listing(str(ckpt))] == [40, 50, 60]  # --keep-last 3
+    return final(ckpt)
+
+
+def test_sigkill_of_a_rank_ends_the_job_and_a_relaunch_ends_bit_identical(
+        small_data, tmp_path, reference):
+    t0 = time.monotonic()
+    killed = train(4, small_data, tmp_path, "--fault", "kill:rank=2:step=37")
+    assert killed.returncode != 0  # mpiexec ends every rank when one dies
+    assert "step 35/60" in killed.stdout and "step 40/60" not in killed.stdout
+    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10, 20, 30]
+    again = train(4, small_data, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("resuming from") == 1 and "at step 30" in again.stdout
+    assert same_bits(final(tmp_path), reference)
+    assert time.monotonic() - t0 < 100
+
+
+def test_kill_during_a_checkpoint_write(small_data, tmp_path, reference):
+    killed = train(2, small_data, tmp_path, "--fault", "ckpt-kill:step=20")
+    assert killed.returncode != 0
+    names = sorted(os.listdir(tmp_path))
+    assert names[0].startswith(".ckpt-000000020.h5.tmp-") and names[1:] == ["ckpt-000000010.h5"]
+    assert checkpoint.load(str(tmp_path / "ckpt-000000010.h5")).step == 10
+    again = train(4, small_data, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("the leftover of an interrupted checkpoint write") == 1
+    assert "at step 10" in again.stdout
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+    # Written with 2 ranks up to step 10, finished with 4: close, not bitwise.
+    got = final(tmp_path)
+    assert got.step == 60
+    for k in got.params:
+        np.testing.assert_allclose(got.params[k], reference.params[k], rtol=2e-3, atol=2e-4)
+
+
+def test_damaged_newest_checkpoints_are_skipped_with_a_warning(small_data, tmp_path, reference):
+    first = train(4, small_data, tmp_path, "--fault", "kill:rank=0:step=45")
+    assert first.returncode != 0
+    from test_checkpoint import flip_byte
+
+    flip_byte(str(tmp_path / "ckpt-000000040.h5"), "params/2.weight")
+    with open(tmp_path / "ckpt-000000030.h5", "r+b") as fh:
+        fh.truncate(2000)
+    again = train(4, small_data, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "warning: skipping checkpoint " in again.stdout
+    assert "ckpt-000000040.h5: checksum of params/2.weight does not match" in again.stdout
+    assert "ckpt-000000030.h5: unreadable" in again.stdout
+    assert "at step 20" in again.stdout
+    assert same_bits(final(tmp_path), reference)
+
+
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_resume_on_fewer_ranks(small_data, tmp_path, reference, ranks):
+    killed = train(4, small_data, tmp_path, "--fault", "kill:rank=1:step=33")
+    assert killed.returncode != 0
+    again = train(ranks, small_data, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"at step 30 (epoch 3), written by 4 ranks, now {ranks}" in again.stdout
+    got = final(tmp_path)
+    assert got.step == 60 and got.layout["world_size"] == ranks
+    for k in got.params:  # another reduction order: close, not bitwise
+        np.testing.assert_allclose(got.params[k], reference.params[k], rtol=1e-3, atol=1e-4)
+
+
+def test_preemption_signal_to_one_rank_checkpoints_everyone_at_the_same_step(
+        small_data, tmp_path, reference):
+    stopped = train(4, small_data, tmp_path, "--fault", "term:rank=3:step=23")
+    assert stopped.returncode == 75, stopped.stderr
+    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10, 20, 23]
+    assert stopped.stdout.count("stopped at step 23") == 1
+    again = train(4, small_data, tmp_path)
+    assert again.returncode == 0 and "at step 23" in again.stdout
+    assert same_bits(final(tmp_path), reference)
+
+
+@pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
+def test_preemption_signal_through_mpiexec(small_data, tmp_path, reference, signame):
+    """The launcher forwards the signal; the job checkpoints, exits 75, and resumes exactly."""
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
+           small_data, "--ckpt-dir", str(tmp_path), *ARGS, "--log-every", "1",
+           "--steps", "100000", "--ckpt-every", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    try:
+        for line in proc.stdout:  # wait until training is under way
+            if line.startswith("step ") and "/100000" in line:
+                proc.send_signal(getattr(signal, signame))
+                break
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err
+    assert "stopped at step" in out and f"on {signame}" in out
+    [(step, path)] = checkpoint.listing(str(tmp_path))
+    assert step >= 1
+    # Continue to STEPS (or check the state if the signal came late).
+    if step < STEPS:
+        again = train(2, small_data, tmp_path)
+        assert again.returncode == 0, again.stderr
+        ref2 = tmp_path / "ref2"
+        assert train(2, small_data, ref2).returncode == 0
+        assert same_bits(final(tmp_path), final(ref2))
+
+
+def test_watchdog_ends_a_job_with_a_stopped_rank(small_data, tmp_path):
+    t0 = time.monotonic()
+    result = train(4, small_data, tmp_path, "--fault", "stop:rank=1:step=12",
+                   "--watchdog", "3", timeout=90)
+    elapsed = time.monotonic() - t0
+    assert result.returncode != 0
+    assert result.stderr.count("mpitrain: watchdog: no progress for") == 1, (
+        result.returncode, result.stdout[-800:], result.stderr)
+    assert "at step 12: rank(s) [1] did not answer" in result.stderr
+    assert "ranks [0, 2, 3] in exchange" in result.stderr
+    assert elapsed < 80
+
+
+def test_resume_errors(small_data, tmp_path):
+    assert train(2, small_data, tmp_path, "--steps", "10").returncode == 0
+    none = train(2, small_data, tmp_path, "--resume", "none")
+    assert none.returncode == 2
+    assert none.stderr.count("holds checkpoints up to step 10; --resume none would "
+                             "overwrite them") == 1
+    other = train(2, small_data, tmp_path, "--hidden", "8")
+    assert other.returncode == 2
+    assert ("cannot resume: parameter '0.bias' is (16,) in the checkpoint and (8,) in this "
+            "model") in other.stderr
+    batch = train(2, small_data, tmp_path, "--batch-size", "32")
+    assert batch.returncode == 2 and "written with --batch-size 64, this run has 32" in batch.stderr
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"garbage")
+    explicit = train(2, small_data, tmp_path, "--resume", bad)
+    assert explicit.returncode == 2 and explicit.stderr.count("bad.h5: unreadable") == 1
+    done = train(2, small_data, tmp_path, "--steps", "10")
+    assert done.returncode == 0 and "nothing to do: the checkpoint is at step 10 of 10" in done.stdout
+
+
+def test_local_relaunch_wrapper_survives_a_killed_rank(small_data, tmp_path):
+    from conftest import ROOT
+
+    env = clean_env(NP="2", RETRIES="2", MPIEXEC=mpiexec(), PYTHON=sys.executable)
+    cmd = ["bash", str(ROOT / "examples" / "relaunch.sh"), "--data", small_data,
+           "--ckpt-dir", str(tmp_path / "ckpt"), *ARGS,
+           "--fault", "kill:rank=1:step=25:attempt=1,kill:rank=0:step=47:attempt=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("relaunching from the newest checkpoint") == 2
+    assert "finished on attempt 3" in result.stdout
+    assert "at step 20" in result.stdout and "at step 40" in result.stdout
+    reference = tmp_path / "reference"
+    assert train(2, small_data, reference).returncode == 0
+    assert same_bits(final(tmp_path / "ckpt"), final(reference))
+
+
+def test_relaunch_wrapper_gives_up_after_its_retries(small_data, tmp_path):
+    from conftest import ROOT
+
+    env = clean_env(NP="2", RETRIES="1", MPIEXEC=mpiexec(), PYTHON=sys.executable)
+    cmd = ["bash", str(ROOT / "examples" / "relaunch.sh"), "--data", small_data,
+           "--ckpt-dir", str(tmp_path), *ARGS, "--fault", "kill:rank=1:step=5"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode != 0
+    assert "attempt 2 failed" in result.stderr and "no retries left (1)" in result.stderr
