@@ -291,8 +291,9 @@ class Faults:
 
         for action, keys in self.plans:
             if action in self.SIGNALS and keys == {"rank": rank, "step": step}:
+                print(f"mpitrain: fault drill: rank {rank} sends itself "
+                      f"{self.SIGNALS[action]} at step {step}", file=sys.stderr, flush=True)
                 sys.stdout.flush()
-                sys.stderr.flush()
                 os.kill(os.getpid(), getattr(signal, self.SIGNALS[action]))
 
     def in_checkpoint(self, step: int) -> Optional[Callable[[], None]]:

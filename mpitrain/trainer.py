@@ -288,6 +288,7 @@ def on_root(comm: MPI.Comm, fn: Callable[[], Any]) -> Any:
 def resume(cfg: Config, comm: MPI.Comm, trainer: Trainer, report: Reporter) -> int:
     """Restore the checkpoint ``cfg.resume`` asks for, if any; return the steps already done."""
     config = cfg.to_dict()
+    loaded: Dict[str, State] = {}  # rank 0's; broadcast by trainer.restore
 
     def choose():
         removed = checkpoint.clean_leftovers(cfg.ckpt_dir) if cfg.ckpt_dir else []
@@ -318,14 +319,13 @@ def resume(cfg: Config, comm: MPI.Comm, trainer: Trainer, report: Reporter) -> i
         was = state.layout.get("world_size")
         report.say(f"resuming from {path} at step {state.step} (epoch {state.epoch}), "
                    f"written by {was} ranks, now {trainer.size}; {how}")
-        trainer._loaded = state
+        loaded["state"] = state
         return state.step
 
     step = on_root(comm, choose)
     if step is None:
         return 0
-    trainer.restore(getattr(trainer, "_loaded", None))
-    trainer.__dict__.pop("_loaded", None)
+    trainer.restore(loaded.get("state"))
     return step
 
 
@@ -340,7 +340,8 @@ def save_checkpoint(cfg: Config, comm: MPI.Comm, trainer: Trainer, step: int,
                                        die_midway=faults.in_checkpoint(step))
         removed = checkpoint.prune(cfg.ckpt_dir, cfg.keep_last, step)
         seconds = time.perf_counter() - t0
-        report.say(f"checkpoint {path}: step {step}, {nbytes / 1e6:.1f} MB in {seconds:.2f} s"
+        report.say(f"checkpoint {path}: step {step}, {nbytes / 1e6:.1f} MB in "
+                   f"{seconds * 1e3:.0f} ms"
                    + (f"; removed {len(removed)} older" if removed else ""))
         return seconds, nbytes
 
