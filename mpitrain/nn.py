@@ -10,16 +10,35 @@ in PyTorch, so ``y = x @ weight.T + bias``.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Layer", "Linear", "ReLU", "Tanh", "Sequential", "mlp",
+__all__ = ["Layer", "Linear", "ReLU", "Tanh", "Sequential", "mlp", "saved_bytes",
            "SoftmaxCrossEntropy", "MSELoss", "make_loss"]
 
 
+def saved_bytes(saved: Any) -> int:
+    """Bytes of the arrays a forward pass keeps for its backward pass, each counted once
+    (tanh's output is also the next Linear's input)."""
+    arrays: Dict[int, np.ndarray] = {}
+    todo = [saved]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, np.ndarray):
+            arrays[id(item)] = item
+        elif isinstance(item, (list, tuple)):
+            todo.extend(item)
+    return sum(a.nbytes for a in arrays.values())
+
+
 class Layer:
-    """A layer: ``forward`` keeps what ``backward`` needs; no parameters by default."""
+    """A layer: ``forward`` returns its output and what ``backward`` will need.
+
+    Nothing of a batch is kept in the layer itself, so several micro-batches
+    can be in flight at once (a pipeline stage holds one ``saved`` per
+    micro-batch until its backward pass).
+    """
 
     def shapes(self) -> Dict[str, Tuple[int, ...]]:
         """Parameter name -> shape, in buffer order."""
@@ -31,11 +50,13 @@ class Layer:
     def init(self, params: Dict[str, np.ndarray], rng: np.random.Generator) -> None:
         """Fill this layer's parameters in place from ``rng``."""
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray) -> Tuple[np.ndarray, Any]:
+        """(output, saved): ``saved`` is what ``backward`` needs of this batch."""
         raise NotImplementedError
 
-    def backward(self, dy: np.ndarray, need_dx: bool = True) -> Optional[np.ndarray]:
-        """Write parameter gradients (overwriting) and return dL/dx if asked."""
+    def backward(self, dy: np.ndarray, saved: Any, need_dx: bool = True,
+                 accumulate: bool = False) -> Optional[np.ndarray]:
+        """Write (or with ``accumulate`` add) parameter gradients; return dL/dx if asked."""
         raise NotImplementedError
 
 
@@ -63,14 +84,18 @@ class Linear(Layer):
         params["bias"][...] = 0.0
 
     def forward(self, x):
-        self.x = x  # (n, in)
-        y = x @ self.weight.T  # (n, out)
+        y = x @ self.weight.T  # (n, in) @ (in, out)
         y += self.bias
-        return y
+        return y, x
 
-    def backward(self, dy, need_dx=True):
-        np.matmul(dy.T, self.x, out=self.gweight)  # (out, n) @ (n, in)
-        np.sum(dy, axis=0, out=self.gbias)
+    def backward(self, dy, saved, need_dx=True, accumulate=False):
+        x = saved
+        if accumulate:
+            self.gweight += dy.T @ x
+            self.gbias += dy.sum(axis=0)
+        else:
+            np.matmul(dy.T, x, out=self.gweight)  # (out, n) @ (n, in)
+            np.sum(dy, axis=0, out=self.gbias)
         return dy @ self.weight if need_dx else None  # (n, in)
 
 
@@ -81,11 +106,11 @@ class ReLU(Layer):
         return "ReLU()"
 
     def forward(self, x):
-        self.mask = x > 0
-        return np.where(self.mask, x, x.dtype.type(0))
+        mask = x > 0
+        return np.where(mask, x, x.dtype.type(0)), mask
 
-    def backward(self, dy, need_dx=True):
-        return np.where(self.mask, dy, dy.dtype.type(0)) if need_dx else None
+    def backward(self, dy, saved, need_dx=True, accumulate=False):
+        return np.where(saved, dy, dy.dtype.type(0)) if need_dx else None
 
 
 class Tanh(Layer):
@@ -95,11 +120,11 @@ class Tanh(Layer):
         return "Tanh()"
 
     def forward(self, x):
-        self.y = np.tanh(x)
-        return self.y
+        y = np.tanh(x)
+        return y, y
 
-    def backward(self, dy, need_dx=True):
-        return dy * (1 - self.y * self.y) if need_dx else None
+    def backward(self, dy, saved, need_dx=True, accumulate=False):
+        return dy * (1 - saved * saved) if need_dx else None
 
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh}
@@ -180,17 +205,24 @@ class Sequential:
         """Parameter name -> view into ``grads``, in buffer order."""
         return {n: self.grads[s].reshape(self.shapes[n]) for n, s in self.slices.items()}
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Apply the layers to ``x`` (n, in) and return (n, out)."""
+    def forward(self, x: np.ndarray) -> Tuple[np.ndarray, List[Any]]:
+        """Apply the layers to ``x`` (n, in): (output (n, out), what backward needs)."""
+        saved = []
         for layer in self.layers:
-            x = layer.forward(x)
-        return x
+            x, keep = layer.forward(x)
+            saved.append(keep)
+        return x, saved
 
-    def backward(self, dy: np.ndarray, need_dx: bool = False) -> Optional[np.ndarray]:
-        """Overwrite ``grads`` from dL/dy (n, out); return dL/dx if ``need_dx``."""
-        last = len(self.layers) - 1
-        for k in range(last, -1, -1):
-            dy = self.layers[k].backward(dy, need_dx=need_dx or k > 0)
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The output alone (inference)."""
+        return self.forward(x)[0]
+
+    def backward(self, dy: np.ndarray, saved: List[Any], need_dx: bool = False,
+                 accumulate: bool = False) -> Optional[np.ndarray]:
+        """Write (or add) ``grads`` from dL/dy (n, out); return dL/dx if ``need_dx``."""
+        for k in range(len(self.layers) - 1, -1, -1):
+            dy = self.layers[k].backward(dy, saved[k], need_dx=need_dx or k > 0,
+                                         accumulate=accumulate)
         return dy
 
     def __repr__(self) -> str:

@@ -120,9 +120,9 @@ class Trainer:
         t1 = time.perf_counter()
         self.on_phase("computing")
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught below
-            out = self.model.forward(x)  # (b, classes)
+            out, saved = self.model.forward(x)  # (b, classes)
             loss_sum, dout = self.loss(out, y, 1.0 / batch)
-            self.model.backward(dout)
+            self.model.backward(dout, saved)
         n = self.model.size
         self.xbuf[n] = loss_sum
         self.xbuf[n + 1] = np.count_nonzero(out.argmax(axis=1) == y)
@@ -153,7 +153,7 @@ class Trainer:
         sums = np.zeros(2)  # loss sum, correct count; float64 so counts stay exact
         for a in range(lo, hi, chunk):
             x, y = self.val.read_range(a, min(hi, a + chunk))
-            out = self.model.forward(x)
+            out = self.model(x)
             loss_sum, _ = self.loss(out, y, 1.0)
             sums += (loss_sum, np.count_nonzero(out.argmax(axis=1) == y))
         self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)

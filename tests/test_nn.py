@@ -2,11 +2,12 @@
 import numpy as np
 import pytest
 
-from mpitrain.nn import Linear, MSELoss, ReLU, Sequential, SoftmaxCrossEntropy, Tanh, mlp
+from mpitrain.nn import (Linear, MSELoss, ReLU, Sequential, SoftmaxCrossEntropy, Tanh, mlp,
+                         saved_bytes)
 
 
 def total_loss(model, loss, x, y):
-    return loss(model.forward(x), y, 1.0 / len(y))[0] / len(y)
+    return loss(model(x), y, 1.0 / len(y))[0] / len(y)
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
@@ -16,8 +17,9 @@ def test_gradient_matches_finite_differences(activation, loss):
     model = Sequential(mlp(5, [7, 6], 4, activation), dtype="float64", seed=2)
     x = rng.normal(size=(9, 5))
     y = rng.integers(0, 4, 9)
-    _, dout = loss(model.forward(x), y, 1.0 / len(y))
-    model.backward(dout)
+    out, saved = model.forward(x)
+    _, dout = loss(out, y, 1.0 / len(y))
+    model.backward(dout, saved)
     analytic = model.grads.copy()
     numeric = np.empty_like(analytic)
     eps = 1e-6
@@ -38,8 +40,9 @@ def test_input_gradient_matches_finite_differences():
     x = rng.normal(size=(5, 3))
     y = rng.integers(0, 2, 5)
     loss = SoftmaxCrossEntropy()
-    _, dout = loss(model.forward(x), y, 1.0 / 5)
-    dx = model.backward(dout, need_dx=True)
+    out, saved = model.forward(x)
+    _, dout = loss(out, y, 1.0 / 5)
+    dx = model.backward(dout, saved, need_dx=True)
     eps = 1e-6
     for idx in np.ndindex(x.shape):
         xp, xm = x.copy(), x.copy()
@@ -64,8 +67,8 @@ def test_parameters_and_gradients_are_views_of_one_buffer():
     model.layers[2].bias[...] = 7
     assert model.named_params()["2.bias"].tolist() == [7, 7]
     # Backward writes the gradient into the flat buffer.
-    x = np.ones((2, 4), np.float32)
-    model.backward(np.ones((2, 2), np.float32) * 0.5 + 0 * model.forward(x))
+    _, saved = model.forward(np.ones((2, 4), np.float32))
+    model.backward(np.full((2, 2), 0.5, np.float32), saved)
     np.testing.assert_array_equal(model.named_grads()["2.bias"], [1, 1])
 
 
@@ -73,7 +76,8 @@ def test_bind_grads_moves_the_gradients_into_a_given_buffer():
     model = Sequential(mlp(4, [3], 2), seed=0)
     buf = np.zeros(model.size + 2, np.float32)
     model.bind_grads(buf[:model.size])
-    model.backward(np.ones((1, 2), np.float32) + 0 * model.forward(np.ones((1, 4), np.float32)))
+    _, saved = model.forward(np.ones((1, 4), np.float32))
+    model.backward(np.ones((1, 2), np.float32), saved)
     assert np.shares_memory(model.layers[0].gweight, buf)
     assert buf[:model.size].any() and not buf[model.size:].any()
     with pytest.raises(ValueError, match=f"expected a float32 buffer of {model.size} elements"):
@@ -98,12 +102,12 @@ def test_initialisation_depends_on_seed_and_layer_index_only():
 
 def test_relu_and_tanh_backward():
     r = ReLU()
-    x = np.array([[-1.0, 0.0, 2.0]])
-    np.testing.assert_array_equal(r.forward(x), [[0, 0, 2]])
-    np.testing.assert_array_equal(r.backward(np.array([[5.0, 5.0, 5.0]])), [[0, 0, 5]])
+    y, saved = r.forward(np.array([[-1.0, 0.0, 2.0]]))
+    np.testing.assert_array_equal(y, [[0, 0, 2]])
+    np.testing.assert_array_equal(r.backward(np.array([[5.0, 5.0, 5.0]]), saved), [[0, 0, 5]])
     t = Tanh()
-    y = t.forward(np.array([[0.5]]))
-    assert t.backward(np.array([[1.0]]))[0, 0] == pytest.approx(1 - np.tanh(0.5) ** 2)
+    y, saved = t.forward(np.array([[0.5]]))
+    assert t.backward(np.array([[1.0]]), saved)[0, 0] == pytest.approx(1 - np.tanh(0.5) ** 2)
     assert y[0, 0] == pytest.approx(np.tanh(0.5))
 
 
@@ -122,3 +126,19 @@ def test_invalid_model_arguments():
         Sequential(mlp(2, [2], 2), dtype="float16")
     with pytest.raises(ValueError, match="activation must be one of"):
         mlp(2, [2], 2, "gelu")
+
+
+def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient():
+    rng = np.random.default_rng(6)
+    model = Sequential(mlp(5, [6], 3, "tanh"), dtype="float64", seed=1)
+    x, y = rng.normal(size=(10, 5)), rng.integers(0, 3, 10)
+    loss = SoftmaxCrossEntropy()
+    out, saved = model.forward(x)
+    model.backward(loss(out, y, 0.1)[1], saved)
+    whole = model.grads.copy()
+    # Two micro-batches in flight at once, backward in reverse order, accumulated.
+    first, second = model.forward(x[:4]), model.forward(x[4:])
+    model.backward(loss(second[0], y[4:], 0.1)[1], second[1])
+    model.backward(loss(first[0], y[:4], 0.1)[1], first[1], accumulate=True)
+    np.testing.assert_allclose(model.grads, whole, rtol=1e-12)
+    assert saved_bytes(first[1]) == (4 * 5 + 4 * 6) * 8  # input, tanh output (= next input)
