@@ -29,6 +29,7 @@ CHOICES = {
     "optimizer": ("sgd", "momentum", "adam", "adamw"),
     "allreduce": ("mpi", "ring"),
     "check_data": ("full", "meta"),
+    "schedule": ("gpipe", "1f1b"),
 }
 
 
@@ -63,6 +64,12 @@ class Config:
     seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
     # Parallelism
     allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, or mpitrain's ring")
+    pp: int = _opt(1, "pipeline stages; the ranks form pp stages x (ranks / pp) replicas")
+    microbatches: Optional[int] = _opt(None, "micro-batches per replica and step (default: "
+                                             "1 without a pipeline, 2 x pp with one)")
+    schedule: str = _opt("1f1b", "pipeline schedule")
+    stage_layers: Optional[List[int]] = _opt(None, "Linear layers per stage, e.g. 2,1 "
+                                                   "(default: balanced by parameter count)")
     # Checkpoints and failures
     ckpt_dir: Optional[str] = _opt(None, "write checkpoints here (and resume from here)")
     ckpt_every: int = _opt(100, "checkpoint every N steps (0: only at the end)")
@@ -84,6 +91,12 @@ class Config:
         if self.steps is not None:
             return self.steps
         return (2 if self.epochs is None else self.epochs) * steps_per_epoch
+
+    def micro(self) -> int:
+        """Micro-batches per replica and step."""
+        if self.microbatches is not None:
+            return self.microbatches
+        return 1 if self.pp == 1 else 2 * self.pp
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -111,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["choices"] = CHOICES[f.name]
         if f.type == "bool":
             kw["action"] = argparse.BooleanOptionalAction
-        elif f.type == "List[int]":
+        elif "List[int]" in f.type:
             kw["type"], kw["metavar"] = _parse_list, "N,N"
         elif "int" in f.type:
             kw["type"], kw["metavar"] = int, "N"
@@ -135,7 +148,7 @@ def _coerce(name: str, ftype: str, value: Any, where: str) -> Any:
         "List[int]": lambda v: isinstance(v, list) and all(
             isinstance(i, int) and not isinstance(i, bool) for i in v),
     }
-    base = ftype.replace("Optional[", "").rstrip("]") if ftype != "List[int]" else ftype
+    base = ftype[len("Optional["):-1] if ftype.startswith("Optional[") else ftype
     if not ok[base](value):
         raise MpitrainError(f"{where}: key {name!r} should be {base}, got {value!r}")
     return float(value) if base == "float" else value
@@ -201,6 +214,12 @@ def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
         raise bad("momentum", "a value in [0, 1)")
     if cfg.weight_decay < 0:
         raise bad("weight_decay", "a value >= 0")
+    if cfg.pp < 1:
+        raise bad("pp", "a value >= 1")
+    if cfg.microbatches is not None and not 1 <= cfg.microbatches <= 8000:
+        raise bad("microbatches", "a value in 1..8000")
+    if cfg.stage_layers is not None and (not cfg.stage_layers or min(cfg.stage_layers) < 1):
+        raise bad("stage_layers", "one or more counts >= 1")
     if cfg.ckpt_every < 0:
         raise bad("ckpt_every", "a value >= 0")
     if cfg.keep_last < 1:

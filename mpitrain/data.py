@@ -272,6 +272,19 @@ class Shards:
             y[order[part]] = ys[sel]
         return x, y
 
+    def read_labels(self, ids: np.ndarray) -> np.ndarray:
+        """Labels of rows ``ids`` alone (the last pipeline stage needs no features)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        y = np.empty(len(ids), np.int64)
+        shard_of = np.searchsorted(self.offsets, ids, side="right") - 1
+        for k in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == k)
+            local = ids[where] - self.offsets[k]
+            order = np.argsort(local, kind="stable")
+            ys = self._shard(int(k))[1]
+            y[where[order]] = ys[local[order]] if len(local) > 1 else ys[int(local[0])]
+        return y
+
     def read_range(self, lo: int, hi: int) -> Tuple[np.ndarray, np.ndarray]:
         """Contiguous global rows [lo, hi) as x (n, features), y (n,)."""
         return self.read(np.arange(lo, hi))

@@ -17,6 +17,7 @@ every rank sees the same loss (and stops together if it is not finite).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -33,6 +34,7 @@ from .nn import Sequential, make_loss, mlp
 from .optim import make_optimizer
 from . import checkpoint
 from .checkpoint import State
+from .topology import make_grid
 from .runtime import (EXIT_PREEMPTED, Faults, MpitrainError, Preemption, Watchdog,
                       thread_report)
 
@@ -79,15 +81,150 @@ def builtin_dataset(comm: MPI.Comm) -> str:
     return path
 
 
-class Trainer:
+class TrainerBase:
+    """What every trainer shares: checkpoint state across stages, replicas, phases.
+
+    Subclasses set ``grid`` (a topology.Grid), ``model`` (this rank's stage,
+    a Sequential), ``optimizer``, ``sampler``, ``train``, ``val``, ``loss``,
+    ``stage_names`` (the parameter names of each stage, in full-model order)
+    and ``shapes`` (every parameter's shape, in full-model order).
+    """
+
+    TAG_STATE = 31000  # point-to-point tag of the checkpoint gather, on grid.world
+
+    def _init_common(self) -> None:
+        self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
+        self.stop_agreed = False  # set by step(): some rank was asked to stop
+        self.on_phase: Callable[[str], None] = lambda phase: None  # for the watchdog
+
+    def check_replicas(self) -> None:
+        """Check that the replicas of each stage start from the same parameters (collective)."""
+        digest = hashlib.sha256(self.model.params.tobytes()).hexdigest()
+        digests = self.grid.dp_comm.allgather(digest)
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        bad = sorted(self.grid.world.allreduce(
+            [self.grid.world_rank(self.grid.pp_rank, r) for r in bad]
+            if self.grid.dp_rank == 0 else [], op=MPI.SUM))
+        if bad:
+            raise MpitrainError(f"initial parameters differ between ranks: ranks {bad} "
+                                f"differ from rank 0 of their stage", everywhere=True)
+
+    def named(self, flat: np.ndarray, names=None) -> Dict[str, np.ndarray]:
+        """A flat buffer laid out like this stage's (or ``names``') parameters, by name."""
+        out, offset = {}, 0
+        for n in (self.stage_names[self.grid.pp_rank] if names is None else names):
+            size = math.prod(self.shapes[n])
+            out[n] = flat[offset:offset + size].reshape(self.shapes[n])
+            offset += size
+        return out
+
+    def _flats(self):
+        """This stage's parameters, then its optimizer state arrays by sorted key."""
+        state = self.optimizer.state()
+        return [self.model.params] + [state[k] for k in sorted(state)], sorted(state)
+
+    def capture(self, step: int, config: Dict[str, Any]) -> Optional[State]:
+        """The state after ``step`` steps, gathered on world rank 0 (collective);
+        None on the other ranks.  Stage leaders (dp_rank 0) send their arrays."""
+        g, (flats, keys) = self.grid, self._flats()
+        if g.rank != 0:
+            if g.dp_rank == 0:
+                for flat in flats:
+                    g.world.Send(flat, dest=0, tag=self.TAG_STATE)
+            return None
+        params: Dict[str, np.ndarray] = {}
+        opt_state: Dict[str, Dict[str, np.ndarray]] = {k: {} for k in keys}
+        for s, names in enumerate(self.stage_names):
+            if s == 0:
+                got = flats
+            else:
+                size = sum(math.prod(self.shapes[n]) for n in names)
+                got = [np.empty(size, self.model.dtype) for _ in flats]
+                for buf in got:
+                    g.world.Recv(buf, source=g.world_rank(s, 0), tag=self.TAG_STATE)
+            params.update(self.named(got[0], names))
+            for key, buf in zip(keys, got[1:]):
+                opt_state[key].update(self.named(buf, names))
+        epoch, epoch_step = divmod(step, self.sampler.steps_per_epoch)
+        opt, s = self.optimizer, self.sampler
+        hyper = {k: getattr(opt, k) for k in ("lr", "weight_decay", "momentum", "beta1",
+                                               "beta2", "eps", "decoupled") if hasattr(opt, k)}
+        return State(
+            step=step, epoch=epoch, epoch_step=epoch_step, params=params,
+            optimizer_state=opt_state,
+            optimizer={"name": config.get("optimizer", type(opt).__name__.lower()),
+                       "steps": opt.steps, **hyper},
+            config=config, layout={"world_size": g.world.Get_size(), "pp": g.pp, "dp": g.dp},
+            sampler={"seed": s.seed, "batch_size": s.batch_size, "samples": s.n,
+                     "drop_last": s.drop_last},
+            rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
+                                 f"({s.n}), cut into batches of {s.batch_size}",
+                 "init": "numpy.random.default_rng([seed, layer index]) per layer",
+                 "stateful_generators": {}})
+
+    def mismatch(self, state: State, config: Dict[str, Any]) -> Optional[str]:
+        """Why ``state`` cannot continue this run, or None."""
+        shapes = {n: a.shape for n, a in state.params.items()}
+        if shapes != self.shapes:
+            for name in sorted(set(shapes) | set(self.shapes)):
+                if shapes.get(name) != self.shapes.get(name):
+                    return (f"parameter {name!r} is {shapes.get(name)} in the checkpoint and "
+                            f"{self.shapes.get(name)} in this model (check --hidden)")
+        dtype = next(iter(state.params.values())).dtype
+        if dtype != self.model.dtype:
+            return f"parameters are {dtype} in the checkpoint, {self.model.dtype} here (--dtype)"
+        name = config.get("optimizer")
+        if state.optimizer.get("name") != name or set(state.optimizer_state) != set(
+                self.optimizer.state()):
+            return (f"written with --optimizer {state.optimizer.get('name')}, "
+                    f"this run has {name}")
+        s = self.sampler
+        here = {"seed": s.seed, "batch_size": s.batch_size, "samples": s.n,
+                "drop_last": s.drop_last}
+        for key, value in here.items():
+            if state.sampler.get(key) != value:
+                flag = {"samples": "training samples in --data"}.get(key, "--" + key.replace(
+                    "_", "-"))
+                return (f"written with {flag} {state.sampler.get(key)}, this run has {value}: "
+                        "the sample order would differ")
+        return None
+
+    def restore(self, state: Optional[State]) -> None:
+        """Load ``state`` (given on world rank 0, None elsewhere) on every rank (collective).
+
+        Rank 0 broadcasts the whole model's arrays in model order; each rank
+        keeps its stage's part, so any (pp, dp) layout can resume any other.
+        """
+        g, (flats, keys) = self.grid, self._flats()
+        everything = list(self.shapes)
+        total = sum(math.prod(shape) for shape in self.shapes.values())
+        steps = int(state.optimizer["steps"]) if g.rank == 0 else None
+        self.optimizer.steps = g.world.bcast(steps, root=0)
+        sources = ([state.params] + [state.optimizer_state[k] for k in keys]
+                   if g.rank == 0 else [None] * len(flats))
+        whole = np.empty(total, self.model.dtype)
+        for flat, source in zip(flats, sources):
+            if g.rank == 0:
+                for name, view in self.named(whole, everything).items():
+                    view[...] = source[name]
+            g.world.Bcast(whole, root=0)
+            mine = self.named(whole, everything)
+            for name, view in self.named(flat).items():
+                view[...] = mine[name]
+
+
+class Trainer(TrainerBase):
     """Data-parallel training of ``model`` over the ranks of ``comm``."""
 
     def __init__(self, model: Sequential, loss, optimizer_name: str, opt_args: Dict[str, Any],
                  train: Shards, sampler: Sampler, comm: MPI.Comm, allreduce: str = "mpi",
                  val: Optional[Shards] = None):
         self.model, self.loss, self.comm = model, loss, comm
+        self.grid = make_grid(comm, 1)
         self.train, self.val, self.sampler = train, val, sampler
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.shapes = dict(model.shapes)
+        self.stage_names = [list(model.shapes)]
         n = model.size
         # The exchange buffer: gradients, then the loss sum, the correct count
         # and the number of ranks asked to stop (pre-emption), all in one Allreduce.
@@ -95,18 +232,7 @@ class Trainer:
         model.bind_grads(self.xbuf[:n])
         self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
         self.exchange = make_exchange(allreduce, comm)
-        self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
-        self.stop_agreed = False  # set by step(): some rank was asked to stop
-        self.on_phase: Callable[[str], None] = lambda phase: None  # for the watchdog
-
-    def check_replicas(self) -> None:
-        """Check that every rank starts from the same parameters (collective)."""
-        digest = hashlib.sha256(self.model.params.tobytes()).hexdigest()
-        digests = self.comm.allgather(digest)
-        if len(set(digests)) != 1:
-            ranks = [r for r, d in enumerate(digests) if d != digests[0]]
-            raise MpitrainError(f"initial parameters differ between ranks: ranks {ranks} "
-                                f"differ from rank 0", everywhere=True)
+        self._init_common()
 
     def step(self, step: int, stop: bool = False) -> Tuple[float, float, int]:
         """Run global step ``step`` (0-based); return (mean loss, accuracy, global batch).
@@ -160,90 +286,24 @@ class Trainer:
         return sums[0] / len(self.val), sums[1] / len(self.val)
 
 
-    def named(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
-        """A flat parameter-shaped buffer as {parameter name: view}."""
-        m = self.model
-        return {n: flat[sl].reshape(m.shapes[n]) for n, sl in m.slices.items()}
 
-    def capture(self, step: int, config: Dict[str, Any]) -> State:
-        """The state after ``step`` steps, as a checkpoint holds it (views, not copies)."""
-        epoch, epoch_step = divmod(step, self.sampler.steps_per_epoch)
-        opt = self.optimizer
-        hyper = {k: getattr(opt, k) for k in ("lr", "weight_decay", "momentum", "beta1",
-                                               "beta2", "eps", "decoupled") if hasattr(opt, k)}
-        s = self.sampler
-        return State(
-            step=step, epoch=epoch, epoch_step=epoch_step,
-            params=self.model.named_params(),
-            optimizer_state={k: self.named(flat) for k, flat in opt.state().items()},
-            optimizer={"name": config.get("optimizer", type(opt).__name__.lower()),
-                       "steps": opt.steps, **hyper},
-            config=config, layout={"world_size": self.size, "pp": 1, "dp": self.size},
-            sampler={"seed": s.seed, "batch_size": s.batch_size, "samples": s.n,
-                     "drop_last": s.drop_last},
-            rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
-                                 f"({s.n}), cut into batches of {s.batch_size}",
-                 "init": "numpy.random.default_rng([seed, layer index]) per layer",
-                 "stateful_generators": {}})
-
-    def mismatch(self, state: State, config: Dict[str, Any]) -> Optional[str]:
-        """Why ``state`` cannot continue this run, or None."""
-        shapes = {n: a.shape for n, a in state.params.items()}
-        if shapes != self.model.shapes:
-            for name in sorted(set(shapes) | set(self.model.shapes)):
-                if shapes.get(name) != self.model.shapes.get(name):
-                    return (f"parameter {name!r} is {shapes.get(name)} in the checkpoint and "
-                            f"{self.model.shapes.get(name)} in this model (check --hidden)")
-        dtype = next(iter(state.params.values())).dtype
-        if dtype != self.model.dtype:
-            return f"parameters are {dtype} in the checkpoint, {self.model.dtype} here (--dtype)"
-        name = config.get("optimizer")
-        if state.optimizer.get("name") != name or set(state.optimizer_state) != set(
-                self.optimizer.state()):
-            return (f"written with --optimizer {state.optimizer.get('name')}, "
-                    f"this run has {name}")
-        s = self.sampler
-        here = {"seed": s.seed, "batch_size": s.batch_size, "samples": s.n,
-                "drop_last": s.drop_last}
-        for key, value in here.items():
-            if state.sampler.get(key) != value:
-                flag = {"samples": "training samples in --data"}.get(key, "--" + key.replace(
-                    "_", "-"))
-                return (f"written with {flag} {state.sampler.get(key)}, this run has {value}: "
-                        "the sample order would differ")
-        return None
-
-    def restore(self, state: Optional[State]) -> None:
-        """Load ``state`` (given on rank 0, None elsewhere) on every rank (collective)."""
-        steps = None
-        if self.rank == 0:
-            for name, arr in state.params.items():
-                self.named(self.model.params)[name][...] = arr
-            for key, flat in self.optimizer.state().items():
-                for name, arr in state.optimizer_state[key].items():
-                    self.named(flat)[name][...] = arr
-            steps = int(state.optimizer["steps"])
-        self.optimizer.steps = self.comm.bcast(steps, root=0)
-        self.comm.Bcast(self.model.params, root=0)
-        for flat in self.optimizer.state().values():
-            self.comm.Bcast(flat, root=0)
-
-
-def build(cfg: Config, comm: MPI.Comm) -> Tuple[Trainer, Manifest]:
-    """Check the data and make the model, optimizer and trainer (collective)."""
-    size = comm.Get_size()
+def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
+    """Check the data and make the grid, model, optimizer and trainer (collective)."""
+    grid = make_grid(comm, cfg.pp)
+    dp = grid.dp
+    who = "ranks" if cfg.pp == 1 else "data-parallel replicas"
     root = cfg.data or builtin_dataset(comm)
     try:
         m = read_manifest(root)
     except MpitrainError as exc:  # every rank reads the same manifest
         raise MpitrainError(str(exc), everywhere=True) from None
     n_train = m.rows("train")
-    if n_train < size:
-        raise MpitrainError(f"{m.path}: {n_train} training samples for {size} ranks; "
-                            "need at least one per rank", everywhere=True)
-    if cfg.batch_size < size:
-        raise MpitrainError(f"--batch-size {cfg.batch_size} is smaller than the {size} ranks; "
-                            "each rank needs at least one sample", everywhere=True)
+    if n_train < dp:
+        raise MpitrainError(f"{m.path}: {n_train} training samples for {dp} {who}; "
+                            "need at least one each", everywhere=True)
+    if cfg.batch_size < dp:
+        raise MpitrainError(f"--batch-size {cfg.batch_size} is smaller than the {dp} {who}; "
+                            "each needs at least one sample", everywhere=True)
     if cfg.batch_size > n_train:
         raise MpitrainError(f"--batch-size {cfg.batch_size} is larger than the {n_train} "
                             f"training samples of {root}", everywhere=True)
@@ -251,12 +311,22 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[Trainer, Manifest]:
     train = Shards(m, "train", cfg.dtype)
     val = Shards(m, "val", cfg.dtype) if m.rows("val") else None
     features = int(np.prod(m.features))
-    model = Sequential(mlp(features, cfg.hidden, m.classes, cfg.activation),
-                       dtype=cfg.dtype, seed=cfg.seed)
+    layers = mlp(features, cfg.hidden, m.classes, cfg.activation)
     sampler = Sampler(n_train, cfg.batch_size, cfg.seed, cfg.drop_last)
     opt_args = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    trainer = Trainer(model, make_loss(cfg.loss), cfg.optimizer, opt_args, train, sampler,
-                      comm, cfg.allreduce, val)
+    trainer: TrainerBase
+    if cfg.pp == 1 and cfg.micro() == 1:
+        model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
+        trainer = Trainer(model, make_loss(cfg.loss), cfg.optimizer, opt_args, train, sampler,
+                          comm, cfg.allreduce, val)
+    else:
+        from .pipeline import PipelineTrainer
+
+        trainer = PipelineTrainer(layers, grid, make_loss(cfg.loss), cfg.optimizer, opt_args,
+                                  train, sampler, microbatches=cfg.micro(),
+                                  schedule=cfg.schedule, allreduce=cfg.allreduce, val=val,
+                                  dtype=cfg.dtype, seed=cfg.seed,
+                                  stage_layers=cfg.stage_layers)
     trainer.check_replicas()
     return trainer, m
 
@@ -316,9 +386,10 @@ def resume(cfg: Config, comm: MPI.Comm, trainer: Trainer, report: Reporter) -> i
         why = trainer.mismatch(state, config)
         if why:
             raise MpitrainError(f"{path}: cannot resume: {why}")
-        was = state.layout.get("world_size")
+        was, g = state.layout, trainer.grid
         report.say(f"resuming from {path} at step {state.step} (epoch {state.epoch}), "
-                   f"written by {was} ranks, now {trainer.size}; {how}")
+                   f"written by {was.get('world_size')} ranks (pp {was.get('pp')} x dp "
+                   f"{was.get('dp')}), now {g.world.Get_size()} (pp {g.pp} x dp {g.dp}); {how}")
         loaded["state"] = state
         return state.step
 
@@ -333,9 +404,10 @@ def save_checkpoint(cfg: Config, comm: MPI.Comm, trainer: Trainer, step: int,
                     faults: Faults, report: Reporter) -> Tuple[float, int]:
     """Write the checkpoint of ``step`` from rank 0 and prune old ones (collective).
     Returns (seconds, bytes)."""
+    t0 = time.perf_counter()
+    state = trainer.capture(step, cfg.to_dict())  # gathered on rank 0
+
     def write():
-        t0 = time.perf_counter()
-        state = trainer.capture(step, cfg.to_dict())
         path, nbytes = checkpoint.save(cfg.ckpt_dir, state,
                                        die_midway=faults.in_checkpoint(step))
         removed = checkpoint.prune(cfg.ckpt_dir, cfg.keep_last, step)
@@ -363,9 +435,14 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     report.say(f"data {m.root}: {len(trainer.train)} train / "
                f"{len(trainer.val) if trainer.val else 0} val samples, features {m.features}, "
                f"{m.classes} classes")
-    report.say(f"model {trainer.model}")
+    g = trainer.grid
+    if hasattr(trainer, "describe"):
+        report.say(f"pipeline: {g.pp} stages x {g.dp} data-parallel replicas, "
+                   f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "
+                   f"{trainer.describe()}")
+    report.say(f"model {trainer.model}" + (" (stage 0)" if g.pp > 1 else ""))
     report.say(f"{total} steps ({spe} per epoch), global batch {cfg.batch_size} "
-               f"(about {cfg.batch_size // size} per rank), {cfg.optimizer} lr {cfg.lr}, "
+               f"(about {cfg.batch_size // g.dp} per replica), {cfg.optimizer} lr {cfg.lr}, "
                f"allreduce {cfg.allreduce}")
     start = resume(cfg, comm, trainer, report)
     summary: Dict[str, Any] = {"steps": total, "ranks": size, "start_step": start,

@@ -102,7 +102,7 @@ def test_resume_on_fewer_ranks(small_data, tmp_path, reference, ranks):
     assert killed.returncode != 0
     again = train(ranks, small_data, tmp_path)
     assert again.returncode == 0, again.stderr
-    assert f"at step 30 (epoch 3), written by 4 ranks, now {ranks}" in again.stdout
+    assert f"at step 30 (epoch 3), written by 4 ranks (pp 1 x dp 4), now {ranks} (pp 1 x dp {ranks})" in again.stdout
     got = final(tmp_path)
     assert got.step == 60 and got.layout["world_size"] == ranks
     for k in got.params:  # another reduction order: close, not bitwise
@@ -208,3 +208,44 @@ def test_relaunch_wrapper_gives_up_after_its_retries(small_data, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode != 0
     assert "attempt 2 failed" in result.stderr and "no retries left (1)" in result.stderr
+
+
+def test_pipeline_checkpoints_resume_bitwise_and_in_another_layout(small_data, tmp_path):
+    pipe = ["--pp", "2", "--hidden", "16,12,8", "--microbatches", "3"]
+    whole = tmp_path / "whole"
+    assert train(4, small_data, whole, *pipe).returncode == 0
+    broken = tmp_path / "broken"
+    killed = train(4, small_data, broken, *pipe, "--fault", "kill:rank=3:step=27")
+    assert killed.returncode != 0
+    again = train(4, small_data, broken, *pipe)
+    assert again.returncode == 0, again.stderr
+    assert "written by 4 ranks (pp 2 x dp 2), now 4 (pp 2 x dp 2)" in again.stdout
+    assert same_bits(final(broken), final(whole))
+    # Written as pp=2 x dp=2 at step 40, finished as pp=1 x dp=2 (and pp=4 x dp=1).
+    for n, layout in [(2, ["--pp", "1"]), (4, ["--pp", "4", "--schedule", "gpipe"])]:
+        other = tmp_path / f"other{n}"
+        other.mkdir()
+        import shutil
+
+        shutil.copy(broken / "ckpt-000000040.h5", other)
+        result = train(n, small_data, other, "--hidden", "16,12,8", *layout)
+        assert result.returncode == 0, result.stderr
+        assert "at step 40" in result.stdout
+        got, ref = final(other), final(whole)
+        assert got.step == 60
+        for k in ref.params:
+            np.testing.assert_allclose(got.params[k], ref.params[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--pp", "3"], "--pp 3: the 4 ranks do not split into 3 pipeline stages"),
+    (["--pp", "4", "--hidden", "8"], "--pp 4: more pipeline stages than the model's 2 Linear"),
+    (["--pp", "2", "--stage-layers", "1,1"], "--stage-layers 1,1: expected 2 counts >= 1 "
+                                             "adding up to the model's 3 Linear layers"),
+    (["--pp", "2", "--batch-size", "1"], "--batch-size 1 is smaller than the 2 data-parallel "
+                                         "replicas"),
+])
+def test_pipeline_option_errors(small_data, tmp_path, args, message):
+    result = run_train(4, "--data", small_data, "--hidden", "8,8", *args)
+    assert result.returncode == 2
+    assert result.stderr.count(message) == 1, result.stderr

@@ -1,0 +1,108 @@
+"""Pipeline (x data) parallel training under mpiexec -n 2, 3, 4 (pytest-mpi).
+
+Every layout that divides the world is compared with one process training
+the same model on the same global batch.
+"""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpitrain.config import Config
+from mpitrain.trainer import build
+
+pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(180)]
+
+COMM = MPI.COMM_WORLD
+
+
+def agree(ok, what):
+    oks = COMM.allgather(bool(ok))
+    assert all(oks), f"{what}: failed on ranks {[r for r, o in enumerate(oks) if not o]}"
+
+
+def cfg(data, **kw):
+    base = dict(data=data, hidden=[16, 12, 8], batch_size=50, dtype="float64", seed=4,
+                optimizer="adam", lr=0.01, weight_decay=1e-3)
+    return Config(**{**base, **kw})
+
+
+def layouts():
+    return [pp for pp in (1, 2, 3, 4) if COMM.Get_size() % pp == 0]
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("pp", [1, 2, 3, 4])
+def test_pipeline_equals_single_process(small_data, pp, schedule):
+    if COMM.Get_size() % pp:
+        pytest.skip(f"{COMM.Get_size()} ranks do not split into {pp} stages")
+    steps = 25
+    trainer, _ = build(cfg(small_data, pp=pp, microbatches=3, schedule=schedule), COMM)
+    single, _ = build(cfg(small_data), MPI.COMM_SELF)
+    g = trainer.grid
+    assert (g.pp, g.dp) == (pp, COMM.Get_size() // pp)
+    losses = [trainer.step(k)[0] for k in range(steps)]
+    reference = [single.step(k)[0] for k in range(steps)]
+    agree(np.allclose(losses, reference, rtol=1e-10), "losses match 1 process")
+    ref = single.model.named_params()
+    mine = trainer.model.named_params()
+    agree(set(mine) <= set(ref) and len(mine) > 0, "stage holds a part of the model")
+    agree(all(np.allclose(mine[n], ref[n], rtol=1e-9, atol=1e-12) for n in mine),
+          f"pp={pp} x dp={g.dp} parameters match 1 process")
+    # Each stage holds only its own parameters, gradients and optimizer state.
+    size = trainer.model.size
+    agree(all(len(a) == size for a in [trainer.model.grads, *trainer.optimizer.state().values()]),
+          "stage-sized buffers")
+    stage_sizes = g.pp_comm.allgather(size) if pp > 1 else [size]
+    agree(sum(stage_sizes) == single.model.size, "the stages together are the model")
+    # Evaluation through the pipeline equals evaluation in one process.
+    agree(np.allclose(trainer.evaluate(), single.evaluate(), rtol=1e-10), "validation")
+
+
+def test_gpipe_and_1f1b_give_the_same_bits_and_1f1b_holds_fewer_activations(small_data):
+    pp = COMM.Get_size()
+    m = 6
+    runs = {}
+    for schedule in ("gpipe", "1f1b"):
+        t, _ = build(cfg(small_data, pp=pp, microbatches=m, schedule=schedule,
+                         dtype="float32"), COMM)
+        for k in range(12):
+            t.step(k)
+        runs[schedule] = t
+    a, b = runs["gpipe"], runs["1f1b"]
+    agree(np.array_equal(a.model.params, b.model.params), "identical parameters")
+    s = a.grid.pp_rank
+    agree(a.peak_alive == m, "GPipe holds all micro-batches")
+    agree(b.peak_alive == min(m, pp - s), f"1F1B holds at most stages - stage index ({pp - s})")
+    agree(b.peak_activation_bytes <= a.peak_activation_bytes, "1F1B needs no more memory")
+
+
+def test_pipeline_with_the_ring_allreduce(small_data):
+    if COMM.Get_size() != 4:
+        pytest.skip("needs pp=2 x dp=2")
+    runs = {}
+    for allreduce in ("mpi", "ring"):
+        t, _ = build(cfg(small_data, pp=2, allreduce=allreduce), COMM)
+        for k in range(10):
+            t.step(k)
+        runs[allreduce] = t.model.params.copy()
+    agree(np.allclose(runs["mpi"], runs["ring"], rtol=1e-12), "ring = mpi within stages")
+
+
+def test_capture_gathers_every_stage_on_rank_0(small_data):
+    pp = COMM.Get_size() // 2 if COMM.Get_size() % 2 == 0 else COMM.Get_size()
+    trainer, _ = build(cfg(small_data, pp=pp), COMM)
+    single, _ = build(cfg(small_data), MPI.COMM_SELF)
+    for k in range(5):
+        trainer.step(k)
+        single.step(k)
+    state = trainer.capture(5, {"optimizer": "adam"})
+    if COMM.rank == 0:
+        ok = (list(state.params) == list(single.model.named_params())
+              and all(np.allclose(state.params[n], p, rtol=1e-9)
+                      for n, p in single.model.named_params().items())
+              and set(state.optimizer_state) == {"m", "v"}
+              and state.layout == {"world_size": COMM.Get_size(), "pp": pp,
+                                   "dp": COMM.Get_size() // pp})
+    else:
+        ok = state is None
+    agree(ok, "the gathered state is the whole model's")
