@@ -274,20 +274,8 @@ class PipelineTrainer(TrainerBase):
             self.exchange(self.model.grads)
         self.metrics[2] = 1.0 if stop else 0.0
         g.world.Allreduce(MPI.IN_PLACE, self.metrics, op=MPI.SUM)
-        t3 = time.perf_counter()
-        self.stop_agreed = bool(self.metrics[2] > 0)
-        loss = float(self.metrics[0]) / self._batch
-        if not np.isfinite(loss):
-            epoch, _ = self.sampler.locate(step)
-            raise MpitrainError(f"loss is {loss} at step {step + 1} (epoch {epoch}); "
-                                f"try a lower --lr (now {self.optimizer.lr})", everywhere=True)
-        self.optimizer.step()
-        t4 = time.perf_counter()
-        waited = self.times["wait"] - wait0
-        self.times["data"] += t1 - t0
-        self.times["compute"] += (t2 - t1 - waited) + (t4 - t3)
-        self.times["exchange"] += t3 - t2
-        return loss, float(self.metrics[1]) / self._batch, self._batch
+        return self._conclude(step, self._batch, self.metrics,
+                              (t0, t1, t2, time.perf_counter()), self.times["wait"] - wait0)
 
     def evaluate(self, chunk: int = 4096) -> Optional[Tuple[float, float]]:
         """(mean loss, accuracy) on the validation split through the pipeline (collective)."""

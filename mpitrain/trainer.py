@@ -109,6 +109,27 @@ class TrainerBase:
             raise MpitrainError(f"initial parameters differ between ranks: ranks {bad} "
                                 f"differ from rank 0 of their stage", everywhere=True)
 
+    def _conclude(self, step: int, batch: int, sums: np.ndarray, t: Tuple[float, ...],
+                  idle: float = 0.0) -> Tuple[float, float, int]:
+        """After the exchange: agree on stopping, check the loss, update the parameters.
+
+        ``sums`` holds the global (loss sum, correct count, stop requests);
+        ``t`` the times the step started, read its data, computed, exchanged;
+        ``idle`` the part of the computing time spent waiting for other stages.
+        """
+        self.stop_agreed = bool(sums[2] > 0)
+        loss = float(sums[0]) / batch
+        if not np.isfinite(loss):
+            epoch, _ = self.sampler.locate(step)
+            raise MpitrainError(f"loss is {loss} at step {step + 1} (epoch {epoch}); "
+                                f"try a lower --lr (now {self.optimizer.lr})", everywhere=True)
+        self.optimizer.step()
+        t0, t1, t2, t3 = t
+        self.times["data"] += t1 - t0
+        self.times["compute"] += (t2 - t1 - idle) + (time.perf_counter() - t3)
+        self.times["exchange"] += t3 - t2
+        return loss, float(sums[1]) / batch, batch
+
     def named(self, flat: np.ndarray, names=None) -> Dict[str, np.ndarray]:
         """A flat buffer laid out like this stage's (or ``names``') parameters, by name."""
         out, offset = {}, 0
@@ -256,19 +277,7 @@ class Trainer(TrainerBase):
         t2 = time.perf_counter()
         self.on_phase("exchange")
         self.exchange(self.xbuf)
-        t3 = time.perf_counter()
-        self.stop_agreed = bool(self.xbuf[n + 2] > 0)
-        loss = float(self.xbuf[n]) / batch
-        if not np.isfinite(loss):
-            epoch, _ = self.sampler.locate(step)
-            raise MpitrainError(f"loss is {loss} at step {step + 1} (epoch {epoch}); "
-                                f"try a lower --lr (now {self.optimizer.lr})", everywhere=True)
-        self.optimizer.step()
-        t4 = time.perf_counter()
-        self.times["data"] += t1 - t0
-        self.times["compute"] += (t2 - t1) + (t4 - t3)
-        self.times["exchange"] += t3 - t2
-        return loss, float(self.xbuf[n + 1]) / batch, batch
+        return self._conclude(step, batch, self.xbuf[n:], (t0, t1, t2, time.perf_counter()))
 
     def evaluate(self, chunk: int = 4096) -> Optional[Tuple[float, float]]:
         """(mean loss, accuracy) on the validation split, each rank a slice (collective)."""
