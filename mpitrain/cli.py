@@ -59,14 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--export", metavar="FILE.npz",
                    help="write the parameters to an .npz, under the same names")
 
-    b = sub.add_parser("bench", help="benchmarks: allreduce",
+    b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline",
                        description="Benchmarks; each prints a table on rank 0 and can write JSON.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from .bench import allreduce
+    from .bench import allreduce, pipeline
 
     allreduce.add_arguments(bsub.add_parser(
         "allreduce", help="ring vs MPI Allreduce: time, algbw, busbw per size",
         description=allreduce.__doc__.split("\n\n", 1)[1]))
+    pipeline.add_arguments(bsub.add_parser(
+        "pipeline", help="pipeline step time, bubble and activation memory by schedule",
+        description=pipeline.__doc__.split("\n\n", 1)[1]))
 
     sub.add_parser("info", help="print the MPI library, ranks, threads per rank and h5py build",
                    description="Print what this job runs on.")
@@ -185,9 +188,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "inspect":
             return _inspect(args)
         elif args.command == "bench":
-            from .bench import allreduce
+            from .bench import allreduce, pipeline
 
-            allreduce.run(args, comm)
+            {"allreduce": allreduce, "pipeline": pipeline}[args.bench].run(args, comm)
         elif args.command == "info":
             _info(comm)
         return 0

@@ -161,3 +161,22 @@ def test_bench_allreduce_table_and_json(tmp_path):
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2 (p - 1) / p = 1 at p = 2
     bad = run_mpi(2, ["-m", "mpitrain", "bench", "allreduce", "--sizes", "4Q"])
     assert bad.returncode == 2 and bad.stderr.count("not a size: '4Q'") == 1
+
+
+def test_bench_pipeline_table_and_json(tmp_path, small_data):
+    out = tmp_path / "pipe.json"
+    result = run_mpi(2, ["-m", "mpitrain", "bench", "pipeline", "--data", small_data,
+                         "--microbatches", "1,4", "--hidden", "16,16", "--batch-size", "64",
+                         "--steps", "3", "--warmup", "1", "--json", out])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("# pipeline, 2 ranks: pp=2 x dp=1 against pp=1 x dp=2") == 1
+    records = json.loads(out.read_text())
+    assert [(r["schedule"], r["microbatches"]) for r in records] == [
+        ("none", 1), ("gpipe", 1), ("gpipe", 4), ("1f1b", 1), ("1f1b", 4)]
+    for r in records[1:]:
+        assert r["bubble_theory"] == pytest.approx(1 / (r["microbatches"] + 1))
+        assert len(r["bubble_by_stage"]) == 2 and all(0 <= b < 1 for b in r["bubble_by_stage"])
+        assert len(r["activation_bytes_by_stage"]) == 2
+    gpipe4, f1b4 = records[2], records[4]
+    # 1F1B holds at most (stages - stage index) of the 4 micro-batches: stage 1 holds one.
+    assert f1b4["activation_bytes_by_stage"][1] < gpipe4["activation_bytes_by_stage"][1]
