@@ -30,6 +30,8 @@ CHOICES = {
     "allreduce": ("mpi", "ring"),
     "check_data": ("full", "meta"),
     "schedule": ("gpipe", "1f1b"),
+    "progress": ("thread", "test", "none"),
+    "grad_dtype": ("full", "float16", "bfloat16"),
 }
 
 
@@ -64,6 +66,13 @@ class Config:
     seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
     # Parallelism
     allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, or mpitrain's ring")
+    bucket_mb: float = _opt(4.0, "exchange the gradients in buckets of about this many MiB "
+                                 "(0: one bucket)")
+    overlap: bool = _opt(True, "start each bucket's exchange as soon as backward produced it")
+    progress: str = _opt("thread", "how the overlapped exchange progresses: a helper thread, "
+                                   "MPI_Test between layers (mpi only), or none")
+    grad_dtype: str = _opt("full", "exchange gradients in 16 bits, adding in full precision "
+                                   "(needs --allreduce ring)")
     pp: int = _opt(1, "pipeline stages; the ranks form pp stages x (ranks / pp) replicas")
     microbatches: Optional[int] = _opt(None, "micro-batches per replica and step (default: "
                                              "1 without a pipeline, 2 x pp with one)")
@@ -91,6 +100,10 @@ class Config:
         if self.steps is not None:
             return self.steps
         return (2 if self.epochs is None else self.epochs) * steps_per_epoch
+
+    def wire(self) -> Optional[str]:
+        """The 16-bit wire format of the gradient exchange, or None."""
+        return None if self.grad_dtype == "full" else self.grad_dtype
 
     def micro(self) -> int:
         """Micro-batches per replica and step."""
@@ -214,6 +227,14 @@ def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
         raise bad("momentum", "a value in [0, 1)")
     if cfg.weight_decay < 0:
         raise bad("weight_decay", "a value >= 0")
+    if cfg.bucket_mb < 0:
+        raise bad("bucket_mb", "a value >= 0")
+    if cfg.grad_dtype != "full" and cfg.allreduce != "ring":
+        raise MpitrainError(f"{where['grad_dtype']} {cfg.grad_dtype} needs --allreduce ring "
+                            f"(got {cfg.allreduce}): MPI's Allreduce would also add in 16 bits")
+    if cfg.progress == "test" and cfg.allreduce == "ring":
+        raise MpitrainError(f"{where['progress']} test drives MPI requests; the ring "
+                            "progresses on its own thread (--progress thread)")
     if cfg.pp < 1:
         raise bad("pp", "a value >= 1")
     if cfg.microbatches is not None and not 1 <= cfg.microbatches <= 8000:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .runtime import MpitrainError
 
-__all__ = ["FORMAT", "VERSION", "Manifest", "Shards", "Sampler", "rank_slice",
+__all__ = ["FORMAT", "VERSION", "Manifest", "Shards", "Sampler", "Prefetcher", "rank_slice",
            "check_dataset", "read_manifest"]
 
 FORMAT, VERSION = "mpitrain.shards", 1
@@ -341,3 +341,58 @@ class Sampler:
         ids = self.batch(step)
         lo, hi = rank_slice(len(ids), rank, size)
         return ids[lo:hi], len(ids)
+
+
+class Prefetcher:
+    """Reads the batches of steps ``start``..``stop - 1`` on a background thread.
+
+    The rows of the next ``depth`` steps are read while the current step
+    computes (numpy and h5py release the GIL while they copy), so reading
+    stays off the critical path.  ``get`` must be called for each step in
+    order; an error in the reader is raised there.
+    """
+
+    def __init__(self, shards: Shards, sampler: Sampler, rank: int, size: int,
+                 start: int, stop: int, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._args = (shards, sampler, rank, size, start, stop)
+        self._thread = threading.Thread(target=self._read, name="mpitrain-prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        import queue
+
+        shards, sampler, rank, size, start, stop = self._args
+        for step in range(start, stop):
+            try:
+                ids, batch = sampler.local(step, rank, size)
+                item = (step, *shards.read(ids), batch, None)
+            except BaseException as exc:  # noqa: BLE001 - raised in the main thread
+                item = (step, None, None, 0, exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[-1] is not None:
+                return
+
+    def get(self, step: int) -> Tuple[np.ndarray, np.ndarray, int]:
+        """(x, y, global batch size) of ``step``."""
+        got, x, y, batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        if got != step:
+            raise RuntimeError(f"prefetcher out of order: asked for step {step}, had {got}")
+        return x, y, batch
+
+    def close(self) -> None:
+        """Stop reading ahead."""
+        self._stop.set()
+        self._thread.join()

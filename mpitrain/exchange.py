@@ -1,17 +1,36 @@
 """Gradient exchange: sum a flat buffer across the ranks of a communicator, in place.
 
-The trainer calls ``exchange(buffer)`` once per step on its whole flat
-gradient buffer; every strategy leaves the same sum on every rank.
+Two algorithms (MPI's own ``Allreduce``, or mpitrain's ring) behind one
+small interface.  ``Exchange`` cuts the buffer into buckets (parameter
+boundaries, about ``bucket_mb`` each, from the end of the buffer: the last
+layer's gradients, which backward produces first) and starts each bucket's
+reduction as soon as backward has produced it (``ready``), so the exchange
+runs while backward computes the earlier layers; ``wait`` returns when every
+bucket is summed.  Without overlap the same buckets are started after
+backward, so both paths give the same bits.
+
+How progress is driven while backward computes (``progress``):
+
+- ``thread``: a helper thread owns the exchange: it runs the ring, or posts
+  ``Iallreduce`` and waits on it, while the main thread computes (numpy's
+  matmul and MPI calls release the GIL);
+- ``test``: ``Iallreduce`` requests posted by the main thread, pushed along
+  by ``MPI_Testall`` between layers (MPI only);
+- ``none``: requests simply wait until ``wait``; MPICH's asynchronous
+  progress thread (``MPIR_CVAR_ASYNC_PROGRESS=1``) may move them meanwhile.
 """
 from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
 
-__all__ = ["MPIAllreduce", "make_exchange"]
+__all__ = ["MPIAllreduce", "make_exchange", "plan_buckets", "Exchange", "PROGRESS"]
 
-# The ring (mpitrain.ring.RingAllreduce) is the other strategy; both are
-# callables that sum a flat buffer in place over the ranks of their comm.
+PROGRESS = ("thread", "test", "none")
 
 
 class MPIAllreduce:
@@ -27,12 +46,144 @@ class MPIAllreduce:
         self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
 
 
-def make_exchange(name: str, comm: MPI.Comm):
-    """The exchange strategy called ``name`` ('mpi' or 'ring') on ``comm``."""
-    if name == "mpi":
-        return MPIAllreduce(comm)
+def make_exchange(name: str, comm: MPI.Comm, wire: Optional[str] = None):
+    """The blocking all-reduce called ``name`` ('mpi' or 'ring') on ``comm``.
+
+    ``wire`` ('float16' or 'bfloat16') sends 16-bit values; only the ring
+    can, since MPI's Allreduce would also add in 16 bits.
+    """
     if name == "ring":
         from .ring import RingAllreduce
 
-        return RingAllreduce(comm)
+        return RingAllreduce(comm, wire=wire)
+    if name == "mpi":
+        if wire:
+            raise ValueError(f"a {wire} wire needs the ring all-reduce: MPI's Allreduce "
+                             "would add in 16 bits")
+        return MPIAllreduce(comm)
     raise ValueError(f"allreduce must be 'mpi' or 'ring', got {name!r}")
+
+
+def plan_buckets(bounds: Sequence[Tuple[int, int]], total: int,
+                 bucket_bytes: float, itemsize: int) -> List[Tuple[int, int]]:
+    """Buckets [lo, hi) of a buffer of ``total`` items, in the order they are started.
+
+    ``bounds`` are the parameters' [lo, hi) in buffer order; buckets are cut
+    at parameter boundaries, from the end, each at least ``bucket_bytes``
+    (but the one holding the first layers).  The last bucket started reaches offset 0; the
+    first reaches ``total`` (anything after the last parameter, such as the
+    trainer's metrics, rides with it).  ``bucket_bytes <= 0``: one bucket.
+    """
+    if bucket_bytes <= 0 or not bounds:
+        return [(0, total)]
+    buckets, hi = [], total
+    for lo, _ in reversed(list(bounds)):
+        size = (hi - lo) * itemsize
+        if size >= bucket_bytes:
+            buckets.append((lo, hi))
+            hi = lo
+    if hi > 0:  # what is left: the first layers, possibly less than a bucket
+        buckets.append((0, hi))
+    return buckets
+
+
+class Exchange:
+    """Bucketed, optionally overlapped, sum of ``buffer`` over ``comm``.
+
+    Call ``ready(offset)`` whenever everything from ``offset`` to the end of
+    the buffer is final (backward has produced it); then ``wait()``.
+    """
+
+    def __init__(self, comm: MPI.Comm, buffer: np.ndarray, buckets: List[Tuple[int, int]],
+                 algorithm: str = "mpi", overlap: bool = True, progress: str = "thread",
+                 wire: Optional[str] = None):
+        if progress not in PROGRESS:
+            raise ValueError(f"progress must be one of {PROGRESS}, got {progress!r}")
+        if progress == "test" and algorithm == "ring":
+            raise ValueError("progress 'test' drives MPI requests; the ring needs 'thread'")
+        self.comm = comm.Dup()  # its own context: never mixed up with other traffic
+        self.buffer, self.buckets = buffer, buckets
+        self.algorithm, self.overlap, self.progress = algorithm, overlap, progress
+        self.name = algorithm
+        self.blocking = make_exchange(algorithm, self.comm, wire)
+        self.size = comm.Get_size()
+        self._requests: List[MPI.Request] = []
+        self._next = 0  # buckets started so far
+        self._jobs: "queue.Queue[Optional[Tuple[int, int]]]" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._worker: Optional[threading.Thread] = None
+        if progress == "thread" and self.size > 1:
+            self._worker = threading.Thread(target=self._work, name="mpitrain-exchange",
+                                            daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                self._jobs.task_done()
+                return
+            try:
+                if self._error is None:
+                    self.blocking(self.buffer[job[0]:job[1]])
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self._error = exc
+            finally:
+                self._jobs.task_done()
+
+    def _start(self, lo: int, hi: int) -> None:
+        if self.size == 1:
+            return
+        if self._worker is not None:
+            self._jobs.put((lo, hi))
+        elif self.algorithm == "ring":  # no helper thread: the ring runs here, blocking
+            self.blocking(self.buffer[lo:hi])
+        else:
+            self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.buffer[lo:hi],
+                                                       op=MPI.SUM))
+
+    def ready(self, offset: int) -> None:
+        """Everything from ``offset`` on is final: start the buckets that lie there."""
+        if not self.overlap:
+            return
+        while self._next < len(self.buckets) and self.buckets[self._next][0] >= offset:
+            self._start(*self.buckets[self._next])
+            self._next += 1
+        if self.progress == "test" and self._requests:
+            MPI.Request.Testall(self._requests)
+
+    def wait(self) -> None:
+        """Start what is left and return when every bucket is summed on every rank."""
+        for lo, hi in self.buckets[self._next:]:
+            self._start(lo, hi)
+        self._next = 0
+        if self._worker is not None:
+            self._jobs.join()
+        MPI.Request.Waitall(self._requests)
+        self._requests.clear()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def __call__(self, buffer: np.ndarray) -> None:
+        """Sum the whole ``buffer`` (which must be this exchange's) now."""
+        assert buffer is self.buffer or np.shares_memory(buffer, self.buffer)
+        self.wait()
+
+    def close(self) -> None:
+        """Stop the helper thread and free the communicator (collective)."""
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
+        self.comm.Free()
+
+
+def layer_offsets(model) -> Callable[[int], Optional[int]]:
+    """For ``model`` (a Sequential): layer position -> the buffer offset where its
+    parameters start (None for a layer without parameters)."""
+    starts = {}
+    for pos, i in enumerate(model.index):
+        offs = [model.slices[n].start for n in model.slices if n.split(".")[0] == str(i)]
+        starts[pos] = min(offs) if offs else None
+    return starts.get

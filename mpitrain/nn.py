@@ -10,7 +10,7 @@ in PyTorch, so ``y = x @ weight.T + bias``.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -218,11 +218,18 @@ class Sequential:
         return self.forward(x)[0]
 
     def backward(self, dy: np.ndarray, saved: List[Any], need_dx: bool = False,
-                 accumulate: bool = False) -> Optional[np.ndarray]:
-        """Write (or add) ``grads`` from dL/dy (n, out); return dL/dx if ``need_dx``."""
+                 accumulate: bool = False,
+                 done: Optional[Callable[[int], None]] = None) -> Optional[np.ndarray]:
+        """Write (or add) ``grads`` from dL/dy (n, out); return dL/dx if ``need_dx``.
+
+        ``done(k)`` is called as soon as layer ``k`` (position in this
+        Sequential) has its gradients, so their exchange can start.
+        """
         for k in range(len(self.layers) - 1, -1, -1):
             dy = self.layers[k].backward(dy, saved[k], need_dx=need_dx or k > 0,
                                          accumulate=accumulate)
+            if done is not None:
+                done(k)
         return dy
 
     def __repr__(self) -> str:

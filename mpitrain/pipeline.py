@@ -108,7 +108,7 @@ class PipelineTrainer(TrainerBase):
                  opt_args: Dict[str, Any], train: Shards, sampler: Sampler, *,
                  microbatches: int, schedule: str = "1f1b", allreduce: str = "mpi",
                  val: Optional[Shards] = None, dtype="float32", seed: int = 0,
-                 stage_layers: Optional[Sequence[int]] = None):
+                 stage_layers: Optional[Sequence[int]] = None, grad_dtype: Optional[str] = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not 1 <= microbatches <= MAX_MICROBATCHES:
@@ -132,7 +132,7 @@ class PipelineTrainer(TrainerBase):
         self.in_width, self.out_width = linears[0].in_features, linears[-1].out_features
         self.optimizer = make_optimizer(optimizer_name, self.model.params, self.model.grads,
                                         **opt_args)
-        self.exchange = make_exchange(allreduce, grid.dp_comm)
+        self.exchange = make_exchange(allreduce, grid.dp_comm, grad_dtype)
         self.metrics = np.zeros(3)  # loss sum, correct count, stop requests; over the world
         # Receive buffers: a pool of activation slots (one per micro-batch that can be
         # alive at once on this stage) and one gradient buffer; views of them are used.

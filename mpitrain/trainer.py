@@ -27,8 +27,9 @@ from mpi4py import MPI
 
 from . import __version__
 from .config import Config
-from .data import Manifest, Sampler, Shards, check_dataset, rank_slice, read_manifest
-from .exchange import make_exchange
+from .data import (Manifest, Prefetcher, Sampler, Shards, check_dataset, rank_slice,
+                   read_manifest)
+from .exchange import Exchange, layer_offsets, plan_buckets
 from .metrics import Reporter
 from .nn import Sequential, make_loss, mlp
 from .optim import make_optimizer
@@ -239,7 +240,8 @@ class Trainer(TrainerBase):
 
     def __init__(self, model: Sequential, loss, optimizer_name: str, opt_args: Dict[str, Any],
                  train: Shards, sampler: Sampler, comm: MPI.Comm, allreduce: str = "mpi",
-                 val: Optional[Shards] = None):
+                 val: Optional[Shards] = None, *, bucket_mb: float = 4.0, overlap: bool = True,
+                 progress: str = "thread", grad_dtype: Optional[str] = None):
         self.model, self.loss, self.comm = model, loss, comm
         self.grid = make_grid(comm, 1)
         self.train, self.val, self.sampler = train, val, sampler
@@ -252,8 +254,35 @@ class Trainer(TrainerBase):
         self.xbuf = np.zeros(n + 3, model.dtype)
         model.bind_grads(self.xbuf[:n])
         self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
-        self.exchange = make_exchange(allreduce, comm)
+        # Buckets from the end of the buffer (the last layer's gradients and the
+        # metrics come first), each summed as soon as backward has produced it.
+        bounds = [(sl.start, sl.stop) for sl in model.slices.values()]
+        buckets = plan_buckets(bounds, n + 3, bucket_mb * 2 ** 20, model.dtype.itemsize)
+        self.exchange = Exchange(comm, self.xbuf, buckets, allreduce, overlap, progress,
+                                 grad_dtype)
+        self._offset = layer_offsets(model)
+        self._prefetch: Optional[Prefetcher] = None
         self._init_common()
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""
+        self.close_prefetch()
+        self._prefetch = Prefetcher(self.train, self.sampler, self.rank, self.size, start, stop)
+
+    def close(self) -> None:
+        """Stop the helper threads and free the exchange's communicator (collective)."""
+        self.close_prefetch()
+        self.exchange.close()
+
+    def close_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def _ready(self, k: int) -> None:
+        offset = self._offset(k)
+        if offset is not None:
+            self.exchange.ready(offset)
 
     def step(self, step: int, stop: bool = False) -> Tuple[float, float, int]:
         """Run global step ``step`` (0-based); return (mean loss, accuracy, global batch).
@@ -262,21 +291,24 @@ class Trainer(TrainerBase):
         tells every rank alike whether any rank was.
         """
         t0 = time.perf_counter()
-        ids, batch = self.sampler.local(step, self.rank, self.size)
-        x, y = self.train.read(ids)  # (b, features), (b,)
+        if self._prefetch is not None:
+            x, y, batch = self._prefetch.get(step)  # read while the last step computed
+        else:
+            ids, batch = self.sampler.local(step, self.rank, self.size)
+            x, y = self.train.read(ids)  # (b, features), (b,)
         t1 = time.perf_counter()
         self.on_phase("computing")
+        n = self.model.size
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught below
             out, saved = self.model.forward(x)  # (b, classes)
             loss_sum, dout = self.loss(out, y, 1.0 / batch)
-            self.model.backward(dout, saved)
-        n = self.model.size
-        self.xbuf[n] = loss_sum
-        self.xbuf[n + 1] = np.count_nonzero(out.argmax(axis=1) == y)
-        self.xbuf[n + 2] = 1.0 if stop else 0.0
+            self.xbuf[n] = loss_sum
+            self.xbuf[n + 1] = np.count_nonzero(out.argmax(axis=1) == y)
+            self.xbuf[n + 2] = 1.0 if stop else 0.0
+            self.model.backward(dout, saved, done=self._ready)  # starts the buckets
         t2 = time.perf_counter()
         self.on_phase("exchange")
-        self.exchange(self.xbuf)
+        self.exchange.wait()  # only what backward did not hide
         return self._conclude(step, batch, self.xbuf[n:], (t0, t1, t2, time.perf_counter()))
 
     def evaluate(self, chunk: int = 4096) -> Optional[Tuple[float, float]]:
@@ -327,13 +359,16 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
     if cfg.pp == 1 and cfg.micro() == 1:
         model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
         trainer = Trainer(model, make_loss(cfg.loss), cfg.optimizer, opt_args, train, sampler,
-                          comm, cfg.allreduce, val)
+                          comm, cfg.allreduce, val, bucket_mb=cfg.bucket_mb,
+                          overlap=cfg.overlap, progress=cfg.progress,
+                          grad_dtype=cfg.wire())
     else:
         from .pipeline import PipelineTrainer
 
         trainer = PipelineTrainer(layers, grid, make_loss(cfg.loss), cfg.optimizer, opt_args,
                                   train, sampler, microbatches=cfg.micro(),
                                   schedule=cfg.schedule, allreduce=cfg.allreduce, val=val,
+                                  grad_dtype=cfg.wire(),
                                   dtype=cfg.dtype, seed=cfg.seed,
                                   stage_layers=cfg.stage_layers)
     trainer.check_replicas()
@@ -463,6 +498,8 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
     if dog:
         trainer.on_phase = lambda phase: setattr(dog, "phase", phase)
+    if hasattr(trainer, "prefetch"):
+        trainer.prefetch(start, total)
     record: Dict[str, Any] = {}
     window_samples, window_time, train_time, timed_samples = 0, 0.0, 0.0, 0
     ckpt_time, ckpt_bytes, ckpt_count = 0.0, 0, 0
@@ -502,6 +539,8 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
                 summary["preempted"] = True
                 total = done
                 break
+    if hasattr(trainer, "close"):
+        trainer.close()
     if dog:
         dog.phase = "finished"
         dog.close()

@@ -137,10 +137,56 @@ def test_ring_and_mpi_allreduce_train_alike(small_data, dtype):
     cfg = Config(data=small_data, hidden=[32, 16], batch_size=45, dtype=dtype, seed=2)
     with_mpi, losses_mpi = run(cfg, comm, 30)
     with_ring, losses_ring = run(Config(**{**cfg.to_dict(), "allreduce": "ring"}), comm, 30)
-    assert type(with_ring.exchange).__name__ == "RingAllreduce"
+    assert type(with_ring.exchange.blocking).__name__ == "RingAllreduce"
     if comm.size == 2:
         agree(comm, np.array_equal(with_mpi.model.params, with_ring.model.params), "bitwise")
     rtol = 1e-10 if dtype == "float64" else 1e-4
     agree(comm, np.allclose(with_mpi.model.params, with_ring.model.params, rtol=rtol,
                             atol=rtol * 1e-2), "parameters match")
     agree(comm, np.allclose(losses_mpi, losses_ring, rtol=rtol), "losses match")
+
+
+def trained(small_data, steps=12, prefetch=False, **kw):
+    from mpitrain.trainer import Trainer
+
+    trainer, _ = build(Config(data=small_data, hidden=[32, 16], batch_size=45, seed=6,
+                              **kw), MPI.COMM_WORLD)
+    if prefetch:
+        trainer.prefetch(0, steps)
+    for k in range(steps):
+        trainer.step(k)
+    assert isinstance(trainer, Trainer)
+    trainer.close()
+    return trainer.model.params
+
+
+@pytest.mark.parametrize("allreduce,progress", [("mpi", "thread"), ("mpi", "test"),
+                                                ("mpi", "none"), ("ring", "thread")])
+def test_overlapped_buckets_give_the_bits_of_the_same_buckets_after_backward(
+        small_data, allreduce, progress):
+    comm = MPI.COMM_WORLD
+    common = dict(allreduce=allreduce, bucket_mb=0.001)  # ~1 KiB: a bucket per parameter
+    later = trained(small_data, overlap=False, **common)
+    overlapped = trained(small_data, overlap=True, progress=progress, **common)
+    agree(comm, np.array_equal(later, overlapped), "overlap changes no bit")
+    whole = trained(small_data, allreduce=allreduce, bucket_mb=0)
+    if comm.size == 2:
+        agree(comm, np.array_equal(whole, overlapped), "bitwise at 2 ranks")
+    agree(comm, np.allclose(whole, overlapped, rtol=1e-4, atol=1e-6), "buckets = one buffer")
+
+
+def test_prefetching_reads_the_same_batches(small_data):
+    comm = MPI.COMM_WORLD
+    agree(comm, np.array_equal(trained(small_data, prefetch=True), trained(small_data)),
+          "prefetched training is bitwise the same")
+
+
+@pytest.mark.parametrize("wire", ["float16", "bfloat16"])
+def test_16_bit_gradient_exchange_trains_close_to_full_precision(small_data, wire):
+    comm = MPI.COMM_WORLD
+    full = trained(small_data, allreduce="ring", steps=30)
+    half = trained(small_data, allreduce="ring", grad_dtype=wire, steps=30)
+    agree(comm, len(set(comm.allgather(half.tobytes()))) == 1, "replicas stay identical")
+    agree(comm, not np.array_equal(full, half), "the wire format is used")
+    # Relative error of 16-bit gradients: 2^-11 (float16) or 2^-8 (bfloat16) per value.
+    agree(comm, np.allclose(full, half, rtol=0.05, atol=0.02), "close to full precision")

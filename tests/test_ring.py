@@ -131,3 +131,52 @@ def _readonly():
     a = np.zeros(4)
     a.flags.writeable = False
     return a
+
+
+def test_bfloat16_codec_rounds_to_nearest_even():
+    from mpitrain.ring import CODECS
+
+    encode, decode = CODECS["bfloat16"]
+    x = np.array([1.0, -2.0, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 3.0e38, 1e-40], np.float32)
+    w = encode(x)
+    assert w[0] == 0x3F80 and w[1] == 0xC000
+    assert decode(w)[2] == 1.0  # halfway: ties to the even neighbour
+    assert decode(w)[3] == 1 + 2 ** -6  # halfway between 1+2^-7 and 1+2^-6: even is 1+2^-6
+    np.testing.assert_allclose(decode(w)[:2], x[:2])
+    np.testing.assert_allclose(decode(encode(np.linspace(-5, 5, 101, dtype=np.float32))),
+                               np.linspace(-5, 5, 101), rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("wire,rtol", [("float16", 2e-3), ("bfloat16", 1.6e-2)])
+def test_16_bit_wire_sends_half_the_bytes_and_adds_in_full_precision(wire, rtol):
+    comm = CountingComm(COMM)
+    size = comm.Get_size()
+    n = 30011
+    buf = inputs(comm, n, np.float32)
+    expect = buf.copy()
+    comm.Allreduce(MPI.IN_PLACE, expect, op=MPI.SUM)
+    comm.sent = 0
+    RingAllreduce(comm, segment_bytes=4096, wire=wire)(buf)
+    agree(comm, comm.sent == bytes_sent(n, 2, comm.Get_rank(), size), "16 bits per value")
+    # Each hop rounds a partial sum to 16 bits; the sum itself is taken in float32.
+    scale = np.abs(expect).max()
+    agree(comm, np.allclose(buf, expect, rtol=rtol * size, atol=rtol * size * scale / 10),
+          "close to the exact sum")
+    agree(comm, len(set(comm.allgather(buf.tobytes()))) == 1, "same bits on every rank")
+    if size == 1:
+        agree(comm, np.array_equal(buf, expect), "one rank: untouched")
+
+
+def test_bucket_plan():
+    from mpitrain.exchange import plan_buckets
+
+    bounds = [(0, 100), (100, 110), (110, 410), (410, 413)]  # 0.weight 0.bias 2.weight 2.bias
+    assert plan_buckets(bounds, 416, 0, 4) == [(0, 416)]
+    # From the end, cut at parameter boundaries once a bucket holds >= 1000 bytes.
+    assert plan_buckets(bounds, 416, 1000, 4) == [(110, 416), (0, 110)]
+    assert plan_buckets(bounds, 416, 4, 4) == [(410, 416), (110, 410), (100, 110), (0, 100)]
+    assert plan_buckets(bounds, 416, 1e9, 4) == [(0, 416)]
+    for size in (1, 50, 400, 1000, 5000):
+        plan = plan_buckets(bounds, 416, size, 4)
+        assert plan[0][1] == 416 and plan[-1][0] == 0
+        assert all(a[0] == b[1] for a, b in zip(plan, plan[1:]))
