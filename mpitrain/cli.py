@@ -59,11 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--export", metavar="FILE.npz",
                    help="write the parameters to an .npz, under the same names")
 
-    b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline",
+    b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline, train",
                        description="Benchmarks; each prints a table on rank 0 and can write JSON.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from .bench import allreduce, pipeline
+    from .bench import allreduce, pipeline, train
 
+    train.add_arguments(bsub.add_parser(
+        "train", help="training samples/s at 1, 2, ... ranks; scaling; step time split",
+        description=train.__doc__.split("\n\n", 1)[1]))
     allreduce.add_arguments(bsub.add_parser(
         "allreduce", help="ring vs MPI Allreduce: time, algbw, busbw per size",
         description=allreduce.__doc__.split("\n\n", 1)[1]))
@@ -188,9 +191,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "inspect":
             return _inspect(args)
         elif args.command == "bench":
-            from .bench import allreduce, pipeline
+            from .bench import allreduce, pipeline, train as train_bench
 
-            {"allreduce": allreduce, "pipeline": pipeline}[args.bench].run(args, comm)
+            {"allreduce": allreduce, "pipeline": pipeline,
+             "train": train_bench}[args.bench].run(args, comm)
         elif args.command == "info":
             _info(comm)
         return 0

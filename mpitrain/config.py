@@ -66,7 +66,7 @@ class Config:
     seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
     # Parallelism
     allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, or mpitrain's ring")
-    bucket_mb: float = _opt(4.0, "exchange the gradients in buckets of about this many MiB "
+    bucket_mb: float = _opt(2.0, "exchange the gradients in buckets of about this many MiB "
                                  "(0: one bucket)")
     overlap: bool = _opt(True, "start each bucket's exchange as soon as backward produced it")
     progress: str = _opt("thread", "how the overlapped exchange progresses: a helper thread, "

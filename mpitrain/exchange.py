@@ -1,12 +1,12 @@
 """Gradient exchange: sum a flat buffer across the ranks of a communicator, in place.
 
 Two algorithms (MPI's own ``Allreduce``, or mpitrain's ring) behind one
-small interface.  ``Exchange`` cuts the buffer into buckets (parameter
-boundaries, about ``bucket_mb`` each, from the end of the buffer: the last
-layer's gradients, which backward produces first) and starts each bucket's
-reduction as soon as backward has produced it (``ready``), so the exchange
-runs while backward computes the earlier layers; ``wait`` returns when every
-bucket is summed.  Without overlap the same buckets are started after
+small interface.  ``Exchange`` cuts the buffer into buckets of ``bucket_mb``
+from its end (the last layer's gradients, which backward produces first) and
+starts each bucket's reduction as soon as backward has made it final
+(``ready``; a Linear layer reports its weight gradient block by block), so
+the exchange runs while backward computes the rest; ``wait`` returns when
+every bucket is summed.  Without overlap the same buckets are started after
 backward, so both paths give the same bits.
 
 How progress is driven while backward computes (``progress``):
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -64,27 +64,14 @@ def make_exchange(name: str, comm: MPI.Comm, wire: Optional[str] = None):
     raise ValueError(f"allreduce must be 'mpi' or 'ring', got {name!r}")
 
 
-def plan_buckets(bounds: Sequence[Tuple[int, int]], total: int,
-                 bucket_bytes: float, itemsize: int) -> List[Tuple[int, int]]:
-    """Buckets [lo, hi) of a buffer of ``total`` items, in the order they are started.
-
-    ``bounds`` are the parameters' [lo, hi) in buffer order; buckets are cut
-    at parameter boundaries, from the end, each at least ``bucket_bytes``
-    (but the one holding the first layers).  The last bucket started reaches offset 0; the
-    first reaches ``total`` (anything after the last parameter, such as the
-    trainer's metrics, rides with it).  ``bucket_bytes <= 0``: one bucket.
-    """
-    if bucket_bytes <= 0 or not bounds:
+def plan_buckets(total: int, bucket_bytes: float, itemsize: int) -> List[Tuple[int, int]]:
+    """Buckets [lo, hi) of a buffer of ``total`` items, in the order they are started:
+    from the end (where backward starts), each ``bucket_bytes`` long but the last.
+    ``bucket_bytes <= 0``: one bucket."""
+    step = int(bucket_bytes // itemsize)
+    if step <= 0 or step >= total:
         return [(0, total)]
-    buckets, hi = [], total
-    for lo, _ in reversed(list(bounds)):
-        size = (hi - lo) * itemsize
-        if size >= bucket_bytes:
-            buckets.append((lo, hi))
-            hi = lo
-    if hi > 0:  # what is left: the first layers, possibly less than a bucket
-        buckets.append((0, hi))
-    return buckets
+    return [(max(0, hi - step), hi) for hi in range(total, 0, -step)]
 
 
 class Exchange:
@@ -179,11 +166,3 @@ class Exchange:
         self.comm.Free()
 
 
-def layer_offsets(model) -> Callable[[int], Optional[int]]:
-    """For ``model`` (a Sequential): layer position -> the buffer offset where its
-    parameters start (None for a layer without parameters)."""
-    starts = {}
-    for pos, i in enumerate(model.index):
-        offs = [model.slices[n].start for n in model.slices if n.split(".")[0] == str(i)]
-        starts[pos] = min(offs) if offs else None
-    return starts.get

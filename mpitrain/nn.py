@@ -88,14 +88,27 @@ class Linear(Layer):
         y += self.bias
         return y, x
 
-    def backward(self, dy, saved, need_dx=True, accumulate=False):
+    # With ``rows_done``, the weight gradient is computed in blocks of about this
+    # many bytes, last rows first, reporting each, so its exchange can start early.
+    BLOCK_BYTES = 1 << 20
+
+    def backward(self, dy, saved, need_dx=True, accumulate=False, rows_done=None):
         x = saved
         if accumulate:
             self.gweight += dy.T @ x
             self.gbias += dy.sum(axis=0)
-        else:
+        elif rows_done is None:
             np.matmul(dy.T, x, out=self.gweight)  # (out, n) @ (n, in)
             np.sum(dy, axis=0, out=self.gbias)
+        else:
+            np.sum(dy, axis=0, out=self.gbias)  # the bias lies after the weight
+            rows_done(self.out_features)
+            block = max(1, self.BLOCK_BYTES // (self.in_features * self.gweight.itemsize))
+            for lo in range(max(0, self.out_features - block), -block, -block):
+                lo = max(lo, 0)
+                hi = min(lo + block, self.out_features)
+                np.matmul(dy[:, lo:hi].T, x, out=self.gweight[lo:hi])
+                rows_done(lo)  # rows lo.. of the weight are final
         return dy @ self.weight if need_dx else None  # (n, in)
 
 
@@ -219,17 +232,21 @@ class Sequential:
 
     def backward(self, dy: np.ndarray, saved: List[Any], need_dx: bool = False,
                  accumulate: bool = False,
-                 done: Optional[Callable[[int], None]] = None) -> Optional[np.ndarray]:
+                 final_from: Optional[Callable[[int], None]] = None) -> Optional[np.ndarray]:
         """Write (or add) ``grads`` from dL/dy (n, out); return dL/dx if ``need_dx``.
 
-        ``done(k)`` is called as soon as layer ``k`` (position in this
-        Sequential) has its gradients, so their exchange can start.
+        ``final_from(offset)`` is called whenever ``grads[offset:]`` has become
+        final, so its exchange can start while backward goes on.
         """
         for k in range(len(self.layers) - 1, -1, -1):
-            dy = self.layers[k].backward(dy, saved[k], need_dx=need_dx or k > 0,
-                                         accumulate=accumulate)
-            if done is not None:
-                done(k)
+            layer = self.layers[k]
+            kw = {}
+            if final_from is not None and isinstance(layer, Linear) and not accumulate:
+                start = self.slices[f"{self.index[k]}.weight"].start
+                kw["rows_done"] = lambda r, start=start, width=layer.in_features: final_from(
+                    start + r * width)
+            dy = layer.backward(dy, saved[k], need_dx=need_dx or k > 0,
+                                accumulate=accumulate, **kw)
         return dy
 
     def __repr__(self) -> str:

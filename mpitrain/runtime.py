@@ -77,6 +77,7 @@ def limit_threads() -> Dict[str, object]:
     user = {v: os.environ[v] for v in THREAD_VARS if v in os.environ}
     for var in THREAD_VARS:
         os.environ.setdefault(var, str(threads))
+    _THREADS["ours"] = [v for v in THREAD_VARS if v not in user]
     late = "numpy" in sys.modules
     if user:
         how = "set by the user (" + ", ".join(f"{k}={v}" for k, v in user.items()) + ")"
@@ -89,6 +90,16 @@ def limit_threads() -> Dict[str, object]:
     omp = os.environ["OMP_NUM_THREADS"]
     _THREADS.update(threads=int(omp) if omp.isdigit() else omp, how=how)
     return _THREADS
+
+
+def child_env() -> Dict[str, str]:
+    """This process's environment for launching another MPI job: without the thread
+    counts mpitrain chose for this process (the child's ranks choose their own) and
+    without this process's MPI launcher state."""
+    ours = set(_THREADS.get("ours", ()))
+    return {k: v for k, v in os.environ.items()
+            if k not in ours and not k.startswith(("PMI_", "MPI_LOCAL", "HYDRA_", "OMPI_",
+                                                   "PMIX_"))}
 
 
 def thread_report() -> str:

@@ -29,7 +29,7 @@ from . import __version__
 from .config import Config
 from .data import (Manifest, Prefetcher, Sampler, Shards, check_dataset, rank_slice,
                    read_manifest)
-from .exchange import Exchange, layer_offsets, plan_buckets
+from .exchange import Exchange, plan_buckets
 from .metrics import Reporter
 from .nn import Sequential, make_loss, mlp
 from .optim import make_optimizer
@@ -240,7 +240,7 @@ class Trainer(TrainerBase):
 
     def __init__(self, model: Sequential, loss, optimizer_name: str, opt_args: Dict[str, Any],
                  train: Shards, sampler: Sampler, comm: MPI.Comm, allreduce: str = "mpi",
-                 val: Optional[Shards] = None, *, bucket_mb: float = 4.0, overlap: bool = True,
+                 val: Optional[Shards] = None, *, bucket_mb: float = 2.0, overlap: bool = True,
                  progress: str = "thread", grad_dtype: Optional[str] = None):
         self.model, self.loss, self.comm = model, loss, comm
         self.grid = make_grid(comm, 1)
@@ -255,12 +255,10 @@ class Trainer(TrainerBase):
         model.bind_grads(self.xbuf[:n])
         self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
         # Buckets from the end of the buffer (the last layer's gradients and the
-        # metrics come first), each summed as soon as backward has produced it.
-        bounds = [(sl.start, sl.stop) for sl in model.slices.values()]
-        buckets = plan_buckets(bounds, n + 3, bucket_mb * 2 ** 20, model.dtype.itemsize)
+        # metrics come first), each summed as soon as backward has made it final.
+        buckets = plan_buckets(n + 3, bucket_mb * 2 ** 20, model.dtype.itemsize)
         self.exchange = Exchange(comm, self.xbuf, buckets, allreduce, overlap, progress,
                                  grad_dtype)
-        self._offset = layer_offsets(model)
         self._prefetch: Optional[Prefetcher] = None
         self._init_common()
 
@@ -278,11 +276,6 @@ class Trainer(TrainerBase):
         if self._prefetch is not None:
             self._prefetch.close()
             self._prefetch = None
-
-    def _ready(self, k: int) -> None:
-        offset = self._offset(k)
-        if offset is not None:
-            self.exchange.ready(offset)
 
     def step(self, step: int, stop: bool = False) -> Tuple[float, float, int]:
         """Run global step ``step`` (0-based); return (mean loss, accuracy, global batch).
@@ -305,7 +298,8 @@ class Trainer(TrainerBase):
             self.xbuf[n] = loss_sum
             self.xbuf[n + 1] = np.count_nonzero(out.argmax(axis=1) == y)
             self.xbuf[n + 2] = 1.0 if stop else 0.0
-            self.model.backward(dout, saved, done=self._ready)  # starts the buckets
+            # Reporting what is final even without overlap keeps both paths' bits equal.
+            self.model.backward(dout, saved, final_from=self.exchange.ready)
         t2 = time.perf_counter()
         self.on_phase("exchange")
         self.exchange.wait()  # only what backward did not hide

@@ -4,6 +4,7 @@ Each test launches a real MPI job and bounds it in time, so a hang fails.
 """
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -129,7 +130,6 @@ def test_prepare_and_help(tmp_path):
     again = run_mpi(2, ["-m", "mpitrain", "prepare", "--synthetic", "--out", tmp_path / "ds"])
     assert again.returncode == 2 and again.stderr.count("already exists") == 1
     for cmd in ([], ["train"], ["prepare"], ["info"]):
-        import subprocess
 
         h = subprocess.run([sys.executable, "-m", "mpitrain", *cmd, "--help"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60, env=clean_env())
@@ -180,3 +180,33 @@ def test_bench_pipeline_table_and_json(tmp_path, small_data):
     gpipe4, f1b4 = records[2], records[4]
     # 1F1B holds at most (stages - stage index) of the 4 micro-batches: stage 1 holds one.
     assert f1b4["activation_bytes_by_stage"][1] < gpipe4["activation_bytes_by_stage"][1]
+
+
+def test_bench_train_json(tmp_path, small_data):
+    out = tmp_path / "train.json"
+    result = run_mpi(2, ["-m", "mpitrain", "bench", "train", "--data", small_data,
+                         "--hidden", "16", "--batch-per-rank", "8", "--steps", "3",
+                         "--warmup", "1", "--repeats", "2", "--variants", "mpi,ring-bf16",
+                         "--json", out])
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())
+    assert [(r["ranks"], r["variant"]) for r in records] == [
+        (1, "mpi"), (2, "mpi"), (1, "ring-bf16"), (2, "ring-bf16")]
+    for r in records:
+        assert r["samples_per_s"] > 0 and 0 < r["share_compute"] <= 1
+        assert {"share_exchange", "share_data", "efficiency", "step_s"} <= set(r)
+    assert records[0]["efficiency"] == 1.0
+
+
+def test_ddp_peer_benchmark(tmp_path, small_data):
+    pytest.importorskip("torch", reason="the DDP comparison needs torch (optional)")
+    out = tmp_path / "ddp.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "mpitrain.bench.ddp", "--ranks", "1,2", "--repeats", "1",
+         "--steps", "3", "--warmup", "1", "--hidden", "16", "--data", small_data,
+         "--json", str(out)], capture_output=True, text=True, timeout=300, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())
+    assert [r["ranks"] for r in records] == [1, 2]
+    for r in records:
+        assert r["ratio"] == pytest.approx(r["mpitrain_samples_per_s"] / r["ddp_samples_per_s"])

@@ -142,3 +142,29 @@ def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient():
     model.backward(loss(first[0], y[:4], 0.1)[1], first[1], accumulate=True)
     np.testing.assert_allclose(model.grads, whole, rtol=1e-12)
     assert saved_bytes(first[1]) == (4 * 5 + 4 * 6) * 8  # input, tanh output (= next input)
+
+
+def test_blockwise_weight_gradient_reports_what_is_final_from_the_end():
+    rng = np.random.default_rng(8)
+    model = Sequential(mlp(300, [600], 5), dtype="float64", seed=2)
+    x, y = rng.normal(size=(7, 300)), rng.integers(0, 5, 7)
+    loss = SoftmaxCrossEntropy()
+    out, saved = model.forward(x)
+    model.backward(loss(out, y, 1 / 7)[1], saved)
+    whole = model.grads.copy()
+    reported = []
+    model.grads[:] = np.nan
+
+    def final_from(offset):  # everything from offset on must be final already
+        assert not np.isnan(model.grads[offset:]).any()
+        reported.append(offset)
+
+    old = Linear.BLOCK_BYTES
+    Linear.BLOCK_BYTES = 300 * 8 * 100  # 100 rows a block
+    try:
+        model.backward(loss(out, y, 1 / 7)[1], saved, final_from=final_from)
+    finally:
+        Linear.BLOCK_BYTES = old
+    np.testing.assert_allclose(model.grads, whole, rtol=1e-12)
+    assert reported == sorted(reported, reverse=True) and reported[-1] == 0
+    assert len(reported) == (1 + 1) + (1 + 6)  # layer 2: bias, 1 block; layer 0: bias, 6

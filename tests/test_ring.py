@@ -170,13 +170,9 @@ def test_16_bit_wire_sends_half_the_bytes_and_adds_in_full_precision(wire, rtol)
 def test_bucket_plan():
     from mpitrain.exchange import plan_buckets
 
-    bounds = [(0, 100), (100, 110), (110, 410), (410, 413)]  # 0.weight 0.bias 2.weight 2.bias
-    assert plan_buckets(bounds, 416, 0, 4) == [(0, 416)]
-    # From the end, cut at parameter boundaries once a bucket holds >= 1000 bytes.
-    assert plan_buckets(bounds, 416, 1000, 4) == [(110, 416), (0, 110)]
-    assert plan_buckets(bounds, 416, 4, 4) == [(410, 416), (110, 410), (100, 110), (0, 100)]
-    assert plan_buckets(bounds, 416, 1e9, 4) == [(0, 416)]
-    for size in (1, 50, 400, 1000, 5000):
-        plan = plan_buckets(bounds, 416, size, 4)
-        assert plan[0][1] == 416 and plan[-1][0] == 0
-        assert all(a[0] == b[1] for a, b in zip(plan, plan[1:]))
+    assert plan_buckets(416, 0, 4) == [(0, 416)]
+    assert plan_buckets(416, 1e9, 4) == [(0, 416)]
+    # From the end (where backward starts), 250 items each, the last one shorter.
+    assert plan_buckets(1000, 1000, 4) == [(750, 1000), (500, 750), (250, 500), (0, 250)]
+    assert plan_buckets(1001, 1000, 4) == [(751, 1001), (501, 751), (251, 501), (1, 251),
+                                           (0, 1)]
