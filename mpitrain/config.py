@@ -90,6 +90,9 @@ class Config:
     fault: Optional[str] = _opt(None, "inject failures for drills, comma-separated: "
                                       "kill|stop|term:rank=R:step=S, ckpt-kill:step=S")
     # Output
+    run_dir: Optional[str] = _opt(None, "this run's directory: metrics.jsonl is appended there "
+                                        "(default: --ckpt-dir if given, else runs/DATE-TIME)")
+    quiet: bool = _opt(False, "no progress lines (errors and the summary still print)")
     log: Optional[str] = _opt(None, "append one JSON object per logged step to this file")
     log_every: int = _opt(10, "print and log every N steps")
     eval_every: Optional[int] = _opt(None, "evaluate on the validation split every N steps "

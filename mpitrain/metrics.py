@@ -1,52 +1,133 @@
-"""What rank 0 prints and logs: progress lines, JSON lines, the run summary."""
+"""What rank 0 prints and logs: the progress line, JSON lines, the run summary."""
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Any, Dict, Optional, TextIO
+import time
+from typing import Any, Dict, List, Optional, TextIO
 
-__all__ = ["Reporter"]
+__all__ = ["Reporter", "read_log", "eta"]
+
+
+def eta(seconds: float) -> str:
+    """12345.6 -> '3:25:46'."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _fmt(record: Dict[str, Any], total: int) -> str:
     line = (f"step {record['step']:>{len(str(total))}}/{total}  epoch {record['epoch']}  "
             f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}  "
             f"samples/s {record['samples_per_s']:,.0f}")
+    if "eta_s" in record:
+        line += f"  ETA {eta(record['eta_s'])}"
     if "val_loss" in record:
         line += f"  val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.3f}"
     return line
 
 
+def _live_stream(out: TextIO) -> Optional[TextIO]:
+    """Where the live progress line goes: ``out`` if it is a terminal; else the
+    controlling terminal (under mpirun a rank's stdout is a pipe to the
+    launcher, but the user's terminal is still there); None in batch jobs.
+    ``MPITRAIN_PROGRESS=live`` forces it onto ``out``, ``=plain`` turns it off."""
+    mode = os.environ.get("MPITRAIN_PROGRESS", "auto")
+    if mode == "plain":
+        return None
+    if mode == "live" or out.isatty():
+        return out
+    try:
+        return open("/dev/tty", "w")
+    except OSError:  # no controlling terminal: Slurm, nohup, CI
+        return None
+
+
 class Reporter:
-    """Prints progress and appends JSON lines, on the ``enabled`` rank only.
+    """Progress and metrics, written by the ``enabled`` rank only.
 
     All ranks construct one and call it with the same values; only rank 0
-    (``enabled``) writes, so nothing collective ever happens in here.
+    (``enabled``) writes, so nothing collective ever happens in here.  On a
+    terminal the progress is one line rewritten in place; elsewhere (a Slurm
+    log) it is a plain line every ``log_every`` steps.  Every logged step is
+    appended as a JSON object to ``run_dir/metrics.jsonl`` (and ``log_path``).
     """
 
     def __init__(self, enabled: bool, log_path: Optional[str], total_steps: int,
-                 out: TextIO = sys.stdout):
-        self.enabled, self.total, self.out = enabled, total_steps, out
-        self.log: Optional[TextIO] = None
-        if enabled and log_path:
-            # Appended, never truncated: a resumed run continues the same file.
-            self.log = open(log_path, "a", encoding="utf-8")
+                 out: TextIO = sys.stdout, run_dir: Optional[str] = None,
+                 quiet: bool = False):
+        self.enabled, self.total, self.out, self.quiet = enabled, total_steps, out, quiet
+        self.live = _live_stream(out) if enabled and not quiet else None
+        self._last_live = 0.0
+        self.logs: List[TextIO] = []
+        if enabled:
+            paths = [os.path.join(run_dir, "metrics.jsonl")] if run_dir else []
+            paths += [log_path] if log_path else []
+            for path in paths:
+                try:
+                    if os.path.dirname(path):
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                    # Appended, never truncated: a resumed run continues the same file.
+                    self.logs.append(open(path, "a", encoding="utf-8"))
+                except OSError as exc:
+                    from .runtime import MpitrainError
 
-    def say(self, text: str) -> None:
-        """Print one line (rank 0 only)."""
-        if self.enabled:
+                    raise MpitrainError(f"{path}: cannot write the metrics: {exc}") from None
+
+    def say(self, text: str, always: bool = False) -> None:
+        """Print one line (rank 0 only; not with --quiet unless ``always``)."""
+        if self.enabled and (always or not self.quiet):
+            self._clear_live()
             print(text, file=self.out, flush=True)
+
+    def _clear_live(self) -> None:
+        if self.live and self._last_live:
+            self.live.write("\r\033[K")
+            self.live.flush()
+            self._last_live = 0.0
+
+    def live_step(self, record: Dict[str, Any]) -> None:
+        """Rewrite the live progress line (a terminal only; at most 10 times a second)."""
+        now = time.monotonic()
+        if self.live and now - self._last_live > 0.1:
+            self.live.write("\r\033[K" + _fmt(record, self.total))
+            self.live.flush()
+            self._last_live = now
 
     def step(self, record: Dict[str, Any]) -> None:
         """Print and log one step's record."""
         if not self.enabled:
             return
-        print(_fmt(record, self.total), file=self.out, flush=True)
-        if self.log:
-            self.log.write(json.dumps(record) + "\n")
-            self.log.flush()
+        if not self.quiet:
+            self._clear_live()
+            print(_fmt(record, self.total), file=self.out, flush=True)
+        for log in self.logs:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
 
     def close(self) -> None:
-        if self.log:
-            self.log.close()
-            self.log = None
+        self._clear_live()
+        if self.live is not None and self.live is not self.out:
+            self.live.close()
+        self.live = None
+        for log in self.logs:
+            log.close()
+        self.logs = []
+
+
+def read_log(path: str) -> List[Dict[str, Any]]:
+    """The step records of a metrics file (or a run directory's metrics.jsonl)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise ValueError(f"{path}:{n}: not a JSON object") from None
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records

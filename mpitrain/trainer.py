@@ -467,9 +467,13 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     spe = trainer.sampler.steps_per_epoch
     total = cfg.total_steps(spe)
     rank, size = comm.Get_rank(), comm.Get_size()
-    report = Reporter(rank == 0, cfg.log, total, out or sys.stdout)
+    run_dir = cfg.run_dir or cfg.ckpt_dir or comm.bcast(
+        os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")) if rank == 0 else None, root=0)
+    report = Reporter(rank == 0, cfg.log, total, out or sys.stdout, run_dir=run_dir,
+                      quiet=cfg.quiet)
     report.say(f"mpitrain {__version__}: {size} ranks, {library_version()}, "
                f"threads per rank {thread_report()}")
+    report.say(f"run directory {run_dir} (metrics.jsonl)")
     report.say(f"data {m.root}: {len(trainer.train)} train / "
                f"{len(trainer.val) if trainer.val else 0} val samples, features {m.features}, "
                f"{m.classes} classes")
@@ -486,7 +490,7 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     summary: Dict[str, Any] = {"steps": total, "ranks": size, "start_step": start,
                                "preempted": False}
     if start >= total:
-        report.say(f"nothing to do: the checkpoint is at step {start} of {total}")
+        report.say(f"nothing to do: the checkpoint is at step {start} of {total}", always=True)
         report.close()
         return summary
     dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
@@ -512,11 +516,16 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
                 train_time += dt
                 timed_samples += batch
             done = step + 1
+            remaining = (total - done) * train_time / max(1, done - start - 1)
             evaluate = _is_eval_step(cfg, step, spe, total)
+            report.live_step({"step": done, "epoch": trainer.sampler.locate(step)[0],
+                              "loss": loss, "accuracy": acc, "eta_s": remaining,
+                              "samples_per_s": batch / dt})
             if done % cfg.log_every == 0 or evaluate or trainer.stop_agreed:
                 record = {"step": done, "epoch": trainer.sampler.locate(step)[0],
                           "loss": loss, "accuracy": acc,
-                          "samples_per_s": window_samples / window_time, "lr": cfg.lr}
+                          "samples_per_s": window_samples / window_time, "lr": cfg.lr,
+                          "eta_s": remaining}
                 if evaluate:
                     result = trainer.evaluate()
                     if result:
@@ -560,10 +569,11 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
                f"{summary['samples_per_s']:,.0f} samples/s (after the first), final loss "
                f"{summary['final_loss']:.4f}{val}; step time: compute "
                f"{summary['share_compute']:.0%}, exchange {summary['share_exchange']:.0%}, "
-               f"data {summary['share_data']:.0%}{ckpt}")
+               f"data {summary['share_data']:.0%}{ckpt}", always=True)
     if summary["preempted"]:
         report.say(f"stopped at step {total} on {preemption.signal or 'a signal to another rank'}"
-                   f"; exit status {EXIT_PREEMPTED}: relaunch with --resume auto to continue")
+                   f"; exit status {EXIT_PREEMPTED}: relaunch with --resume auto to continue",
+                   always=True)
     report.close()
     trainer.train.close()
     if trainer.val:

@@ -210,3 +210,24 @@ def test_ddp_peer_benchmark(tmp_path, small_data):
     assert [r["ranks"] for r in records] == [1, 2]
     for r in records:
         assert r["ratio"] == pytest.approx(r["mpitrain_samples_per_s"] / r["ddp_samples_per_s"])
+
+
+def test_run_directory_quiet_and_live_progress(tmp_path, small_data):
+    run_dir = tmp_path / "run"
+    quiet = run_train(2, "--data", small_data, "--steps", "20", "--run-dir", run_dir, "--quiet",
+                      "--log-every", "5")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.splitlines()[0].startswith("done: steps 1-20")
+    assert len(quiet.stdout.splitlines()) == 1
+    from mpitrain.metrics import read_log
+
+    assert [r["step"] for r in read_log(str(run_dir))] == [5, 10, 15, 20]
+    live = run_train(2, "--data", small_data, "--steps", "20", "--run-dir", run_dir,
+                     env=clean_env(MPITRAIN_PROGRESS="live"))
+    assert live.returncode == 0
+    # (text mode turned the carriage returns into newlines)
+    assert "\x1b[Kstep  1/20" in live.stdout and "ETA 0:00:0" in live.stdout
+    assert len(read_log(str(run_dir))) == 6  # appended: 4 + 2 (steps 10, 20)
+    plain = run_train(2, "--data", small_data, "--steps", "20", "--run-dir", run_dir,
+                      env=clean_env(MPITRAIN_PROGRESS="plain"))
+    assert "\x1b" not in plain.stdout and "step 10/20" in plain.stdout

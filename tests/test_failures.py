@@ -64,8 +64,9 @@ def test_sigkill_of_a_rank_ends_the_job_and_a_relaunch_ends_bit_identical(
 def test_kill_during_a_checkpoint_write(small_data, tmp_path, reference):
     killed = train(2, small_data, tmp_path, "--fault", "ckpt-kill:step=20")
     assert killed.returncode != 0
-    names = sorted(os.listdir(tmp_path))
-    assert names[0].startswith(".ckpt-000000020.h5.tmp-") and names[1:] == ["ckpt-000000010.h5"]
+    names = sorted(os.listdir(tmp_path))  # the run directory is the checkpoint directory
+    assert names[0].startswith(".ckpt-000000020.h5.tmp-")
+    assert names[1:] == ["ckpt-000000010.h5", "metrics.jsonl"]
     assert checkpoint.load(str(tmp_path / "ckpt-000000010.h5")).step == 10
     again = train(4, small_data, tmp_path)
     assert again.returncode == 0, again.stderr
