@@ -227,7 +227,7 @@ def test_run_directory_quiet_and_live_progress(tmp_path, small_data):
     assert live.returncode == 0
     # (text mode turned the carriage returns into newlines)
     assert "\x1b[Kstep  1/20" in live.stdout and "ETA 0:00:0" in live.stdout
-    assert len(read_log(str(run_dir))) == 6  # appended: 4 + 2 (steps 10, 20)
+    assert len(read_log(str(run_dir))) == 8  # appended: 4 + 4 (every epoch end is logged)
     plain = run_train(2, "--data", small_data, "--steps", "20", "--run-dir", run_dir,
                       env=clean_env(MPITRAIN_PROGRESS="plain"))
     assert "\x1b" not in plain.stdout and "step 10/20" in plain.stdout
