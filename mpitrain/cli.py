@@ -1,4 +1,4 @@
-"""Command line: ``python -m mpitrain {train,prepare,info} ...``.
+"""Command line: ``python -m mpitrain {train,prepare,inspect,plot,bench,info} ...``.
 
 Every subcommand runs inside ``runtime.run_or_abort``: an error on any rank
 ends the whole MPI job with the message printed once and a non-zero exit.
@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("checkpoint", metavar="CKPT", help="a ckpt-*.h5 file")
     i.add_argument("--export", metavar="FILE.npz",
                    help="write the parameters to an .npz, under the same names")
+
+    pl = sub.add_parser("plot", help="plot loss, validation accuracy and samples/s of runs",
+                        description="Loss, validation accuracy and samples/s against step, "
+                                    "one run or several overlaid (needs matplotlib).")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_LOG",
+                    help="run directories (their metrics.jsonl) or JSON-lines logs")
+    pl.add_argument("--out", metavar="FILE.png", help="default: plot.png beside the first run")
 
     b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline, train",
                        description="Benchmarks; each prints a table on rank 0 and can write JSON.")
@@ -188,6 +195,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                 return EXIT_PREEMPTED
         elif args.command == "prepare":
             _on_root(comm, lambda: _prepare(args))
+        elif args.command == "plot":
+            from .plot import default_out, plot_runs
+
+            _on_root(comm, lambda: print(
+                f"wrote {plot_runs(args.runs, args.out or default_out(args.runs))}"))
         elif args.command == "inspect":
             return _inspect(args)
         elif args.command == "bench":

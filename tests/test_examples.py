@@ -1,0 +1,63 @@
+"""Every example runs as its first line says, with quick settings; and the plot command."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, clean_env, mpiexec, run_mpi, run_train
+
+EXAMPLES = ROOT / "examples"
+
+
+def test_every_example_starts_with_its_command():
+    for path in EXAMPLES.iterdir():
+        text = path.read_text()
+        first = text.split("\n", 2)[1 if text.startswith("#!") else 0]
+        assert path.name in first and ("mpirun" in first or "NP=" in first), path
+
+
+def test_digits_example_reaches_a_good_accuracy(tmp_path):
+    pytest.importorskip("sklearn", reason="examples/digits.py needs scikit-learn")
+    result = run_mpi(2, [EXAMPLES / "digits.py", "--epochs", "15", "--out", tmp_path / "d"],
+                     timeout=300)
+    assert result.returncode == 0, result.stderr
+    line = [x for x in result.stdout.splitlines() if x.startswith("digits:")]
+    assert len(line) == 1
+    accuracy = float(line[0].split("validation accuracy ")[1].split()[0])
+    assert accuracy > 0.9  # 10 classes: chance is 0.1
+
+
+def test_pipeline_example(small_data):
+    result = run_mpi(4, [EXAMPLES / "pipeline.py", "--steps", "10", "--data", small_data,
+                         "--schedule", "gpipe"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("pipeline 2 x 2 (gpipe, 4 micro-batches)") == 1
+    assert result.stdout.count("stage 1 of 2") == 2
+
+
+def test_allreduce_bench_example(tmp_path):
+    env = clean_env(NP="2", MPIEXEC=mpiexec(), PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(EXAMPLES / "allreduce_bench.sh"), "--sizes", "4K,1M",
+                             "--repeats", "2", "--warmup", "1"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = json.loads((tmp_path / "allreduce-2.json").read_text())
+    assert {r["algorithm"] for r in records} == {"mpi", "ring", "memory"}
+
+
+def test_plot_overlays_runs(tmp_path, small_data):
+    pytest.importorskip("matplotlib", reason="mpitrain plot needs matplotlib")
+    for name, lr in (("a", "0.05"), ("b", "0.01")):
+        assert run_train(2, "--data", small_data, "--steps", "20", "--lr", lr, "--run-dir",
+                         tmp_path / name, "--quiet").returncode == 0
+    out = tmp_path / "both.png"
+    result = run_mpi(1, ["-m", "mpitrain", "plot", tmp_path / "a", tmp_path / "b" /
+                         "metrics.jsonl", "--out", out])
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10000
+    default = run_mpi(1, ["-m", "mpitrain", "plot", tmp_path / "a"])
+    assert default.returncode == 0 and (tmp_path / "a" / "plot.png").exists()
+    missing = run_mpi(1, ["-m", "mpitrain", "plot", tmp_path / "nope"])
+    assert missing.returncode == 2 and "nope: no such run directory" in missing.stderr
