@@ -44,7 +44,7 @@ def plot_runs(paths: Sequence[str], out: str) -> str:
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if key == "val_accuracy" else None, markersize=3,
-                        label=os.path.basename(label) or label)
+                        label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
