@@ -61,3 +61,15 @@ def test_plot_overlays_runs(tmp_path, small_data):
     assert default.returncode == 0 and (tmp_path / "a" / "plot.png").exists()
     missing = run_mpi(1, ["-m", "mpitrain", "plot", tmp_path / "nope"])
     assert missing.returncode == 2 and "nope: no such run directory" in missing.stderr
+
+
+def test_readme_api_example_runs(tmp_path, small_data):
+    text = (ROOT / "README.md").read_text()
+    start = text.index("# mpirun -n 2 python my_train.py")
+    code = text[start:text.index("```", start)]
+    code = code.replace("mpitrain.Config(", f"mpitrain.Config(data={small_data!r}, ")
+    script = tmp_path / "my_train.py"
+    script.write_text(code)
+    result = run_mpi(2, [script])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("val_accuracy") == 1 and "6 tensors" in result.stdout
