@@ -108,8 +108,9 @@ def test_pipeline_sbatch_completes(slurm, small_data, tmp_path, reference, recor
 
 
 @pytest.mark.timeout(SETUP_BUDGET + 60)
-def test_pipeline_sbatch_without_pp_refuses(slurm, small_data):
+def test_pipeline_sbatch_without_pp_refuses(slurm, small_data, record_property):
     job = slurm.submit("slurm/pipeline.sbatch", ["--data", small_data, *ARGS], timeout=60)
+    took(record_property, "pipeline.sbatch without --pp, refused", job.seconds)
     assert job.state == "FAILED" and job.exit_code == 2, f"{job}\n{job.output}"
     assert "pipeline.sbatch: give --pp STAGES (a divisor of the 2 tasks)" in job.output
 
@@ -175,13 +176,15 @@ def test_requeue_sbatch_preempted_by_usr1_requeues_and_resumes_bit_identical(
 
 
 @pytest.mark.timeout(SETUP_BUDGET + 90)
-def test_requeue_sbatch_reports_a_refused_requeue_as_a_failure(slurm, small_data, tmp_path):
+def test_requeue_sbatch_reports_a_refused_requeue_as_a_failure(slurm, small_data, tmp_path,
+                                                               record_property):
     """Submitted with --no-requeue, 'scontrol requeue' is refused: the job must not
     end COMPLETED with its training unfinished."""
     job = slurm.submit("slurm/train-requeue.sbatch",
                        ["--ckpt-dir", tmp_path, "--data", small_data, *ARGS,
                         "--fault", "term:rank=0:step=25:attempt=1"],
                        sbatch_args=["--no-requeue"], timeout=60)
+    took(record_property, "train-requeue.sbatch --no-requeue, pre-empted", job.seconds)
     assert job.state == "FAILED" and job.exit_code == 75, f"{job}\n{job.output}"
     assert "stopped at step 25 on SIGTERM" in job.output
     assert f"scontrol requeue {job.id} failed; resubmit to resume" in job.output
