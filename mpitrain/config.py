@@ -87,6 +87,9 @@ class Config:
                                "none: start afresh; or a checkpoint file")
     watchdog: float = _opt(600.0, "abort the job when a step makes no progress for this many "
                                   "seconds (0: off)")
+    sigterm_grace: float = _opt(10.0, "after a SIGTERM, abort the job if the ranks have not "
+                                      "stopped (checkpointed) within this many seconds (0: "
+                                      "never)")
     fault: Optional[str] = _opt(None, "inject failures for drills, comma-separated: "
                                       "kill|stop|term:rank=R:step=S, ckpt-kill:step=S")
     # Output
@@ -248,6 +251,8 @@ def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
         raise bad("ckpt_every", "a value >= 0")
     if cfg.keep_last < 1:
         raise bad("keep_last", "a value >= 1 (the newest checkpoint is always kept)")
+    if cfg.sigterm_grace < 0:
+        raise bad("sigterm_grace", "a value >= 0 (0: never abort)")
     if cfg.watchdog < 0:
         raise bad("watchdog", "a value >= 0 (0 turns it off)")
     if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):

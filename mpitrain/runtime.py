@@ -215,20 +215,40 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again": a checkpoint was written, relau
 
 
 class Preemption:
-    """Records SIGTERM/SIGUSR1; the trainer agrees on it across ranks at the next step."""
+    """Records SIGTERM/SIGUSR1; the trainer agrees on it across ranks at the next step.
+
+    A rank blocked in a collective (because another rank died) never returns
+    to Python to run a signal handler, so a SIGTERM would go unanswered until
+    the launcher's SIGKILL (Slurm's KillWait: 30 s).  A thread therefore
+    watches the signals through ``signal.set_wakeup_fd``: if the run has not
+    stopped ``sigterm_grace`` seconds after a SIGTERM, it aborts the job
+    (exit status 143).  SIGUSR1 (an early warning) never aborts.
+    """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
+    EXIT_TERMINATED = 143
 
-    def __init__(self):
+    def __init__(self, sigterm_grace: float = 10.0):
         self.signal: Optional[str] = None
+        self.grace = sigterm_grace
+        self.finished = False  # set by the trainer once it stopped (or completed)
         self._old: Dict[int, object] = {}
+        self._pipe: Optional[Tuple[int, int]] = None
+        self._timer = None
 
     def __enter__(self) -> "Preemption":
         import signal
+        import threading
 
         for name in self.SIGNALS:
             num = getattr(signal, name)
             self._old[num] = signal.signal(num, self._handle)
+        if self.grace > 0:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._pipe = (read, write)
+            self._old_fd = signal.set_wakeup_fd(write)
+            threading.Thread(target=self._watch, name="mpitrain-signals", daemon=True).start()
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -236,9 +256,42 @@ class Preemption:
 
         self.signal = signal.Signals(signum).name
 
+    def _watch(self) -> None:
+        import signal
+        import threading
+
+        while True:
+            try:
+                data = os.read(self._pipe[0], 64)
+            except OSError:
+                return
+            if not data:  # closed by __exit__
+                return
+            if signal.SIGTERM in data and self._timer is None and not self.finished:
+                self._timer = threading.Timer(self.grace, self._too_late)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _too_late(self) -> None:
+        if self.finished:
+            return
+        print(f"mpitrain: SIGTERM: the ranks did not stop within {self.grace:g} s (a rank is "
+              "dead, or stuck in a collective); aborting the job", file=sys.stderr, flush=True)
+        drain_output()
+        from mpi4py import MPI
+
+        MPI.COMM_WORLD.Abort(self.EXIT_TERMINATED)
+
     def __exit__(self, *exc) -> None:
         import signal
 
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            os.close(self._pipe[1])  # the watcher reads EOF and ends
+            self._pipe = None
         for num, old in self._old.items():
             signal.signal(num, old)
 

@@ -502,7 +502,7 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     window_samples, window_time, train_time, timed_samples = 0, 0.0, 0.0, 0
     ckpt_time, ckpt_bytes, ckpt_count = 0.0, 0, 0
     t_start = time.perf_counter()
-    with Preemption() as preemption:
+    with Preemption(cfg.sigterm_grace) as preemption:
         for step in range(start, total):
             if dog:
                 dog.beat(step + 1)
@@ -539,6 +539,7 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
                 seconds, nbytes = save_checkpoint(cfg, comm, trainer, done, faults, report)
                 ckpt_time, ckpt_bytes, ckpt_count = ckpt_time + seconds, nbytes, ckpt_count + 1
             if trainer.stop_agreed:
+                preemption.finished = True  # checkpointed: no need to abort
                 summary["preempted"] = True
                 total = done
                 break

@@ -250,3 +250,25 @@ def test_pipeline_option_errors(small_data, tmp_path, args, message):
     result = run_train(4, "--data", small_data, "--hidden", "8,8", *args)
     assert result.returncode == 2
     assert result.stderr.count(message) == 1, result.stderr
+
+
+def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_data, tmp_path):
+    """Rank 1 is stopped, rank 0 waits in the all-reduce: a SIGTERM cannot be answered by a
+    checkpoint, so the job aborts after --sigterm-grace instead of waiting for SIGKILL."""
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
+           small_data, *ARGS, "--watchdog", "0", "--sigterm-grace", "2",
+           "--fault", "stop:rank=1:step=10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env())
+    try:
+        for line in proc.stderr:  # rank 1 has stopped itself
+            if "fault drill: rank 1 sends itself SIGSTOP at step 10" in line:
+                t0 = time.monotonic()
+                proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to the ranks
+                break
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and proc.returncode != 75
+    assert "SIGTERM: the ranks did not stop within 2 s" in err
+    assert time.monotonic() - t0 < 30  # well before a launcher's KillWait
