@@ -221,8 +221,8 @@ class Preemption:
     to Python to run a signal handler, so a SIGTERM would go unanswered until
     the launcher's SIGKILL (Slurm's KillWait: 30 s).  A thread therefore
     watches the signals through ``signal.set_wakeup_fd``: if the run has not
-    stopped ``sigterm_grace`` seconds after a SIGTERM, it aborts the job
-    (exit status 143).  SIGUSR1 (an early warning) never aborts.
+    stopped ``sigterm_grace`` seconds after a SIGTERM, the rank exits at once
+    (status 143).  SIGUSR1 (an early warning) never ends a rank.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -276,11 +276,12 @@ class Preemption:
         if self.finished:
             return
         print(f"mpitrain: SIGTERM: the ranks did not stop within {self.grace:g} s (a rank is "
-              "dead, or stuck in a collective); aborting the job", file=sys.stderr, flush=True)
+              "dead, or stuck in a collective); ending this rank", file=sys.stderr, flush=True)
         drain_output()
-        from mpi4py import MPI
-
-        MPI.COMM_WORLD.Abort(self.EXIT_TERMINATED)
+        # Not MPI_Abort: under srun's PMI-2 it waits for srun to kill the task, which
+        # is the KillWait this is meant to save.  The launcher is ending the job
+        # anyway (it sent the SIGTERM): each stuck rank exits by itself.
+        os._exit(self.EXIT_TERMINATED)
 
     def __exit__(self, *exc) -> None:
         import signal

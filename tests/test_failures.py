@@ -270,5 +270,5 @@ def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_dat
     finally:
         proc.kill()
     assert proc.returncode != 0 and proc.returncode != 75
-    assert "SIGTERM: the ranks did not stop within 2 s" in err
+    assert err.count("SIGTERM: the ranks did not stop within 2 s") == 1  # rank 1 is stopped
     assert time.monotonic() - t0 < 30  # well before a launcher's KillWait
