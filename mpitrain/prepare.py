@@ -15,7 +15,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from .data import FORMAT, VERSION, X_KEY, Y_KEY, Manifest, rank_slice
+from .data import X_KEY, Y_KEY, Manifest, rank_slice
 from .runtime import MpitrainError
 
 __all__ = ["write_dataset", "from_npz", "synthetic", "split_val"]

@@ -93,6 +93,12 @@ class TrainerBase:
 
     TAG_STATE = 31000  # point-to-point tag of the checkpoint gather, on grid.world
 
+    def prefetch(self, start: int, stop: int) -> None:
+        """Read the batches of steps ``start``..``stop - 1`` ahead, if this trainer can."""
+
+    def close(self) -> None:
+        """Release threads and communicators (collective)."""
+
     def _init_common(self) -> None:
         self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
         self.stop_agreed = False  # set by step(): some rank was asked to stop
@@ -492,12 +498,12 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     if start >= total:
         report.say(f"nothing to do: the checkpoint is at step {start} of {total}", always=True)
         report.close()
+        trainer.close()
         return summary
     dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
     if dog:
         trainer.on_phase = lambda phase: setattr(dog, "phase", phase)
-    if hasattr(trainer, "prefetch"):
-        trainer.prefetch(start, total)
+    trainer.prefetch(start, total)
     record: Dict[str, Any] = {}
     window_samples, window_time, train_time, timed_samples = 0, 0.0, 0.0, 0
     ckpt_time, ckpt_bytes, ckpt_count = 0.0, 0, 0
@@ -543,8 +549,7 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
                 summary["preempted"] = True
                 total = done
                 break
-    if hasattr(trainer, "close"):
-        trainer.close()
+    trainer.close()
     if dog:
         dog.phase = "finished"
         dog.close()

@@ -50,6 +50,26 @@ def run_train(n: int, *args, timeout: float = 120, env=None):
     return run_mpi(n, ["-m", "mpitrain", "train", *args], timeout=timeout, env=env)
 
 
+def final(ckpt):
+    """The newest checkpoint in directory ``ckpt``, loaded and verified."""
+    from mpitrain import checkpoint
+
+    steps = checkpoint.listing(str(ckpt))
+    assert steps, f"no checkpoint in {ckpt}"
+    return checkpoint.load(steps[-1][1])
+
+
+def same_bits(a, b) -> bool:
+    """Two checkpoint states hold the same step, parameters and optimizer state, bit for bit."""
+    import numpy as np
+
+    return (a.step == b.step and a.params.keys() == b.params.keys()
+            and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
+            and all(np.array_equal(a.optimizer_state[s][k], b.optimizer_state[s][k])
+                    for s in a.optimizer_state for k in a.params)
+            and a.optimizer["steps"] == b.optimizer["steps"])
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> str:
     """A 600-sample, 12-feature, 3-class synthetic set: 540 train in 3 shards, 60 val."""

@@ -1,6 +1,5 @@
 """Every example runs as its first line says, with quick settings; and the plot command."""
 import json
-import os
 import subprocess
 import sys
 

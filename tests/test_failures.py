@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import clean_env, mpiexec, run_train
+from conftest import clean_env, final, mpiexec, run_train, same_bits
 from mpitrain import checkpoint
 
 STEPS = 60
@@ -24,17 +24,6 @@ def train(n, data, ckpt, *extra, timeout=120):
     return run_train(n, "--data", data, "--ckpt-dir", ckpt, *ARGS, *extra, timeout=timeout)
 
 
-def final(ckpt):
-    steps = checkpoint.listing(str(ckpt))
-    return checkpoint.load(steps[-1][1])
-
-
-def same_bits(a, b):
-    return (a.step == b.step and a.params.keys() == b.params.keys()
-            and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
-            and all(np.array_equal(a.optimizer_state[s][k], b.optimizer_state[s][k])
-                    for s in a.optimizer_state for k in a.params)
-            and a.optimizer["steps"] == b.optimizer["steps"])
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mpitrain import checkpoint
+from conftest import final, same_bits
 from slurm_cluster import SETUP_BUDGET, pending, signal_state, slurm  # noqa: F401 (fixture)
 
 STEPS = 60
@@ -23,18 +24,6 @@ ARGS = ["--hidden", "16", "--batch-size", "64", "--steps", str(STEPS), "--ckpt-e
         "--log-every", "5", "--optimizer", "adam", "--lr", "0.01"]
 
 
-def final(ckpt):
-    steps = checkpoint.listing(str(ckpt))
-    assert steps, f"no checkpoint in {ckpt}"
-    return checkpoint.load(steps[-1][1])
-
-
-def same_bits(a, b):
-    return (a.step == b.step and a.params.keys() == b.params.keys()
-            and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
-            and all(np.array_equal(a.optimizer_state[s][k], b.optimizer_state[s][k])
-                    for s in a.optimizer_state for k in a.params)
-            and a.optimizer["steps"] == b.optimizer["steps"])
 
 
 def took(record_property, flow, seconds):
