@@ -34,9 +34,23 @@ def clean_env(**extra) -> dict:
     return env
 
 
+_SCRATCH = []
+
+
+def scratch_dir() -> str:
+    """A directory for jobs' working files (runs/...), so no test writes into the checkout."""
+    if not _SCRATCH:
+        import tempfile
+
+        _SCRATCH.append(tempfile.mkdtemp(prefix="mpitrain-tests-"))
+    return _SCRATCH[0]
+
+
 def run_mpi(n: int, args, timeout: float = 120, env=None, cwd=None):
-    """Run ``mpiexec -n n python <args>``; a hang fails the test at ``timeout``."""
+    """Run ``mpiexec -n n python <args>`` (in a scratch directory unless ``cwd``);
+    a hang fails the test at ``timeout``."""
     cmd = [mpiexec(), "-n", str(n), sys.executable, *map(str, args)]
+    cwd = cwd or scratch_dir()
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=env or clean_env(), cwd=cwd)

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import clean_env, final, mpiexec, run_train, same_bits
+from conftest import clean_env, final, mpiexec, run_train, same_bits, scratch_dir
 from mpitrain import checkpoint
 
 STEPS = 60
@@ -117,7 +117,7 @@ def test_preemption_signal_through_mpiexec(small_data, tmp_path, reference, sign
            small_data, "--ckpt-dir", str(tmp_path), *ARGS, "--log-every", "1",
            "--steps", "100000", "--ckpt-every", "0"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=clean_env())
+                            env=clean_env(), cwd=scratch_dir())
     try:
         for line in proc.stdout:  # wait until training is under way
             if line.startswith("step ") and "/100000" in line:
@@ -248,7 +248,7 @@ def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_dat
            small_data, *ARGS, "--watchdog", "0", "--sigterm-grace", "2",
            "--fault", "stop:rank=1:step=10"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=clean_env())
+                            env=clean_env(), cwd=scratch_dir())
     try:
         for line in proc.stderr:  # rank 1 has stopped itself
             if "fault drill: rank 1 sends itself SIGSTOP at step 10" in line:
