@@ -104,11 +104,10 @@ class Linear(Layer):
             np.sum(dy, axis=0, out=self.gbias)  # the bias lies after the weight
             rows_done(self.out_features)
             block = max(1, self.BLOCK_BYTES // (self.in_features * self.gweight.itemsize))
-            for lo in range(max(0, self.out_features - block), -block, -block):
-                lo = max(lo, 0)
-                hi = min(lo + block, self.out_features)
+            for hi in range(self.out_features, 0, -block):
+                lo = max(0, hi - block)
                 np.matmul(dy[:, lo:hi].T, x, out=self.gweight[lo:hi])
-                rows_done(lo)  # rows lo.. of the weight are final
+                rows_done(lo)  # rows lo.. of the weight are final, never written again
         return dy @ self.weight if need_dx else None  # (n, in)
 
 

@@ -161,11 +161,19 @@ def trained(small_data, steps=12, prefetch=False, **kw):
 
 
 @pytest.mark.parametrize("allreduce,progress", [("mpi", "thread"), ("mpi", "test"),
-                                                ("mpi", "none"), ("ring", "thread")])
+                                                ("mpi", "none"), ("ring", "thread"),
+                                                ("ring", "none")])
 def test_overlapped_buckets_give_the_bits_of_the_same_buckets_after_backward(
-        small_data, allreduce, progress):
+        small_data, allreduce, progress, monkeypatch):
+    from mpitrain.nn import Linear
+
+    # Blocks of 5 rows for the 12-wide first layer (32 rows: 6 blocks and 2 rows), so the
+    # weight gradients are reported block by block while their buckets are in flight.
+    monkeypatch.setattr(Linear, "BLOCK_BYTES", 12 * 4 * 5)
     comm = MPI.COMM_WORLD
-    common = dict(allreduce=allreduce, bucket_mb=0.001)  # ~1 KiB: a bucket per parameter
+    # 64-byte buckets: some start half-way through a weight; the ring without a helper
+    # thread sums each one at once, so a gradient written after it was reported would show.
+    common = dict(allreduce=allreduce, bucket_mb=64 / 2 ** 20)
     later = trained(small_data, overlap=False, **common)
     overlapped = trained(small_data, overlap=True, progress=progress, **common)
     agree(comm, np.array_equal(later, overlapped), "overlap changes no bit")

@@ -146,7 +146,7 @@ def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient():
 
 def test_blockwise_weight_gradient_reports_what_is_final_from_the_end():
     rng = np.random.default_rng(8)
-    model = Sequential(mlp(300, [600], 5), dtype="float64", seed=2)
+    model = Sequential(mlp(300, [650], 5), dtype="float64", seed=2)  # 650 = 6 x 100 + 50
     x, y = rng.normal(size=(7, 300)), rng.integers(0, 5, 7)
     loss = SoftmaxCrossEntropy()
     out, saved = model.forward(x)
@@ -155,8 +155,10 @@ def test_blockwise_weight_gradient_reports_what_is_final_from_the_end():
     reported = []
     model.grads[:] = np.nan
 
-    def final_from(offset):  # everything from offset on must be final already
-        assert not np.isnan(model.grads[offset:]).any()
+    def final_from(offset):  # like the exchange: transform what just became final
+        done = reported[-1] if reported else len(model.grads)
+        assert not np.isnan(model.grads[offset:done]).any()
+        model.grads[offset:done] *= 2  # (a sum with an identical peer)
         reported.append(offset)
 
     old = Linear.BLOCK_BYTES
@@ -165,6 +167,7 @@ def test_blockwise_weight_gradient_reports_what_is_final_from_the_end():
         model.backward(loss(out, y, 1 / 7)[1], saved, final_from=final_from)
     finally:
         Linear.BLOCK_BYTES = old
-    np.testing.assert_allclose(model.grads, whole, rtol=1e-12)
+    # Every gradient was transformed exactly once, and never overwritten afterwards.
+    np.testing.assert_allclose(model.grads, 2 * whole, rtol=1e-12)
     assert reported == sorted(reported, reverse=True) and reported[-1] == 0
-    assert len(reported) == (1 + 1) + (1 + 6)  # layer 2: bias, 1 block; layer 0: bias, 6
+    assert len(reported) == (1 + 1) + (1 + 7)  # layer 2: bias, 1 block; layer 0: bias, 7
