@@ -78,12 +78,14 @@ class Exchange:
     """Bucketed, optionally overlapped, sum of ``buffer`` over ``comm``.
 
     Call ``ready(offset)`` whenever everything from ``offset`` to the end of
-    the buffer is final (backward has produced it); then ``wait()``.
+    the buffer is final (backward has produced it); then ``wait()``.  The
+    slice ``exact``, outside the buckets, is summed last at full precision
+    (the trainer's loss and counts, when the buckets travel in 16 bits).
     """
 
     def __init__(self, comm: MPI.Comm, buffer: np.ndarray, buckets: List[Tuple[int, int]],
                  algorithm: str = "mpi", overlap: bool = True, progress: str = "thread",
-                 wire: Optional[str] = None):
+                 wire: Optional[str] = None, exact: Optional[slice] = None):
         if progress not in PROGRESS:
             raise ValueError(f"progress must be one of {PROGRESS}, got {progress!r}")
         if progress == "test" and algorithm == "ring":
@@ -91,7 +93,7 @@ class Exchange:
         self.comm = comm.Dup()  # its own context: never mixed up with other traffic
         self.buffer, self.buckets = buffer, buckets
         self.algorithm, self.overlap, self.progress = algorithm, overlap, progress
-        self.name = algorithm
+        self.exact = exact  # summed at full precision by MPI at the end (not in the buckets)
         self.blocking = make_exchange(algorithm, self.comm, wire)
         self.size = comm.Get_size()
         self._requests: List[MPI.Request] = []
@@ -151,11 +153,8 @@ class Exchange:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-
-    def __call__(self, buffer: np.ndarray) -> None:
-        """Sum the whole ``buffer`` (which must be this exchange's) now."""
-        assert buffer is self.buffer or np.shares_memory(buffer, self.buffer)
-        self.wait()
+        if self.exact is not None and self.size > 1:
+            self.comm.Allreduce(MPI.IN_PLACE, self.buffer[self.exact], op=MPI.SUM)
 
     def close(self) -> None:
         """Stop the helper thread and free the communicator (collective)."""

@@ -262,9 +262,12 @@ class Trainer(TrainerBase):
         self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
         # Buckets from the end of the buffer (the last layer's gradients and the
         # metrics come first), each summed as soon as backward has made it final.
-        buckets = plan_buckets(n + 3, bucket_mb * 2 ** 20, model.dtype.itemsize)
+        # With a 16-bit wire the three metric slots stay out of the buckets and are
+        # summed exactly (a float16 loss sum would overflow at 65504).
+        covered = n if grad_dtype else n + 3
+        buckets = plan_buckets(covered, bucket_mb * 2 ** 20, model.dtype.itemsize)
         self.exchange = Exchange(comm, self.xbuf, buckets, allreduce, overlap, progress,
-                                 grad_dtype)
+                                 grad_dtype, exact=slice(n, n + 3) if grad_dtype else None)
         self._prefetch: Optional[Prefetcher] = None
         self._init_common()
 

@@ -198,3 +198,14 @@ def test_16_bit_gradient_exchange_trains_close_to_full_precision(small_data, wir
     agree(comm, not np.array_equal(full, half), "the wire format is used")
     # Relative error of 16-bit gradients: 2^-11 (float16) or 2^-8 (bfloat16) per value.
     agree(comm, np.allclose(full, half, rtol=0.05, atol=0.02), "close to full precision")
+    # The loss and the correct count are not rounded to 16 bits: the first step (same
+    # parameters) reports what full precision reports, even with a float16 overflow.
+    firsts = []
+    for grad_dtype in ("full", wire):
+        trainer, _ = build(Config(data=small_data, hidden=[32, 16], batch_size=540, seed=6,
+                                  allreduce="ring", grad_dtype=grad_dtype, loss="mse"),
+                           comm)
+        trainer.xbuf[-3:] = 0
+        firsts.append(trainer.step(0))
+        trainer.close()
+    agree(comm, np.allclose(firsts[0][:2], firsts[1][:2], rtol=1e-6), "metrics at full precision")
