@@ -100,19 +100,6 @@ def _prepare(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {splits}; features {m.features}, {m.dtype}, {m.classes} classes")
 
 
-def _on_root(comm, fn) -> None:
-    """Run ``fn`` on rank 0 only; every rank raises its error (collective)."""
-    error = None
-    if comm.Get_rank() == 0:
-        try:
-            fn()
-        except MpitrainError as exc:
-            error = str(exc)
-    error = comm.bcast(error, root=0)
-    if error:
-        raise MpitrainError(error, everywhere=True)
-
-
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -180,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+    from .trainer import on_root
 
     def run() -> int:
         if args.command == "train":
@@ -194,11 +182,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             if summary["preempted"]:
                 return EXIT_PREEMPTED
         elif args.command == "prepare":
-            _on_root(comm, lambda: _prepare(args))
+            on_root(comm, lambda: _prepare(args))
         elif args.command == "plot":
             from .plot import default_out, plot_runs
 
-            _on_root(comm, lambda: print(
+            on_root(comm, lambda: print(
                 f"wrote {plot_runs(args.runs, args.out or default_out(args.runs))}"))
         elif args.command == "inspect":
             return _inspect(args)

@@ -7,7 +7,6 @@ error names where the bad value came from (the flag, or the file and key).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -266,9 +265,3 @@ def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
     if cfg.data is not None and not os.path.isdir(cfg.data):
         raise MpitrainError(f"{where['data']}: {cfg.data}: no such dataset directory")
 
-
-def replace(cfg: Config, **changes) -> Config:
-    """A copy of ``cfg`` with ``changes``, validated."""
-    new = dataclasses.replace(cfg, **changes)
-    validate(new)
-    return new

@@ -202,7 +202,8 @@ def check_dataset(m: Manifest, comm, full: bool = True) -> None:
         problem = _check_shard(m, split, k, rows_range)
         if problem:
             problems.append((split, k, problem))
-    problems = sorted(p for part in comm.allgather(problems) for p in part)
+    # A shard can be checked by two ranks (structure and values): report it once.
+    problems = sorted({p[2]: p for part in comm.allgather(problems) for p in part}.values())
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise MpitrainError(problems[0][2] + more, everywhere=True)

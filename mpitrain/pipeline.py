@@ -150,6 +150,10 @@ class PipelineTrainer(TrainerBase):
         self._init_common()
         self.times["wait"] = 0.0  # blocked in recv_forward / recv_backward: the bubble
 
+    def close(self) -> None:
+        """Free the grid's communicators (collective)."""
+        self.grid.free()
+
     def describe(self) -> str:
         """One line per stage: its layers and parameter count."""
         lines = []

@@ -228,9 +228,9 @@ class Preemption:
     SIGNALS = ("SIGTERM", "SIGUSR1")
     EXIT_TERMINATED = 143
 
-    def __init__(self, sigterm_grace: float = 10.0):
+    def __init__(self, sigterm_grace: float = 10.0, enabled: bool = True):
         self.signal: Optional[str] = None
-        self.grace = sigterm_grace
+        self.grace, self.enabled = sigterm_grace, enabled
         self.finished = False  # set by the trainer once it stopped (or completed)
         self._old: Dict[int, object] = {}
         self._pipe: Optional[Tuple[int, int]] = None
@@ -240,6 +240,8 @@ class Preemption:
         import signal
         import threading
 
+        if not self.enabled:  # nothing to checkpoint to: signals keep their defaults
+            return self
         for name in self.SIGNALS:
             num = getattr(signal, name)
             self._old[num] = signal.signal(num, self._handle)
@@ -248,7 +250,9 @@ class Preemption:
             os.set_blocking(write, False)
             self._pipe = (read, write)
             self._old_fd = signal.set_wakeup_fd(write)
-            threading.Thread(target=self._watch, name="mpitrain-signals", daemon=True).start()
+            self._watcher = threading.Thread(target=self._watch, args=(read,),
+                                             name="mpitrain-signals", daemon=True)
+            self._watcher.start()
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -256,13 +260,13 @@ class Preemption:
 
         self.signal = signal.Signals(signum).name
 
-    def _watch(self) -> None:
+    def _watch(self, fd: int) -> None:
         import signal
         import threading
 
         while True:
             try:
-                data = os.read(self._pipe[0], 64)
+                data = os.read(fd, 64)
             except OSError:
                 return
             if not data:  # closed by __exit__
@@ -291,7 +295,10 @@ class Preemption:
             self._timer.cancel()
         if self._pipe is not None:
             signal.set_wakeup_fd(self._old_fd)
-            os.close(self._pipe[1])  # the watcher reads EOF and ends
+            read, write = self._pipe
+            os.close(write)  # the watcher reads EOF and ends
+            self._watcher.join()
+            os.close(read)
             self._pipe = None
         for num, old in self._old.items():
             signal.signal(num, old)
@@ -417,7 +424,8 @@ class Watchdog:
         self.comm.Free()
 
     def _limit_now(self) -> float:
-        return self.limit * (self.factor if self.phase == "checkpoint" else 1.0)
+        slow = self.phase in ("starting", "checkpoint")  # data checks, checkpoint writes
+        return self.limit * (self.factor if slow else 1.0)
 
     def _run(self) -> None:
         import time
@@ -465,4 +473,4 @@ class Watchdog:
               f"{who}{doing}. Aborting the job.", file=sys.stderr, flush=True)
         del requests
         drain_output()
-        MPI.COMM_WORLD.Abort(3)
+        self.comm.Abort(3)  # a duplicate of the job's communicator: ends every rank

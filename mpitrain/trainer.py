@@ -472,6 +472,8 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     import sys
 
     faults = Faults(cfg.fault)
+    # Watched from the start: a rank stuck reading the data or in start-up ends the job too.
+    dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
     trainer, m = build(cfg, comm)
     spe = trainer.sampler.steps_per_epoch
     total = cfg.total_steps(spe)
@@ -498,12 +500,19 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     start = resume(cfg, comm, trainer, report)
     summary: Dict[str, Any] = {"steps": total, "ranks": size, "start_step": start,
                                "preempted": False}
+    if g.pp > 1 or cfg.micro() > 1:
+        report.say("pipeline: each stage's gradients are exchanged after its last backward "
+                   "pass; --bucket-mb, --overlap and --progress apply to data parallelism alone")
     if start >= total:
         report.say(f"nothing to do: the checkpoint is at step {start} of {total}", always=True)
         report.close()
         trainer.close()
+        trainer.train.close()
+        if trainer.val:
+            trainer.val.close()
+        if dog:
+            dog.close()
         return summary
-    dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
     if dog:
         trainer.on_phase = lambda phase: setattr(dog, "phase", phase)
     trainer.prefetch(start, total)
@@ -511,7 +520,9 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
     window_samples, window_time, train_time, timed_samples = 0, 0.0, 0.0, 0
     ckpt_time, ckpt_bytes, ckpt_count = 0.0, 0, 0
     t_start = time.perf_counter()
-    with Preemption(cfg.sigterm_grace) as preemption:
+    # Without a checkpoint directory there is nothing to stop at: signals keep their
+    # default effect (SIGTERM ends the rank at once; the launcher ends the job).
+    with Preemption(cfg.sigterm_grace, enabled=bool(cfg.ckpt_dir)) as preemption:
         for step in range(start, total):
             if dog:
                 dog.beat(step + 1)
@@ -519,6 +530,8 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
             t0 = time.perf_counter()
             loss, acc, batch = trainer.step(step, stop=preemption.requested)
             dt = time.perf_counter() - t0
+            if trainer.stop_agreed:
+                preemption.finished = True  # the ranks agreed: no SIGTERM deadline now
             window_samples += batch
             window_time += dt
             if step > start or total - start == 1:  # the first step pays for warm-up
@@ -548,7 +561,6 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
                 seconds, nbytes = save_checkpoint(cfg, comm, trainer, done, faults, report)
                 ckpt_time, ckpt_bytes, ckpt_count = ckpt_time + seconds, nbytes, ckpt_count + 1
             if trainer.stop_agreed:
-                preemption.finished = True  # checkpointed: no need to abort
                 summary["preempted"] = True
                 total = done
                 break

@@ -231,3 +231,12 @@ def test_run_directory_quiet_and_live_progress(tmp_path, small_data):
     plain = run_train(2, "--data", small_data, "--steps", "20", "--run-dir", run_dir,
                       env=clean_env(MPITRAIN_PROGRESS="plain"))
     assert "\x1b" not in plain.stdout and "step 10/20" in plain.stdout
+
+
+def test_bench_train_error_on_a_sub_communicator_ends_the_job(small_data):
+    """An error agreed only by the measured ranks must still end every rank of the job."""
+    result = run_mpi(2, ["-m", "mpitrain", "bench", "train", "--data", small_data,
+                         "--batch-per-rank", "1000", "--hidden", "8", "--steps", "2",
+                         "--repeats", "1"], timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("--batch-size 1000 is larger than the 540 training samples") == 1

@@ -245,8 +245,8 @@ def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_dat
     """Rank 1 is stopped, rank 0 waits in the all-reduce: a SIGTERM cannot be answered by a
     checkpoint, so the job aborts after --sigterm-grace instead of waiting for SIGKILL."""
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
-           small_data, *ARGS, "--watchdog", "0", "--sigterm-grace", "2",
-           "--fault", "stop:rank=1:step=10"]
+           small_data, *ARGS, "--ckpt-dir", str(tmp_path), "--watchdog", "0",
+           "--sigterm-grace", "2", "--fault", "stop:rank=1:step=10"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=clean_env(), cwd=scratch_dir())
     try:
@@ -261,3 +261,21 @@ def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_dat
     assert proc.returncode != 0 and proc.returncode != 75
     assert err.count("SIGTERM: the ranks did not stop within 2 s") == 1  # rank 1 is stopped
     assert time.monotonic() - t0 < 30  # well before a launcher's KillWait
+
+
+def test_without_a_checkpoint_directory_a_signal_just_ends_the_job(small_data):
+    """Nothing to checkpoint to: SIGTERM keeps its default effect, never exit 75."""
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
+           small_data, *ARGS, "--steps", "100000", "--log-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(), cwd=scratch_dir())
+    try:
+        for line in proc.stdout:
+            if line.startswith("step ") and "/100000" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode not in (0, 75)
+    assert "stopped at step" not in out

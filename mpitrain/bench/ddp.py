@@ -87,8 +87,16 @@ def ddp_samples_per_s(size: int, data: str, hidden: List[int], batch: int, steps
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "ddp.json")
-        mp.spawn(_ddp_worker, args=(size, _free_port(), data, hidden, batch, steps, warmup,
-                                    out), nprocs=size, join=True)
+        for attempt in (1, 2):  # gloo's TCP rendezvous can lose its port to another process
+            try:
+                mp.spawn(_ddp_worker, args=(size, _free_port(), data, hidden, batch, steps,
+                                            warmup, out), nprocs=size, join=True)
+                break
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+                if attempt == 2:
+                    raise
+                print(f"DDP run failed ({type(exc).__name__}: {exc}); trying once more",
+                      file=sys.stderr)
         with open(out) as f:
             return json.load(f)["samples_per_s"]
 

@@ -55,7 +55,8 @@ def _measure(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, 
     wait = trainer.times.get("wait", 0.0) / busy
     peak = getattr(trainer, "peak_activation_bytes", 0)
     per_rank = comm.gather((g.pp_rank, wait, peak), root=0)
-    g.free()
+    trainer.close()
+    trainer.train.close()
     result: Dict[str, object] = {"step_s": statistics.median(durations),
                                  "pp": g.pp, "dp": g.dp}
     if comm.Get_rank() == 0:

@@ -103,11 +103,18 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                 cfg = Config(data=data, hidden=hidden, batch_size=n * args.batch_per_rank,
                              optimizer="sgd", lr=0.01, check_data="meta", watchdog=0,
                              **extra)
+                error = None
                 if sub != MPI.COMM_NULL:
-                    got = _sample(cfg, sub, args.steps, args.warmup)
-                    if rank == 0:
-                        samples.setdefault((n, name), []).append(got)
+                    try:
+                        got = _sample(cfg, sub, args.steps, args.warmup)
+                        if rank == 0:
+                            samples.setdefault((n, name), []).append(got)
+                    except MpitrainError as exc:  # agreed on `sub` only: tell the others
+                        error = str(exc)
                 quiet_barrier(comm)  # idle ranks sleep, so they take no core
+                error = comm.bcast(error, root=0)  # rank 0 is in every sub-communicator
+                if error:
+                    raise MpitrainError(error, everywhere=True)
             if sub != MPI.COMM_NULL:
                 sub.Free()
     records: List[Dict[str, object]] = []
