@@ -360,6 +360,7 @@ class Prefetcher:
 
         self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._next, self._end = start, stop  # the step get() must be asked for next
         self._args = (shards, sampler, rank, size, start, stop)
         self._thread = threading.Thread(target=self._read, name="mpitrain-prefetch",
                                         daemon=True)
@@ -386,6 +387,10 @@ class Prefetcher:
 
     def get(self, step: int) -> Tuple[np.ndarray, np.ndarray, int]:
         """(x, y, global batch size) of ``step``."""
+        if step != self._next or step >= self._end:
+            raise RuntimeError(f"prefetcher asked for step {step}; it reads steps in order, "
+                               f"next {self._next}, up to {self._end - 1}")
+        self._next += 1
         got, x, y, batch, error = self._queue.get()
         if error is not None:
             raise error

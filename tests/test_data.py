@@ -204,3 +204,20 @@ def test_manifest_errors(data_copy):
         read_manifest(data_copy)
     with pytest.raises(MpitrainError, match="no such dataset directory"):
         read_manifest(data_copy + "-nope")
+
+
+def test_prefetcher_reads_ahead_in_order_and_refuses_other_steps(small_data):
+    from mpitrain.data import Prefetcher
+
+    s = Shards(read_manifest(small_data), "train")
+    sampler = Sampler(len(s), 50, seed=1)
+    pre = Prefetcher(s, sampler, rank=1, size=3, start=4, stop=8)
+    for step in range(4, 8):
+        x, y, batch = pre.get(step)
+        ids, expect_batch = sampler.local(step, 1, 3)
+        np.testing.assert_array_equal(x, s.read(ids)[0])
+        assert batch == expect_batch
+    with pytest.raises(RuntimeError, match="asked for step 8; it reads steps in order"):
+        pre.get(8)
+    pre.close()
+    s.close()

@@ -111,7 +111,7 @@ def test_preemption_signal_to_one_rank_checkpoints_everyone_at_the_same_step(
 
 
 @pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
-def test_preemption_signal_through_mpiexec(small_data, tmp_path, reference, signame):
+def test_preemption_signal_through_mpiexec(small_data, tmp_path, signame):
     """The launcher forwards the signal; the job checkpoints, exits 75, and resumes exactly."""
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
            small_data, "--ckpt-dir", str(tmp_path), *ARGS, "--log-every", "1",
@@ -130,13 +130,14 @@ def test_preemption_signal_through_mpiexec(small_data, tmp_path, reference, sign
     assert "stopped at step" in out and f"on {signame}" in out
     [(step, path)] = checkpoint.listing(str(tmp_path))
     assert step >= 1
-    # Continue to STEPS (or check the state if the signal came late).
-    if step < STEPS:
-        again = train(2, small_data, tmp_path)
-        assert again.returncode == 0, again.stderr
-        ref2 = tmp_path / "ref2"
-        assert train(2, small_data, ref2).returncode == 0
-        assert same_bits(final(tmp_path), final(ref2))
+    # Continue a little past the stop, and compare with a run that never stopped.
+    target = str(max(STEPS, step + 10))
+    again = train(2, small_data, tmp_path, "--steps", target)
+    assert again.returncode == 0, again.stderr
+    assert f"at step {step}" in again.stdout
+    whole = tmp_path / "whole"
+    assert train(2, small_data, whole, "--steps", target).returncode == 0
+    assert same_bits(final(tmp_path), final(whole))
 
 
 def test_watchdog_ends_a_job_with_a_stopped_rank(small_data, tmp_path):
