@@ -86,22 +86,59 @@ def ring_allreduce(comm: MPI.Comm, buf: np.ndarray,
                       recvtag=size + s)
 
 
-def _float16(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16).view(np.uint16)
+class _Float16:
+    """IEEE half precision on the wire (numpy converts in software: slow)."""
+
+    def encode(self, x, out=None, tmp=None):
+        """float -> 16-bit wire image (uint16)."""
+        out = np.empty(len(x), np.uint16) if out is None else out
+        np.copyto(out.view(np.float16), x, casting="same_kind")
+        return out
+
+    def decode(self, w, out=None, tmp=None, add=False):
+        """16-bit wire image -> float32 (into ``out``, or added to it)."""
+        half = w.view(np.float16)
+        if out is None:
+            return half.astype(np.float32)
+        if add:
+            out += half
+        else:
+            np.copyto(out, half, casting="same_kind")
+        return out
 
 
-def _bfloat16(x: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 (nearest, ties to even), as its upper 16 bits."""
-    u = x.astype(np.float32, copy=False).view(np.uint32)
-    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-            >> np.uint32(16)).astype(np.uint16)
+class _BFloat16:
+    """bfloat16 (the upper half of a float32, rounded to nearest even) on the wire,
+    computed in place in a reused uint32 scratch: a few integer passes."""
+
+    def encode(self, x, out=None, tmp=None):
+        u = (x if x.dtype == np.float32 else x.astype(np.float32)).view(np.uint32)
+        tmp = np.empty(len(x), np.uint32) if tmp is None else tmp
+        out = np.empty(len(x), np.uint16) if out is None else out
+        np.right_shift(u, 16, out=tmp)
+        np.bitwise_and(tmp, 1, out=tmp)  # ties to even: add 0x7FFF plus the kept lsb
+        tmp += np.uint32(0x7FFF)
+        tmp += u
+        tmp >>= np.uint32(16)
+        np.copyto(out, tmp, casting="unsafe")
+        return out
+
+    def decode(self, w, out=None, tmp=None, add=False):
+        tmp = np.empty(len(w), np.uint32) if tmp is None else tmp
+        np.copyto(tmp, w, casting="unsafe")
+        tmp <<= np.uint32(16)
+        value = tmp.view(np.float32)
+        if out is None:
+            return value.copy()
+        if add:
+            out += value
+        else:
+            np.copyto(out, value, casting="same_kind")
+        return out
 
 
-# Wire formats: (encode float -> uint16, decode uint16 -> float32).
-CODECS = {
-    "float16": (_float16, lambda w: w.view(np.float16).astype(np.float32)),
-    "bfloat16": (_bfloat16, lambda w: (w.astype(np.uint32) << np.uint32(16)).view(np.float32)),
-}
+# Wire formats of the 16-bit ring: name -> codec (encode float -> uint16, decode back).
+CODECS = {"float16": _Float16(), "bfloat16": _BFloat16()}
 
 
 class RingAllreduce:
@@ -156,13 +193,13 @@ class RingAllreduce:
             return
         right, left = (rank + 1) % size, (rank - 1) % size
         longest = -(-len(buf) // size)
-        if self.wire is None:  # the buffer is its own wire image
+        codec = CODECS[self.wire] if self.wire else None
+        if codec is None:  # the buffer is its own wire image
             wire, incoming = buf, self.scratch(longest, buf.dtype)
-            encode = decode = None
         else:
             wire = self.scratch(len(buf), np.uint16, "wire")  # 16-bit image, chunk by chunk
             incoming = self.scratch(longest, np.uint16, "in")
-            encode, decode = CODECS[self.wire]
+            tmp = self.scratch(longest, np.uint32, "tmp")  # the codec's scratch
         chunk, wchunk = chunker(buf, size), chunker(wire, size)
         seg = self.segments
         item = buf.itemsize
@@ -172,8 +209,8 @@ class RingAllreduce:
             sending[i % size] += [comm.Isend(p, dest=right, tag=tag) for p in parts]
 
         def put(dst: np.ndarray, src: np.ndarray) -> None:  # float -> wire image
-            if encode:
-                dst[...] = encode(src)
+            if codec:
+                codec.encode(src, dst, tmp[:len(src)])
 
         # Reduce-scatter.  Step s (tag s) receives chunk rank - s - 1 segment by
         # segment, adds each into our part, and forwards it at once as step
@@ -187,10 +224,13 @@ class RingAllreduce:
             recvs = [comm.Irecv(t, source=left, tag=s) for t in into]
             for part, wpart, got, req in zip(parts, wparts, into, recvs):
                 req.Wait()
-                part += decode(got) if decode else got
+                if codec:
+                    codec.decode(got, part, tmp[:len(part)], add=True)
+                else:
+                    part += got
                 put(wpart, part)
-                if decode and s == size - 2:  # finished: keep what the others will get
-                    part[...] = decode(wpart)
+                if codec and s == size - 2:  # finished: keep what the others will get
+                    codec.decode(wpart, part, tmp[:len(part)])
                 forward(i, [wpart], tag=s + 1)
         # All-gather.  Step t (tag size - 1 + t) receives the full sum of chunk
         # rank - t (into the buffer, or its wire image), and forwards each
@@ -202,8 +242,8 @@ class RingAllreduce:
             recvs = [comm.Irecv(w, source=left, tag=size - 1 + t) for w in wparts]
             for part, wpart, req in zip(parts, wparts, recvs):
                 req.Wait()
-                if decode:
-                    part[...] = decode(wpart)
+                if codec:
+                    codec.decode(wpart, part, tmp[:len(part)])
                 if t < size - 2:
                     forward(i, [wpart], tag=size + t)
         MPI.Request.Waitall([r for reqs in sending.values() for r in reqs])
