@@ -9,7 +9,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .runtime import EXIT_PREEMPTED, MpitrainError, limit_threads, run_or_abort
+from .runtime import EXIT_PREEMPTED, MpitrainError, agreed, limit_threads, run_or_abort
 
 __all__ = ["main"]
 
@@ -174,10 +174,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             from .config import from_sources
             from .trainer import train
 
-            try:
-                cfg = from_sources(args)
-            except MpitrainError as exc:  # every rank parses the same arguments
-                raise MpitrainError(str(exc), everywhere=True) from None
+            cfg = agreed(comm, lambda: from_sources(args))  # its file checks, on every rank
             summary = train(cfg, comm)
             if summary["preempted"]:
                 return EXIT_PREEMPTED

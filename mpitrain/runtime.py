@@ -10,7 +10,8 @@ import sys
 import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
-__all__ = ["MpitrainError", "limit_threads", "thread_report", "run_or_abort", "Preemption",
+__all__ = ["MpitrainError", "agreed", "limit_threads", "thread_report", "run_or_abort",
+           "Preemption",
            "EXIT_PREEMPTED", "Faults", "Watchdog"]
 
 # Every variable a BLAS or OpenMP runtime numpy may be linked with reads.
@@ -39,6 +40,20 @@ class MpitrainError(Exception):
     def __init__(self, message: str, *, everywhere: bool = False):
         super().__init__(message)
         self.everywhere = everywhere
+
+
+def agreed(comm, fn: Callable[[], object]) -> object:
+    """Run ``fn`` on every rank and agree on its outcome (collective): if it raised an
+    MpitrainError on any rank (its file checks may see different file systems), every
+    rank raises the lowest rank's error; else return this rank's result."""
+    try:
+        result, error = fn(), None
+    except MpitrainError as exc:
+        result, error = None, str(exc)
+    errors = [e for e in comm.allgather(error) if e is not None]
+    if errors:
+        raise MpitrainError(errors[0], everywhere=True)
+    return result
 
 
 def _local_ranks() -> Tuple[int, str]:

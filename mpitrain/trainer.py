@@ -36,7 +36,7 @@ from .optim import make_optimizer
 from . import checkpoint
 from .checkpoint import State
 from .topology import make_grid
-from .runtime import (EXIT_PREEMPTED, Faults, MpitrainError, Preemption, Watchdog,
+from .runtime import (EXIT_PREEMPTED, Faults, MpitrainError, Preemption, Watchdog, agreed,
                       thread_report)
 
 __all__ = ["Trainer", "build", "train", "builtin_dataset", "BUILTIN"]
@@ -337,10 +337,7 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
     dp = grid.dp
     who = "ranks" if cfg.pp == 1 else "data-parallel replicas"
     root = cfg.data or builtin_dataset(comm)
-    try:
-        m = read_manifest(root)
-    except MpitrainError as exc:  # every rank reads the same manifest
-        raise MpitrainError(str(exc), everywhere=True) from None
+    m = agreed(comm, lambda: read_manifest(root))  # a node may see another file system
     n_train = m.rows("train")
     if n_train < dp:
         raise MpitrainError(f"{m.path}: {n_train} training samples for {dp} {who}; "

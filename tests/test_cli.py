@@ -240,3 +240,15 @@ def test_bench_train_error_on_a_sub_communicator_ends_the_job(small_data):
                          "--repeats", "1"], timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("--batch-size 1000 is larger than the 540 training samples") == 1
+
+
+def test_ranks_that_see_different_files_agree_on_the_error(tmp_path, small_data):
+    """One rank's file system lacks the dataset: every rank stops with that rank's error."""
+    script = ("import os, sys\n"
+              "from mpi4py import MPI\n"
+              "from mpitrain.cli import main\n"
+              "data = sys.argv[1] if MPI.COMM_WORLD.rank != 1 else sys.argv[2]\n"
+              "main(['train', '--data', data, '--steps', '2'])\n")
+    result = run_mpi(3, ["-c", script, small_data, tmp_path / "missing"], timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("missing: no such dataset directory") == 1, result.stderr
