@@ -165,8 +165,9 @@ def drain_output(seconds: float = 2.0) -> None:
             time.sleep(0.005)
 
 
-def _wait_all(comm, seconds: float) -> bool:
-    """A barrier that gives up after ``seconds``; True if every rank arrived."""
+def quiet_barrier(comm, seconds: float = float("inf")) -> bool:
+    """A barrier that sleeps while it waits (idle ranks leave the cores to busy ones)
+    and gives up after ``seconds``; True if every rank arrived."""
     import time
 
     request = comm.Ibarrier()
@@ -203,7 +204,7 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None) -> int:
                     print(f"mpitrain: error: {exc}", file=sys.stderr, flush=True)
                 # Every rank should be here (the error was agreed); should one
                 # not arrive, abort rather than wait for it forever.
-                if _wait_all(comm, seconds=60):
+                if quiet_barrier(comm, seconds=60):
                     raise SystemExit(2) from None
                 code = 2
             else:

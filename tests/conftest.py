@@ -24,11 +24,9 @@ def mpiexec() -> str:
 def clean_env(**extra) -> dict:
     """The environment for a child job: no inherited MPI/PMI state, no thread settings
     (this process's import of mpitrain set them), so each rank chooses its own."""
-    from mpitrain.runtime import THREAD_VARS
+    from mpitrain.runtime import THREAD_VARS, child_env
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMI_", "MPI_LOCAL", "HYDRA_", "OMPI_", "PMIX_"))
-           and k not in THREAD_VARS}
+    env = {k: v for k, v in child_env().items() if k not in THREAD_VARS}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

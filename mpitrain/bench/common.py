@@ -6,6 +6,8 @@ import statistics
 import time
 from typing import Callable, List, Sequence
 
+from ..runtime import quiet_barrier  # noqa: F401 - re-exported for the benchmarks
+
 __all__ = ["parse_size", "format_size", "timed", "quiet_barrier", "median", "write_json"]
 
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -31,13 +33,6 @@ def format_size(n: int) -> str:
         if n >= UNITS[unit] and n % UNITS[unit] == 0:
             return f"{n // UNITS[unit]}{unit}"
     return f"{n}B"
-
-
-def quiet_barrier(comm, poll_s: float = 1e-3) -> None:
-    """A barrier that sleeps while it waits, so idle ranks leave the cores to a timed one."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(poll_s)
 
 
 def timed(comm, fn: Callable[[], None], iters: int) -> float:
