@@ -221,3 +221,45 @@ def test_prefetcher_reads_ahead_in_order_and_refuses_other_steps(small_data):
         pre.get(8)
     pre.close()
     s.close()
+
+
+def test_prefetcher_reads_in_bursts_within_its_depth_and_stops_on_close(small_data):
+    from mpitrain.data import Prefetcher
+
+    s = Shards(read_manifest(small_data), "train")
+    sampler = Sampler(len(s), 8, seed=3)
+    reads = []
+    read = s.read
+    s.read = lambda ids: (reads.append(len(ids)), read(ids))[1]
+    pre = Prefetcher(s, sampler, rank=0, size=1, start=0, stop=1000, depth=4)
+    assert pre.depth == 4
+    for step in range(9):
+        x, _, _ = pre.get(step)
+        np.testing.assert_array_equal(x, read(sampler.local(step, 0, 1)[0])[0])
+        with pre._cv:  # never more than depth batches read ahead
+            assert len(pre._ready) <= 4
+    pre.close()
+    assert not pre._thread.is_alive()
+    assert 9 <= len(reads) <= 9 + 4  # read on demand, not all 1000 steps
+    # The default depth keeps the read-ahead within max_bytes (at least 2 batches).
+    assert Prefetcher(s, sampler, 0, 1, 0, 0).depth == 8
+    assert Prefetcher(s, Sampler(len(s), 64, seed=3), 0, 1, 0, 0,
+                      max_bytes=3 * 64 * 4 * s.features[0]).depth == 3
+    s.close()
+
+
+def test_prefetcher_raises_a_reader_error_at_its_step(small_data):
+    from mpitrain.data import Prefetcher
+
+    s = Shards(read_manifest(small_data), "train")
+    sampler = Sampler(len(s), 8, seed=3)
+    read = s.read
+    s.read = lambda ids: (_ for _ in ()).throw(OSError("disk gone")) if 5 in ids else read(ids)
+    bad = next(k for k in range(100) if 5 in sampler.local(k, 0, 1)[0])
+    pre = Prefetcher(s, sampler, rank=0, size=1, start=0, stop=bad + 3, depth=4)
+    for step in range(bad):
+        pre.get(step)
+    with pytest.raises(OSError, match="disk gone"):
+        pre.get(bad)
+    pre.close()
+    s.close()
