@@ -26,7 +26,7 @@ CHOICES = {
     "loss": ("ce", "mse"),
     "dtype": ("float32", "float64"),
     "optimizer": ("sgd", "momentum", "adam", "adamw"),
-    "allreduce": ("mpi", "ring"),
+    "allreduce": ("mpi", "ring", "shm"),
     "check_data": ("full", "meta"),
     "schedule": ("gpipe", "1f1b"),
     "progress": ("thread", "test", "none"),
@@ -64,7 +64,8 @@ class Config:
     weight_decay: float = _opt(0.0, "L2 penalty (decoupled for adamw)")
     seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
     # Parallelism
-    allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, or mpitrain's ring")
+    allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, mpitrain's ring, "
+                                 "or shm (ranks on a node add from each other's memory)")
     bucket_mb: float = _opt(2.0, "exchange the gradients in buckets of about this many MiB "
                                  "(0: one bucket)")
     overlap: bool = _opt(True, "start each bucket's exchange as soon as backward produced it")
@@ -237,9 +238,9 @@ def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
     if cfg.grad_dtype != "full" and cfg.allreduce != "ring":
         raise MpitrainError(f"{where['grad_dtype']} {cfg.grad_dtype} needs --allreduce ring "
                             f"(got {cfg.allreduce}): MPI's Allreduce would also add in 16 bits")
-    if cfg.progress == "test" and cfg.allreduce == "ring":
-        raise MpitrainError(f"{where['progress']} test drives MPI requests; the ring "
-                            "progresses on its own thread (--progress thread)")
+    if cfg.progress == "test" and cfg.allreduce != "mpi":
+        raise MpitrainError(f"{where['progress']} test drives MPI requests; --allreduce "
+                            f"{cfg.allreduce} progresses on its own thread (--progress thread)")
     if cfg.pp < 1:
         raise bad("pp", "a value >= 1")
     if cfg.microbatches is not None and not 1 <= cfg.microbatches <= 8000:

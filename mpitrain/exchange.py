@@ -1,7 +1,9 @@
 """Gradient exchange: sum a flat buffer across the ranks of a communicator, in place.
 
-Two algorithms (MPI's own ``Allreduce``, or mpitrain's ring) behind one
-small interface.  ``Exchange`` cuts the buffer into buckets of ``bucket_mb``
+Three algorithms (MPI's own ``Allreduce``, mpitrain's ring, or the
+shared-memory all-reduce of ``shm.py``) behind one small interface.
+``Exchange`` owns the flat buffer (the shm all-reduce needs it in shared
+memory), cuts it into buckets of ``bucket_mb``
 from its end (the last layer's gradients, which backward produces first) and
 starts each bucket's reduction as soon as backward has made it final
 (``ready``; a Linear layer reports its weight gradient block by block), so
@@ -15,7 +17,7 @@ How progress is driven while backward computes (``progress``):
   ``Iallreduce`` and waits on it, while the main thread computes (numpy's
   matmul and MPI calls release the GIL);
 - ``test``: ``Iallreduce`` requests posted by the main thread, pushed along
-  by ``MPI_Testall`` between layers (MPI only);
+  by ``MPI_Testall`` between layers (mpi only);
 - ``none``: requests simply wait until ``wait``; MPICH's asynchronous
   progress thread (``MPIR_CVAR_ASYNC_PROGRESS=1``) may move them meanwhile.
 """
@@ -46,12 +48,21 @@ class MPIAllreduce:
         self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
 
 
-def make_exchange(name: str, comm: MPI.Comm, wire: Optional[str] = None):
-    """The blocking all-reduce called ``name`` ('mpi' or 'ring') on ``comm``.
+def make_exchange(name: str, comm: MPI.Comm, wire: Optional[str] = None,
+                  count: int = 0, dtype=np.float32):
+    """The blocking all-reduce called ``name`` ('mpi', 'ring' or 'shm') on ``comm``.
 
     ``wire`` ('float16' or 'bfloat16') sends 16-bit values; only the ring
-    can, since MPI's Allreduce would also add in 16 bits.
+    can, since MPI's Allreduce would also add in 16 bits.  'shm' sums slices
+    of its own shared ``.buffer`` of ``count`` items of ``dtype``.
     """
+    if name == "shm":
+        if wire:
+            raise ValueError(f"a {wire} wire needs the ring all-reduce: the shm all-reduce "
+                             "sends nothing")
+        from .shm import ShmAllreduce
+
+        return ShmAllreduce(comm, count, dtype)
     if name == "ring":
         from .ring import RingAllreduce
 
@@ -61,7 +72,7 @@ def make_exchange(name: str, comm: MPI.Comm, wire: Optional[str] = None):
             raise ValueError(f"a {wire} wire needs the ring all-reduce: MPI's Allreduce "
                              "would add in 16 bits")
         return MPIAllreduce(comm)
-    raise ValueError(f"allreduce must be 'mpi' or 'ring', got {name!r}")
+    raise ValueError(f"allreduce must be 'mpi', 'ring' or 'shm', got {name!r}")
 
 
 def plan_buckets(total: int, bucket_bytes: float, itemsize: int) -> List[Tuple[int, int]]:
@@ -75,26 +86,32 @@ def plan_buckets(total: int, bucket_bytes: float, itemsize: int) -> List[Tuple[i
 
 
 class Exchange:
-    """Bucketed, optionally overlapped, sum of ``buffer`` over ``comm``.
+    """Bucketed, optionally overlapped, sum of its flat ``buffer`` over ``comm``.
 
-    Call ``ready(offset)`` whenever everything from ``offset`` to the end of
-    the buffer is final (backward has produced it); then ``wait()``.  The
-    slice ``exact``, outside the buckets, is summed last at full precision
-    (the trainer's loss and counts, when the buckets travel in 16 bits).
+    The caller computes into ``buffer`` (``count`` items of ``dtype``), calls
+    ``ready(offset)`` whenever everything from ``offset`` to the end of the
+    buffer is final (backward has produced it), then ``wait()``.  The slice
+    ``exact``, outside the buckets, is summed last at full precision (the
+    trainer's loss and counts, when the buckets travel in 16 bits).
     """
 
-    def __init__(self, comm: MPI.Comm, buffer: np.ndarray, buckets: List[Tuple[int, int]],
+    def __init__(self, comm: MPI.Comm, count: int, dtype, buckets: List[Tuple[int, int]],
                  algorithm: str = "mpi", overlap: bool = True, progress: str = "thread",
                  wire: Optional[str] = None, exact: Optional[slice] = None):
         if progress not in PROGRESS:
             raise ValueError(f"progress must be one of {PROGRESS}, got {progress!r}")
-        if progress == "test" and algorithm == "ring":
-            raise ValueError("progress 'test' drives MPI requests; the ring needs 'thread'")
+        if progress == "test" and algorithm != "mpi":
+            raise ValueError(f"progress 'test' drives MPI requests; {algorithm} needs 'thread'")
         self.comm = comm.Dup()  # its own context: never mixed up with other traffic
-        self.buffer, self.buckets = buffer, buckets
+        self.blocking = make_exchange(algorithm, self.comm, wire, count, dtype)
+        self.buffer = (self.blocking.buffer if algorithm == "shm"
+                       else np.zeros(count, dtype))  # (count,)
+        self.buckets = buckets
         self.algorithm, self.overlap, self.progress = algorithm, overlap, progress
         self.exact = exact  # summed at full precision by MPI at the end (not in the buckets)
-        self.blocking = make_exchange(algorithm, self.comm, wire)
+        # shm: a bucket's sum leaves peers reading this buffer; one fence ends them all.
+        self._sum = getattr(self.blocking, "reduce", self.blocking)
+        self._fence = getattr(self.blocking, "fence", None)
         self.size = comm.Get_size()
         self._requests: List[MPI.Request] = []
         self._next = 0  # buckets started so far
@@ -114,7 +131,7 @@ class Exchange:
                 return
             try:
                 if self._error is None:
-                    self.blocking(self.buffer[job[0]:job[1]])
+                    self._sum(self.buffer[job[0]:job[1]])
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 self._error = exc
             finally:
@@ -125,8 +142,8 @@ class Exchange:
             return
         if self._worker is not None:
             self._jobs.put((lo, hi))
-        elif self.algorithm == "ring":  # no helper thread: the ring runs here, blocking
-            self.blocking(self.buffer[lo:hi])
+        elif self.algorithm != "mpi":  # no helper thread: the sum runs here, blocking
+            self._sum(self.buffer[lo:hi])
         else:
             self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.buffer[lo:hi],
                                                        op=MPI.SUM))
@@ -153,6 +170,8 @@ class Exchange:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        if self._fence is not None and self.size > 1:
+            self._fence()  # peers have read this buffer: the next step may write it
         if self.exact is not None and self.size > 1:
             self.comm.Allreduce(MPI.IN_PLACE, self.buffer[self.exact], op=MPI.SUM)
 
@@ -162,6 +181,8 @@ class Exchange:
             self._jobs.put(None)
             self._worker.join()
             self._worker = None
+        if hasattr(self.blocking, "close"):
+            self.blocking.close()
         self.comm.Free()
 
 

@@ -130,9 +130,12 @@ class PipelineTrainer(TrainerBase):
             self.stage_names.append(names)
         linears = [layer for layer in layers[a:b] if isinstance(layer, Linear)]
         self.in_width, self.out_width = linears[0].in_features, linears[-1].out_features
+        self.exchange = make_exchange(allreduce, grid.dp_comm, grad_dtype, self.model.size,
+                                      self.model.dtype)
+        if allreduce == "shm":  # it sums in place in its shared buffer
+            self.model.bind_grads(self.exchange.buffer)
         self.optimizer = make_optimizer(optimizer_name, self.model.params, self.model.grads,
                                         **opt_args)
-        self.exchange = make_exchange(allreduce, grid.dp_comm, grad_dtype)
         self.metrics = np.zeros(3)  # loss sum, correct count, stop requests; over the world
         # Receive buffers: a pool of activation slots (one per micro-batch that can be
         # alive at once on this stage) and one gradient buffer; views of them are used.
@@ -151,7 +154,9 @@ class PipelineTrainer(TrainerBase):
         self.times["wait"] = 0.0  # blocked in recv_forward / recv_backward: the bubble
 
     def close(self) -> None:
-        """Free the grid's communicators (collective)."""
+        """Free the exchange's window (shm) and the grid's communicators (collective)."""
+        if hasattr(self.exchange, "close"):
+            self.exchange.close()
         self.grid.free()
 
     def describe(self) -> str:

@@ -257,17 +257,18 @@ class Trainer(TrainerBase):
         n = model.size
         # The exchange buffer: gradients, then the loss sum, the correct count
         # and the number of ranks asked to stop (pre-emption), all in one Allreduce.
-        self.xbuf = np.zeros(n + 3, model.dtype)
-        model.bind_grads(self.xbuf[:n])
-        self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
         # Buckets from the end of the buffer (the last layer's gradients and the
         # metrics come first), each summed as soon as backward has made it final.
         # With a 16-bit wire the three metric slots stay out of the buckets and are
         # summed exactly (a float16 loss sum would overflow at 65504).
         covered = n if grad_dtype else n + 3
         buckets = plan_buckets(covered, bucket_mb * 2 ** 20, model.dtype.itemsize)
-        self.exchange = Exchange(comm, self.xbuf, buckets, allreduce, overlap, progress,
-                                 grad_dtype, exact=slice(n, n + 3) if grad_dtype else None)
+        self.exchange = Exchange(comm, n + 3, model.dtype, buckets, allreduce, overlap,
+                                 progress, grad_dtype,
+                                 exact=slice(n, n + 3) if grad_dtype else None)
+        self.xbuf = self.exchange.buffer  # (n + 3,), shared memory for --allreduce shm
+        model.bind_grads(self.xbuf[:n])
+        self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
         self._prefetch: Optional[Prefetcher] = None
         self._init_common()
 

@@ -82,6 +82,12 @@ def same_bits(a, b) -> bool:
             and a.optimizer["steps"] == b.optimizer["steps"])
 
 
+def agree(comm, ok: bool, what: str = "") -> None:
+    """Assert on every rank that ``ok`` holds on every rank (so no rank is left waiting)."""
+    oks = comm.allgather(bool(ok))
+    assert all(oks), f"{what}: failed on ranks {[r for r, o in enumerate(oks) if not o]}"
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> str:
     """A 600-sample, 12-feature, 3-class synthetic set: 540 train in 3 shards, 60 val."""

@@ -53,6 +53,10 @@ def test_bad_toml(tmp_path, text, message):
     (["--momentum", "1.5"], "--momentum: expected a value in [0, 1), got 1.5"),
     (["--data", "/nonexistent/dir"], "--data: /nonexistent/dir: no such dataset directory"),
     (["--config", "/nonexistent.toml"], "/nonexistent.toml: no such config file"),
+    (["--allreduce", "shm", "--progress", "test"],
+     "--progress test drives MPI requests; --allreduce shm progresses on its own thread"),
+    (["--allreduce", "shm", "--grad-dtype", "bfloat16"],
+     "--grad-dtype bfloat16 needs --allreduce ring (got shm)"),
 ])
 def test_bad_flags(argv, message):
     with pytest.raises(MpitrainError) as info:

@@ -76,16 +76,18 @@ def test_gpipe_and_1f1b_give_the_same_bits_and_1f1b_holds_fewer_activations(smal
     agree(b.peak_activation_bytes <= a.peak_activation_bytes, "1F1B needs no more memory")
 
 
-def test_pipeline_with_the_ring_allreduce(small_data):
+def test_pipeline_with_the_ring_and_shm_allreduce(small_data):
     if COMM.Get_size() != 4:
         pytest.skip("needs pp=2 x dp=2")
     runs = {}
-    for allreduce in ("mpi", "ring"):
+    for allreduce in ("mpi", "ring", "shm"):
         t, _ = build(cfg(small_data, pp=2, allreduce=allreduce), COMM)
         for k in range(10):
             t.step(k)
         runs[allreduce] = t.model.params.copy()
+        t.close()
     agree(np.allclose(runs["mpi"], runs["ring"], rtol=1e-12), "ring = mpi within stages")
+    agree(np.array_equal(runs["mpi"], runs["shm"]), "shm = mpi within stages (2 replicas)")
 
 
 def test_capture_gathers_every_stage_on_rank_0(small_data):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from conftest import agree
 import damage
 from mpitrain.config import Config
 from mpitrain.data import check_dataset, read_manifest
@@ -20,12 +21,6 @@ from mpitrain.runtime import MpitrainError
 from mpitrain.trainer import build
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
-
-
-def agree(comm, ok: bool, what: str = "") -> None:
-    """Assert on every rank that ``ok`` holds on every rank."""
-    oks = comm.allgather(bool(ok))
-    assert all(oks), f"{what}: failed on ranks {[r for r, o in enumerate(oks) if not o]}"
 
 
 @pytest.fixture
@@ -131,14 +126,16 @@ def test_replicas_are_checked_at_start(small_data):
         trainer.check_replicas()
 
 
+@pytest.mark.parametrize("algorithm,kind", [("ring", "RingAllreduce"),
+                                            ("shm", "ShmAllreduce")])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_ring_and_mpi_allreduce_train_alike(small_data, dtype):
-    """--allreduce ring reaches MPI's parameters: bitwise at 2 ranks, to rounding beyond."""
+def test_ring_shm_and_mpi_allreduce_train_alike(small_data, dtype, algorithm, kind):
+    """--allreduce ring/shm reach MPI's parameters: bitwise at 2 ranks, to rounding beyond."""
     comm = MPI.COMM_WORLD
     cfg = Config(data=small_data, hidden=[32, 16], batch_size=45, dtype=dtype, seed=2)
     with_mpi, losses_mpi = run(cfg, comm, 30)
-    with_ring, losses_ring = run(Config(**{**cfg.to_dict(), "allreduce": "ring"}), comm, 30)
-    assert type(with_ring.exchange.blocking).__name__ == "RingAllreduce"
+    with_ring, losses_ring = run(Config(**{**cfg.to_dict(), "allreduce": algorithm}), comm, 30)
+    assert type(with_ring.exchange.blocking).__name__ == kind
     if comm.size == 2:
         agree(comm, np.array_equal(with_mpi.model.params, with_ring.model.params), "bitwise")
     rtol = 1e-10 if dtype == "float64" else 1e-4
@@ -163,7 +160,8 @@ def trained(small_data, steps=12, prefetch=False, **kw):
 
 @pytest.mark.parametrize("allreduce,progress", [("mpi", "thread"), ("mpi", "test"),
                                                 ("mpi", "none"), ("ring", "thread"),
-                                                ("ring", "none")])
+                                                ("ring", "none"), ("shm", "thread"),
+                                                ("shm", "none")])
 def test_overlapped_buckets_give_the_bits_of_the_same_buckets_after_backward(
         small_data, allreduce, progress, monkeypatch):
     from mpitrain.nn import Linear

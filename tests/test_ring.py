@@ -8,17 +8,13 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+from conftest import agree
 from mpitrain.ring import RingAllreduce, bytes_sent, ring_allreduce
 
 pytestmark = [pytest.mark.anysize, pytest.mark.timeout(120)]
 
 COMM = MPI.COMM_WORLD
 SIZES = [0, 1, 2, 3, 5, 7, 13, 97, 1000, 4097, 100003]
-
-
-def agree(comm, ok, what):
-    oks = comm.allgather(bool(ok))
-    assert all(oks), f"{what}: failed on ranks {[r for r, o in enumerate(oks) if not o]}"
 
 
 def implementations(comm):

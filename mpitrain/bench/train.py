@@ -28,6 +28,8 @@ VARIANTS = {
     "mpi-none": dict(allreduce="mpi", overlap=True, progress="none"),
     "mpi-nooverlap": dict(allreduce="mpi", overlap=False, bucket_mb=0),
     "ring": dict(allreduce="ring", overlap=True, progress="thread"),
+    "shm": dict(allreduce="shm", overlap=True, progress="thread"),
+    "shm-nooverlap": dict(allreduce="shm", overlap=False, bucket_mb=0),
     "ring-nooverlap": dict(allreduce="ring", overlap=False, bucket_mb=0),
     "ring-fp16": dict(allreduce="ring", overlap=True, grad_dtype="float16"),
     "ring-bf16": dict(allreduce="ring", overlap=True, grad_dtype="bfloat16"),
