@@ -97,7 +97,8 @@ class Exchange:
 
     def __init__(self, comm: MPI.Comm, count: int, dtype, buckets: List[Tuple[int, int]],
                  algorithm: str = "mpi", overlap: bool = True, progress: str = "thread",
-                 wire: Optional[str] = None, exact: Optional[slice] = None):
+                 wire: Optional[str] = None, exact: Optional[slice] = None,
+                 sharded: bool = False, needed: Optional[slice] = None):
         if progress not in PROGRESS:
             raise ValueError(f"progress must be one of {PROGRESS}, got {progress!r}")
         if progress == "test" and algorithm != "mpi":
@@ -109,10 +110,17 @@ class Exchange:
         self.buckets = buckets
         self.algorithm, self.overlap, self.progress = algorithm, overlap, progress
         self.exact = exact  # summed at full precision by MPI at the end (not in the buckets)
-        # shm: a bucket's sum leaves peers reading this buffer; one fence ends them all.
-        self._sum = getattr(self.blocking, "reduce", self.blocking)
-        self._fence = getattr(self.blocking, "fence", None)
         self.size = comm.Get_size()
+        # Sharded (shm): each rank keeps only its share of each bucket's sum, and
+        # updates that share of parameters the node's ranks share (``owned``,
+        # ``shared``); ``needed`` (the metrics) is copied to every rank.
+        self.sharded = sharded and algorithm == "shm" and self.size > 1
+        self.needed = needed
+        self.owned: List[Tuple[int, int]] = []  # this rank's shares, this step
+        # shm: a bucket's sum leaves peers reading this buffer; one fence ends them all.
+        self._sum = (self._reduce_scatter if self.sharded
+                     else getattr(self.blocking, "reduce", self.blocking))
+        self._fence = getattr(self.blocking, "fence", None)
         self._requests: List[MPI.Request] = []
         self._next = 0  # buckets started so far
         self._jobs: "queue.Queue[Optional[Tuple[int, int]]]" = queue.Queue()
@@ -122,6 +130,27 @@ class Exchange:
             self._worker = threading.Thread(target=self._work, name="mpitrain-exchange",
                                             daemon=True)
             self._worker.start()
+
+    def _reduce_scatter(self, part: np.ndarray) -> None:
+        self.owned.append(self.blocking.reduce_scatter(part))
+
+    def shared(self, count: int, dtype=None) -> np.ndarray:
+        """A zeroed array the ranks of a node share when sharded, else a private one."""
+        if self.sharded:
+            return self.blocking.shared(count, dtype or self.buffer.dtype)
+        return np.zeros(count, dtype or self.buffer.dtype)
+
+    @property
+    def leader(self) -> bool:
+        """Whether this rank writes what the ranks of its node share (local rank 0)."""
+        return not self.sharded or self.blocking.local_rank == 0
+
+    def fence(self) -> None:
+        """Sharded: every rank has updated its share; the shared arrays may be read and
+        this buffer written again (collective).  Otherwise nothing to do."""
+        if self.sharded:
+            self.blocking.fence()
+            self.owned.clear()
 
     def _work(self) -> None:
         while True:
@@ -159,7 +188,8 @@ class Exchange:
             MPI.Request.Testall(self._requests)
 
     def wait(self) -> None:
-        """Start what is left and return when every bucket is summed on every rank."""
+        """Start what is left and return when every bucket is summed on every rank
+        (sharded: when this rank's share of each is, and ``needed`` everywhere)."""
         for lo, hi in self.buckets[self._next:]:
             self._start(lo, hi)
         self._next = 0
@@ -170,7 +200,17 @@ class Exchange:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
-        if self._fence is not None and self.size > 1:
+        if self.sharded:
+            # Every share is summed: copy the needed slots from their owners.  The
+            # caller updates its shares, then fences before this buffer is written.
+            lo, hi = (self.needed.start, self.needed.stop) if self.needed else (0, 0)
+            for a, b in self.buckets:
+                if max(a, lo) < min(b, hi):
+                    self.blocking.gather(self.buffer[max(a, lo):min(b, hi)],
+                                         within=self.buffer[a:b])
+            if not any(max(a, lo) < min(b, hi) for a, b in self.buckets):
+                self.blocking.fence()
+        elif self._fence is not None and self.size > 1:
             self._fence()  # peers have read this buffer: the next step may write it
         if self.exact is not None and self.size > 1:
             self.comm.Allreduce(MPI.IN_PLACE, self.buffer[self.exact], op=MPI.SUM)

@@ -201,6 +201,17 @@ class Sequential:
         for i, layer in zip(self.index, self.layers):
             layer.bind(self._views(self.params, i, layer), self._views(self.grads, i, layer))
 
+    def bind_params(self, buffer: np.ndarray, copy: bool = True) -> None:
+        """Make the parameters views of ``buffer`` (length ``size``), e.g. memory shared
+        by the ranks of a node; ``copy=False`` leaves the copying to another rank."""
+        if buffer.shape != (self.size,) or buffer.dtype != self.dtype:
+            raise ValueError(f"expected a {self.dtype} buffer of {self.size} elements, "
+                             f"got {buffer.dtype} {buffer.shape}")
+        if copy:
+            buffer[...] = self.params
+        self.params = buffer
+        self._bind()
+
     def bind_grads(self, buffer: np.ndarray) -> None:
         """Make the gradients views of ``buffer`` (length ``size``), e.g. part of an exchange buffer."""
         if buffer.shape != (self.size,) or buffer.dtype != self.dtype:

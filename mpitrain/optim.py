@@ -6,7 +6,7 @@ pipeline stage holds only its own slice.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -14,10 +14,20 @@ __all__ = ["SGD", "Momentum", "Adam", "make_optimizer", "OPTIMIZERS"]
 
 
 class Optimizer:
-    """Base class: ``step()`` updates ``params`` in place from ``grads``."""
+    """Base class: ``step()`` updates ``params`` in place from ``grads``.
+
+    Every rule is elementwise, so it can update any part of the buffers on its
+    own (``step(parts)``: a sharded update, where each rank of a node updates
+    its share of shared parameters), and works through each part in chunks of
+    ``CHUNK`` items, so its temporaries stay in cache instead of making extra
+    trips to memory.  ``zeros(count, dtype)`` allocates the state arrays
+    (shared memory for a sharded update).
+    """
+
+    CHUNK = 1 << 18  # items per chunk: 1 MiB of float32, within a core's L2
 
     def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, zeros: Optional[Callable] = None):
         if params.shape != grads.shape or params.dtype != grads.dtype:
             raise ValueError(f"params {params.dtype}{params.shape} and grads "
                              f"{grads.dtype}{grads.shape} differ")
@@ -26,88 +36,100 @@ class Optimizer:
         self.params, self.grads = params, grads
         self.lr, self.weight_decay = lr, weight_decay
         self.steps = 0
-        self._tmp = np.empty_like(params)  # scratch, so a step allocates nothing
+        self._zeros = zeros or (lambda count, dtype: np.zeros(count, dtype))
+        self._tmp = np.empty(min(params.size, self.CHUNK), params.dtype)  # scratch
 
     def state(self) -> Dict[str, np.ndarray]:
-        """Named state arrays (views, not copies)."""
+        """Named state arrays (views, not copies), each name that of its attribute."""
         return {}
 
-    def step(self) -> None:
-        """Apply one update."""
+    def step(self, parts: Optional[Sequence[slice]] = None) -> None:
+        """Apply one update: to all of the buffers, or only to ``parts`` (slices of them)."""
+        self.steps += 1
+        for part in [slice(0, self.params.size)] if parts is None else parts:
+            lo, hi, _ = part.indices(self.params.size)
+            for a in range(lo, hi, self.CHUNK):
+                chunk = slice(a, min(hi, a + self.CHUNK))
+                self._update(chunk, self._tmp[:chunk.stop - chunk.start])
+
+    def _update(self, part: slice, tmp: np.ndarray) -> None:
+        """Update ``params[part]`` (``tmp``: scratch of the same length)."""
         raise NotImplementedError
+
+    def _decayed(self, part: slice, tmp: np.ndarray) -> np.ndarray:
+        """g + wd * p on ``part`` (in ``tmp``), or g itself without weight decay."""
+        if not self.weight_decay:
+            return self.grads[part]
+        np.multiply(self.params[part], self.weight_decay, out=tmp)
+        tmp += self.grads[part]
+        return tmp
 
 
 class SGD(Optimizer):
     """Plain SGD: p -= lr * (g + wd * p)."""
 
-    def step(self):
-        g = self.grads
-        if self.weight_decay:
-            g = np.multiply(self.params, self.weight_decay, out=self._tmp)
-            g += self.grads
-        np.multiply(g, -self.lr, out=self._tmp)
-        self.params += self._tmp
-        self.steps += 1
+    def _update(self, part, tmp):
+        g = self._decayed(part, tmp)
+        np.multiply(g, -self.lr, out=tmp)
+        self.params[part] += tmp
 
 
 class Momentum(Optimizer):
     """SGD with momentum (PyTorch form): v = mu * v + g; p -= lr * v."""
 
-    def __init__(self, params, grads, lr, weight_decay=0.0, momentum=0.9):
-        super().__init__(params, grads, lr, weight_decay)
+    def __init__(self, params, grads, lr, weight_decay=0.0, momentum=0.9, zeros=None):
+        super().__init__(params, grads, lr, weight_decay, zeros)
         self.momentum = momentum
-        self.velocity = np.zeros_like(params)
+        self.velocity = self._zeros(params.size, params.dtype)
 
     def state(self):
         return {"velocity": self.velocity}
 
-    def step(self):
-        v = self.velocity
+    def _update(self, part, tmp):
+        v = self.velocity[part]
         v *= self.momentum
-        v += self.grads
-        if self.weight_decay:
-            np.multiply(self.params, self.weight_decay, out=self._tmp)
-            v += self._tmp
-        np.multiply(v, -self.lr, out=self._tmp)
-        self.params += self._tmp
-        self.steps += 1
+        v += self.grads[part]
+        if self.weight_decay:  # added after g, as before: the same bits as ever
+            np.multiply(self.params[part], self.weight_decay, out=tmp)
+            v += tmp
+        np.multiply(v, -self.lr, out=tmp)
+        self.params[part] += tmp
 
 
 class Adam(Optimizer):
     """Adam; with ``decoupled=True`` AdamW (weight decay applied to p, not to g)."""
 
     def __init__(self, params, grads, lr, weight_decay=0.0, betas=(0.9, 0.999),
-                 eps=1e-8, decoupled=False):
-        super().__init__(params, grads, lr, weight_decay)
+                 eps=1e-8, decoupled=False, zeros=None):
+        super().__init__(params, grads, lr, weight_decay, zeros)
         self.beta1, self.beta2 = betas
         self.eps, self.decoupled = eps, decoupled
-        self.m = np.zeros_like(params)
-        self.v = np.zeros_like(params)
+        self.m = self._zeros(params.size, params.dtype)
+        self.v = self._zeros(params.size, params.dtype)
 
     def state(self):
         return {"m": self.m, "v": self.v}
 
-    def step(self):
-        self.steps += 1
-        t, tmp, g = self.steps, self._tmp, self.grads
+    def _update(self, part, tmp):
+        t, p, m, v = self.steps, self.params[part], self.m[part], self.v[part]
         if self.weight_decay and self.decoupled:
-            self.params *= 1 - self.lr * self.weight_decay
-        elif self.weight_decay:
-            g = np.multiply(self.params, self.weight_decay, out=tmp)
-            g += self.grads
-        self.m *= self.beta1
-        self.m += (1 - self.beta1) * g
-        self.v *= self.beta2
+            p *= 1 - self.lr * self.weight_decay
+            g = self.grads[part]
+        else:
+            g = self._decayed(part, tmp)
+        m *= self.beta1
+        m += (1 - self.beta1) * g
+        v *= self.beta2
         np.multiply(g, g, out=tmp)
         tmp *= 1 - self.beta2
-        self.v += tmp
+        v += tmp
         # p -= lr / (1 - b1^t) * m / (sqrt(v / (1 - b2^t)) + eps)
-        np.divide(self.v, 1 - self.beta2 ** t, out=tmp)
+        np.divide(v, 1 - self.beta2 ** t, out=tmp)
         np.sqrt(tmp, out=tmp)
         tmp += self.eps
-        np.divide(self.m, tmp, out=tmp)
+        np.divide(m, tmp, out=tmp)
         tmp *= -self.lr / (1 - self.beta1 ** t)
-        self.params += tmp
+        p += tmp
 
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
@@ -115,12 +137,15 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 def make_optimizer(name: str, params: np.ndarray, grads: np.ndarray, *, lr: float,
                    weight_decay: float = 0.0, momentum: float = 0.9,
-                   betas=(0.9, 0.999), eps: float = 1e-8) -> Optimizer:
-    """The optimizer called ``name`` over the flat ``params``/``grads``."""
+                   betas=(0.9, 0.999), eps: float = 1e-8,
+                   zeros: Optional[Callable] = None) -> Optimizer:
+    """The optimizer called ``name`` over the flat ``params``/``grads``; ``zeros``
+    allocates its state (default ``np.zeros``)."""
     if name == "sgd":
-        return SGD(params, grads, lr, weight_decay)
+        return SGD(params, grads, lr, weight_decay, zeros)
     if name == "momentum":
-        return Momentum(params, grads, lr, weight_decay, momentum)
+        return Momentum(params, grads, lr, weight_decay, momentum, zeros)
     if name in ("adam", "adamw"):
-        return Adam(params, grads, lr, weight_decay, betas, eps, decoupled=name == "adamw")
+        return Adam(params, grads, lr, weight_decay, betas, eps, decoupled=name == "adamw",
+                    zeros=zeros)
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")

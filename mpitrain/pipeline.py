@@ -155,7 +155,8 @@ class PipelineTrainer(TrainerBase):
 
     def close(self) -> None:
         """Free the exchange's window (shm) and the grid's communicators (collective)."""
-        if hasattr(self.exchange, "close"):
+        if hasattr(self.exchange, "close"):  # shm: the gradients live in its window
+            self._keep_arrays()
             self.exchange.close()
         self.grid.free()
 

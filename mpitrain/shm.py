@@ -4,19 +4,27 @@ MPI's Allreduce and the ring move every byte through message queues: the
 sender copies into shared cells, the receiver copies out, then adds.  Here
 each rank's gradient buffer *is* its segment of one MPI shared-memory window
 (``MPI_Win_allocate_shared``), so a rank reads its peers' gradients where
-backward wrote them.  For a slice [lo, hi) cut into one part per local rank:
+backward wrote them.  For a slice [lo, hi) cut into one share per local rank:
 
 1. every rank's slice is final (a barrier);
-2. local rank r sums part r over the node's buffers, in local-rank order
+2. local rank r sums share r over the node's buffers, in local-rank order
    (so the bits do not depend on which rank adds), into its own buffer;
-   across nodes, the ranks with the same local rank sum that part with one
+   across nodes, the ranks with the same local rank sum that share with one
    ``Allreduce`` (the hierarchical all-reduce of Horovod and NCCL);
-3. every part is summed (a barrier): each rank copies the other parts from
+3. every share is summed (a barrier): each rank copies the other shares from
    their owners' buffers.
 
 For 2 ranks that moves 5 half-buffers per rank instead of about 11, and the
 sum has the same bits as MPI's.  A barrier (``fence``) must separate the last
 copy from the next write into the buffer, since peers read it.
+
+The data-parallel trainer goes one step further and skips step 3 (a sharded
+update): the ranks of a node share one copy of the parameters and of the
+optimizer state (``shared``), and each updates its own share from the sums
+it made; a fence then publishes the update to the node.  Every byte a rank
+does not own still crosses between cores once per step (as parameters now,
+not gradients), but nobody copies the summed gradients or updates the whole
+model, and a node holds one copy of the model instead of one per rank.
 """
 from __future__ import annotations
 
@@ -67,13 +75,17 @@ class ShmAllreduce:
         self.buffer = self.views[self.local_rank]
         self.buffer[...] = 0
         self.win.Lock_all(MPI.MODE_NOCHECK)  # passive target: Win.Sync is the memory fence
+        self._windows: List[MPI.Win] = []  # of shared()
         self.fence()
 
     def fence(self) -> None:
         """Every rank's writes are visible to the node, and every rank got here (collective)."""
-        self.win.Sync()
+        windows = [self.win, *self._windows]
+        for win in windows:  # MPI_Win_sync: this rank's stores reach the window
+            win.Sync()
         self.node.Barrier()
-        self.win.Sync()
+        for win in windows:  # ... and the other ranks' stores are seen here
+            win.Sync()
 
     def _offsets(self, part: np.ndarray) -> Tuple[int, int]:
         """[lo, hi) of ``part`` within ``buffer``, or ValueError if it is not a slice of it."""
@@ -86,11 +98,15 @@ class ShmAllreduce:
         raise ValueError("the shm all-reduce sums contiguous slices of its own .buffer "
                          f"({self.buffer.size} x {self.dtype}), got another array")
 
-    def reduce(self, part: np.ndarray) -> None:
-        """Sum ``part`` (a slice of ``buffer``) over all ranks; peers may still read it after."""
+    def bounds(self, lo: int, hi: int) -> List[int]:
+        """Local rank j sums [bounds[j], bounds[j + 1]) of the slice [lo, hi)."""
+        return [lo + (hi - lo) * j // self.local_size for j in range(self.local_size + 1)]
+
+    def reduce_scatter(self, part: np.ndarray) -> Tuple[int, int]:
+        """Sum this rank's share of ``part`` (a slice of ``buffer``) over all ranks, in
+        place; return where that share lies in ``buffer``.  Peers still read the rest."""
         lo, hi = self._offsets(part)
-        # Part j of [lo, hi) is summed by local rank j: [bounds[j], bounds[j + 1]).
-        bounds = [lo + (hi - lo) * j // self.local_size for j in range(self.local_size + 1)]
+        bounds = self.bounds(lo, hi)
         self.fence()  # every rank's slice is final
         a, b = bounds[self.local_rank], bounds[self.local_rank + 1]
         if b > a:
@@ -104,13 +120,44 @@ class ShmAllreduce:
                     total += views[j]
                 if total is not mine:
                     mine[...] = total
-            if self.cross.Get_size() > 1:  # the same part on the other nodes
+            if self.cross.Get_size() > 1:  # the same share on the other nodes
                 self.cross.Allreduce(MPI.IN_PLACE, mine, op=MPI.SUM)
-        self.fence()  # every part is summed
+        return a, b
+
+    def gather(self, part: np.ndarray, within: Optional[np.ndarray] = None) -> None:
+        """Copy the other ranks' sums of ``part`` into ``buffer``, once every share is
+        summed (collective).  ``within``: the slice ``part`` was summed as (default itself)."""
+        lo, hi = self._offsets(part)
+        bounds = self.bounds(*self._offsets(part if within is None else within))
+        self.fence()  # every share is summed
         for j in range(self.local_size):
-            a, b = bounds[j], bounds[j + 1]
+            a, b = max(lo, bounds[j]), min(hi, bounds[j + 1])
             if j != self.local_rank and b > a:
                 self.buffer[a:b] = self.views[j][a:b]
+
+    def reduce(self, part: np.ndarray) -> None:
+        """Sum ``part`` (a slice of ``buffer``) over all ranks; peers may still read it after."""
+        self.reduce_scatter(part)
+        self.gather(part)
+
+    def shared(self, count: int, dtype=None) -> np.ndarray:
+        """A zeroed array of ``count`` items that all ranks of the node share (collective).
+
+        Each local rank zeroes its own share first, so on a multi-socket node
+        the pages of a share sit next to the rank that updates them.
+        """
+        dtype = np.dtype(dtype or self.dtype)
+        size = count * dtype.itemsize if self.local_rank == 0 else 0
+        win = MPI.Win.Allocate_shared(max(size, 1 if self.local_rank == 0 else 0),
+                                      dtype.itemsize, comm=self.node)
+        memory, _ = win.Shared_query(0)
+        array = np.frombuffer(memory, dtype, count)
+        bounds = self.bounds(0, count)
+        array[bounds[self.local_rank]:bounds[self.local_rank + 1]] = 0
+        win.Lock_all(MPI.MODE_NOCHECK)
+        self._windows.append(win)
+        self.fence()
+        return array
 
     def __call__(self, part: np.ndarray) -> None:
         """Replace ``part`` (a slice of ``buffer``) by its sum over all ranks (collective)."""
@@ -118,8 +165,10 @@ class ShmAllreduce:
         self.fence()  # peers are done reading before the caller writes again
 
     def close(self) -> None:
-        """Free the window and the communicators (collective)."""
-        self.win.Unlock_all()
-        self.win.Free()
+        """Free the windows and the communicators (collective)."""
+        for win in [self.win, *self._windows]:
+            win.Unlock_all()
+            win.Free()
+        self._windows.clear()
         self.cross.Free()
         self.node.Free()

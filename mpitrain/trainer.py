@@ -99,6 +99,18 @@ class TrainerBase:
     def close(self) -> None:
         """Release threads and communicators (collective)."""
 
+    def _keep_arrays(self) -> None:
+        """Copy the model's and optimizer's arrays out of memory about to be freed (a
+        shared-memory window), so the trainer's results stay readable after ``close``."""
+        m, opt = self.model, self.optimizer
+        m.bind_params(m.params.copy())
+        m.bind_grads(m.grads.copy())
+        opt.params, opt.grads = m.params, m.grads
+        for name, array in opt.state().items():  # state() names its attributes
+            setattr(opt, name, array.copy())
+
+    _writes_state = True  # restore() writes this rank's arrays (not shared with a writer)
+
     def _init_common(self) -> None:
         self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
         self.stop_agreed = False  # set by step(): some rank was asked to stop
@@ -130,12 +142,16 @@ class TrainerBase:
             epoch, _ = self.sampler.locate(step)
             raise MpitrainError(f"loss is {loss} at step {step + 1} (epoch {epoch}); "
                                 f"try a lower --lr (now {self.optimizer.lr})", everywhere=True)
-        self.optimizer.step()
+        self._update()
         t0, t1, t2, t3 = t
         self.times["data"] += t1 - t0
         self.times["compute"] += (t2 - t1 - idle) + (time.perf_counter() - t3)
         self.times["exchange"] += t3 - t2
         return loss, float(sums[1]) / batch, batch
+
+    def _update(self) -> None:
+        """Apply the optimizer to the summed gradients."""
+        self.optimizer.step()
 
     def named(self, flat: np.ndarray, names=None) -> Dict[str, np.ndarray]:
         """A flat buffer laid out like this stage's (or ``names``') parameters, by name."""
@@ -163,8 +179,8 @@ class TrainerBase:
         params: Dict[str, np.ndarray] = {}
         opt_state: Dict[str, Dict[str, np.ndarray]] = {k: {} for k in keys}
         for s, names in enumerate(self.stage_names):
-            if s == 0:
-                got = flats
+            if s == 0:  # copies: the state outlives this step (and a freed window)
+                got = [flat.copy() for flat in flats]
             else:
                 size = sum(math.prod(self.shapes[n]) for n in names)
                 got = [np.empty(size, self.model.dtype) for _ in flats]
@@ -237,8 +253,13 @@ class TrainerBase:
                     view[...] = source[name]
             g.world.Bcast(whole, root=0)
             mine = self.named(whole, everything)
-            for name, view in self.named(flat).items():
-                view[...] = mine[name]
+            if self._writes_state:  # not where another rank of the node writes it
+                for name, view in self.named(flat).items():
+                    view[...] = mine[name]
+        self._state_written()
+
+    def _state_written(self) -> None:
+        """After ``restore``: what ranks share is written (hook)."""
 
 
 class Trainer(TrainerBase):
@@ -263,14 +284,33 @@ class Trainer(TrainerBase):
         # summed exactly (a float16 loss sum would overflow at 65504).
         covered = n if grad_dtype else n + 3
         buckets = plan_buckets(covered, bucket_mb * 2 ** 20, model.dtype.itemsize)
+        # With --allreduce shm the update is sharded: the ranks of a node share one
+        # copy of the parameters and optimizer state, and each updates the share of
+        # the gradients it summed, so nobody copies the other shares of the sum.
         self.exchange = Exchange(comm, n + 3, model.dtype, buckets, allreduce, overlap,
                                  progress, grad_dtype,
-                                 exact=slice(n, n + 3) if grad_dtype else None)
+                                 exact=slice(n, n + 3) if grad_dtype else None,
+                                 sharded=allreduce == "shm", needed=slice(n, n + 3))
         self.xbuf = self.exchange.buffer  # (n + 3,), shared memory for --allreduce shm
         model.bind_grads(self.xbuf[:n])
-        self.optimizer = make_optimizer(optimizer_name, model.params, model.grads, **opt_args)
+        if self.exchange.sharded:
+            model.bind_params(self.exchange.shared(n), copy=self.exchange.leader)
+            self.exchange.fence()
+        self._writes_state = self.exchange.leader  # of what the node's ranks share
+        self.optimizer = make_optimizer(optimizer_name, model.params, model.grads,
+                                        zeros=self.exchange.shared, **opt_args)
         self._prefetch: Optional[Prefetcher] = None
         self._init_common()
+
+    def _update(self) -> None:
+        """Apply the optimizer; sharded, to this rank's shares, then wait for the node's."""
+        if not self.exchange.sharded:
+            return self.optimizer.step()
+        self.optimizer.step([slice(a, b) for a, b in self.exchange.owned])
+        self.exchange.fence()  # all shares updated before any rank's next forward
+
+    def _state_written(self) -> None:
+        self.exchange.fence()
 
     def prefetch(self, start: int, stop: int) -> None:
         """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""
@@ -280,6 +320,9 @@ class Trainer(TrainerBase):
     def close(self) -> None:
         """Stop the helper threads and free the exchange's communicator (collective)."""
         self.close_prefetch()
+        if self.exchange.algorithm == "shm":
+            self._keep_arrays()
+            self.xbuf = self.xbuf.copy()
         self.exchange.close()
 
     def close_prefetch(self) -> None:

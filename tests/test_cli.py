@@ -186,12 +186,12 @@ def test_bench_train_json(tmp_path, small_data):
     out = tmp_path / "train.json"
     result = run_mpi(2, ["-m", "mpitrain", "bench", "train", "--data", small_data,
                          "--hidden", "16", "--batch-per-rank", "8", "--steps", "3",
-                         "--warmup", "1", "--repeats", "2", "--variants", "mpi,ring-bf16",
+                         "--warmup", "1", "--repeats", "2", "--variants", "mpi,ring-bf16,shm",
                          "--json", out])
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())
     assert [(r["ranks"], r["variant"]) for r in records] == [
-        (1, "mpi"), (2, "mpi"), (1, "ring-bf16"), (2, "ring-bf16")]
+        (1, "mpi"), (2, "mpi"), (1, "ring-bf16"), (2, "ring-bf16"), (1, "shm"), (2, "shm")]
     for r in records:
         assert r["samples_per_s"] > 0 and 0 < r["share_compute"] <= 1
         assert {"share_exchange", "share_data", "efficiency", "step_s"} <= set(r)
@@ -207,7 +207,8 @@ def test_ddp_peer_benchmark(tmp_path, small_data):
          "--json", str(out)], capture_output=True, text=True, timeout=300, env=clean_env())
     assert result.returncode == 0, result.stderr
     records = json.loads(out.read_text())
-    assert [r["ranks"] for r in records] == [1, 2]
+    assert [(r["ranks"], r["variant"]) for r in records] == [(1, "mpi"), (2, "mpi"),
+                                                             (1, "shm"), (2, "shm")]
     for r in records:
         assert r["ratio"] == pytest.approx(r["mpitrain_samples_per_s"] / r["ddp_samples_per_s"])
 

@@ -136,6 +136,8 @@ def test_ring_shm_and_mpi_allreduce_train_alike(small_data, dtype, algorithm, ki
     with_mpi, losses_mpi = run(cfg, comm, 30)
     with_ring, losses_ring = run(Config(**{**cfg.to_dict(), "allreduce": algorithm}), comm, 30)
     assert type(with_ring.exchange.blocking).__name__ == kind
+    # shm shares the parameters within the node and shards the update among its ranks.
+    assert with_ring.exchange.sharded == (algorithm == "shm" and comm.size > 1)
     if comm.size == 2:
         agree(comm, np.array_equal(with_mpi.model.params, with_ring.model.params), "bitwise")
     rtol = 1e-10 if dtype == "float64" else 1e-4
@@ -208,3 +210,26 @@ def test_16_bit_gradient_exchange_trains_close_to_full_precision(small_data, wir
         firsts.append(trainer.step(0))
         trainer.close()
     agree(comm, np.allclose(firsts[0][:2], firsts[1][:2], rtol=1e-6), "metrics at full precision")
+
+
+@pytest.mark.parametrize("allreduce", ["mpi", "shm"])
+def test_restored_state_continues_bitwise_and_survives_close(small_data, allreduce):
+    """capture after 5 steps, restore into a new trainer, 5 more: the bits of 10 in a row
+    (with shm the parameters and Adam's moments are shared by a node's ranks)."""
+    comm = MPI.COMM_WORLD
+    cfg = Config(data=small_data, hidden=[32, 16], batch_size=45, seed=3, optimizer="adam",
+                 weight_decay=0.01, allreduce=allreduce)
+    straight, _ = run(cfg, comm, 10)
+    first, _ = run(cfg, comm, 5)
+    state = first.capture(5, cfg.to_dict())
+    first.close()
+    second, _ = build(cfg, comm)
+    second.restore(state)
+    for k in range(5, 10):
+        second.step(k)
+    ends = []
+    for trainer in (straight, second):
+        trainer.close()  # the arrays stay readable after the windows are freed
+        ends.append([trainer.model.params, *trainer.optimizer.state().values()])
+    agree(comm, all(np.array_equal(a, b) for a, b in zip(*ends)), "resumed = uninterrupted")
+    agree(comm, len(set(comm.allgather(ends[1][0].tobytes()))) == 1, "replicas agree")

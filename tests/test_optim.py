@@ -62,3 +62,30 @@ def test_bad_optimizer_arguments():
         make_optimizer("sgd", p, p.copy(), lr=0)
     with pytest.raises(ValueError, match="differ"):
         make_optimizer("sgd", p, np.zeros(4), lr=0.1)
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
+def test_an_update_by_parts_and_chunks_has_the_bits_of_the_whole(name, monkeypatch):
+    """A sharded update (each rank its parts) must equal the whole update, bit for bit."""
+    from mpitrain.optim import Optimizer
+
+    rng = np.random.default_rng(5)
+    p0 = rng.normal(size=1001).astype(np.float32)
+    grads = [rng.normal(size=1001).astype(np.float32) for _ in range(3)]
+    results = []
+    for parts, chunk in [(None, 1 << 18), (None, 7), ([slice(600, 1001), slice(0, 250),
+                                                       slice(250, 600)], 64)]:
+        monkeypatch.setattr(Optimizer, "CHUNK", chunk)
+        made = []
+        p, g = p0.copy(), np.empty_like(p0)
+        opt = make_optimizer(name, p, g, lr=0.01, weight_decay=0.1,
+                             zeros=lambda n, dt: made.append(n) or np.zeros(n, dt))
+        for gi in grads:
+            g[...] = gi
+            opt.step(parts)
+        assert made == [1001] * len(opt.state())  # the state comes from the allocator
+        assert opt.steps == 3
+        results.append([p, *opt.state().values()])
+    for other in results[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
+    assert not np.array_equal(results[0][0], p0)

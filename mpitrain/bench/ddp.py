@@ -1,4 +1,4 @@
-"""$ python -m mpitrain.bench.ddp [--ranks 1,2] [--repeats 5] [--json out.json]
+"""$ python -m mpitrain.bench.ddp [--ranks 1,2] [--variants mpi,shm] [--repeats 5] [--json out.json]
 
 mpitrain against its peer, PyTorch DistributedDataParallel (gloo backend,
 CPU, ``torch.set_num_threads(1)`` per rank), on the same MLP
@@ -102,14 +102,14 @@ def ddp_samples_per_s(size: int, data: str, hidden: List[int], batch: int, steps
 
 
 def mpitrain_samples_per_s(size: int, data: str, hidden: List[int], batch: int, steps: int,
-                           warmup: int, mpiexec: str) -> Dict[str, float]:
+                           warmup: int, mpiexec: str, variant: str = "mpi") -> Dict[str, float]:
     """Global samples/s (and the time split) of ``mpiexec -n size ... bench train``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "train.json")
         cmd = [mpiexec, "-n", str(size), sys.executable, "-m", "mpitrain", "bench", "train",
                "--ranks", str(size), "--repeats", "1", "--steps", str(steps), "--warmup",
                str(warmup), "--hidden", ",".join(map(str, hidden)), "--batch-per-rank",
-               str(batch), "--data", data, "--json", out]
+               str(batch), "--data", data, "--variants", variant, "--json", out]
         from ..runtime import THREAD_VARS, child_env
 
         env = {**child_env(), **{v: "1" for v in THREAD_VARS}}  # one thread, as DDP's ranks
@@ -121,6 +121,8 @@ def mpitrain_samples_per_s(size: int, data: str, hidden: List[int], batch: int, 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m mpitrain.bench.ddp", description=__doc__)
     p.add_argument("--ranks", default="1,2", help="rank counts (default: 1,2)")
+    p.add_argument("--variants", default="mpi,shm",
+                   help="mpitrain's variants (see bench train --variants), e.g. mpi,shm")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
@@ -141,31 +143,35 @@ def main(argv=None) -> None:
     data = args.data or builtin_dataset(MPI.COMM_SELF)
     ranks = [int(r) for r in args.ranks.split(",")]
     hidden = [int(h) for h in args.hidden.split(",")]
-    ours: Dict[int, List[float]] = {r: [] for r in ranks}
+    variants = args.variants.split(",")
+    ours: Dict[tuple, List[float]] = {(r, v): [] for r in ranks for v in variants}
     theirs: Dict[int, List[float]] = {r: [] for r in ranks}
     for _ in range(args.repeats):  # interleaved, so both see the same machine
         for r in ranks:
-            ours[r].append(mpitrain_samples_per_s(r, data, hidden, args.batch_per_rank,
-                                                  args.steps, args.warmup,
-                                                  args.mpiexec)["samples_per_s"])
+            for v in variants:
+                ours[r, v].append(mpitrain_samples_per_s(r, data, hidden, args.batch_per_rank,
+                                                         args.steps, args.warmup,
+                                                         args.mpiexec, v)["samples_per_s"])
             theirs[r].append(ddp_samples_per_s(r, data, hidden, args.batch_per_rank,
                                                args.steps, args.warmup))
     print(f"# MLP 784-{'-'.join(map(str, hidden))}-10, {args.batch_per_rank} samples per rank, "
           f"SGD, 1 thread per rank; median of {args.repeats} (min-max)")
-    print(f"# {'ranks':>5} {'mpitrain samples/s':>24} {'DDP gloo samples/s':>24} "
+    print(f"# {'ranks':>5} {'variant':<8} {'mpitrain samples/s':>24} {'DDP gloo samples/s':>24} "
           f"{'ratio':>6} {'eff. mpitrain':>13} {'eff. DDP':>9}")
     records = []
-    for r in ranks:
-        m, d = statistics.median(ours[r]), statistics.median(theirs[r])
-        m1, d1 = statistics.median(ours[ranks[0]]), statistics.median(theirs[ranks[0]])
-        rec = {"ranks": r, "mpitrain_samples_per_s": m, "ddp_samples_per_s": d,
-               "ratio": m / d, "ratios": [a / b for a, b in zip(ours[r], theirs[r])],
-               "efficiency_mpitrain": m / (r / ranks[0] * m1),
-               "efficiency_ddp": d / (r / ranks[0] * d1)}
-        records.append(rec)
-        print(f"  {r:>5} {m:>10,.0f} ({min(ours[r]):,.0f}-{max(ours[r]):,.0f}) "
-              f"{d:>10,.0f} ({min(theirs[r]):,.0f}-{max(theirs[r]):,.0f}) {m / d:>6.2f} "
-              f"{rec['efficiency_mpitrain']:>13.2f} {rec['efficiency_ddp']:>9.2f}")
+    for v in variants:
+        for r in ranks:
+            m, d = statistics.median(ours[r, v]), statistics.median(theirs[r])
+            m1, d1 = statistics.median(ours[ranks[0], v]), statistics.median(theirs[ranks[0]])
+            rec = {"ranks": r, "variant": v, "mpitrain_samples_per_s": m,
+                   "ddp_samples_per_s": d, "ratio": m / d,
+                   "ratios": [a / b for a, b in zip(ours[r, v], theirs[r])],
+                   "efficiency_mpitrain": m / (r / ranks[0] * m1),
+                   "efficiency_ddp": d / (r / ranks[0] * d1)}
+            records.append(rec)
+            print(f"  {r:>5} {v:<8} {m:>10,.0f} ({min(ours[r, v]):,.0f}-{max(ours[r, v]):,.0f}) "
+                  f"{d:>10,.0f} ({min(theirs[r]):,.0f}-{max(theirs[r]):,.0f}) {m / d:>6.2f} "
+                  f"{rec['efficiency_mpitrain']:>13.2f} {rec['efficiency_ddp']:>9.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=1)
