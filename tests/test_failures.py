@@ -50,6 +50,25 @@ def test_sigkill_of_a_rank_ends_the_job_and_a_relaunch_ends_bit_identical(
     assert time.monotonic() - t0 < 100
 
 
+def test_shm_allreduce_killed_and_relaunched_ends_bit_identical(small_data, tmp_path):
+    """The sharded update keeps parameters and Adam's moments in memory the node's
+    ranks share: its checkpoints and resume must be as exact as MPI's."""
+    runs = {}
+    for name, allreduce in (("mpi", "mpi"), ("shm", "shm")):
+        runs[name] = tmp_path / name
+        result = train(2, small_data, runs[name], "--allreduce", allreduce)
+        assert result.returncode == 0, result.stderr
+    killed_dir = tmp_path / "killed"
+    killed = train(2, small_data, killed_dir, "--allreduce", "shm",
+                   "--fault", "kill:rank=1:step=37")
+    assert killed.returncode != 0
+    again = train(2, small_data, killed_dir, "--allreduce", "shm")
+    assert again.returncode == 0, again.stderr
+    assert "at step 30" in again.stdout
+    assert same_bits(final(killed_dir), final(runs["shm"]))
+    assert same_bits(final(runs["shm"]), final(runs["mpi"]))  # 2 ranks: a + b = b + a
+
+
 def test_kill_during_a_checkpoint_write(small_data, tmp_path, reference):
     killed = train(2, small_data, tmp_path, "--fault", "ckpt-kill:step=20")
     assert killed.returncode != 0
@@ -140,10 +159,11 @@ def test_preemption_signal_through_mpiexec(small_data, tmp_path, signame):
     assert same_bits(final(tmp_path), final(whole))
 
 
-def test_watchdog_ends_a_job_with_a_stopped_rank(small_data, tmp_path):
+@pytest.mark.parametrize("allreduce", ["mpi", "shm"], ids=["allreduce-mpi", "allreduce-shm"])
+def test_watchdog_ends_a_job_with_a_stopped_rank(small_data, tmp_path, allreduce):
     t0 = time.monotonic()
     result = train(4, small_data, tmp_path, "--fault", "stop:rank=1:step=12",
-                   "--watchdog", "3", timeout=90)
+                   "--watchdog", "3", "--allreduce", allreduce, timeout=90)
     elapsed = time.monotonic() - t0
     assert result.returncode != 0
     assert result.stderr.count("mpitrain: watchdog: no progress for") == 1, (

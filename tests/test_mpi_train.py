@@ -233,3 +233,35 @@ def test_restored_state_continues_bitwise_and_survives_close(small_data, allredu
         ends.append([trainer.model.params, *trainer.optimizer.state().values()])
     agree(comm, all(np.array_equal(a, b) for a, b in zip(*ends)), "resumed = uninterrupted")
     agree(comm, len(set(comm.allgather(ends[1][0].tobytes()))) == 1, "replicas agree")
+
+
+def test_shm_across_nodes_trains_like_mpi(small_data, monkeypatch):
+    """Two 'nodes' (even and odd ranks): a shared model per node, shares summed across
+    nodes by Allreduce, each node's ranks updating their shares of its copy."""
+    import mpitrain.shm
+
+    comm = MPI.COMM_WORLD
+    if comm.size % 2:
+        pytest.skip("needs an even number of ranks for two equal 'nodes'")
+
+    class TwoNodes(mpitrain.shm.ShmAllreduce):
+        def __init__(self, comm, count, dtype=np.float32, node=None):
+            node = comm.Split(comm.Get_rank() % 2, comm.Get_rank())
+            super().__init__(comm, count, dtype, node=node)
+            node.Free()
+
+    monkeypatch.setattr(mpitrain.shm, "ShmAllreduce", TwoNodes)
+    cfg = Config(data=small_data, hidden=[32, 16], batch_size=45, seed=2, optimizer="momentum")
+    with_mpi, losses_mpi = run(cfg, comm, 20)
+    with_shm, losses_shm = run(Config(**{**cfg.to_dict(), "allreduce": "shm"}), comm, 20)
+    shm = with_shm.exchange.blocking
+    assert isinstance(shm, TwoNodes) and with_shm.exchange.sharded
+    assert shm.cross.Get_size() == 2 and shm.local_size == comm.size // 2
+    with_shm.close()
+    if comm.size == 2:  # nodes of one rank: only the Allreduce across them adds
+        agree(comm, np.array_equal(with_mpi.model.params, with_shm.model.params), "bitwise")
+    agree(comm, np.allclose(with_mpi.model.params, with_shm.model.params, rtol=1e-4,
+                            atol=1e-6), "parameters match")
+    agree(comm, np.allclose(losses_mpi, losses_shm, rtol=1e-4), "losses match")
+    agree(comm, len(set(comm.allgather(with_shm.model.params.tobytes()))) == 1,
+          "both nodes' copies agree")
