@@ -73,6 +73,39 @@ def _local_ranks() -> Tuple[int, str]:
     return 1, "no launcher"
 
 
+# OpenBLAS's thread setter and getter, by the names its builds export (numpy's
+# wheels bundle scipy-openblas, whose symbols carry a prefix and a suffix).
+_OPENBLAS = [(f"{prefix}openblas_set_num_threads{suffix}",
+              f"{prefix}openblas_get_num_threads{suffix}")
+             for prefix in ("", "scipy_") for suffix in ("", "64_")]
+
+
+def _loaded_openblas():
+    """(set, get) of the OpenBLAS this process has loaded, or None (Linux only)."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(p for p in paths if p.startswith("/")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for setter, getter in _OPENBLAS:
+            if hasattr(lib, setter) and hasattr(lib, getter):
+                return getattr(lib, setter), getattr(lib, getter)
+    return None
+
+
+def blas_threads() -> Optional[int]:
+    """Threads of the OpenBLAS numpy loaded, read from the library (None if unknown)."""
+    found = _loaded_openblas()
+    return int(found[1]()) if found else None
+
+
 def limit_threads() -> Dict[str, object]:
     """Set BLAS/OpenMP threads to the cores available per rank, unless set.
 
@@ -100,8 +133,14 @@ def limit_threads() -> Dict[str, object]:
         how = f"{cores} cores bound to this rank"
     else:
         how = f"{cores} cores / {local} ranks on this node ({source})"
-    if late:
-        how += "; numpy was imported before mpitrain, so BLAS may ignore it"
+    if late and "OPENBLAS_NUM_THREADS" not in user and "OMP_NUM_THREADS" not in user:
+        # numpy's OpenBLAS read the environment when it loaded: tell it directly.
+        found = _loaded_openblas()
+        if found:
+            found[0](threads)
+            how += f"; numpy was imported first, so its OpenBLAS was set to {threads} directly"
+        else:
+            how += "; numpy was imported before mpitrain, so BLAS may ignore it"
     omp = os.environ["OMP_NUM_THREADS"]
     _THREADS.update(threads=int(omp) if omp.isdigit() else omp, how=how)
     return _THREADS

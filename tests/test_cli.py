@@ -119,6 +119,24 @@ def test_threads_per_rank(n, env, expected):
     assert result.stdout.split("\n")[:n] == [f"{omp} {blas}"] * n
 
 
+@pytest.mark.parametrize("first", ["numpy", "mpitrain"])
+def test_the_loaded_blas_runs_the_threads_per_rank_whatever_was_imported_first(first):
+    """numpy imported before mpitrain has read the environment already: mpitrain then
+    sets its OpenBLAS directly (2 threads per rank on 2 cores would thrash)."""
+    second = "mpitrain" if first == "numpy" else "numpy"
+    script = (f"import {first}, {second}\n"
+              "from mpi4py import MPI\n"
+              "from mpitrain.runtime import blas_threads\n"
+              "seen = MPI.COMM_WORLD.gather(str(blas_threads()), root=0)\n"
+              "if seen: print(' '.join(seen))\n")
+    result = run_mpi(2, ["-c", script], env=clean_env())
+    assert result.returncode == 0, result.stderr
+    if result.stdout.split()[0] == "None":
+        pytest.skip("numpy's BLAS here is not OpenBLAS")
+    expected = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert result.stdout.split()[:2] == [expected, expected]
+
+
 def test_prepare_and_help(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "in.npz", x=rng.normal(size=(50, 3)), y=rng.integers(0, 4, 50))
@@ -153,9 +171,9 @@ def test_bench_allreduce_table_and_json(tmp_path):
     keys = {"algorithm", "ranks", "bytes", "time_s", "algbw_GBps", "busbw_GBps"}
     assert all(set(r) == keys for r in records)
     pairs = [(r["algorithm"], r["bytes"]) for r in records]
-    assert pairs == [("mpi", 4096), ("ring", 4096), ("mpi", 102400), ("ring", 102400),
-                     ("memory", 64 << 20)]
-    for r in records[:4]:
+    assert pairs == [("mpi", 4096), ("ring", 4096), ("shm", 4096), ("mpi", 102400),
+                     ("ring", 102400), ("shm", 102400), ("memory", 64 << 20)]
+    for r in records[:6]:
         assert r["ranks"] == 2 and r["time_s"] > 0
         assert r["algbw_GBps"] == pytest.approx(r["bytes"] / r["time_s"] / 1e9)
         assert r["busbw_GBps"] == pytest.approx(r["algbw_GBps"])  # 2 (p - 1) / p = 1 at p = 2
