@@ -43,7 +43,7 @@ def test_allreduce_bench_example(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     records = json.loads((tmp_path / "allreduce-2.json").read_text())
-    assert {r["algorithm"] for r in records} == {"mpi", "ring", "memory"}
+    assert {r["algorithm"] for r in records} == {"mpi", "ring", "shm", "memory"}
 
 
 def test_plot_overlays_runs(tmp_path, small_data):

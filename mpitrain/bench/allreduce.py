@@ -1,19 +1,21 @@
 """$ mpirun -n 2 python -m mpitrain bench allreduce [--sizes 4K,1M,64M] [--json out.json]
 
-The ring all-reduce against MPI's own ``Allreduce``, both in place, measured
-interleaved in the same run, reported as nccl-tests does:
+The ring and the shared-memory all-reduce against MPI's own ``Allreduce``,
+all in place, measured interleaved in the same run, reported as nccl-tests does:
 algbw = bytes / time, busbw = algbw * 2 (p - 1) / p.  A reference line gives
 this machine's memory bandwidth (rank 0 alone: ``a += b``).
 """
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 from mpi4py import MPI
 
 from ..ring import RingAllreduce
+from ..runtime import MpitrainError
+from ..shm import ShmAllreduce
 from .common import format_size, median, parse_size, quiet_barrier, timed, write_json
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
@@ -62,9 +64,59 @@ def memory_bandwidth(comm: MPI.Comm, nbytes: int, repeats: int) -> Dict[str, obj
             "algbw_GBps": nbytes / seconds / 1e9, "busbw_GBps": 3 * nbytes / seconds / 1e9}
 
 
+def _measure(comm: MPI.Comm, args: argparse.Namespace, dtype: np.dtype, n: int,
+             ring: RingAllreduce, shm: Optional[ShmAllreduce],
+             out) -> List[Dict[str, object]]:
+    """Check, then time, MPI, the ring and shm (if given) on ``n`` items; print a row
+    (collective)."""
+    ranks, rank = comm.Get_size(), comm.Get_rank()
+    nbytes = n * dtype.itemsize
+    # A correctness check first: each must agree with MPI on random data.
+    given = np.random.default_rng([rank, n]).normal(size=n).astype(dtype)
+    expect = given.copy()
+    comm.Allreduce(MPI.IN_PLACE, expect, op=MPI.SUM)
+    check = given.copy()
+    ring(check)
+    results = [("ring", check)]
+    if shm is not None:
+        shm.buffer[...] = given
+        shm(shm.buffer)
+        results.append(("shm", shm.buffer))
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for name, got in results:
+        ok = comm.allreduce(bool(np.allclose(got, expect, rtol=tol, atol=tol * ranks)),
+                            op=MPI.LAND)
+        if not ok:
+            raise MpitrainError(f"{name} result differs from MPI_Allreduce at {nbytes} bytes",
+                                everywhere=True)
+    buf = np.zeros(n, dtype)  # zeros stay zeros: no overflow over many calls
+    algos = {"mpi": lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
+             "ring": lambda: ring(buf)}
+    if shm is not None:
+        shm.buffer[...] = 0
+        algos["shm"] = lambda: shm(shm.buffer)
+    iters = _iters(nbytes)
+    samples: Dict[str, List[float]] = {k: [] for k in algos}
+    for r in range(args.warmup + args.repeats):
+        for name, fn in algos.items():  # interleaved, so all see the same noise
+            t = timed(comm, fn, iters)
+            if r >= args.warmup:
+                samples[name].append(t)
+    row = {k: _record(k, ranks, nbytes, median(v)) for k, v in samples.items()}
+    m, g = row["mpi"], row["ring"]
+    lo, hi = (m["time_s"] / t for t in (max(samples["ring"]), min(samples["ring"])))
+    h = row.get("shm")
+    shm_cols = (f"{h['time_s'] * 1e6:>8.1f}us {h['busbw_GBps']:>6.2f} "
+                f"{m['time_s'] / h['time_s']:>7.2f}" if h else "")
+    out(f"  {format_size(nbytes):>6} {m['time_s'] * 1e6:>8.1f}us {m['algbw_GBps']:>6.2f} "
+        f"{m['busbw_GBps']:>6.2f}   {g['time_s'] * 1e6:>8.1f}us {g['busbw_GBps']:>6.2f} "
+        f"{m['time_s'] / g['time_s']:>8.2f} {f'({lo:.2f}-{hi:.2f})':>11}   {shm_cols}",
+        flush=True)
+    return list(row.values())
+
+
 def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     """Measure, print the table on rank 0, and return the records."""
-    from ..runtime import MpitrainError
 
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -75,52 +127,33 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
         raise MpitrainError(f"need --repeats >= 1, --warmup >= 0, --segment >= 1; got "
                             f"{args.repeats}, {args.warmup}, {args.segment}", everywhere=True)
     dtype = np.dtype(args.dtype)
-    ranks, rank = comm.Get_size(), comm.Get_rank()
+    rank = comm.Get_rank()
     ring = RingAllreduce(comm, segment_bytes=segment)
     out = print if rank == 0 else (lambda *a, **k: None)
-    out(f"# all-reduce, {ranks} ranks, {dtype}, in place; median of {args.repeats} "
-        f"(min-max); busbw = algbw * 2(p-1)/p")
-    out(f"# {'size':>6} {'mpi time':>10} {'algbw':>7} {'busbw':>7}   {'ring time':>10} "
-        f"{'algbw':>7} {'busbw':>7}   {'ring/mpi':>8}   {'ring busbw range':>16}")
+    out(f"# all-reduce, {comm.Get_size()} ranks, {dtype}, in place; median of {args.repeats}; "
+        f"busbw = algbw * 2(p-1)/p; x/mpi = MPI's time / x's time")
+    out(f"# {'size':>6} {'mpi time':>10} {'algbw':>6} {'busbw':>6}   {'ring time':>10} "
+        f"{'busbw':>6} {'ring/mpi':>8} {'(range)':>11}   {'shm time':>10} {'busbw':>6} "
+        f"{'shm/mpi':>7}")
     records: List[Dict[str, object]] = []
     for nbytes in sizes:
         n = nbytes // dtype.itemsize
-        # A correctness check first: the ring must agree with MPI on random data.
-        check = np.random.default_rng([rank, n]).normal(size=n).astype(dtype)
-        expect = check.copy()
-        comm.Allreduce(MPI.IN_PLACE, expect, op=MPI.SUM)
-        ring(check)
-        tol = 1e-4 if dtype == np.float32 else 1e-10
-        ok = comm.allreduce(bool(np.allclose(check, expect, rtol=tol, atol=tol * ranks)),
-                            op=MPI.LAND)
-        if not ok:
-            raise MpitrainError(f"ring result differs from MPI_Allreduce at {nbytes} bytes",
-                                everywhere=True)
-        buf = np.zeros(n, dtype)  # zeros stay zeros: no overflow over many calls
-        algos = {"mpi": lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
-                 "ring": lambda: ring(buf)}
-        iters = _iters(nbytes)
-        samples: Dict[str, List[float]] = {k: [] for k in algos}
-        for r in range(args.warmup + args.repeats):
-            for name, fn in algos.items():  # interleaved, so both see the same noise
-                t = timed(comm, fn, iters)
-                if r >= args.warmup:
-                    samples[name].append(t)
-        row = {k: _record(k, ranks, n * dtype.itemsize, median(v)) for k, v in samples.items()}
-        records += [row["mpi"], row["ring"]]
-        m, g = row["mpi"], row["ring"]
-        lo, hi = (g["busbw_GBps"] * g["time_s"] / t for t in (max(samples["ring"]),
-                                                             min(samples["ring"])))
-        out(f"  {format_size(nbytes):>6} {m['time_s'] * 1e6:>8.1f}us {m['algbw_GBps']:>7.2f} "
-            f"{m['busbw_GBps']:>7.2f}   {g['time_s'] * 1e6:>8.1f}us {g['algbw_GBps']:>7.2f} "
-            f"{g['busbw_GBps']:>7.2f}   {m['time_s'] / g['time_s']:>8.2f}   "
-            f"{lo:>7.2f}-{hi:<7.2f}", flush=True)
+        try:
+            shm = ShmAllreduce(comm, n, dtype)  # sums slices of its own shared buffer
+        except MpitrainError as exc:  # e.g. unequal ranks per node: agreed everywhere
+            out(f"# no shm: {exc}")
+            shm = None
+        try:
+            records += _measure(comm, args, dtype, n, ring, shm, out)
+        finally:
+            if shm is not None:
+                shm.close()
     mem = memory_bandwidth(comm, 64 << 20, args.repeats)
     records.append(mem)
     out(f"# memory bandwidth (rank 0 alone, a += b on 64M float32): "
         f"{mem['algbw_GBps']:.1f} GB/s of array bytes ({mem['busbw_GBps']:.1f} GB/s "
         f"counting 2 reads + 1 write)")
-    out("# ring/mpi > 1: the ring is faster (ratio of busbw = MPI time / ring time)")
+    out("# ring/mpi > 1: the ring is faster; (range): over the ring's samples")
     if args.json and rank == 0:
         write_json(args.json, records)
     return records
