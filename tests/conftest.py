@@ -115,3 +115,44 @@ def pytest_collection_modifyitems(config, items):
     if len(keep) != len(items):
         config.hook.pytest_deselected(items=[i for i in items if i not in keep])
         items[:] = keep
+
+
+_SESSION_START = None
+
+
+def pytest_sessionstart(session):
+    global _SESSION_START
+    import time
+
+    _SESSION_START = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the shared-memory files MPICH leaves in /dev/shm when a job of this session
+    was killed or aborted (the failure tests do so on purpose): files made since the
+    session started that no live process has mapped.  /dev/shm is RAM."""
+    if _SESSION_START is None or not os.path.isdir("/dev/shm"):
+        return
+    stale = []
+    for name in os.listdir("/dev/shm"):
+        path = os.path.join("/dev/shm", name)
+        try:
+            if name.startswith("mpich_shm_") and os.stat(path).st_mtime >= _SESSION_START:
+                stale.append(path)
+        except OSError:
+            continue
+    if not stale:
+        return
+    mapped = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+                mapped.update(line.split()[-1] for line in f if "/dev/shm/" in line)
+        except OSError:
+            continue
+    for path in stale:
+        if path not in mapped:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
