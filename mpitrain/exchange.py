@@ -120,7 +120,6 @@ class Exchange:
         # shm: a bucket's sum leaves peers reading this buffer; one fence ends them all.
         self._sum = (self._reduce_scatter if self.sharded
                      else getattr(self.blocking, "reduce", self.blocking))
-        self._fence = getattr(self.blocking, "fence", None)
         self._requests: List[MPI.Request] = []
         self._next = 0  # buckets started so far
         self._jobs: "queue.Queue[Optional[Tuple[int, int]]]" = queue.Queue()
@@ -144,6 +143,10 @@ class Exchange:
     def leader(self) -> bool:
         """Whether this rank writes what the ranks of its node share (local rank 0)."""
         return not self.sharded or self.blocking.local_rank == 0
+
+    def shares(self) -> Optional[List[slice]]:
+        """Sharded: the slices of the buffer this rank summed this step; else None (all)."""
+        return [slice(a, b) for a, b in self.owned] if self.sharded else None
 
     def fence(self) -> None:
         """Sharded: every rank has updated its share; the shared arrays may be read and
@@ -201,17 +204,18 @@ class Exchange:
             error, self._error = self._error, None
             raise error
         if self.sharded:
-            # Every share is summed: copy the needed slots from their owners.  The
-            # caller updates its shares, then fences before this buffer is written.
+            # Every share is summed: copy the needed slots from their owners (each
+            # gather fences first).  The caller updates its shares, then fences
+            # before this buffer is written again.
             lo, hi = (self.needed.start, self.needed.stop) if self.needed else (0, 0)
-            for a, b in self.buckets:
-                if max(a, lo) < min(b, hi):
-                    self.blocking.gather(self.buffer[max(a, lo):min(b, hi)],
-                                         within=self.buffer[a:b])
-            if not any(max(a, lo) < min(b, hi) for a, b in self.buckets):
+            hits = [(a, b) for a, b in self.buckets if max(a, lo) < min(b, hi)]
+            for a, b in hits:
+                self.blocking.gather(self.buffer[max(a, lo):min(b, hi)],
+                                     within=self.buffer[a:b])
+            if not hits:
                 self.blocking.fence()
-        elif self._fence is not None and self.size > 1:
-            self._fence()  # peers have read this buffer: the next step may write it
+        elif self.algorithm == "shm" and self.size > 1:
+            self.blocking.fence()  # peers have read this buffer: the next step may write it
         if self.exact is not None and self.size > 1:
             self.comm.Allreduce(MPI.IN_PLACE, self.buffer[self.exact], op=MPI.SUM)
 

@@ -201,12 +201,15 @@ class Sequential:
         for i, layer in zip(self.index, self.layers):
             layer.bind(self._views(self.params, i, layer), self._views(self.grads, i, layer))
 
-    def bind_params(self, buffer: np.ndarray, copy: bool = True) -> None:
-        """Make the parameters views of ``buffer`` (length ``size``), e.g. memory shared
-        by the ranks of a node; ``copy=False`` leaves the copying to another rank."""
+    def _check_buffer(self, buffer: np.ndarray) -> None:
         if buffer.shape != (self.size,) or buffer.dtype != self.dtype:
             raise ValueError(f"expected a {self.dtype} buffer of {self.size} elements, "
                              f"got {buffer.dtype} {buffer.shape}")
+
+    def bind_params(self, buffer: np.ndarray, copy: bool = True) -> None:
+        """Make the parameters views of ``buffer`` (length ``size``), e.g. memory shared
+        by the ranks of a node; ``copy=False`` leaves the copying to another rank."""
+        self._check_buffer(buffer)
         if copy:
             buffer[...] = self.params
         self.params = buffer
@@ -214,9 +217,7 @@ class Sequential:
 
     def bind_grads(self, buffer: np.ndarray) -> None:
         """Make the gradients views of ``buffer`` (length ``size``), e.g. part of an exchange buffer."""
-        if buffer.shape != (self.size,) or buffer.dtype != self.dtype:
-            raise ValueError(f"expected a {self.dtype} buffer of {self.size} elements, "
-                             f"got {buffer.dtype} {buffer.shape}")
+        self._check_buffer(buffer)
         buffer[...] = self.grads
         self.grads = buffer
         self._bind()

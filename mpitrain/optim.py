@@ -36,7 +36,7 @@ class Optimizer:
         self.params, self.grads = params, grads
         self.lr, self.weight_decay = lr, weight_decay
         self.steps = 0
-        self._zeros = zeros or (lambda count, dtype: np.zeros(count, dtype))
+        self._zeros = zeros or np.zeros
         self._tmp = np.empty(min(params.size, self.CHUNK), params.dtype)  # scratch
 
     def state(self) -> Dict[str, np.ndarray]:

@@ -147,9 +147,8 @@ class ShmAllreduce:
         the pages of a share sit next to the rank that updates them.
         """
         dtype = np.dtype(dtype or self.dtype)
-        size = count * dtype.itemsize if self.local_rank == 0 else 0
-        win = MPI.Win.Allocate_shared(max(size, 1 if self.local_rank == 0 else 0),
-                                      dtype.itemsize, comm=self.node)
+        size = max(count, 1) * dtype.itemsize if self.local_rank == 0 else 0
+        win = MPI.Win.Allocate_shared(size, dtype.itemsize, comm=self.node)
         memory, _ = win.Shared_query(0)
         array = np.frombuffer(memory, dtype, count)
         bounds = self.bounds(0, count)

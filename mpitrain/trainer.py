@@ -99,12 +99,13 @@ class TrainerBase:
     def close(self) -> None:
         """Release threads and communicators (collective)."""
 
-    def _keep_arrays(self) -> None:
+    def _keep_arrays(self, grads: Optional[np.ndarray] = None) -> None:
         """Copy the model's and optimizer's arrays out of memory about to be freed (a
-        shared-memory window), so the trainer's results stay readable after ``close``."""
+        shared-memory window), so the trainer's results stay readable after ``close``;
+        ``grads``: the gradients' new home, if the caller has one."""
         m, opt = self.model, self.optimizer
         m.bind_params(m.params.copy())
-        m.bind_grads(m.grads.copy())
+        m.bind_grads(m.grads.copy() if grads is None else grads)
         opt.params, opt.grads = m.params, m.grads
         for name, array in opt.state().items():  # state() names its attributes
             setattr(opt, name, array.copy())
@@ -256,10 +257,6 @@ class TrainerBase:
             if self._writes_state:  # not where another rank of the node writes it
                 for name, view in self.named(flat).items():
                     view[...] = mine[name]
-        self._state_written()
-
-    def _state_written(self) -> None:
-        """After ``restore``: what ranks share is written (hook)."""
 
 
 class Trainer(TrainerBase):
@@ -296,21 +293,24 @@ class Trainer(TrainerBase):
         if self.exchange.sharded:
             model.bind_params(self.exchange.shared(n), copy=self.exchange.leader)
             self.exchange.fence()
-        self._writes_state = self.exchange.leader  # of what the node's ranks share
         self.optimizer = make_optimizer(optimizer_name, model.params, model.grads,
                                         zeros=self.exchange.shared, **opt_args)
         self._prefetch: Optional[Prefetcher] = None
         self._init_common()
 
+    @property
+    def _writes_state(self) -> bool:
+        """Whether ``restore`` writes here: not where another rank of the node does."""
+        return self.exchange.leader
+
+    def restore(self, state: Optional[State]) -> None:
+        super().restore(state)
+        self.exchange.fence()  # sharded: the leader's writes seen before anyone reads
+
     def _update(self) -> None:
         """Apply the optimizer; sharded, to this rank's shares, then wait for the node's."""
-        if not self.exchange.sharded:
-            return self.optimizer.step()
-        self.optimizer.step([slice(a, b) for a, b in self.exchange.owned])
-        self.exchange.fence()  # all shares updated before any rank's next forward
-
-    def _state_written(self) -> None:
-        self.exchange.fence()
+        self.optimizer.step(self.exchange.shares())
+        self.exchange.fence()  # sharded: all shares updated before any rank's next forward
 
     def prefetch(self, start: int, stop: int) -> None:
         """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""
@@ -321,8 +321,8 @@ class Trainer(TrainerBase):
         """Stop the helper threads and free the exchange's communicator (collective)."""
         self.close_prefetch()
         if self.exchange.algorithm == "shm":
-            self._keep_arrays()
             self.xbuf = self.xbuf.copy()
+            self._keep_arrays(grads=self.xbuf[:self.model.size])
         self.exchange.close()
 
     def close_prefetch(self) -> None:
