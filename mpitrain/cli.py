@@ -185,8 +185,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
             on_root(comm, lambda: print(
                 f"wrote {plot_runs(args.runs, args.out or default_out(args.runs))}"))
-        elif args.command == "inspect":
-            return _inspect(args)
+        elif args.command == "inspect":  # one print, one --export writer
+            return on_root(comm, lambda: _inspect(args))
         elif args.command == "bench":
             from .bench import allreduce, pipeline, train as train_bench
 

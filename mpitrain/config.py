@@ -255,8 +255,8 @@ def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
         raise bad("sigterm_grace", "a value >= 0 (0: never abort)")
     if cfg.watchdog < 0:
         raise bad("watchdog", "a value >= 0 (0 turns it off)")
-    if cfg.resume not in ("auto", "none") and not os.path.isfile(cfg.resume):
-        raise bad("resume", "auto, none, or an existing checkpoint file")
+    # A --resume file is looked for by rank 0 alone, which reads it: it may sit on
+    # a disk the other ranks do not see.
     from .runtime import Faults
 
     try:

@@ -601,7 +601,7 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
                     dog.phase = "checkpoint"
                 seconds, nbytes = save_checkpoint(cfg, comm, trainer, done, faults, report)
                 ckpt_time, ckpt_bytes, ckpt_count = ckpt_time + seconds, nbytes, ckpt_count + 1
-            if trainer.stop_agreed:
+            if trainer.stop_agreed and done < total:  # at the last step it is just done
                 summary["preempted"] = True
                 total = done
                 break

@@ -137,6 +137,18 @@ def test_the_loaded_blas_runs_the_threads_per_rank_whatever_was_imported_first(f
     assert result.stdout.split()[:2] == [expected, expected]
 
 
+def test_inspect_prints_once_and_exports_once(tmp_path, small_data):
+    assert run_train(2, "--data", small_data, "--steps", "5", "--hidden", "8", "--ckpt-dir",
+                     tmp_path / "ck", "--quiet").returncode == 0
+    ckpt = next((tmp_path / "ck").glob("*.h5"))
+    out = tmp_path / "params.npz"
+    result = run_mpi(2, ["-m", "mpitrain", "inspect", ckpt, "--export", out])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("mpitrain checkpoint, written by") == 1
+    assert result.stdout.count(f"wrote {out}") == 1
+    assert set(np.load(out)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
 def test_prepare_and_help(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "in.npz", x=rng.normal(size=(50, 3)), y=rng.integers(0, 4, 50))

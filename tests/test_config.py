@@ -70,3 +70,9 @@ def test_argparse_rejects_unknown_flags_and_choices(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["train", "--optimizer", "lbfgs"])
     assert "invalid choice: 'lbfgs'" in capsys.readouterr().err
+
+
+def test_a_resume_file_is_not_looked_for_by_every_rank(tmp_path):
+    """Validation checks no file for --resume: rank 0 reads it, maybe from its own disk."""
+    cfg = parse("--resume", str(tmp_path / "only-on-rank-0.h5"))
+    assert cfg.resume.endswith("only-on-rank-0.h5")

@@ -191,6 +191,17 @@ def test_resume_errors(small_data, tmp_path):
     assert explicit.returncode == 2 and explicit.stderr.count("bad.h5: unreadable") == 1
     done = train(2, small_data, tmp_path, "--steps", "10")
     assert done.returncode == 0 and "nothing to do: the checkpoint is at step 10 of 10" in done.stdout
+    # Rank 0 alone looks for a --resume file (the others may not see its disk).
+    missing = train(2, small_data, tmp_path, "--resume", tmp_path / "nope.h5")
+    assert missing.returncode == 2 and missing.stderr.count("nope.h5: no such checkpoint file") == 1
+
+
+def test_a_stop_at_the_last_step_is_just_the_end(small_data, tmp_path):
+    """A pre-emption signal on the last step: the run is complete, not pre-empted."""
+    result = train(2, small_data, tmp_path, "--fault", f"term:rank=1:step={STEPS}")
+    assert result.returncode == 0, result.stderr
+    assert "stopped at step" not in result.stdout and "done: steps 1-60" in result.stdout
+    assert checkpoint.listing(str(tmp_path))[-1][0] == STEPS
 
 
 def test_local_relaunch_wrapper_survives_a_killed_rank(small_data, tmp_path):
