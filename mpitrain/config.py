@@ -34,6 +34,9 @@ CHOICES = {
 }
 
 
+MAX_MICROBATCHES = 8000  # pipeline tags 2k, 2k+1 stay below MPI's guaranteed 32767
+
+
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -243,8 +246,8 @@ def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
                             f"{cfg.allreduce} progresses on its own thread (--progress thread)")
     if cfg.pp < 1:
         raise bad("pp", "a value >= 1")
-    if cfg.microbatches is not None and not 1 <= cfg.microbatches <= 8000:
-        raise bad("microbatches", "a value in 1..8000")
+    if cfg.microbatches is not None and not 1 <= cfg.microbatches <= MAX_MICROBATCHES:
+        raise bad("microbatches", f"a value in 1..{MAX_MICROBATCHES}")
     if cfg.stage_layers is not None and (not cfg.stage_layers or min(cfg.stage_layers) < 1):
         raise bad("stage_layers", "one or more counts >= 1")
     if cfg.ckpt_every < 0:

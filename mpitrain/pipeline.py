@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from mpi4py import MPI
 
+from .config import CHOICES, MAX_MICROBATCHES
 from .data import Sampler, Shards, rank_slice
 from .exchange import make_exchange
 from .nn import Layer, Linear, Sequential, saved_bytes
@@ -32,8 +33,7 @@ from .trainer import TrainerBase
 
 __all__ = ["units", "partition", "stage_ranges", "PipelineTrainer", "SCHEDULES", "bubble"]
 
-SCHEDULES = ("gpipe", "1f1b")
-MAX_MICROBATCHES = 8000  # tags 2k, 2k+1 stay below MPI's guaranteed 32767
+SCHEDULES = CHOICES["schedule"]
 
 
 def units(layers: Sequence[Layer]) -> List[Tuple[int, int]]:
@@ -143,7 +143,7 @@ class PipelineTrainer(TrainerBase):
         rows = -(-per_replica // microbatches)  # ... and its largest micro-batch
         alive = microbatches if schedule == "gpipe" else min(microbatches,
                                                              grid.pp - grid.pp_rank)
-        self.rows, self.slots = rows, alive
+        self.slots = alive
         dt = self.model.dtype
         self.act_pool = np.empty((alive, rows, self.in_width), dt) if grid.pp_rank else None
         self.grad_buf = np.empty((rows, self.out_width), dt) if not grid.is_last_stage else None
@@ -178,10 +178,16 @@ class PipelineTrainer(TrainerBase):
         self.times["wait"] += time.perf_counter() - t0
         return buf
 
+    def _isend(self, buf: np.ndarray, dest: int, tag: int) -> None:
+        """Isend ``buf``, kept alive until sent; buffers already sent are let go, so a
+        stage holds only what is in flight, not every micro-batch's output."""
+        self._sends = [(r, b) for r, b in self._sends if not r.Test()]
+        buf = np.ascontiguousarray(buf)
+        self._sends.append((self.grid.pp_comm.Isend(buf, dest=dest, tag=tag), buf))
+
     def send_forward(self, k: int, y: np.ndarray) -> None:
         """Send micro-batch ``k``'s output (rows, out_width) to the next stage."""
-        y = np.ascontiguousarray(y)
-        self._sends.append((self.grid.pp_comm.Isend(y, dest=self.grid.next_rank, tag=2 * k), y))
+        self._isend(y, self.grid.next_rank, 2 * k)
 
     def recv_backward(self, k: int, rows: int) -> np.ndarray:
         """dL/d(output) of micro-batch ``k`` from the next stage, (rows, out_width)."""
@@ -193,9 +199,7 @@ class PipelineTrainer(TrainerBase):
 
     def send_backward(self, k: int, dx: np.ndarray) -> None:
         """Send dL/d(input) of micro-batch ``k`` (rows, in_width) to the previous stage."""
-        dx = np.ascontiguousarray(dx)
-        self._sends.append((self.grid.pp_comm.Isend(dx, dest=self.grid.prev_rank,
-                                                     tag=2 * k + 1), dx))
+        self._isend(dx, self.grid.prev_rank, 2 * k + 1)
 
     # -- one micro-batch -------------------------------------------------------------------
     def _forward(self, k: int) -> None:
@@ -216,13 +220,14 @@ class PipelineTrainer(TrainerBase):
             else:
                 self.send_forward(k, out)
         self._alive[k] = saved
-        held = sum(saved_bytes(v) for v in self._alive.values())
-        self.peak_activation_bytes = max(self.peak_activation_bytes, held)
+        self._held += saved_bytes(saved)
+        self.peak_activation_bytes = max(self.peak_activation_bytes, self._held)
         self.peak_alive = max(self.peak_alive, len(self._alive))
 
     def _backward(self, k: int) -> None:
         lo, hi = self._parts[k]
         saved = self._alive.pop(k)
+        self._held -= saved_bytes(saved)
         if self.grid.is_last_stage:
             saved, dy = saved
         else:
@@ -267,13 +272,14 @@ class PipelineTrainer(TrainerBase):
         self._parts = [rank_slice(len(ids), k, self.microbatches)
                        for k in range(self.microbatches)]
         self.on_phase("reading data")
-        if g.is_first_stage:
-            self._x = self.train.read(ids)[0]  # (b, features)
-        if g.is_last_stage:
+        if g.is_first_stage:  # (b, features), (b,)
+            self._x, self._y = self.train.read(ids)
+        elif g.is_last_stage:
             self._y = self.train.read_labels(ids)  # (b,)
         t1 = time.perf_counter()
         self.metrics[:] = 0
         self._alive: Dict[int, Any] = {}
+        self._held = 0  # bytes saved by the micro-batches in _alive
         wait0 = self.times["wait"]
         (self.gpipe if self.schedule == "gpipe" else self.one_f_one_b)()
         MPI.Request.Waitall([r for r, _ in self._sends])
@@ -301,13 +307,14 @@ class PipelineTrainer(TrainerBase):
             b = min(hi, a + chunk)
             ids = np.arange(a, b)
             if g.is_first_stage:
-                x = self.val.read(ids)[0]
+                x, y = self.val.read(ids)
             else:
                 x = buf[:b - a]
                 g.pp_comm.Recv(x, source=g.prev_rank, tag=2 * k)
             out = self.model(x)
             if g.is_last_stage:
-                y = self.val.read_labels(ids)
+                if not g.is_first_stage:
+                    y = self.val.read_labels(ids)
                 sums += (self.loss(out, y, 1.0)[0], np.count_nonzero(out.argmax(axis=1) == y))
             else:
                 MPI.Request.Waitall([r for r, _ in sending])  # one chunk in flight at a time

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
+import conftest
 from mpitrain.config import Config
 from mpitrain.trainer import build
 
@@ -16,8 +17,7 @@ COMM = MPI.COMM_WORLD
 
 
 def agree(ok, what):
-    oks = COMM.allgather(bool(ok))
-    assert all(oks), f"{what}: failed on ranks {[r for r, o in enumerate(oks) if not o]}"
+    conftest.agree(COMM, ok, what)
 
 
 def cfg(data, **kw):
@@ -108,3 +108,41 @@ def test_capture_gathers_every_stage_on_rank_0(small_data):
     else:
         ok = state is None
     agree(ok, "the gathered state is the whole model's")
+
+
+def test_a_stage_holds_only_the_sends_in_flight(small_data, monkeypatch):
+    """Send buffers already received are let go at once, not kept to the end of the step
+    (which would hold every micro-batch's output and gradient, defeating 1F1B)."""
+    from mpitrain.pipeline import PipelineTrainer
+
+    held = []
+    isend = PipelineTrainer._isend
+
+    def counting(self, buf, dest, tag):
+        isend(self, buf, dest, tag)
+        held.append(len(self._sends))
+
+    monkeypatch.setattr(PipelineTrainer, "_isend", counting)
+    m = 16
+    t, _ = build(cfg(small_data, pp=COMM.Get_size(), microbatches=m), COMM)
+    for k in range(3):
+        t.step(k)
+    t.close()
+    # Each stage sends up to 2 M messages a step; small ones are gone as soon as sent.
+    agree(max(held) <= 4, f"at most a few sends held at once, not {max(held)} of {2 * m}")
+
+
+def test_a_stage_that_is_first_and_last_reads_its_labels_with_its_rows(small_data,
+                                                                       monkeypatch):
+    from mpitrain.data import Shards
+
+    calls = []
+    read_labels = Shards.read_labels
+    monkeypatch.setattr(Shards, "read_labels",
+                        lambda self, ids: calls.append(len(ids)) or read_labels(self, ids))
+    t, _ = build(cfg(small_data, pp=1, microbatches=2), COMM)  # one stage, micro-batches
+    for k in range(3):
+        t.step(k)
+    t.evaluate()
+    t.close()
+    agree(calls == [], f"labels read again {len(calls)} times")
