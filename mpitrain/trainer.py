@@ -99,6 +99,12 @@ class TrainerBase:
     def close(self) -> None:
         """Release threads and communicators (collective)."""
 
+    def close_data(self) -> None:
+        """Close the training and validation shard files."""
+        self.train.close()
+        if self.val:
+            self.val.close()
+
     def _keep_arrays(self, grads: Optional[np.ndarray] = None) -> None:
         """Copy the model's and optimizer's arrays out of memory about to be freed (a
         shared-memory window), so the trainer's results stay readable after ``close``;
@@ -548,9 +554,7 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
         report.say(f"nothing to do: the checkpoint is at step {start} of {total}", always=True)
         report.close()
         trainer.close()
-        trainer.train.close()
-        if trainer.val:
-            trainer.val.close()
+        trainer.close_data()
         if dog:
             dog.close()
         return summary
@@ -637,7 +641,5 @@ def train(cfg: Config, comm: MPI.Comm, out=None) -> Dict[str, Any]:
                    f"; exit status {EXIT_PREEMPTED}: relaunch with --resume auto to continue",
                    always=True)
     report.close()
-    trainer.train.close()
-    if trainer.val:
-        trainer.val.close()
+    trainer.close_data()
     return summary

@@ -226,6 +226,10 @@ def test_bench_train_json(tmp_path, small_data):
         assert r["samples_per_s"] > 0 and 0 < r["share_compute"] <= 1
         assert {"share_exchange", "share_data", "efficiency", "step_s"} <= set(r)
     assert records[0]["efficiency"] == 1.0
+    by = {(r["ranks"], r["variant"]): r for r in records}
+    for (n, v), r in by.items():  # samples/s at p / (p x samples/s at 1)
+        assert r["efficiency"] == pytest.approx(
+            r["samples_per_s"] / (n * by[1, v]["samples_per_s"]))
 
 
 def test_ddp_peer_benchmark(tmp_path, small_data):

@@ -139,15 +139,17 @@ def test_requeue_sbatch_preempted_by_usr1_requeues_and_resumes_bit_identical(
     deadline = time.monotonic() + 90
     rank0 = None
     while rank0 is None or not signal_state(rank0).get("State", "").startswith("T"):
-        if time.monotonic() > deadline:
-            slurm.wait(job_id, timeout=0)  # cancels it and fails, with its output
-        time.sleep(0.1)
+        if time.monotonic() > deadline:  # cancels a running job and fails with its output
+            job = slurm.wait(job_id, timeout=0)
+            pytest.fail(f"rank 0 never stopped at step 25; the job ended:\n{job.output}")
+        time.sleep(0.1)  # polling under a deadline
         rank0 = slurm.job_processes(job_id).get(0)
     slurm.run("scancel", "--signal=USR1", job_id)  # to the job's steps, not the script
     deadline = time.monotonic() + 30
     while not pending(rank0, signal.SIGUSR1):
         if time.monotonic() > deadline:
-            slurm.wait(job_id, timeout=0)
+            job = slurm.wait(job_id, timeout=0)
+            pytest.fail(f"USR1 never reached rank 0; the job ended:\n{job.output}")
         time.sleep(0.05)
     slurm.run("scancel", "--signal=CONT", job_id)
     job = slurm.wait(job_id, timeout=120, since=t0)

@@ -27,6 +27,8 @@ import tempfile
 import time
 from typing import Dict, List
 
+from .common import write_json
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -173,8 +175,7 @@ def main(argv=None) -> None:
                   f"{d:>10,.0f} ({min(theirs[r]):,.0f}-{max(theirs[r]):,.0f}) {m / d:>6.2f} "
                   f"{rec['efficiency_mpitrain']:>13.2f} {rec['efficiency_ddp']:>9.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+        write_json(args.json, records)
 
 
 if __name__ == "__main__":

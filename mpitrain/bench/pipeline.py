@@ -56,7 +56,7 @@ def _measure(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, 
     peak = getattr(trainer, "peak_activation_bytes", 0)
     per_rank = comm.gather((g.pp_rank, wait, peak), root=0)
     trainer.close()
-    trainer.train.close()
+    trainer.close_data()
     result: Dict[str, object] = {"step_s": statistics.median(durations),
                                  "pp": g.pp, "dp": g.dp}
     if comm.Get_rank() == 0:

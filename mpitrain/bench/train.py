@@ -15,6 +15,7 @@ import statistics
 import time
 from typing import Dict, List
 
+import numpy as np
 from mpi4py import MPI
 
 from ..config import Config
@@ -64,10 +65,13 @@ def _sample(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, f
     t0 = time.perf_counter()
     for k in range(warmup, warmup + steps):
         trainer.step(k)
-    elapsed = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-    times = {k: comm.allreduce(v, op=MPI.MAX) for k, v in trainer.times.items()}
+    # The slowest rank's elapsed time and phase times, in one Allreduce.
+    keys = list(trainer.times)
+    slowest = np.array([time.perf_counter() - t0, *(trainer.times[k] for k in keys)])
+    comm.Allreduce(MPI.IN_PLACE, slowest, op=MPI.MAX)
+    elapsed, times = float(slowest[0]), dict(zip(keys, slowest[1:].tolist()))
     trainer.close()
-    trainer.train.close()
+    trainer.close_data()
     return {"samples_per_s": steps * cfg.batch_size / elapsed, "step_s": elapsed / steps,
             **{f"share_{k}": v / elapsed for k, v in times.items()}}
 
@@ -95,9 +99,10 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     out(f"# train: MLP {hidden}, {args.batch_per_rank} samples per rank, SGD; median of "
         f"{args.repeats} x {args.steps} steps; threads per rank {thread_report()}")
     samples: Dict[tuple, List[Dict[str, float]]] = {}
+    subs = {n: comm.Split(0 if rank < n else MPI.UNDEFINED, rank) for n in counts}
     for _ in range(args.repeats):  # interleaved: every setting sees the same noise
         for n in counts:
-            sub = comm.Split(0 if rank < n else MPI.UNDEFINED, rank)
+            sub = subs[n]
             for name in variants:
                 extra = dict(VARIANTS[name])
                 if args.bucket_mb is not None:
@@ -117,8 +122,9 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                 error = comm.bcast(error, root=0)  # rank 0 is in every sub-communicator
                 if error:
                     raise MpitrainError(error, everywhere=True)
-            if sub != MPI.COMM_NULL:
-                sub.Free()
+    for sub in subs.values():
+        if sub != MPI.COMM_NULL:
+            sub.Free()
     records: List[Dict[str, object]] = []
     if rank == 0:
         out(f"# {'ranks':>5} {'variant':<15} {'samples/s':>10} {'range':>17} {'efficiency':>10}"
