@@ -9,7 +9,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .runtime import EXIT_PREEMPTED, MpitrainError, agreed, limit_threads, run_or_abort
+from .runtime import (EXIT_PREEMPTED, MpitrainError, agreed, limit_threads, on_root,
+                      run_or_abort)
 
 __all__ = ["main"]
 
@@ -131,8 +132,7 @@ def _info(comm) -> None:
     from mpi4py import MPI
 
     from . import __version__
-    from .runtime import thread_report
-    from .trainer import library_version
+    from .runtime import library_version, thread_report
 
     hosts = comm.gather(MPI.Get_processor_name(), root=0)
     threads = comm.gather(thread_report(), root=0)
@@ -167,7 +167,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    from .trainer import on_root
 
     def run() -> int:
         if args.command == "train":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 __all__ = ["MpitrainError", "agreed", "limit_threads", "thread_report", "run_or_abort",
            "Preemption",
@@ -54,6 +54,28 @@ def agreed(comm, fn: Callable[[], object]) -> object:
     if errors:
         raise MpitrainError(errors[0], everywhere=True)
     return result
+
+
+def on_root(comm, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 and broadcast its result; an error there is raised on
+    every rank (collective)."""
+    result = error = None
+    if comm.Get_rank() == 0:
+        try:
+            result = fn()
+        except (MpitrainError, OSError) as exc:
+            error = str(exc)
+    error, result = comm.bcast((error, result), root=0)
+    if error:
+        raise MpitrainError(error, everywhere=True)
+    return result
+
+
+def library_version() -> str:
+    """The MPI library's name and version, on one line."""
+    from mpi4py import MPI
+
+    return " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
 
 
 def _local_ranks() -> Tuple[int, str]:

@@ -37,17 +37,12 @@ from . import checkpoint
 from .checkpoint import State
 from .topology import make_grid
 from .runtime import (EXIT_PREEMPTED, Faults, MpitrainError, Preemption, Watchdog, agreed,
-                      thread_report)
+                      library_version, on_root, thread_report)
 
 __all__ = ["Trainer", "build", "train", "builtin_dataset", "BUILTIN"]
 
 # The built-in synthetic set `train` uses when no --data is given.
 BUILTIN = dict(samples=20000, features=784, classes=10, seed=0, shards=4, val_fraction=0.1)
-
-
-def library_version() -> str:
-    """The MPI library's name and version, on one line."""
-    return " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
 
 
 def cache_dir() -> str:
@@ -65,20 +60,22 @@ def builtin_dataset(comm: MPI.Comm) -> str:
     b = BUILTIN
     path = os.path.join(cache_dir(), f"synthetic-v1-n{b['samples']}-f{b['features']}-"
                                      f"c{b['classes']}-s{b['seed']}")
-    error = None
-    if comm.Get_rank() == 0 and not os.path.exists(os.path.join(path, "manifest.json")):
+    manifest = os.path.join(path, "manifest.json")
+
+    def make() -> None:
+        if os.path.exists(manifest):
+            return
         try:
             synthetic(path, b["samples"], b["features"], b["classes"], b["seed"],
                       b["shards"], b["val_fraction"])
-        except MpitrainError as exc:
-            # Another job may have written it meanwhile; that is fine.
-            if not os.path.exists(os.path.join(path, "manifest.json")):
-                error = str(exc)
+        except MpitrainError:
+            if not os.path.exists(manifest):  # else another job wrote it meanwhile: fine
+                raise
         except OSError as exc:
-            error = f"{path}: cannot write the built-in dataset: {exc} (set MPITRAIN_CACHE)"
-    error = comm.bcast(error, root=0)
-    if error:
-        raise MpitrainError(error, everywhere=True)
+            raise MpitrainError(f"{path}: cannot write the built-in dataset: {exc} "
+                                "(set MPITRAIN_CACHE)") from None
+
+    on_root(comm, make)
     return path
 
 
@@ -432,21 +429,6 @@ def _is_eval_step(cfg: Config, step: int, spe: int, total: int) -> bool:
     if cfg.eval_every is None:
         return done % spe == 0
     return cfg.eval_every > 0 and done % cfg.eval_every == 0
-
-
-def on_root(comm: MPI.Comm, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 and broadcast its result; an error there is raised on
-    every rank (collective)."""
-    result = error = None
-    if comm.Get_rank() == 0:
-        try:
-            result = fn()
-        except (MpitrainError, OSError) as exc:
-            error = str(exc)
-    error, result = comm.bcast((error, result), root=0)
-    if error:
-        raise MpitrainError(error, everywhere=True)
-    return result
 
 
 def resume(cfg: Config, comm: MPI.Comm, trainer: Trainer, report: Reporter) -> int:
