@@ -328,6 +328,11 @@ class Sampler:
             self._epoch, self._order = epoch, rng.permutation(self.n)
         return self._order
 
+    def meta(self) -> Dict[str, object]:
+        """What fixes the sample order (a checkpoint records it; resume compares it)."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "samples": self.n,
+                "drop_last": self.drop_last}
+
     def locate(self, step: int) -> Tuple[int, int]:
         """(epoch, step within the epoch) of global step ``step``."""
         return divmod(step, self.steps_per_epoch)

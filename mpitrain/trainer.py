@@ -193,7 +193,7 @@ class TrainerBase:
             params.update(self.named(got[0], names))
             for key, buf in zip(keys, got[1:]):
                 opt_state[key].update(self.named(buf, names))
-        epoch, epoch_step = divmod(step, self.sampler.steps_per_epoch)
+        epoch, epoch_step = self.sampler.locate(step)
         opt, s = self.optimizer, self.sampler
         hyper = {k: getattr(opt, k) for k in ("lr", "weight_decay", "momentum", "beta1",
                                                "beta2", "eps", "decoupled") if hasattr(opt, k)}
@@ -203,8 +203,7 @@ class TrainerBase:
             optimizer={"name": config.get("optimizer", type(opt).__name__.lower()),
                        "steps": opt.steps, **hyper},
             config=config, layout={"world_size": g.world.Get_size(), "pp": g.pp, "dp": g.dp},
-            sampler={"seed": s.seed, "batch_size": s.batch_size, "samples": s.n,
-                     "drop_last": s.drop_last},
+            sampler=s.meta(),
             rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
                                  f"({s.n}), cut into batches of {s.batch_size}",
                  "init": "numpy.random.default_rng([seed, layer index]) per layer",
@@ -226,10 +225,7 @@ class TrainerBase:
                 self.optimizer.state()):
             return (f"written with --optimizer {state.optimizer.get('name')}, "
                     f"this run has {name}")
-        s = self.sampler
-        here = {"seed": s.seed, "batch_size": s.batch_size, "samples": s.n,
-                "drop_last": s.drop_last}
-        for key, value in here.items():
+        for key, value in self.sampler.meta().items():
             if state.sampler.get(key) != value:
                 flag = {"samples": "training samples in --data"}.get(key, "--" + key.replace(
                     "_", "-"))
