@@ -10,10 +10,17 @@ import sys
 import mpitrain  # first: it sets the BLAS threads per rank before numpy loads
 from mpi4py import MPI
 
-from mpitrain.data import Sampler, Shards, check_dataset, read_manifest
-from mpitrain.nn import Linear, Sequential, SoftmaxCrossEntropy, Tanh
+from mpitrain.data.checks import check_dataset
+from mpitrain.data.manifest import read_manifest
+from mpitrain.data.sampler import Sampler
+from mpitrain.data.shards import Shards
+from mpitrain.model.layers import Linear, Tanh
+from mpitrain.model.losses import SoftmaxCrossEntropy
+from mpitrain.model.optim import make_optimizer
+from mpitrain.model.sequential import Sequential
 from mpitrain.runtime import run_or_abort
-from mpitrain.trainer import Trainer, builtin_dataset
+from mpitrain.data.builtin import builtin_dataset
+from mpitrain.parallel.data_parallel import Trainer
 
 
 def main() -> None:
@@ -25,10 +32,10 @@ def main() -> None:
     model = Sequential([Linear(features, 64), Tanh(), Linear(64, 64), Tanh(),
                         Linear(64, manifest.classes)], dtype="float32", seed=1)
     train = Shards(manifest, "train")
-    trainer = Trainer(model, SoftmaxCrossEntropy(), "adam", {"lr": 1e-3}, train,
+    optimizer = make_optimizer("adam", model.params, model.grads, lr=1e-3)
+    trainer = Trainer(model, SoftmaxCrossEntropy(), optimizer, train,
                       Sampler(len(train), batch_size=64, seed=1), comm,
                       val=Shards(manifest, "val"))
-    trainer.check_replicas()
     for step in range(100):
         loss, accuracy, _ = trainer.step(step)
     val_loss, val_accuracy = trainer.evaluate()

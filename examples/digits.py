@@ -27,7 +27,7 @@ def main() -> None:
             import numpy as np
             from sklearn.datasets import load_digits
 
-            from mpitrain.prepare import from_npz
+            from mpitrain.data.prepare import from_npz
 
             digits = load_digits()
             with tempfile.TemporaryDirectory() as tmp:

@@ -7,28 +7,37 @@ objects below are loaded on first use::
     import mpitrain
     from mpi4py import MPI
     model = mpitrain.Sequential(mpitrain.mlp(784, [256], 10), seed=0)
+
+The subpackages show the architecture, dependencies pointing one way::
+
+    run (build, loop, metrics) -> parallel (trainers) -> comm, model, data, fault -> runtime
 """
-from .runtime import limit_threads
+from .threads import limit_threads
 
 limit_threads()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # name -> module that defines it (imported lazily, so `import mpitrain` stays light)
 _API = {
-    "MpitrainError": "runtime", "run_or_abort": "runtime", "Watchdog": "runtime",
+    "MpitrainError": "runtime", "ConfigError": "runtime", "run_or_abort": "runtime",
     "Config": "config",
-    "Layer": "nn", "Linear": "nn", "ReLU": "nn", "Tanh": "nn", "Sequential": "nn", "mlp": "nn",
-    "SoftmaxCrossEntropy": "nn", "MSELoss": "nn",
-    "make_optimizer": "optim", "SGD": "optim", "Momentum": "optim", "Adam": "optim",
-    "Manifest": "data", "read_manifest": "data", "check_dataset": "data", "Shards": "data",
-    "Sampler": "data", "Prefetcher": "data",
-    "Grid": "topology", "make_grid": "topology",
-    "RingAllreduce": "ring", "ring_allreduce": "ring",
-    "Trainer": "trainer", "build": "trainer", "train": "trainer",
-    "builtin_dataset": "trainer", "save_checkpoint": "trainer", "resume": "trainer",
-    "PipelineTrainer": "pipeline",
-    "State": "checkpoint", "load_checkpoint": ("checkpoint", "load"),
+    "Layer": "model.layers", "Linear": "model.layers", "ReLU": "model.layers",
+    "Tanh": "model.layers", "mlp": "model.layers", "Sequential": "model.sequential",
+    "SoftmaxCrossEntropy": "model.losses", "MSELoss": "model.losses",
+    "make_optimizer": "model.optim", "SGD": "model.optim", "Momentum": "model.optim",
+    "Adam": "model.optim",
+    "Manifest": "data.manifest", "read_manifest": "data.manifest",
+    "check_dataset": "data.checks", "Shards": "data.shards", "Sampler": "data.sampler",
+    "Prefetcher": "data.prefetch", "builtin_dataset": "data.builtin",
+    "Grid": "comm.topology", "make_grid": "comm.topology",
+    "Exchange": "comm.exchange",
+    "RingAllreduce": "comm.ring", "ring_allreduce": "comm.ring",
+    "ShmAllreduce": "comm.shm",
+    "Trainer": "parallel.data_parallel", "PipelineTrainer": "parallel.pipeline.stage",
+    "build": "run.build", "train": "run.loop",
+    "Watchdog": "fault.watchdog",
+    "State": "fault.checkpoint", "load_checkpoint": ("fault.checkpoint", "load"),
 }
 
 __all__ = ["__version__", "limit_threads", *_API]

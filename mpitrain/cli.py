@@ -9,8 +9,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .runtime import (EXIT_PREEMPTED, MpitrainError, agreed, limit_threads, on_root,
-                      run_or_abort)
+from .runtime import EXIT_PREEMPTED, ConfigError, MpitrainError, agreed, on_root, run_or_abort
+from .threads import limit_threads
 
 __all__ = ["main"]
 
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from . import prepare
+    from .data import prepare
 
     if args.synthetic:
         m = prepare.synthetic(args.out, args.samples, args.features, args.classes or 10,
@@ -104,7 +104,7 @@ def _prepare(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .checkpoint import inspect
+    from .fault.checkpoint import inspect
 
     state, rows = inspect(args.checkpoint)
     print(f"{args.checkpoint}: mpitrain checkpoint, written by mpitrain {state.mpitrain_version}")
@@ -132,7 +132,8 @@ def _info(comm) -> None:
     from mpi4py import MPI
 
     from . import __version__
-    from .runtime import library_version, thread_report
+    from .runtime import library_version
+    from .threads import thread_report
 
     hosts = comm.gather(MPI.Get_processor_name(), root=0)
     threads = comm.gather(thread_report(), root=0)
@@ -167,20 +168,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+    names = {"name_of": None}  # how errors name a parameter: by its flag or TOML key
 
     def run() -> int:
         if args.command == "train":
             from .config import from_sources
-            from .trainer import train
+            from .run.loop import train
 
-            cfg = agreed(comm, lambda: from_sources(args))  # its file checks, on every rank
+            cfg, names["name_of"] = agreed(comm, lambda: from_sources(args))
             summary = train(cfg, comm)
             if summary["preempted"]:
                 return EXIT_PREEMPTED
         elif args.command == "prepare":
             on_root(comm, lambda: _prepare(args))
         elif args.command == "plot":
-            from .plot import default_out, plot_runs
+            from .run.plot import default_out, plot_runs
 
             on_root(comm, lambda: print(
                 f"wrote {plot_runs(args.runs, args.out or default_out(args.runs))}"))
@@ -195,4 +197,9 @@ def main(argv: Optional[List[str]] = None) -> None:
             _info(comm)
         return 0
 
-    sys.exit(run_or_abort(run, comm))
+    def render(exc: ConfigError) -> str:
+        from .config import flag
+
+        return exc.render(names["name_of"] or flag)
+
+    sys.exit(run_or_abort(run, comm, render=render))

@@ -1,47 +1,63 @@
-"""The training configuration: one dataclass of commented defaults.
+"""The training configuration: one frozen dataclass of commented defaults, validated when made.
 
-Values come from the defaults, then a TOML file (``--config``), then flags;
-each later source overrides the earlier.  Unknown keys are errors, and every
-error names where the bad value came from (the flag, or the file and key).
+``Config(lr=-1)`` raises ``ConfigError`` naming the parameter; so does an
+option that does not apply to the chosen layout (``schedule`` without a
+pipeline, ``momentum`` with Adam, ``keep_last`` without ``ckpt_dir``): it
+is refused with the reason, never ignored.  Each choice list lives with the
+module that owns it (the optimizers with ``model.optim``, the all-reduce
+algorithms with ``comm.exchange``...).
+
+On the command line values come from the defaults, then a TOML file
+(``--config``), then flags; each later source overrides the earlier.
+Unknown keys are errors, and every error names where the bad value came
+from (the flag, or the file and key): ``from_sources`` returns the
+configuration and the function that names a parameter so.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .runtime import MpitrainError
+from .comm.codecs import WIRES
+from .comm.exchange import ALGORITHMS, PROGRESS, check_options
+from .data.checks import MODES
+from .fault.drills import Faults
+from .model.layers import ACTIVATIONS
+from .model.losses import LOSSES
+from .model.optim import OPTIMIZERS
+from .parallel.pipeline.schedules import MAX_MICROBATCHES, SCHEDULES
+from .runtime import ConfigError, MpitrainError, literal
 
-__all__ = ["Config", "add_arguments", "from_sources", "CHOICES"]
+__all__ = ["Config", "CHOICES", "add_arguments", "from_sources", "flag"]
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.9/3.10
     import tomli as tomllib
 
-CHOICES = {
-    "activation": ("relu", "tanh"),
-    "loss": ("ce", "mse"),
+# Each list is the owning module's own.
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "activation": tuple(ACTIVATIONS),
+    "loss": tuple(LOSSES),
     "dtype": ("float32", "float64"),
-    "optimizer": ("sgd", "momentum", "adam", "adamw"),
-    "allreduce": ("mpi", "ring", "shm"),
-    "check_data": ("full", "meta"),
-    "schedule": ("gpipe", "1f1b"),
-    "progress": ("thread", "test", "none"),
-    "grad_dtype": ("full", "float16", "bfloat16"),
+    "optimizer": OPTIMIZERS,
+    "allreduce": tuple(ALGORITHMS),
+    "check_data": MODES,
+    "schedule": SCHEDULES,
+    "progress": PROGRESS,
+    "grad_dtype": ("full", *WIRES),
 }
-
-
-MAX_MICROBATCHES = 8000  # pipeline tags 2k, 2k+1 stay below MPI's guaranteed 32767
 
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """Everything ``mpitrain train`` needs; see ``--help`` for each key."""
 
@@ -104,6 +120,13 @@ class Config:
     eval_every: Optional[int] = _opt(None, "evaluate on the validation split every N steps "
                                            "(default: each epoch's end; 0: only at the end)")
 
+    def __post_init__(self) -> None:
+        for f in fields(self):  # a tuple default or a TOML list: one type, a list
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                object.__setattr__(self, f.name, list(value))
+        validate(self)
+
     def total_steps(self, steps_per_epoch: int) -> int:
         """The run's length in steps."""
         if self.steps is not None:
@@ -120,11 +143,138 @@ class Config:
             return self.microbatches
         return 1 if self.pp == 1 else 2 * self.pp
 
+    def pipelined(self) -> bool:
+        """Whether the pipeline trainer runs (stages, or micro-batches on one stage)."""
+        return self.pp > 1 or self.micro() > 1
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes``, validated."""
+        return dataclasses.replace(self, **changes)
+
     def to_dict(self) -> Dict[str, Any]:
+        """Every key and its value (JSON-ready)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def _flag(name: str) -> str:
+_DEFAULTS = {f.name: f.default for f in fields(Config)}
+
+
+def _changed(cfg: Config, name: str) -> bool:
+    default = _DEFAULTS[name]
+    return getattr(cfg, name) != (list(default) if isinstance(default, tuple) else default)
+
+
+def _types() -> Dict[str, str]:
+    """Field name -> its base type ('int', 'float', 'str', 'bool', 'List[int]')."""
+    out = {}
+    for f in fields(Config):
+        base = f.type[len("Optional["):-1] if f.type.startswith("Optional[") else f.type
+        out[f.name] = base
+    return out
+
+
+_OK = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "List[int]": lambda v: isinstance(v, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in v),
+}
+
+
+# name -> (comparison, bound, a note for the message): the numbers' valid ranges.
+BOUNDS = {
+    "batch_size": (">", 0, ""), "lr": (">", 0, ""), "log_every": (">", 0, ""),
+    "steps": (">=", 1, ""), "epochs": (">=", 1, ""), "eval_every": (">=", 0, ""),
+    "weight_decay": (">=", 0, ""), "bucket_mb": (">=", 0, ""), "seed": (">=", 0, ""),
+    "pp": (">=", 1, ""), "ckpt_every": (">=", 0, ""),
+    "keep_last": (">=", 1, " (the newest checkpoint is always kept)"),
+    "sigterm_grace": (">=", 0, " (0: never abort)"),
+    "watchdog": (">=", 0, " (0 turns it off)"),
+}
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first invalid value (or combination)."""
+
+    def bad(name: str, expect: str) -> ConfigError:
+        return ConfigError(f"{{{name}}}: expected {expect}, got {literal(repr(getattr(cfg, name)))}",
+                           [name])
+
+    types = _types()
+    for name, base in types.items():
+        value = getattr(cfg, name)
+        if value is None and _DEFAULTS[name] is None:
+            continue
+        if not _OK[base](value):
+            raise bad(name, f"a value of type {base}")
+        if base == "float" and not math.isfinite(value):
+            raise bad(name, "a finite number")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise bad(name, "one of " + ", ".join(choices))
+    for name, (op, bound, note) in BOUNDS.items():
+        value = getattr(cfg, name)
+        if value is not None and not (value > bound if op == ">" else value >= bound):
+            raise bad(name, f"a value {op} {bound}{note}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ConfigError(f"{{steps}} and {{epochs}}: give one of the two, not both (got "
+                          f"{cfg.steps} steps and {cfg.epochs} epochs)", ["steps", "epochs"])
+    if not cfg.hidden or any(h < 1 for h in cfg.hidden):
+        raise bad("hidden", "one or more positive widths")
+    if not 0 <= cfg.momentum < 1:
+        raise bad("momentum", "a value in [0, 1)")
+    check_options(cfg.allreduce, cfg.progress, cfg.wire())
+    if cfg.microbatches is not None and not 1 <= cfg.microbatches <= MAX_MICROBATCHES:
+        raise bad("microbatches", f"a value in 1..{MAX_MICROBATCHES}")
+    if cfg.stage_layers is not None and (not cfg.stage_layers or min(cfg.stage_layers) < 1):
+        raise bad("stage_layers", "one or more counts >= 1")
+    try:
+        Faults(cfg.fault)
+    except MpitrainError as exc:
+        raise ConfigError("{fault}: " + literal(str(exc)), ["fault"]) from None
+    _refuse_what_does_not_apply(cfg)
+
+
+def _refuse_what_does_not_apply(cfg: Config) -> None:
+    """A non-default option the chosen layout would ignore is an error, with the reason."""
+    rules = [
+        ("schedule", not cfg.pipelined(),
+         "orders a pipeline's micro-batches; this run has none ({pp} 1, one micro-batch)",
+         ["pp"]),
+        ("stage_layers", cfg.pp == 1, "splits the model into pipeline stages; {pp} is 1",
+         ["pp"]),
+        ("momentum", cfg.optimizer != "momentum",
+         "is the momentum of {optimizer} momentum; this run's {optimizer} is " + cfg.optimizer,
+         ["optimizer"]),
+        ("keep_last", cfg.ckpt_dir is None, "prunes checkpoints; no {ckpt_dir} is given",
+         ["ckpt_dir"]),
+        ("ckpt_every", cfg.ckpt_dir is None, "spaces checkpoints; no {ckpt_dir} is given",
+         ["ckpt_dir"]),
+        ("sigterm_grace", cfg.ckpt_dir is None,
+         "bounds the stop at a checkpoint after SIGTERM; without {ckpt_dir} a SIGTERM ends the "
+         "run at once", ["ckpt_dir"]),
+        ("resume", cfg.ckpt_dir is None and cfg.resume == "none",
+         "none refuses to overwrite checkpoints in {ckpt_dir}, and none is given",
+         ["ckpt_dir"]),
+    ]
+    for option in ("bucket_mb", "overlap", "progress"):
+        rules.append((option, cfg.pipelined(),
+                      "applies to data parallelism alone: a pipeline exchanges each stage's "
+                      "gradients after its last backward pass", []))
+    rules.append(("progress", not cfg.overlap,
+                  "moves an overlapped exchange; {overlap} is off", ["overlap"]))
+    for name, ignored, why, others in rules:
+        if ignored and _changed(cfg, name):
+            value = literal(repr(getattr(cfg, name)))
+            raise ConfigError(f"{{{name}}} {value} does not apply: it {why}", [name, *others])
+
+
+# -- the command line ----------------------------------------------------------------------
+
+def flag(name: str) -> str:
+    """'batch_size' -> '--batch-size'."""
     return "--" + name.replace("_", "-")
 
 
@@ -157,30 +307,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default = ",".join(map(str, default))
         if default is not None and f.type != "bool":
             help += f" (default: {default})"
-        parser.add_argument(_flag(f.name), help=help, **kw)
+        parser.add_argument(flag(f.name), help=help, **kw)
 
 
-def _coerce(name: str, ftype: str, value: Any, where: str) -> Any:
-    """Check a TOML value's type against the field's."""
-    ok = {
-        "bool": lambda v: isinstance(v, bool),
-        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        "str": lambda v: isinstance(v, str),
-        "List[int]": lambda v: isinstance(v, list) and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in v),
-    }
-    base = ftype[len("Optional["):-1] if ftype.startswith("Optional[") else ftype
-    if not ok[base](value):
-        raise MpitrainError(f"{where}: key {name!r} should be {base}, got {value!r}")
-    return float(value) if base == "float" else value
-
-
-def from_sources(args: argparse.Namespace) -> Config:
-    """Defaults, then ``args.config`` (TOML), then flags given; validated."""
-    cfg = Config()
-    where = {f.name: "default" for f in fields(Config)}
+def from_sources(args: argparse.Namespace) -> Tuple[Config, Callable[[str], str]]:
+    """Defaults, then ``args.config`` (TOML), then flags given: the validated Config and
+    ``name_of(parameter)``, which says where a parameter's value came from (errors name
+    it so: ``--lr``, or ``run.toml: key 'lr'``)."""
+    values: Dict[str, Any] = {}
+    where: Dict[str, str] = {}
     path = getattr(args, "config", None)
+    types = _types()
     if path:
         try:
             with open(path, "rb") as fh:
@@ -189,83 +326,25 @@ def from_sources(args: argparse.Namespace) -> Config:
             raise MpitrainError(f"{path}: no such config file") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise MpitrainError(f"{path}: not valid TOML: {exc}") from None
-        known = {f.name: f for f in fields(Config)}
         for key, value in table.items():
             name = key.replace("-", "_")
-            if name not in known:
+            if name not in types:
                 raise MpitrainError(f"{path}: unknown key {key!r} (known: "
-                                    f"{', '.join(sorted(known))})")
-            setattr(cfg, name, _coerce(key, known[name].type, value, path))
+                                    f"{', '.join(sorted(types))})")
+            if not _OK[types[name]](value):
+                raise MpitrainError(f"{path}: key {key!r} should be {types[name]}, got {value!r}")
+            values[name] = float(value) if types[name] == "float" else value
             where[name] = f"{path}: key {key!r}"
-    for f in fields(Config):
-        value = getattr(args, f.name, None)
+    for name in types:
+        value = getattr(args, name, None)
         if value is not None:
-            setattr(cfg, f.name, value)
-            where[f.name] = _flag(f.name)
-    cfg.hidden = list(cfg.hidden)
-    validate(cfg, where)
-    return cfg
+            values[name] = value
+            where.pop(name, None)
 
-
-def validate(cfg: Config, where: Optional[Dict[str, str]] = None) -> None:
-    """Raise MpitrainError naming the first invalid value and its source."""
-    where = where or {f.name: _flag(f.name) for f in fields(Config)}
-
-    def bad(name: str, expect: str) -> MpitrainError:
-        src = where[name] if where[name] != "default" else _flag(name)
-        return MpitrainError(f"{src}: expected {expect}, got {getattr(cfg, name)!r}")
-
-    for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            raise bad(name, "one of " + ", ".join(choices))
-    positive = ["batch_size", "lr", "log_every"]
-    for name in positive:
-        if not getattr(cfg, name) > 0:
-            raise bad(name, "a value > 0")
-    for name in ("steps", "epochs"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise bad(name, "a value >= 1")
-    if cfg.steps is not None and cfg.epochs is not None:
-        raise MpitrainError(f"{where['steps']} and {where['epochs']}: give one of the two, "
-                            f"not both (got {cfg.steps} steps and {cfg.epochs} epochs)")
-    if cfg.eval_every is not None and cfg.eval_every < 0:
-        raise bad("eval_every", "a value >= 0")
-    if not cfg.hidden or any(h < 1 for h in cfg.hidden):
-        raise bad("hidden", "one or more positive widths")
-    if not 0 <= cfg.momentum < 1:
-        raise bad("momentum", "a value in [0, 1)")
-    if cfg.weight_decay < 0:
-        raise bad("weight_decay", "a value >= 0")
-    if cfg.bucket_mb < 0:
-        raise bad("bucket_mb", "a value >= 0")
-    if cfg.grad_dtype != "full" and cfg.allreduce != "ring":
-        raise MpitrainError(f"{where['grad_dtype']} {cfg.grad_dtype} needs --allreduce ring "
-                            f"(got {cfg.allreduce}): MPI's Allreduce would also add in 16 bits")
-    if cfg.progress == "test" and cfg.allreduce != "mpi":
-        raise MpitrainError(f"{where['progress']} test drives MPI requests; --allreduce "
-                            f"{cfg.allreduce} progresses on its own thread (--progress thread)")
-    if cfg.pp < 1:
-        raise bad("pp", "a value >= 1")
-    if cfg.microbatches is not None and not 1 <= cfg.microbatches <= MAX_MICROBATCHES:
-        raise bad("microbatches", f"a value in 1..{MAX_MICROBATCHES}")
-    if cfg.stage_layers is not None and (not cfg.stage_layers or min(cfg.stage_layers) < 1):
-        raise bad("stage_layers", "one or more counts >= 1")
-    if cfg.ckpt_every < 0:
-        raise bad("ckpt_every", "a value >= 0")
-    if cfg.keep_last < 1:
-        raise bad("keep_last", "a value >= 1 (the newest checkpoint is always kept)")
-    if cfg.sigterm_grace < 0:
-        raise bad("sigterm_grace", "a value >= 0 (0: never abort)")
-    if cfg.watchdog < 0:
-        raise bad("watchdog", "a value >= 0 (0 turns it off)")
-    # A --resume file is looked for by rank 0 alone, which reads it: it may sit on
-    # a disk the other ranks do not see.
-    from .runtime import Faults
+    def name_of(param: str) -> str:
+        return where.get(param, flag(param))
 
     try:
-        Faults(cfg.fault)
-    except MpitrainError as exc:
-        raise MpitrainError(f"{where['fault']}: {str(exc).split(': ', 1)[1]}") from None
-    if cfg.data is not None and not os.path.isdir(cfg.data):
-        raise MpitrainError(f"{where['data']}: {cfg.data}: no such dataset directory")
-
+        return Config(**values), name_of
+    except ConfigError as exc:
+        raise MpitrainError(exc.render(name_of)) from None

@@ -24,7 +24,7 @@ def mpiexec() -> str:
 def clean_env(**extra) -> dict:
     """The environment for a child job: no inherited MPI/PMI state, no thread settings
     (this process's import of mpitrain set them), so each rank chooses its own."""
-    from mpitrain.runtime import THREAD_VARS, child_env
+    from mpitrain.threads import THREAD_VARS, child_env
 
     env = {k: v for k, v in child_env().items() if k not in THREAD_VARS}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -64,7 +64,7 @@ def run_train(n: int, *args, timeout: float = 120, env=None):
 
 def final(ckpt):
     """The newest checkpoint in directory ``ckpt``, loaded and verified."""
-    from mpitrain import checkpoint
+    from mpitrain.fault import checkpoint
 
     steps = checkpoint.listing(str(ckpt))
     assert steps, f"no checkpoint in {ckpt}"
@@ -91,7 +91,7 @@ def agree(comm, ok: bool, what: str = "") -> None:
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> str:
     """A 600-sample, 12-feature, 3-class synthetic set: 540 train in 3 shards, 60 val."""
-    from mpitrain.prepare import synthetic
+    from mpitrain.data.prepare import synthetic
 
     out = tmp_path_factory.mktemp("data") / "small"
     synthetic(str(out), samples=600, features=12, classes=3, seed=1, shards=3,

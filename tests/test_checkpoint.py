@@ -5,8 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from mpitrain import checkpoint
-from mpitrain.checkpoint import CheckpointError, State
+from mpitrain.fault import checkpoint
+from mpitrain.fault.checkpoint import CheckpointError, State
 
 
 def make_state(step=100, seed=0):

@@ -57,7 +57,7 @@ def test_bad_data_stops_before_the_first_step_with_one_message(data_copy, damage
 
 
 def test_fewer_samples_than_ranks(tmp_path):
-    from mpitrain.prepare import synthetic
+    from mpitrain.data.prepare import synthetic
 
     synthetic(str(tmp_path / "tiny"), samples=3, features=2, classes=2, val_fraction=0)
     result = run_train(4, "--data", tmp_path / "tiny", "--batch-size", "4")
@@ -126,7 +126,7 @@ def test_the_loaded_blas_runs_the_threads_per_rank_whatever_was_imported_first(f
     second = "mpitrain" if first == "numpy" else "numpy"
     script = (f"import {first}, {second}\n"
               "from mpi4py import MPI\n"
-              "from mpitrain.runtime import blas_threads\n"
+              "from mpitrain.threads import blas_threads\n"
               "seen = MPI.COMM_WORLD.gather(str(blas_threads()), root=0)\n"
               "if seen: print(' '.join(seen))\n")
     result = run_mpi(2, ["-c", script], env=clean_env())
@@ -254,7 +254,7 @@ def test_run_directory_quiet_and_live_progress(tmp_path, small_data):
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.splitlines()[0].startswith("done: steps 1-20")
     assert len(quiet.stdout.splitlines()) == 1
-    from mpitrain.metrics import read_log
+    from mpitrain.run.metrics import read_log
 
     assert [r["step"] for r in read_log(str(run_dir))] == [5, 10, 15, 20]
     live = run_train(2, "--data", small_data, "--steps", "20", "--run-dir", run_dir,
@@ -274,7 +274,8 @@ def test_bench_train_error_on_a_sub_communicator_ends_the_job(small_data):
                          "--batch-per-rank", "1000", "--hidden", "8", "--steps", "2",
                          "--repeats", "1"], timeout=60)
     assert result.returncode == 2
-    assert result.stderr.count("--batch-size 1000 is larger than the 540 training samples") == 1
+    assert result.stderr.count("the global batch (--batch-per-rank x ranks) 1000 is larger than "
+                               "the 540 training samples") == 1
 
 
 def test_ranks_that_see_different_files_agree_on_the_error(tmp_path, small_data):

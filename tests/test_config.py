@@ -7,7 +7,7 @@ from mpitrain.runtime import MpitrainError
 
 
 def parse(*argv):
-    return from_sources(_parser().parse_args(["train", *argv]))
+    return from_sources(_parser().parse_args(["train", *argv]))[0]
 
 
 def test_defaults():
@@ -51,7 +51,6 @@ def test_bad_toml(tmp_path, text, message):
     (["--steps", "5", "--epochs", "1"], "give one of the two, not both (got 5 steps and 1 epochs)"),
     (["--hidden", "8,0"], "--hidden: expected one or more positive widths, got [8, 0]"),
     (["--momentum", "1.5"], "--momentum: expected a value in [0, 1), got 1.5"),
-    (["--data", "/nonexistent/dir"], "--data: /nonexistent/dir: no such dataset directory"),
     (["--config", "/nonexistent.toml"], "/nonexistent.toml: no such config file"),
     (["--allreduce", "shm", "--progress", "test"],
      "--progress test drives MPI requests; --allreduce shm progresses on its own thread"),

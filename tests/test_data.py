@@ -10,8 +10,12 @@ import pytest
 from mpi4py import MPI
 
 import damage
-from mpitrain.data import Sampler, Shards, check_dataset, rank_slice, read_manifest
-from mpitrain.prepare import from_npz, synthetic, synthetic_rows
+from mpitrain.balance import rank_slice
+from mpitrain.data.checks import check_dataset
+from mpitrain.data.manifest import read_manifest
+from mpitrain.data.sampler import Sampler
+from mpitrain.data.shards import Shards
+from mpitrain.data.prepare import from_npz, synthetic, synthetic_rows
 from mpitrain.runtime import MpitrainError
 
 
@@ -207,7 +211,7 @@ def test_manifest_errors(data_copy):
 
 
 def test_prefetcher_reads_ahead_in_order_and_refuses_other_steps(small_data):
-    from mpitrain.data import Prefetcher
+    from mpitrain.data.prefetch import Prefetcher
 
     s = Shards(read_manifest(small_data), "train")
     sampler = Sampler(len(s), 50, seed=1)
@@ -224,7 +228,7 @@ def test_prefetcher_reads_ahead_in_order_and_refuses_other_steps(small_data):
 
 
 def test_prefetcher_reads_in_bursts_within_its_depth_and_stops_on_close(small_data):
-    from mpitrain.data import Prefetcher
+    from mpitrain.data.prefetch import Prefetcher
 
     s = Shards(read_manifest(small_data), "train")
     sampler = Sampler(len(s), 8, seed=3)
@@ -249,7 +253,7 @@ def test_prefetcher_reads_in_bursts_within_its_depth_and_stops_on_close(small_da
 
 
 def test_prefetcher_raises_a_reader_error_at_its_step(small_data):
-    from mpitrain.data import Prefetcher
+    from mpitrain.data.prefetch import Prefetcher
 
     s = Shards(read_manifest(small_data), "train")
     sampler = Sampler(len(s), 8, seed=3)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import clean_env, final, mpiexec, run_train, same_bits, scratch_dir
-from mpitrain import checkpoint
+from mpitrain.fault import checkpoint
 
 STEPS = 60
 ARGS = ["--hidden", "16", "--batch-size", "64", "--steps", str(STEPS), "--ckpt-every", "10",

@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 import conftest
 from mpitrain.config import Config
-from mpitrain.trainer import build
+from mpitrain.run.build import build
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(180)]
 
@@ -113,7 +113,7 @@ def test_capture_gathers_every_stage_on_rank_0(small_data):
 def test_a_stage_holds_only_the_sends_in_flight(small_data, monkeypatch):
     """Send buffers already received are let go at once, not kept to the end of the step
     (which would hold every micro-batch's output and gradient, defeating 1F1B)."""
-    from mpitrain.pipeline import PipelineTrainer
+    from mpitrain.parallel.pipeline.stage import PipelineTrainer
 
     held = []
     isend = PipelineTrainer._isend
@@ -134,7 +134,7 @@ def test_a_stage_holds_only_the_sends_in_flight(small_data, monkeypatch):
 
 def test_a_stage_that_is_first_and_last_reads_its_labels_with_its_rows(small_data,
                                                                        monkeypatch):
-    from mpitrain.data import Shards
+    from mpitrain.data.shards import Shards
 
     calls = []
     read_labels = Shards.read_labels

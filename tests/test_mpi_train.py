@@ -16,9 +16,10 @@ from mpi4py import MPI
 from conftest import agree
 import damage
 from mpitrain.config import Config
-from mpitrain.data import check_dataset, read_manifest
+from mpitrain.data.checks import check_dataset
+from mpitrain.data.manifest import read_manifest
 from mpitrain.runtime import MpitrainError
-from mpitrain.trainer import build
+from mpitrain.run.build import build
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(120)]
 
@@ -147,7 +148,7 @@ def test_ring_shm_and_mpi_allreduce_train_alike(small_data, dtype, algorithm, ki
 
 
 def trained(small_data, steps=12, prefetch=False, **kw):
-    from mpitrain.trainer import Trainer
+    from mpitrain.parallel.data_parallel import Trainer
 
     trainer, _ = build(Config(data=small_data, hidden=[32, 16], batch_size=45, seed=6,
                               **kw), MPI.COMM_WORLD)
@@ -166,7 +167,7 @@ def trained(small_data, steps=12, prefetch=False, **kw):
                                                 ("shm", "none")])
 def test_overlapped_buckets_give_the_bits_of_the_same_buckets_after_backward(
         small_data, allreduce, progress, monkeypatch):
-    from mpitrain.nn import Linear
+    from mpitrain.model.layers import Linear
 
     # Blocks of 5 rows for the 12-wide first layer (32 rows: 6 blocks and 2 rows), so the
     # weight gradients are reported block by block while their buckets are in flight.
@@ -238,19 +239,20 @@ def test_restored_state_continues_bitwise_and_survives_close(small_data, allredu
 def test_shm_across_nodes_trains_like_mpi(small_data, monkeypatch):
     """Two 'nodes' (even and odd ranks): a shared model per node, shares summed across
     nodes by Allreduce, each node's ranks updating their shares of its copy."""
-    import mpitrain.shm
+    import mpitrain.comm.exchange
+    import mpitrain.comm.shm
 
     comm = MPI.COMM_WORLD
     if comm.size % 2:
         pytest.skip("needs an even number of ranks for two equal 'nodes'")
 
-    class TwoNodes(mpitrain.shm.ShmAllreduce):
+    class TwoNodes(mpitrain.comm.shm.ShmAllreduce):
         def __init__(self, comm, count, dtype=np.float32, node=None):
             node = comm.Split(comm.Get_rank() % 2, comm.Get_rank())
             super().__init__(comm, count, dtype, node=node)
             node.Free()
 
-    monkeypatch.setattr(mpitrain.shm, "ShmAllreduce", TwoNodes)
+    monkeypatch.setattr(mpitrain.comm.exchange, "ShmAllreduce", TwoNodes)
     cfg = Config(data=small_data, hidden=[32, 16], batch_size=45, seed=2, optimizer="momentum")
     with_mpi, losses_mpi = run(cfg, comm, 20)
     with_shm, losses_shm = run(Config(**{**cfg.to_dict(), "allreduce": "shm"}), comm, 20)

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from mpitrain.nn import (Linear, MSELoss, ReLU, Sequential, SoftmaxCrossEntropy, Tanh, mlp,
-                         saved_bytes)
+from mpitrain.model.layers import Linear, ReLU, Tanh, mlp, saved_bytes
+from mpitrain.model.losses import MSELoss, SoftmaxCrossEntropy
+from mpitrain.model.sequential import Sequential
 
 
 def total_loss(model, loss, x, y):

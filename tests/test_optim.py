@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mpitrain.optim import make_optimizer
+from mpitrain.model.optim import make_optimizer
 
 
 def run(name, steps=3, **kw):
@@ -67,7 +67,7 @@ def test_bad_optimizer_arguments():
 @pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
 def test_an_update_by_parts_and_chunks_has_the_bits_of_the_whole(name, monkeypatch):
     """A sharded update (each rank its parts) must equal the whole update, bit for bit."""
-    from mpitrain.optim import Optimizer
+    from mpitrain.model.optim import Optimizer
 
     rng = np.random.default_rng(5)
     p0 = rng.normal(size=1001).astype(np.float32)
@@ -76,16 +76,26 @@ def test_an_update_by_parts_and_chunks_has_the_bits_of_the_whole(name, monkeypat
     for parts, chunk in [(None, 1 << 18), (None, 7), ([slice(600, 1001), slice(0, 250),
                                                        slice(250, 600)], 64)]:
         monkeypatch.setattr(Optimizer, "CHUNK", chunk)
-        made = []
+        opt = make_optimizer(name, p0.copy(), np.empty_like(p0), lr=0.01, weight_decay=0.1)
+        # Moved onto other buffers (as a sharded update moves it into shared memory).
         p, g = p0.copy(), np.empty_like(p0)
-        opt = make_optimizer(name, p, g, lr=0.01, weight_decay=0.1,
-                             zeros=lambda n, dt: made.append(n) or np.zeros(n, dt))
+        state = {k: np.zeros_like(a) for k, a in opt.state().items()}
+        opt.bind(p, g, state)
         for gi in grads:
             g[...] = gi
             opt.step(parts)
-        assert made == [1001] * len(opt.state())  # the state comes from the allocator
+        assert all(opt.state()[k] is state[k] for k in state)  # updated where bound
         assert opt.steps == 3
         results.append([p, *opt.state().values()])
     for other in results[1:]:
         assert all(np.array_equal(a, b) for a, b in zip(results[0], other))
     assert not np.array_equal(results[0][0], p0)
+
+
+def test_bind_refuses_buffers_of_another_shape_or_state_it_does_not_have():
+    p = np.zeros(4, np.float32)
+    opt = make_optimizer("momentum", p, np.zeros_like(p), lr=0.1)
+    with pytest.raises(ValueError, match=r"grads: expected float32\(4,\), got float32\(5,\)"):
+        opt.bind(p, np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match=r"unknown state \['m'\] \(this optimizer has \['velocity'\]\)"):
+        opt.bind(p, np.zeros_like(p), {"m": np.zeros_like(p)})

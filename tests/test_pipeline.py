@@ -2,10 +2,10 @@
 import pytest
 from mpi4py import MPI
 
-from mpitrain.nn import mlp
-from mpitrain.pipeline import bubble, partition, stage_ranges, units
+from mpitrain.model.layers import mlp
+from mpitrain.parallel.pipeline.partition import bubble, partition, stage_ranges, units
 from mpitrain.runtime import MpitrainError
-from mpitrain.topology import grid_coords, grid_rank, make_grid
+from mpitrain.comm.topology import grid_coords, grid_rank, make_grid
 
 
 def test_rank_equation_and_the_docstring_example():
@@ -24,7 +24,7 @@ def test_single_rank_grid():
     g = make_grid(MPI.COMM_SELF, 1)
     assert (g.pp, g.dp, g.pp_rank, g.dp_rank) == (1, 1, 0, 0)
     assert g.is_first_stage and g.is_last_stage and g.next_rank is None and g.prev_rank is None
-    with pytest.raises(MpitrainError, match=r"--pp 2: the 1 ranks do not split into 2"):
+    with pytest.raises(MpitrainError, match=r"^pp 2: the 1 ranks do not split into 2"):
         make_grid(MPI.COMM_SELF, 2)
 
 
@@ -49,7 +49,7 @@ def test_stage_ranges_keep_activations_with_their_linear():
     assert stage_ranges(layers, 2, [2, 1]) == [(0, 4), (4, 5)]
     with pytest.raises(MpitrainError, match="more pipeline stages than the model's 3 Linear"):
         stage_ranges(layers, 4)
-    with pytest.raises(MpitrainError, match=r"--stage-layers 2,2: expected 2 counts >= 1 "
+    with pytest.raises(MpitrainError, match=r"^stage_layers 2,2: expected 2 counts >= 1 "
                                             r"adding up to the model's 3 Linear layers"):
         stage_ranges(layers, 2, [2, 2])
 

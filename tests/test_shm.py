@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 from conftest import agree
 from mpitrain.runtime import MpitrainError
-from mpitrain.shm import ShmAllreduce
+from mpitrain.comm.shm import ShmAllreduce
 
 pytestmark = [pytest.mark.anysize, pytest.mark.timeout(120)]
 

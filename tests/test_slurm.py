@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from mpitrain import checkpoint
+from mpitrain.fault import checkpoint
 from conftest import final, same_bits
 from slurm_cluster import SETUP_BUDGET, pending, signal_state, slurm  # noqa: F401 (fixture)
 

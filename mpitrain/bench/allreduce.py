@@ -13,9 +13,9 @@ from typing import Dict, List, Optional
 import numpy as np
 from mpi4py import MPI
 
-from ..ring import RingAllreduce
+from ..comm.ring import RingAllreduce
 from ..runtime import MpitrainError
-from ..shm import ShmAllreduce
+from ..comm.shm import ShmAllreduce
 from .common import format_size, median, parse_size, quiet_barrier, timed, write_json
 
 DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"

@@ -47,7 +47,8 @@ def _ddp_worker(rank: int, size: int, port: int, data: str, hidden: List[int], b
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size)
-    from mpitrain.data import Shards, read_manifest
+    from mpitrain.data.manifest import read_manifest
+    from mpitrain.data.shards import Shards
 
     shards = Shards(read_manifest(data), "train")
     x_all, y_all = shards.read_range(0, len(shards))
@@ -112,7 +113,7 @@ def mpitrain_samples_per_s(size: int, data: str, hidden: List[int], batch: int, 
                "--ranks", str(size), "--repeats", "1", "--steps", str(steps), "--warmup",
                str(warmup), "--hidden", ",".join(map(str, hidden)), "--batch-per-rank",
                str(batch), "--data", data, "--variants", variant, "--json", out]
-        from ..runtime import THREAD_VARS, child_env
+        from ..threads import THREAD_VARS, child_env
 
         env = {**child_env(), **{v: "1" for v in THREAD_VARS}}  # one thread, as DDP's ranks
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env, timeout=600)
@@ -140,7 +141,7 @@ def main(argv=None) -> None:
         sys.exit("python -m mpitrain.bench.ddp needs torch: pip install torch (a CPU build)")
     from mpi4py import MPI
 
-    from ..trainer import builtin_dataset
+    from ..data.builtin import builtin_dataset
 
     data = args.data or builtin_dataset(MPI.COMM_SELF)
     ranks = [int(r) for r in args.ranks.split(",")]

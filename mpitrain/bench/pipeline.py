@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..config import Config
-from ..pipeline import bubble
+from ..parallel.pipeline.partition import bubble
 from ..runtime import MpitrainError
 from .common import write_json
 
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _measure(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, object]:
     """Time ``steps`` steps of the trainer ``cfg`` builds; per-stage wait and memory."""
-    from ..trainer import build
+    from ..run.build import build
 
     trainer, _ = build(cfg, comm)
     for k in range(warmup):
@@ -53,7 +53,7 @@ def _measure(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, 
     busy = sum(durations)
     g = trainer.grid
     wait = trainer.times.get("wait", 0.0) / busy
-    peak = getattr(trainer, "peak_activation_bytes", 0)
+    peak = trainer.peak_activation_bytes
     per_rank = comm.gather((g.pp_rank, wait, peak), root=0)
     trainer.close()
     trainer.close_data()
@@ -70,7 +70,7 @@ def _measure(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, 
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     """Measure, print the table on rank 0, and return the records."""
-    from ..trainer import builtin_dataset
+    from ..data.builtin import builtin_dataset
 
     size = comm.Get_size()
     pp = args.pp or size

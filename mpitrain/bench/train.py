@@ -19,7 +19,8 @@ import numpy as np
 from mpi4py import MPI
 
 from ..config import Config
-from ..runtime import MpitrainError
+from ..config import flag
+from ..runtime import ConfigError, MpitrainError
 from .common import quiet_barrier, write_json
 
 # name -> Config overrides
@@ -35,6 +36,11 @@ VARIANTS = {
     "ring-fp16": dict(allreduce="ring", overlap=True, grad_dtype="float16"),
     "ring-bf16": dict(allreduce="ring", overlap=True, grad_dtype="bfloat16"),
 }
+
+
+def _bench_name(param: str) -> str:
+    """How this benchmark's errors name a training parameter (it sets some itself)."""
+    return {"batch_size": "the global batch (--batch-per-rank x ranks)"}.get(param, flag(param))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _sample(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, float]:
     """One timed run of ``steps`` steps on ``comm``: samples/s and the time split."""
-    from ..trainer import build
+    from ..run.build import build
 
     trainer, _ = build(cfg, comm)
     trainer.prefetch(0, warmup + steps)
@@ -78,8 +84,8 @@ def _sample(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, f
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     """Measure, print the table on rank 0, and return the records."""
-    from ..runtime import thread_report
-    from ..trainer import builtin_dataset
+    from ..threads import thread_report
+    from ..data.builtin import builtin_dataset
 
     size, rank = comm.Get_size(), comm.Get_rank()
     try:
@@ -117,7 +123,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                         if rank == 0:
                             samples.setdefault((n, name), []).append(got)
                     except MpitrainError as exc:  # agreed on `sub` only: tell the others
-                        error = str(exc)
+                        error = (exc.render(_bench_name) if isinstance(exc, ConfigError)
+                                 else str(exc))
                 quiet_barrier(comm)  # idle ranks sleep, so they take no core
                 error = comm.bcast(error, root=0)  # rank 0 is in every sub-communicator
                 if error:

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 from mpi4py import MPI
 
-from .runtime import MpitrainError
+from ..runtime import ConfigError
 
 __all__ = ["Grid", "grid_coords", "grid_rank", "make_grid"]
 
@@ -101,9 +101,9 @@ def make_grid(comm: MPI.Comm, pp: int) -> Grid:
     """Split ``comm`` into ``pp`` stages x ``size / pp`` replicas (collective)."""
     size = comm.Get_size()
     if pp < 1 or size % pp:
-        raise MpitrainError(f"--pp {pp}: the {size} ranks do not split into {pp} pipeline "
-                            f"stages of equal size ({size} % {pp} = {size % pp if pp else '-'})",
-                            everywhere=True)
+        raise ConfigError(f"{{pp}} {pp}: the {size} ranks do not split into {pp} pipeline "
+                          f"stages of equal size ({size} % {pp} = {size % pp if pp else '-'})",
+                          ["pp"], everywhere=True)
     dp = size // pp
     pp_rank, dp_rank = grid_coords(comm.Get_rank(), pp, dp)
     if pp == 1:  # data parallelism only: no pipeline, the replicas are ``comm`` itself

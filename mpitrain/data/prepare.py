@@ -15,8 +15,9 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from .data import X_KEY, Y_KEY, Manifest, rank_slice
-from .runtime import MpitrainError
+from ..balance import rank_slice
+from ..runtime import MpitrainError
+from .manifest import X_KEY, Y_KEY, Manifest
 
 __all__ = ["write_dataset", "from_npz", "synthetic", "split_val"]
 

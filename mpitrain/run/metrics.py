@@ -1,4 +1,8 @@
-"""What rank 0 prints and logs: the progress line, JSON lines, the run summary."""
+"""What rank 0 prints and logs: the banner, the progress line, JSON lines, the run summary.
+
+Nothing collective happens in here: every rank makes the same calls with the
+same values, and only rank 0 (``enabled``) writes.
+"""
 from __future__ import annotations
 
 import json
@@ -7,7 +11,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, TextIO
 
-__all__ = ["Reporter", "read_log", "eta"]
+__all__ = ["Reporter", "Meter", "read_log", "eta", "summary_line"]
 
 
 def eta(seconds: float) -> str:
@@ -57,6 +61,7 @@ class Reporter:
                  out: TextIO = sys.stdout, run_dir: Optional[str] = None,
                  quiet: bool = False):
         self.enabled, self.total, self.out, self.quiet = enabled, total_steps, out, quiet
+        self.run_dir = run_dir
         self.live = _live_stream(out) if enabled and not quiet else None
         self._last_live = 0.0
         self.logs: List[TextIO] = []
@@ -70,7 +75,7 @@ class Reporter:
                     # Appended, never truncated: a resumed run continues the same file.
                     self.logs.append(open(path, "a", encoding="utf-8"))
                 except OSError as exc:
-                    from .runtime import MpitrainError
+                    from ..runtime import MpitrainError
 
                     raise MpitrainError(f"{path}: cannot write the metrics: {exc}") from None
 
@@ -113,6 +118,55 @@ class Reporter:
         for log in self.logs:
             log.close()
         self.logs = []
+
+
+class Meter:
+    """Step times of a run from ``start`` to ``total``: samples/s per logging window, the
+    run's samples/s after the first step (which pays for warm-up), and the ETA."""
+
+    def __init__(self, start: int, total: int):
+        self.start, self.total = start, total
+        self.window_samples, self.window_time = 0, 0.0
+        self.train_time, self.timed_samples = 0.0, 0
+        self.last = 0.0  # seconds of the last step
+
+    def add(self, step: int, batch: int, seconds: float) -> None:
+        """Step ``step`` (0-based) trained ``batch`` samples in ``seconds``."""
+        self.last = seconds
+        self.window_samples += batch
+        self.window_time += seconds
+        if step > self.start or self.total - self.start == 1:
+            self.train_time += seconds
+            self.timed_samples += batch
+
+    def eta(self, done: int) -> float:
+        """Seconds left after ``done`` steps, at the pace so far."""
+        return (self.total - done) * self.train_time / max(1, done - self.start - 1)
+
+    def window(self) -> float:
+        """Samples/s since the last call (the logging window), and start a new window."""
+        rate = self.window_samples / self.window_time if self.window_time else 0.0
+        self.window_samples, self.window_time = 0, 0.0
+        return rate
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.timed_samples / self.train_time if self.train_time else 0.0
+
+
+def summary_line(summary: Dict[str, Any]) -> str:
+    """The run's last line: steps, time, samples/s, loss, and where the time went."""
+    val = (f", val_acc {summary['val_accuracy']:.3f}"
+           if summary.get("val_accuracy") is not None else "")
+    ckpt = (f"; {summary['checkpoints']} checkpoints, {summary['share_checkpoint']:.1%} of "
+            "the time" if summary.get("checkpoints") else "")
+    loss = (f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None
+            else "n/a")
+    return (f"done: steps {summary['start_step'] + 1}-{summary['end_step']} in "
+            f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:,.0f} samples/s (after the "
+            f"first), final loss {loss}{val}; step time: compute "
+            f"{summary['share_compute']:.0%}, exchange {summary['share_exchange']:.0%}, "
+            f"data {summary['share_data']:.0%}{ckpt}")
 
 
 def read_log(path: str) -> List[Dict[str, Any]]:

@@ -6,7 +6,7 @@ pipeline stage holds only its own slice.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -20,14 +20,15 @@ class Optimizer:
     own (``step(parts)``: a sharded update, where each rank of a node updates
     its share of shared parameters), and works through each part in chunks of
     ``CHUNK`` items, so its temporaries stay in cache instead of making extra
-    trips to memory.  ``zeros(count, dtype)`` allocates the state arrays
-    (shared memory for a sharded update).
+    trips to memory.  ``bind`` moves it onto other buffers (memory the ranks of
+    a node share, for a sharded update).
     """
 
     CHUNK = 1 << 18  # items per chunk: 1 MiB of float32, within a core's L2
+    name = "optimizer"  # as the configuration and checkpoints call it
 
     def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float,
-                 weight_decay: float = 0.0, zeros: Optional[Callable] = None):
+                 weight_decay: float = 0.0):
         if params.shape != grads.shape or params.dtype != grads.dtype:
             raise ValueError(f"params {params.dtype}{params.shape} and grads "
                              f"{grads.dtype}{grads.shape} differ")
@@ -36,12 +37,33 @@ class Optimizer:
         self.params, self.grads = params, grads
         self.lr, self.weight_decay = lr, weight_decay
         self.steps = 0
-        self._zeros = zeros or np.zeros
         self._tmp = np.empty(min(params.size, self.CHUNK), params.dtype)  # scratch
 
     def state(self) -> Dict[str, np.ndarray]:
         """Named state arrays (views, not copies), each name that of its attribute."""
-        return {}
+        return {name: getattr(self, name) for name in self.STATE}
+
+    STATE: Sequence[str] = ()  # names of the state arrays, each as long as the parameters
+
+    def hyper(self) -> Dict[str, object]:
+        """The hyper-parameters, by name (a checkpoint records them)."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay}
+
+    def bind(self, params: np.ndarray, grads: np.ndarray,
+             state: Optional[Dict[str, np.ndarray]] = None) -> None:
+        """Update ``params`` from ``grads`` from now on, with ``state`` (by name) as the
+        state arrays; each array is used as it is (copy the values in first to keep them)."""
+        for name, array in [("params", params), ("grads", grads), *(state or {}).items()]:
+            if array.shape != self.params.shape or array.dtype != self.params.dtype:
+                raise ValueError(f"{name}: expected {self.params.dtype}{self.params.shape}, "
+                                 f"got {array.dtype}{array.shape}")
+        unknown = set(state or ()) - set(self.STATE)
+        if unknown:
+            raise ValueError(f"unknown state {sorted(unknown)} (this optimizer has "
+                             f"{list(self.STATE)})")
+        self.params, self.grads = params, grads
+        for name, array in (state or {}).items():
+            setattr(self, name, array)
 
     def step(self, parts: Optional[Sequence[slice]] = None) -> None:
         """Apply one update: to all of the buffers, or only to ``parts`` (slices of them)."""
@@ -68,6 +90,8 @@ class Optimizer:
 class SGD(Optimizer):
     """Plain SGD: p -= lr * (g + wd * p)."""
 
+    name = "sgd"
+
     def _update(self, part, tmp):
         g = self._decayed(part, tmp)
         np.multiply(g, -self.lr, out=tmp)
@@ -77,13 +101,16 @@ class SGD(Optimizer):
 class Momentum(Optimizer):
     """SGD with momentum (PyTorch form): v = mu * v + g; p -= lr * v."""
 
-    def __init__(self, params, grads, lr, weight_decay=0.0, momentum=0.9, zeros=None):
-        super().__init__(params, grads, lr, weight_decay, zeros)
-        self.momentum = momentum
-        self.velocity = self._zeros(params.size, params.dtype)
+    name = "momentum"
+    STATE = ("velocity",)
 
-    def state(self):
-        return {"velocity": self.velocity}
+    def __init__(self, params, grads, lr, weight_decay=0.0, momentum=0.9):
+        super().__init__(params, grads, lr, weight_decay)
+        self.momentum = momentum
+        self.velocity = np.zeros_like(params)
+
+    def hyper(self):
+        return {**super().hyper(), "momentum": self.momentum}
 
     def _update(self, part, tmp):
         v = self.velocity[part]
@@ -99,16 +126,23 @@ class Momentum(Optimizer):
 class Adam(Optimizer):
     """Adam; with ``decoupled=True`` AdamW (weight decay applied to p, not to g)."""
 
+    STATE = ("m", "v")
+
+    @property
+    def name(self) -> str:
+        return "adamw" if self.decoupled else "adam"
+
     def __init__(self, params, grads, lr, weight_decay=0.0, betas=(0.9, 0.999),
-                 eps=1e-8, decoupled=False, zeros=None):
-        super().__init__(params, grads, lr, weight_decay, zeros)
+                 eps=1e-8, decoupled=False):
+        super().__init__(params, grads, lr, weight_decay)
         self.beta1, self.beta2 = betas
         self.eps, self.decoupled = eps, decoupled
-        self.m = self._zeros(params.size, params.dtype)
-        self.v = self._zeros(params.size, params.dtype)
+        self.m = np.zeros_like(params)
+        self.v = np.zeros_like(params)
 
-    def state(self):
-        return {"m": self.m, "v": self.v}
+    def hyper(self):
+        return {**super().hyper(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
+                "decoupled": self.decoupled}
 
     def _update(self, part, tmp):
         t, p, m, v = self.steps, self.params[part], self.m[part], self.v[part]
@@ -137,15 +171,12 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
 def make_optimizer(name: str, params: np.ndarray, grads: np.ndarray, *, lr: float,
                    weight_decay: float = 0.0, momentum: float = 0.9,
-                   betas=(0.9, 0.999), eps: float = 1e-8,
-                   zeros: Optional[Callable] = None) -> Optimizer:
-    """The optimizer called ``name`` over the flat ``params``/``grads``; ``zeros``
-    allocates its state (default ``np.zeros``)."""
+                   betas=(0.9, 0.999), eps: float = 1e-8) -> Optimizer:
+    """The optimizer called ``name`` over the flat ``params``/``grads``."""
     if name == "sgd":
-        return SGD(params, grads, lr, weight_decay, zeros)
+        return SGD(params, grads, lr, weight_decay)
     if name == "momentum":
-        return Momentum(params, grads, lr, weight_decay, momentum, zeros)
+        return Momentum(params, grads, lr, weight_decay, momentum)
     if name in ("adam", "adamw"):
-        return Adam(params, grads, lr, weight_decay, betas, eps, decoupled=name == "adamw",
-                    zeros=zeros)
+        return Adam(params, grads, lr, weight_decay, betas, eps, decoupled=name == "adamw")
     raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")

@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .runtime import MpitrainError
+from ..runtime import MpitrainError
 
 __all__ = ["FORMAT", "VERSION", "State", "CheckpointError", "save", "load", "inspect", "listing",
            "newest_valid", "clean_leftovers", "prune", "crc32"]
@@ -104,7 +104,7 @@ def save(directory: str, state: State, *,
     """
     import h5py
 
-    from . import __version__
+    from .. import __version__
 
     os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, file_name(state.step))

@@ -1,12 +1,14 @@
-"""Pipeline model parallelism: stages of layers on different ranks, micro-batches between them.
+"""Pipeline model parallelism: one stage of layers per rank, micro-batches between stages.
 
-The model's layers are cut into ``grid.pp`` contiguous stages; each rank
-holds only its stage's parameters, gradients and optimizer state.  Each
-data-parallel replica (``grid.dp_rank``) takes its slice of the global batch
-and cuts it into ``M`` micro-batches, which travel forward (activations) and
-backward (gradients) between neighbouring stages by buffer-based
-point-to-point messages on ``grid.pp_comm``.  After the last backward pass
-each stage sums its gradients over its replicas (``grid.dp_comm``).
+The model's layers are cut into ``grid.pp`` contiguous stages
+(``partition.py``); each rank holds only its stage's parameters, gradients
+and optimizer state.  Each data-parallel replica (``grid.dp_rank``) takes
+its slice of the global batch and cuts it into ``M`` micro-batches, which
+travel forward (activations) and backward (gradients) between neighbouring
+stages by buffer-based point-to-point messages on ``grid.pp_comm``, in the
+order a schedule (``schedules.py``) gives.  After the last backward pass each
+stage sums its gradients over its replicas (``grid.dp_comm``) through the
+same ``Exchange`` the data-parallel trainer uses.
 
 Point-to-point verbs are named from the stage's side, as in Megatron-LM:
 ``recv_forward``, ``send_forward``, ``recv_backward``, ``send_backward``.
@@ -17,84 +19,38 @@ micro-batches cannot be confused.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
 
-from .config import CHOICES, MAX_MICROBATCHES
-from .data import Sampler, Shards, rank_slice
-from .exchange import make_exchange
-from .nn import Layer, Linear, Sequential, saved_bytes
-from .optim import make_optimizer
-from .runtime import MpitrainError
-from .topology import Grid
-from .trainer import TrainerBase
+from ...balance import rank_slice
+from ...comm.exchange import Exchange
+from ...comm.topology import Grid
+from ...data.sampler import Sampler
+from ...data.shards import Shards
+from ...model.layers import Layer, Linear, saved_bytes
+from ...model.optim import make_optimizer
+from ...model.sequential import Sequential
+from ...runtime import ConfigError
+from ..base import TrainerBase
+from .partition import stage_ranges
+from .schedules import MAX_MICROBATCHES, SCHEDULES, peak_alive, schedule
 
-__all__ = ["units", "partition", "stage_ranges", "PipelineTrainer", "SCHEDULES", "bubble"]
-
-SCHEDULES = CHOICES["schedule"]
-
-
-def units(layers: Sequence[Layer]) -> List[Tuple[int, int]]:
-    """The layers grouped as [start, end): each Linear with the activations after it."""
-    starts = [i for i, layer in enumerate(layers) if isinstance(layer, Linear)]
-    if not starts or starts[0] != 0:
-        raise ValueError("a pipelined model must start with a Linear layer")
-    return list(zip(starts, starts[1:] + [len(layers)]))
+__all__ = ["PipelineTrainer"]
 
 
-def partition(weights: Sequence[int], stages: int) -> List[int]:
-    """How many consecutive items each of ``stages`` parts takes, each at least one,
-    minimising the heaviest part's total weight (ties: earlier parts lighter)."""
-    n = len(weights)
-    if not 1 <= stages <= n:
-        raise ValueError(f"cannot cut {n} layers into {stages} stages")
-    prefix = np.concatenate([[0], np.cumsum(weights)])
-    # best[s][i]: the lightest heaviest part for the first i items in s parts.
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0
-    for s in range(1, stages + 1):
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                cost = max(best[s - 1][j], prefix[i] - prefix[j])
-                if cost < best[s][i]:
-                    best[s][i], cut[s][i] = cost, j
-    counts, i = [], n
-    for s in range(stages, 0, -1):
-        counts.append(i - cut[s][i])
-        i = cut[s][i]
-    return counts[::-1]
+@dataclass
+class _Step:
+    """What one step's micro-batches share on this stage."""
 
-
-def stage_ranges(layers: Sequence[Layer], stages: int,
-                 counts: Optional[Sequence[int]] = None) -> List[Tuple[int, int]]:
-    """The [start, end) layer range of each stage, balanced by parameter count
-    unless ``counts`` (Linear layers per stage, ``--stage-layers``) is given."""
-    groups = units(layers)
-    if stages > len(groups):
-        raise MpitrainError(f"--pp {stages}: more pipeline stages than the model's "
-                            f"{len(groups)} Linear layers", everywhere=True)
-    if counts is None:
-        weights = [sum(np.prod(s) for layer in layers[a:b] for s in layer.shapes().values())
-                   for a, b in groups]
-        counts = partition(weights, stages)
-    elif len(counts) != stages or sum(counts) != len(groups) or min(counts) < 1:
-        raise MpitrainError(f"--stage-layers {','.join(map(str, counts))}: expected {stages} "
-                            f"counts >= 1 adding up to the model's {len(groups)} Linear "
-                            f"layers", everywhere=True)
-    ranges, k = [], 0
-    for count in counts:
-        ranges.append((groups[k][0], groups[k + count - 1][1]))
-        k += count
-    return ranges
-
-
-def bubble(stages: int, microbatches: int) -> float:
-    """The idle share of a GPipe/1F1B step in theory: (p - 1) / (m + p - 1)."""
-    return (stages - 1) / (microbatches + stages - 1)
+    batch: int  # the global batch
+    parts: List[Tuple[int, int]]  # micro-batch k is rows parts[k] of the replica's part
+    x: Optional[np.ndarray] = None  # (b, features): the first stage's rows
+    y: Optional[np.ndarray] = None  # (b,): the last stage's labels
+    alive: Dict[int, Any] = field(default_factory=dict)  # k -> what backward needs
+    held: int = 0  # bytes saved by the micro-batches in ``alive``
 
 
 class PipelineTrainer(TrainerBase):
@@ -110,10 +66,11 @@ class PipelineTrainer(TrainerBase):
                  val: Optional[Shards] = None, dtype="float32", seed: int = 0,
                  stage_layers: Optional[Sequence[int]] = None, grad_dtype: Optional[str] = None):
         if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+            raise ConfigError(f"{{schedule}}: expected one of {', '.join(SCHEDULES)}, got "
+                              f"{schedule!r}", ["schedule"])
         if not 1 <= microbatches <= MAX_MICROBATCHES:
-            raise MpitrainError(f"--microbatches must be in 1..{MAX_MICROBATCHES}, got "
-                                f"{microbatches}", everywhere=True)
+            raise ConfigError(f"{{microbatches}}: expected a value in 1..{MAX_MICROBATCHES}, "
+                              f"got {microbatches}", ["microbatches"], everywhere=True)
         self.grid, self.loss, self.sampler = grid, loss, sampler
         self.train, self.val = train, val
         self.microbatches, self.schedule = microbatches, schedule
@@ -130,34 +87,32 @@ class PipelineTrainer(TrainerBase):
             self.stage_names.append(names)
         linears = [layer for layer in layers[a:b] if isinstance(layer, Linear)]
         self.in_width, self.out_width = linears[0].in_features, linears[-1].out_features
-        self.exchange = make_exchange(allreduce, grid.dp_comm, grad_dtype, self.model.size,
-                                      self.model.dtype)
-        if allreduce == "shm":  # it sums in place in its shared buffer
-            self.model.bind_grads(self.exchange.buffer)
         self.optimizer = make_optimizer(optimizer_name, self.model.params, self.model.grads,
                                         **opt_args)
+        # The stage's gradients are summed over its replicas after its last backward pass.
+        self.exchange = Exchange(grid.dp_comm, self.model.size, self.model.dtype,
+                                 algorithm=allreduce, overlap=False, wire=grad_dtype)
+        self.check_replicas()
+        self.exchange.adopt(self.model, self.optimizer)
         self.metrics = np.zeros(3)  # loss sum, correct count, stop requests; over the world
         # Receive buffers: a pool of activation slots (one per micro-batch that can be
         # alive at once on this stage) and one gradient buffer; views of them are used.
         per_replica = -(-sampler.batch_size // grid.dp)  # ceil: the largest replica part
         rows = -(-per_replica // microbatches)  # ... and its largest micro-batch
-        alive = microbatches if schedule == "gpipe" else min(microbatches,
-                                                             grid.pp - grid.pp_rank)
-        self.slots = alive
+        self.slots = peak_alive(schedule, grid.pp, grid.pp_rank, microbatches)
         dt = self.model.dtype
-        self.act_pool = np.empty((alive, rows, self.in_width), dt) if grid.pp_rank else None
+        self.act_pool = (np.empty((self.slots, rows, self.in_width), dt) if grid.pp_rank
+                         else None)
         self.grad_buf = np.empty((rows, self.out_width), dt) if not grid.is_last_stage else None
         self._sends: List[Tuple[MPI.Request, np.ndarray]] = []  # (request, its buffer)
-        self.peak_activation_bytes = 0  # of saved activations, over all steps so far
-        self.peak_alive = 0  # micro-batches whose activations were held at once
+        self._step: Optional[_Step] = None  # the step in progress
         self._init_common()
+        self.peak_alive = 0  # micro-batches whose activations were held at once
         self.times["wait"] = 0.0  # blocked in recv_forward / recv_backward: the bubble
 
     def close(self) -> None:
-        """Free the exchange's window (shm) and the grid's communicators (collective)."""
-        if hasattr(self.exchange, "close"):  # shm: the gradients live in its window
-            self._keep_arrays()
-            self.exchange.close()
+        """Free the exchange and the grid's communicators (collective)."""
+        super().close()
         self.grid.free()
 
     def describe(self) -> str:
@@ -202,32 +157,29 @@ class PipelineTrainer(TrainerBase):
         self._isend(dx, self.grid.prev_rank, 2 * k + 1)
 
     # -- one micro-batch -------------------------------------------------------------------
-    def _forward(self, k: int) -> None:
-        lo, hi = self._parts[k]
-        if self.grid.is_first_stage:
-            x = self._x[lo:hi]
-        else:
-            x = self.recv_forward(k, hi - lo)
+    def _forward(self, st: _Step, k: int) -> None:
+        lo, hi = st.parts[k]
+        x = st.x[lo:hi] if self.grid.is_first_stage else self.recv_forward(k, hi - lo)
         self.on_phase("computing")
         with np.errstate(over="ignore", invalid="ignore"):
             out, saved = self.model.forward(x)
             if self.grid.is_last_stage:
-                y = self._y[lo:hi]
-                loss_sum, dout = self.loss(out, y, 1.0 / self._batch)
+                y = st.y[lo:hi]
+                loss_sum, dout = self.loss(out, y, 1.0 / st.batch)
                 self.metrics[0] += loss_sum
                 self.metrics[1] += np.count_nonzero(out.argmax(axis=1) == y)
                 saved = (saved, dout)
             else:
                 self.send_forward(k, out)
-        self._alive[k] = saved
-        self._held += saved_bytes(saved)
-        self.peak_activation_bytes = max(self.peak_activation_bytes, self._held)
-        self.peak_alive = max(self.peak_alive, len(self._alive))
+        st.alive[k] = saved
+        st.held += saved_bytes(saved)
+        self.peak_activation_bytes = max(self.peak_activation_bytes, st.held)
+        self.peak_alive = max(self.peak_alive, len(st.alive))
 
-    def _backward(self, k: int) -> None:
-        lo, hi = self._parts[k]
-        saved = self._alive.pop(k)
-        self._held -= saved_bytes(saved)
+    def _backward(self, st: _Step, k: int) -> None:
+        lo, hi = st.parts[k]
+        saved = st.alive.pop(k)
+        st.held -= saved_bytes(saved)
         if self.grid.is_last_stage:
             saved, dy = saved
         else:
@@ -241,57 +193,32 @@ class PipelineTrainer(TrainerBase):
         if not first:
             self.send_backward(k, dx)
 
-    # -- the schedules ----------------------------------------------------------------------
-    def gpipe(self) -> None:
-        """All forward passes, then all backward passes (M activations alive)."""
-        for k in range(self.microbatches):
-            self._forward(k)
-        for k in range(self.microbatches):
-            self._backward(k)
-
-    def one_f_one_b(self) -> None:
-        """1F1B: at most (stages - stage index) micro-batches alive on this stage."""
-        m = self.microbatches
-        warmup = min(self.grid.pp - self.grid.pp_rank - 1, m)
-        # Run warm-up forward passes.
-        for k in range(warmup):
-            self._forward(k)
-        # Run 1F1B in steady state: one forward, then the oldest backward.
-        for i in range(m - warmup):
-            self._forward(warmup + i)
-            self._backward(i)
-        # Run cool-down backward passes.
-        for i in range(m - warmup, m):
-            self._backward(i)
-
     def step(self, step: int, stop: bool = False) -> Tuple[float, float, int]:
         """Run global step ``step`` (0-based); return (mean loss, accuracy, global batch)."""
         g = self.grid
         t0 = time.perf_counter()
-        ids, self._batch = self.sampler.local(step, g.dp_rank, g.dp)
-        self._parts = [rank_slice(len(ids), k, self.microbatches)
-                       for k in range(self.microbatches)]
+        ids, batch = self.sampler.local(step, g.dp_rank, g.dp)
+        st = _Step(batch, [rank_slice(len(ids), k, self.microbatches)
+                           for k in range(self.microbatches)])
         self.on_phase("reading data")
         if g.is_first_stage:  # (b, features), (b,)
-            self._x, self._y = self.train.read(ids)
+            st.x, st.y = self.train.read(ids)
         elif g.is_last_stage:
-            self._y = self.train.read_labels(ids)  # (b,)
+            st.y = self.train.read_labels(ids)  # (b,)
         t1 = time.perf_counter()
         self.metrics[:] = 0
-        self._alive: Dict[int, Any] = {}
-        self._held = 0  # bytes saved by the micro-batches in _alive
         wait0 = self.times["wait"]
-        (self.gpipe if self.schedule == "gpipe" else self.one_f_one_b)()
+        for op, k in schedule(self.schedule, g.pp, g.pp_rank, self.microbatches):
+            (self._forward if op == "F" else self._backward)(st, k)
         MPI.Request.Waitall([r for r, _ in self._sends])
         self._sends.clear()
         t2 = time.perf_counter()
         self.on_phase("exchange")
-        if g.dp > 1:
-            self.exchange(self.model.grads)
+        self.exchange.wait()
         self.metrics[2] = 1.0 if stop else 0.0
         g.world.Allreduce(MPI.IN_PLACE, self.metrics, op=MPI.SUM)
-        return self._conclude(step, self._batch, self.metrics,
-                              (t0, t1, t2, time.perf_counter()), self.times["wait"] - wait0)
+        return self._conclude(step, batch, self.metrics, (t0, t1, t2, time.perf_counter()),
+                              self.times["wait"] - wait0)
 
     def evaluate(self, chunk: int = 4096) -> Optional[Tuple[float, float]]:
         """(mean loss, accuracy) on the validation split through the pipeline (collective)."""

@@ -25,7 +25,8 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 from mpi4py import MPI
 
-from .data import rank_slice
+from ..balance import rank_slice
+from .codecs import WIRES, codec
 
 __all__ = ["ring_allreduce", "RingAllreduce", "check_buffer", "bytes_sent"]
 
@@ -86,61 +87,6 @@ def ring_allreduce(comm: MPI.Comm, buf: np.ndarray,
                       recvtag=size + s)
 
 
-class _Float16:
-    """IEEE half precision on the wire (numpy converts in software: slow)."""
-
-    def encode(self, x, out=None, tmp=None):
-        """float -> 16-bit wire image (uint16)."""
-        out = np.empty(len(x), np.uint16) if out is None else out
-        np.copyto(out.view(np.float16), x, casting="same_kind")
-        return out
-
-    def decode(self, w, out=None, tmp=None, add=False):
-        """16-bit wire image -> float32 (into ``out``, or added to it)."""
-        half = w.view(np.float16)
-        if out is None:
-            return half.astype(np.float32)
-        if add:
-            out += half
-        else:
-            np.copyto(out, half, casting="same_kind")
-        return out
-
-
-class _BFloat16:
-    """bfloat16 (the upper half of a float32, rounded to nearest even) on the wire,
-    computed in place in a reused uint32 scratch: a few integer passes."""
-
-    def encode(self, x, out=None, tmp=None):
-        u = (x if x.dtype == np.float32 else x.astype(np.float32)).view(np.uint32)
-        tmp = np.empty(len(x), np.uint32) if tmp is None else tmp
-        out = np.empty(len(x), np.uint16) if out is None else out
-        np.right_shift(u, 16, out=tmp)
-        np.bitwise_and(tmp, 1, out=tmp)  # ties to even: add 0x7FFF plus the kept lsb
-        tmp += np.uint32(0x7FFF)
-        tmp += u
-        tmp >>= np.uint32(16)
-        np.copyto(out, tmp, casting="unsafe")
-        return out
-
-    def decode(self, w, out=None, tmp=None, add=False):
-        tmp = np.empty(len(w), np.uint32) if tmp is None else tmp
-        np.copyto(tmp, w, casting="unsafe")
-        tmp <<= np.uint32(16)
-        value = tmp.view(np.float32)
-        if out is None:
-            return value.copy()
-        if add:
-            out += value
-        else:
-            np.copyto(out, value, casting="same_kind")
-        return out
-
-
-# Wire formats of the 16-bit ring: name -> codec (encode float -> uint16, decode back).
-CODECS = {"float16": _Float16(), "bfloat16": _BFloat16()}
-
-
 class RingAllreduce:
     """The segmented (pipelined) ring on ``comm``, as a reusable exchange.
 
@@ -159,13 +105,16 @@ class RingAllreduce:
     """
 
     name = "ring"
+    wires = WIRES  # 16-bit formats it can send, adding in full precision
+    progress = ("thread", "none")  # it runs on a thread of its own, or blocking
+    sharded = False
 
     def __init__(self, comm: MPI.Comm, segment_bytes: int = 4 << 20,
                  wire: Optional[str] = None):
         if segment_bytes < 1:
             raise ValueError(f"segment_bytes must be >= 1, got {segment_bytes}")
-        if wire not in (None, *CODECS):
-            raise ValueError(f"wire must be one of {sorted(CODECS)} or None, got {wire!r}")
+        if wire not in (None, *WIRES):
+            raise ValueError(f"wire must be one of {', '.join(WIRES)} or None, got {wire!r}")
         self.comm, self.segment_bytes, self.wire = comm, segment_bytes, wire
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._scratch: Dict[tuple, np.ndarray] = {}
@@ -193,13 +142,12 @@ class RingAllreduce:
             return
         right, left = (rank + 1) % size, (rank - 1) % size
         longest = -(-len(buf) // size)
-        codec = CODECS[self.wire] if self.wire else None
-        if codec is None:  # the buffer is its own wire image
+        wcodec = codec(self.wire) if self.wire else None
+        if wcodec is None:  # the buffer is its own wire image
             wire, incoming = buf, self.scratch(longest, buf.dtype)
         else:
             wire = self.scratch(len(buf), np.uint16, "wire")  # 16-bit image, chunk by chunk
             incoming = self.scratch(longest, np.uint16, "in")
-            tmp = self.scratch(longest, np.uint32, "tmp")  # the codec's scratch
         chunk, wchunk = chunker(buf, size), chunker(wire, size)
         seg = self.segments
         item = buf.itemsize
@@ -209,8 +157,8 @@ class RingAllreduce:
             sending[i % size] += [comm.Isend(p, dest=right, tag=tag) for p in parts]
 
         def put(dst: np.ndarray, src: np.ndarray) -> None:  # float -> wire image
-            if codec:
-                codec.encode(src, dst, tmp[:len(src)])
+            if wcodec:
+                wcodec.encode(src, dst)
 
         # Reduce-scatter.  Step s (tag s) receives chunk rank - s - 1 segment by
         # segment, adds each into our part, and forwards it at once as step
@@ -224,13 +172,13 @@ class RingAllreduce:
             recvs = [comm.Irecv(t, source=left, tag=s) for t in into]
             for part, wpart, got, req in zip(parts, wparts, into, recvs):
                 req.Wait()
-                if codec:
-                    codec.decode(got, part, tmp[:len(part)], add=True)
+                if wcodec:
+                    wcodec.decode(got, part, add=True)
                 else:
                     part += got
                 put(wpart, part)
-                if codec and s == size - 2:  # finished: keep what the others will get
-                    codec.decode(wpart, part, tmp[:len(part)])
+                if wcodec and s == size - 2:  # finished: keep what the others will get
+                    wcodec.decode(wpart, part)
                 forward(i, [wpart], tag=s + 1)
         # All-gather.  Step t (tag size - 1 + t) receives the full sum of chunk
         # rank - t (into the buffer, or its wire image), and forwards each
@@ -242,8 +190,18 @@ class RingAllreduce:
             recvs = [comm.Irecv(w, source=left, tag=size - 1 + t) for w in wparts]
             for part, wpart, req in zip(parts, wparts, recvs):
                 req.Wait()
-                if codec:
-                    codec.decode(wpart, part, tmp[:len(part)])
+                if wcodec:
+                    wcodec.decode(wpart, part)
                 if t < size - 2:
                     forward(i, [wpart], tag=size + t)
         MPI.Request.Waitall([r for reqs in sending.values() for r in reqs])
+
+    def reduce(self, buf: np.ndarray) -> None:
+        """The same as a call: nobody reads ``buf`` afterwards."""
+        self(buf)
+
+    def fence(self) -> None:
+        """Nothing to wait for: the sum is complete when the call returns."""
+
+    def close(self) -> None:
+        """Nothing to free (the scratch buffers go with the object)."""

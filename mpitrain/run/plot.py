@@ -9,7 +9,7 @@ import os
 from typing import List, Sequence
 
 from .metrics import read_log
-from .runtime import MpitrainError
+from ..runtime import MpitrainError
 
 __all__ = ["plot_runs"]
 

@@ -33,9 +33,9 @@ from typing import List, Optional, Tuple
 import numpy as np
 from mpi4py import MPI
 
-from .runtime import MpitrainError
+from ..runtime import MpitrainError
 
-__all__ = ["ShmAllreduce"]
+__all__ = ["ShmAllreduce", "NodeSharedModel"]
 
 
 class ShmAllreduce:
@@ -48,6 +48,9 @@ class ShmAllreduce:
     """
 
     name = "shm"
+    wires = ()  # it sends nothing: peers read the values where they lie
+    progress = ("thread", "none")
+    sharded = True  # it can keep a node's model in one shared copy (NodeSharedModel)
 
     def __init__(self, comm: MPI.Comm, count: int, dtype=np.float32,
                  node: Optional[MPI.Comm] = None):
@@ -59,8 +62,8 @@ class ShmAllreduce:
         sizes = comm.allgather(self.local_size)
         if len(set(sizes)) != 1:
             self.node.Free()
-            raise MpitrainError("--allreduce shm needs the same number of ranks on every node; "
-                                f"ranks per node are {sizes} (by rank)", everywhere=True)
+            raise MpitrainError("the shm all-reduce needs the same number of ranks on every "
+                                f"node; ranks per node are {sizes} (by rank)", everywhere=True)
         # The ranks with the same local rank, one per node, in node order.
         self.cross = comm.Split(self.local_rank, rank)
         info = MPI.Info.Create()
@@ -171,3 +174,53 @@ class ShmAllreduce:
         self._windows.clear()
         self.cross.Free()
         self.node.Free()
+
+
+class NodeSharedModel:
+    """The sharded update: a node's ranks share one copy of the parameters and the
+    optimizer state, and each rank updates the shares of the sums it made.
+
+    Nobody copies the summed gradients back or updates the whole model, and a
+    node holds one copy of the model instead of one per rank.  Every write to
+    the shared arrays is followed by a fence before anyone reads them: the
+    update (each rank its shares), a restore (local rank 0 alone).
+    """
+
+    def __init__(self, shm: ShmAllreduce):
+        self.shm = shm
+        self.leader = shm.local_rank == 0  # writes what the node's ranks share
+        self._adopted = None  # (model, optimizer)
+
+    def adopt(self, model, optimizer) -> None:
+        """Move the parameters and optimizer state into node-shared memory (collective)."""
+        params = self.shm.shared(model.size, model.dtype)
+        state = {k: self.shm.shared(a.size, a.dtype) for k, a in optimizer.state().items()}
+        if self.leader:  # the replicas hold the same values (checked at start)
+            params[...] = model.params
+            for k, a in optimizer.state().items():
+                state[k][...] = a
+        model.bind_params(params)
+        optimizer.bind(params, model.grads, state)
+        self.shm.fence()
+        self._adopted = (model, optimizer)
+
+    def update(self, optimizer, shares: List[slice]) -> None:
+        """Update this rank's shares, then wait until every rank has (collective)."""
+        optimizer.step(shares)
+        self.shm.fence()
+
+    def write(self, fn) -> None:
+        """Run ``fn`` (it writes the shared arrays) on local rank 0; the node sees it."""
+        if self.leader:
+            fn()
+        self.shm.fence()
+
+    def release(self) -> None:
+        """Copy the parameters and state out of the windows, before they are freed."""
+        if self._adopted is None:
+            return
+        model, optimizer = self._adopted
+        model.bind_params(model.params.copy())
+        optimizer.bind(model.params, model.grads,
+                       {k: a.copy() for k, a in optimizer.state().items()})
+        self._adopted = None

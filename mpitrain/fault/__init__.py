@@ -1,0 +1,1 @@
+"""Fault tolerance: checkpoints and the resume policy, the watchdog, pre-emption, failure drills."""

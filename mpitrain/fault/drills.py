@@ -1,0 +1,78 @@
+"""Failure drills: planned kills, stops and signals (``--fault``), for tests and practice."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+from ..runtime import MpitrainError
+
+__all__ = ["Faults"]
+
+class Faults:
+    """Planned failures, from ``--fault``: comma-separated ``ACTION:KEY=VALUE...``.
+
+    - ``kill:rank=R:step=S``  rank R sends itself SIGKILL as step S starts (1-based)
+    - ``stop:rank=R:step=S``  rank R sends itself SIGSTOP as step S starts
+    - ``term:rank=R:step=S``  rank R sends itself SIGTERM (pre-emption) as step S starts
+    - ``ckpt-kill:step=S``    the rank writing the checkpoint of step S gets
+      SIGKILL half-way through the file
+
+    Any of them may add ``attempt=N``: only on the N-th launch of the job
+    (``$MPITRAIN_ATTEMPT``, set by examples/relaunch.sh, or Slurm's
+    ``$SLURM_RESTART_COUNT + 1``; 1 if neither is set), so a relaunched job
+    does not meet the same fault again.
+    """
+
+    ACTIONS = {"kill": ("rank", "step"), "stop": ("rank", "step"), "term": ("rank", "step"),
+               "ckpt-kill": ("step",)}
+    SIGNALS = {"kill": "SIGKILL", "stop": "SIGSTOP", "term": "SIGTERM"}
+
+    def __init__(self, spec: Optional[str]):
+        self.plans: List[Tuple[str, Dict[str, int]]] = []
+        for part in filter(None, (spec or "").split(",")):
+            action, *pairs = part.strip().split(":")
+            if action not in self.ACTIONS:
+                raise MpitrainError(f"--fault: unknown action {action!r} in {part!r} "
+                                    f"(known: {', '.join(self.ACTIONS)})")
+            try:
+                keys = {k: int(v) for k, v in (p.split("=", 1) for p in pairs)}
+            except ValueError:
+                raise MpitrainError(f"--fault: expected KEY=INTEGER pairs in {part!r}") from None
+            if set(keys) - {"attempt"} != set(self.ACTIONS[action]):
+                raise MpitrainError(f"--fault: {action} takes "
+                                    f"{', '.join(self.ACTIONS[action])} (and optionally "
+                                    f"attempt), got {part!r}")
+            if keys.pop("attempt", self.attempt) == self.attempt:
+                self.plans.append((action, keys))
+
+    @property
+    def attempt(self) -> int:
+        """Which launch of the job this is (1 for the first)."""
+        if os.environ.get("MPITRAIN_ATTEMPT", "").isdigit():
+            return int(os.environ["MPITRAIN_ATTEMPT"])
+        if os.environ.get("SLURM_RESTART_COUNT", "").isdigit():
+            return int(os.environ["SLURM_RESTART_COUNT"]) + 1
+        return 1
+
+    def at_step(self, rank: int, step: int) -> None:
+        """Send the signal planned for ``rank`` at (1-based) ``step``, if any."""
+        import signal
+
+        for action, keys in self.plans:
+            if action in self.SIGNALS and keys == {"rank": rank, "step": step}:
+                print(f"mpitrain: fault drill: rank {rank} sends itself "
+                      f"{self.SIGNALS[action]} at step {step}", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os.kill(os.getpid(), getattr(signal, self.SIGNALS[action]))
+
+    def in_checkpoint(self, step: int) -> Optional[Callable[[], None]]:
+        """The fault to run half-way through writing the checkpoint of ``step``, if any."""
+        import signal
+
+        if any(a == "ckpt-kill" and k["step"] == step for a, k in self.plans):
+            return lambda: os.kill(os.getpid(), signal.SIGKILL)
+        return None
+
+
+# ---------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""Pre-emption: SIGTERM or SIGUSR1 asks the run to checkpoint and stop.
+
+The handler only records the signal; the training loop folds it into the
+next step's all-reduce, so every rank agrees to stop at the same step, writes
+a checkpoint there and exits with ``EXIT_PREEMPTED`` (75).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict, Optional, Tuple
+
+from ..runtime import EXIT_TERMINATED, drain_output
+
+__all__ = ["Preemption"]
+
+class Preemption:
+    """Records SIGTERM/SIGUSR1; the trainer agrees on it across ranks at the next step.
+
+    A rank blocked in a collective (because another rank died) never returns
+    to Python to run a signal handler, so a SIGTERM would go unanswered until
+    the launcher's SIGKILL (Slurm's KillWait: 30 s).  A thread therefore
+    watches the signals through ``signal.set_wakeup_fd``: if the run has not
+    stopped ``sigterm_grace`` seconds after a SIGTERM, the rank exits at once
+    (``EXIT_TERMINATED``, 143).  SIGUSR1 (an early warning) never ends a rank.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self, sigterm_grace: float = 10.0, enabled: bool = True):
+        self.signal: Optional[str] = None
+        self.grace, self.enabled = sigterm_grace, enabled
+        self.finished = False  # set by the trainer once it stopped (or completed)
+        self._old: Dict[int, object] = {}
+        self._pipe: Optional[Tuple[int, int]] = None
+        self._timer = None
+
+    def __enter__(self) -> "Preemption":
+        import signal
+        import threading
+
+        if not self.enabled:  # nothing to checkpoint to: signals keep their defaults
+            return self
+        for name in self.SIGNALS:
+            num = getattr(signal, name)
+            self._old[num] = signal.signal(num, self._handle)
+        if self.grace > 0:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._pipe = (read, write)
+            self._old_fd = signal.set_wakeup_fd(write)
+            self._watcher = threading.Thread(target=self._watch, args=(read,),
+                                             name="mpitrain-signals", daemon=True)
+            self._watcher.start()
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        self.signal = signal.Signals(signum).name
+
+    def _watch(self, fd: int) -> None:
+        import signal
+        import threading
+
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # closed by __exit__
+                return
+            if signal.SIGTERM in data and self._timer is None and not self.finished:
+                self._timer = threading.Timer(self.grace, self._too_late)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _too_late(self) -> None:
+        if self.finished:
+            return
+        print(f"mpitrain: SIGTERM: the ranks did not stop within {self.grace:g} s (a rank is "
+              "dead, or stuck in a collective); ending this rank", file=sys.stderr, flush=True)
+        drain_output()
+        # Not MPI_Abort: under srun's PMI-2 it waits for srun to kill the task, which
+        # is the KillWait this is meant to save.  The launcher is ending the job
+        # anyway (it sent the SIGTERM): each stuck rank exits by itself.
+        os._exit(EXIT_TERMINATED)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            read, write = self._pipe
+            os.close(write)  # the watcher reads EOF and ends
+            self._watcher.join()
+            os.close(read)
+            self._pipe = None
+        for num, old in self._old.items():
+            signal.signal(num, old)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+# ---------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""The checkpoint policy of a run: which checkpoint to resume from, and when to write one.
+
+It works on any trainer through the checkpoint protocol (``capture``,
+``restore``, ``mismatch``; see ``parallel.base``), so nothing here imports a
+trainer.  Rank 0 alone looks at the files (a ``resume`` file may lie on its
+own disk); every error is agreed on all ranks.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from ..runtime import ConfigError, literal, on_root
+from . import checkpoint
+from .checkpoint import State
+from .drills import Faults
+
+__all__ = ["Checkpoints"]
+
+
+class Checkpoints:
+    """Resume and write checkpoints in ``directory`` (None: no checkpoints) as a run's
+    options say: ``every`` steps (0: only at the end), ``keep_last`` of them, and
+    ``resume`` ('auto', 'none' or a checkpoint file)."""
+
+    def __init__(self, comm, directory: Optional[str], *, every: int = 100,
+                 keep_last: int = 3, resume: str = "auto", config: Dict[str, Any],
+                 say: Callable[[str], None] = print, faults: Optional[Faults] = None):
+        self.comm, self.directory = comm, directory
+        self.every, self.keep_last, self.policy = every, keep_last, resume
+        self.config, self.say = config, say
+        self.faults = faults or Faults(None)
+        self.written, self.seconds, self.last_bytes = 0, 0.0, 0
+
+    def _choose(self, trainer) -> Tuple[Optional[State], Optional[str]]:
+        """(state, path) to resume from, or (None, None); rank 0 only."""
+        d = self.directory
+        for path in checkpoint.clean_leftovers(d) if d else []:
+            self.say(f"removed {path}: the leftover of an interrupted checkpoint write")
+        if self.policy == "none":
+            found = checkpoint.listing(d) if d else []
+            if found:
+                raise ConfigError(
+                    f"{{ckpt_dir}} {literal(d)} holds checkpoints up to step {found[-1][0]}; "
+                    "{resume} none would overwrite them: use another {ckpt_dir}, remove them, "
+                    "or {resume} auto")
+            return None, None
+        if self.policy == "auto":
+            got = checkpoint.newest_valid(d, lambda w: self.say(f"warning: {w}")) if d else None
+            if got is None:
+                return None, None
+            state, path = got
+        else:
+            state, path = checkpoint.load(self.policy), self.policy
+        why = trainer.mismatch(state, self.config)
+        if why:
+            raise ConfigError(f"{literal(path)}: cannot resume: {why}")
+        return state, path
+
+    def resume(self, trainer) -> int:
+        """Restore the checkpoint the policy asks for, if any (collective); return the
+        steps it had done (0 without one)."""
+        chosen: Dict[str, State] = {}  # rank 0's; trainer.restore sends it out
+
+        def choose() -> Optional[int]:
+            state, path = self._choose(trainer)
+            if state is None:
+                return None
+            was, g = state.layout, trainer.grid
+            how = ("--resume auto (the newest valid checkpoint; --resume none starts afresh)"
+                   if self.policy == "auto" else "--resume")
+            self.say(f"resuming from {path} at step {state.step} (epoch {state.epoch}), "
+                     f"written by {was.get('world_size')} ranks (pp {was.get('pp')} x dp "
+                     f"{was.get('dp')}), now {g.world.Get_size()} (pp {g.pp} x dp {g.dp}); "
+                     f"{how}")
+            chosen["state"] = state
+            return state.step
+
+        step = on_root(self.comm, choose)
+        if step is None:
+            return 0
+        trainer.restore(chosen.get("state"))
+        return step
+
+    def due(self, done: int, total: int, stopping: bool) -> bool:
+        """Whether a checkpoint is written after ``done`` steps of ``total``."""
+        if self.directory is None:
+            return False
+        periodic = self.every and done % self.every == 0
+        return bool(periodic or done == total or stopping)
+
+    def save(self, trainer, step: int) -> None:
+        """Write the checkpoint of ``step`` from rank 0 and prune old ones (collective)."""
+        t0 = time.perf_counter()
+        state = trainer.capture(step, self.config)  # gathered on rank 0
+
+        def write() -> Tuple[float, int]:
+            path, nbytes = checkpoint.save(self.directory, state,
+                                           die_midway=self.faults.in_checkpoint(step))
+            removed = checkpoint.prune(self.directory, self.keep_last, step)
+            seconds = time.perf_counter() - t0
+            self.say(f"checkpoint {path}: step {step}, {nbytes / 1e6:.1f} MB in "
+                     f"{seconds * 1e3:.0f} ms"
+                     + (f"; removed {len(removed)} older" if removed else ""))
+            return seconds, nbytes
+
+        seconds, nbytes = on_root(self.comm, write)
+        self.written += 1
+        self.seconds += seconds
+        self.last_bytes = nbytes

@@ -1,0 +1,1 @@
+"""Models on flat buffers: layers, the Sequential model, losses, optimizers (no MPI here)."""

@@ -1,0 +1,122 @@
+"""A model: layers applied in order, their parameters and gradients in two flat buffers.
+
+Every parameter of a :class:`Sequential` is a view into one contiguous array
+``model.params`` and every gradient a view into ``model.grads``, so the
+gradient exchange and the optimizer each touch one buffer, with no copies.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .layers import Layer, Linear
+
+__all__ = ["Sequential"]
+
+
+class Sequential:
+    """Layers applied in order, their parameters and gradients in two flat buffers.
+
+    ``index`` names the layers: parameter ``weight`` of layer ``i`` is called
+    ``f"{index[i]}.weight"``.  A pipeline stage holding layers 4..7 of a model
+    passes their global indices, so names and initial values are the same as
+    in the whole model: each layer is initialised from its own generator,
+    keyed by (seed, global layer index).
+    """
+
+    def __init__(self, layers: Sequence[Layer], *, dtype="float32", seed: int = 0,
+                 index: Optional[Sequence[int]] = None):
+        self.layers = list(layers)
+        self.index = list(range(len(self.layers))) if index is None else list(index)
+        if len(self.index) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} layer indices, got {len(self.index)}")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.slices: Dict[str, slice] = {}  # name -> where it lives in the buffers
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        offset = 0
+        for i, layer in zip(self.index, self.layers):
+            for key, shape in layer.shapes().items():
+                size = math.prod(shape)
+                self.slices[f"{i}.{key}"] = slice(offset, offset + size)
+                self.shapes[f"{i}.{key}"] = tuple(shape)
+                offset += size
+        self.size = offset
+        self.params = np.zeros(self.size, self.dtype)
+        self.grads = np.zeros(self.size, self.dtype)
+        self._bind()
+        for i, layer in zip(self.index, self.layers):
+            rng = np.random.default_rng([seed, i])
+            layer.init(self._views(self.params, i, layer), rng)
+
+    def _views(self, flat: np.ndarray, i: int, layer: Layer) -> Dict[str, np.ndarray]:
+        return {key: flat[self.slices[f"{i}.{key}"]].reshape(shape)
+                for key, shape in layer.shapes().items()}
+
+    def _bind(self) -> None:
+        for i, layer in zip(self.index, self.layers):
+            layer.bind(self._views(self.params, i, layer), self._views(self.grads, i, layer))
+
+    def _check_buffer(self, buffer: np.ndarray) -> None:
+        if buffer.shape != (self.size,) or buffer.dtype != self.dtype:
+            raise ValueError(f"expected a {self.dtype} buffer of {self.size} elements, "
+                             f"got {buffer.dtype} {buffer.shape}")
+
+    def bind_params(self, buffer: np.ndarray) -> None:
+        """Make the parameters views of ``buffer`` (``size`` items, e.g. memory the ranks
+        of a node share), as it holds them: copy the current values in first to keep them."""
+        self._check_buffer(buffer)
+        self.params = buffer
+        self._bind()
+
+    def bind_grads(self, buffer: np.ndarray) -> None:
+        """Make the gradients views of ``buffer`` (``size`` items, e.g. the exchange's)."""
+        self._check_buffer(buffer)
+        self.grads = buffer
+        self._bind()
+
+    def named_params(self) -> Dict[str, np.ndarray]:
+        """Parameter name -> view into ``params``, in buffer order."""
+        return {n: self.params[s].reshape(self.shapes[n]) for n, s in self.slices.items()}
+
+    def named_grads(self) -> Dict[str, np.ndarray]:
+        """Parameter name -> view into ``grads``, in buffer order."""
+        return {n: self.grads[s].reshape(self.shapes[n]) for n, s in self.slices.items()}
+
+    def forward(self, x: np.ndarray) -> Tuple[np.ndarray, List[Any]]:
+        """Apply the layers to ``x`` (n, in): (output (n, out), what backward needs)."""
+        saved = []
+        for layer in self.layers:
+            x, keep = layer.forward(x)
+            saved.append(keep)
+        return x, saved
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The output alone (inference)."""
+        return self.forward(x)[0]
+
+    def backward(self, dy: np.ndarray, saved: List[Any], need_dx: bool = False,
+                 accumulate: bool = False,
+                 final_from: Optional[Callable[[int], None]] = None) -> Optional[np.ndarray]:
+        """Write (or add) ``grads`` from dL/dy (n, out); return dL/dx if ``need_dx``.
+
+        ``final_from(offset)`` is called whenever ``grads[offset:]`` has become
+        final, so its exchange can start while backward goes on.
+        """
+        for k in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[k]
+            kw = {}
+            if final_from is not None and isinstance(layer, Linear) and not accumulate:
+                start = self.slices[f"{self.index[k]}.weight"].start
+                kw["rows_done"] = lambda r, start=start, width=layer.in_features: final_from(
+                    start + r * width)
+            dy = layer.backward(dy, saved[k], need_dx=need_dx or k > 0,
+                                accumulate=accumulate, **kw)
+        return dy
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{i}: {layer!r}" for i, layer in zip(self.index, self.layers))
+        return f"Sequential({inner}; {self.size} parameters, {self.dtype})"

@@ -1,0 +1,1 @@
+"""Parallel trainers: how one step is split over ranks (data parallelism, pipeline stages)."""

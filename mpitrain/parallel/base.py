@@ -1,0 +1,207 @@
+"""What every trainer shares: the checkpoint protocol, the end of a step, the replica check.
+
+The checkpoint protocol is three methods on named arrays and JSON metadata,
+whatever the trainer (data-parallel, pipeline; a new trainer adds its arrays
+without a new file format), so the resume policy in ``fault/`` needs no
+trainer of its own:
+
+- ``capture(step, config)``: the state after ``step`` steps, gathered on world
+  rank 0 (``fault.checkpoint.State``; None on the other ranks);
+- ``mismatch(state, config)``: why a state cannot continue this run, or None;
+- ``restore(state)``: load a state given on world rank 0 into every rank,
+  each receiving only its stage's part.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from mpi4py import MPI
+
+from ..fault.checkpoint import State
+from ..runtime import MpitrainError
+
+__all__ = ["TrainerBase"]
+
+
+class TrainerBase:
+    """Checkpoint state across stages and replicas, and the end of a step.
+
+    Subclasses set ``grid`` (a comm.topology.Grid), ``model`` (this rank's
+    stage, a Sequential), ``optimizer``, ``exchange`` (a comm.exchange.Exchange
+    over ``grid.dp_comm``), ``sampler``, ``train``, ``val``, ``loss``,
+    ``stage_names`` (the parameter names of each stage, in
+    full-model order) and ``shapes`` (every parameter's shape, in full-model
+    order), then call ``_init_common``.
+    """
+
+    TAG_STATE = 31000  # point-to-point tag of the checkpoint gather and restore, on grid.world
+
+    def _init_common(self) -> None:
+        self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
+        self.stop_agreed = False  # set by step(): some rank was asked to stop
+        self.on_phase: Callable[[str], None] = lambda phase: None  # for the watchdog
+        self.restored_bytes = 0  # what this rank received in the last restore
+        self.peak_activation_bytes = 0  # saved for backward at once (measured by pipelines)
+
+    # -- life cycle ------------------------------------------------------------------------
+    def prefetch(self, start: int, stop: int) -> None:
+        """Read the batches of steps ``start``..``stop - 1`` ahead, if this trainer can."""
+
+    def close(self) -> None:
+        """Release threads, windows and communicators (collective); the model's and the
+        optimizer's arrays stay readable."""
+        self.exchange.close()
+
+    def close_data(self) -> None:
+        """Close the training and validation shard files."""
+        self.train.close()
+        if self.val:
+            self.val.close()
+
+    # -- the end of a step -----------------------------------------------------------------
+    def check_replicas(self) -> None:
+        """Check that the replicas of each stage start from the same parameters (collective)."""
+        digest = hashlib.sha256(self.model.params.tobytes()).hexdigest()
+        digests = self.grid.dp_comm.allgather(digest)
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        bad = sorted(self.grid.world.allreduce(
+            [self.grid.world_rank(self.grid.pp_rank, r) for r in bad]
+            if self.grid.dp_rank == 0 else [], op=MPI.SUM))
+        if bad:
+            raise MpitrainError(f"initial parameters differ between ranks: ranks {bad} "
+                                f"differ from rank 0 of their stage", everywhere=True)
+
+    def _conclude(self, step: int, batch: int, sums: np.ndarray, t: Sequence[float],
+                  idle: float = 0.0) -> Tuple[float, float, int]:
+        """After the exchange: agree on stopping, check the loss, update the parameters.
+
+        ``sums`` holds the global (loss sum, correct count, stop requests);
+        ``t`` the times the step started, read its data, computed, exchanged;
+        ``idle`` the part of the computing time spent waiting for other stages.
+        """
+        self.stop_agreed = bool(sums[2] > 0)
+        loss = float(sums[0]) / batch
+        if not np.isfinite(loss):
+            epoch, _ = self.sampler.locate(step)
+            raise MpitrainError(f"loss is {loss} at step {step + 1} (epoch {epoch}); "
+                                f"try a lower lr (now {self.optimizer.lr})", everywhere=True)
+        self.exchange.update(self.optimizer)
+        t0, t1, t2, t3 = t
+        self.times["data"] += t1 - t0
+        self.times["compute"] += (t2 - t1 - idle) + (time.perf_counter() - t3)
+        self.times["exchange"] += t3 - t2
+        return loss, float(sums[1]) / batch, batch
+
+    # -- the checkpoint protocol -----------------------------------------------------------
+    def named(self, flat: np.ndarray, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+        """A flat buffer laid out like this stage's (or ``names``') parameters, by name."""
+        out, offset = {}, 0
+        for n in (self.stage_names[self.grid.pp_rank] if names is None else names):
+            size = math.prod(self.shapes[n])
+            out[n] = flat[offset:offset + size].reshape(self.shapes[n])
+            offset += size
+        return out
+
+    def _flats(self) -> Tuple[List[np.ndarray], List[str]]:
+        """This stage's parameters, then its optimizer state arrays by sorted key."""
+        state = self.optimizer.state()
+        return [self.model.params] + [state[k] for k in sorted(state)], sorted(state)
+
+    def _stage_size(self, stage: int) -> int:
+        return sum(math.prod(self.shapes[n]) for n in self.stage_names[stage])
+
+    def capture(self, step: int, config: Dict[str, Any]) -> Optional[State]:
+        """The state after ``step`` steps, gathered on world rank 0 (collective);
+        None on the other ranks.  Stage leaders (dp_rank 0) send their arrays."""
+        g, (flats, keys) = self.grid, self._flats()
+        if g.rank != 0:
+            if g.dp_rank == 0:
+                for flat in flats:
+                    g.world.Send(flat, dest=0, tag=self.TAG_STATE)
+            return None
+        params: Dict[str, np.ndarray] = {}
+        opt_state: Dict[str, Dict[str, np.ndarray]] = {k: {} for k in keys}
+        for s, names in enumerate(self.stage_names):
+            if s == 0:  # copies: the state outlives this step (and a freed window)
+                got = [flat.copy() for flat in flats]
+            else:
+                got = [np.empty(self._stage_size(s), self.model.dtype) for _ in flats]
+                for buf in got:
+                    g.world.Recv(buf, source=g.world_rank(s, 0), tag=self.TAG_STATE)
+            params.update(self.named(got[0], names))
+            for key, buf in zip(keys, got[1:]):
+                opt_state[key].update(self.named(buf, names))
+        epoch, epoch_step = self.sampler.locate(step)
+        opt, s = self.optimizer, self.sampler
+        return State(
+            step=step, epoch=epoch, epoch_step=epoch_step, params=params,
+            optimizer_state=opt_state,
+            optimizer={"name": self.optimizer.name, "steps": opt.steps, **opt.hyper()},
+            config=config, layout={"world_size": g.world.Get_size(), "pp": g.pp, "dp": g.dp},
+            sampler=s.meta(),
+            rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
+                                 f"({s.n}), cut into batches of {s.batch_size}",
+                 "init": "numpy.random.default_rng([seed, layer index]) per layer",
+                 "stateful_generators": {}})
+
+    def mismatch(self, state: State, config: Dict[str, Any]) -> Optional[str]:
+        """Why ``state`` cannot continue this run, or None: a ConfigError template
+        naming the parameters involved as ``{name}``."""
+        shapes = {n: a.shape for n, a in state.params.items()}
+        if shapes != self.shapes:
+            for name in sorted(set(shapes) | set(self.shapes)):
+                if shapes.get(name) != self.shapes.get(name):
+                    return (f"parameter {name!r} is {shapes.get(name)} in the checkpoint and "
+                            f"{self.shapes.get(name)} in this model (check {{hidden}})")
+        dtype = next(iter(state.params.values())).dtype
+        if dtype != self.model.dtype:
+            return (f"parameters are {dtype} in the checkpoint, {self.model.dtype} here "
+                    "({dtype})")
+        if state.optimizer.get("name") != self.optimizer.name or set(
+                state.optimizer_state) != set(self.optimizer.state()):
+            return (f"written with {{optimizer}} {state.optimizer.get('name')}, "
+                    f"this run has {self.optimizer.name}")
+        for key, value in self.sampler.meta().items():
+            if state.sampler.get(key) != value:
+                what = {"samples": "training samples in {data}"}.get(key, "{" + key + "}")
+                return (f"written with {what} {state.sampler.get(key)}, this run has {value}: "
+                        "the sample order would differ")
+        return None
+
+    def restore(self, state: Optional[State]) -> None:
+        """Load ``state`` (given on world rank 0, None elsewhere) on every rank (collective).
+
+        Rank 0 sends each stage's part to that stage's first replica, which
+        broadcasts it to the stage's other replicas: a rank receives only its
+        stage's arrays, and any (pp, dp) layout can resume any other.
+        """
+        g, (flats, keys) = self.grid, self._flats()
+        steps = int(state.optimizer["steps"]) if g.rank == 0 else None
+        self.optimizer.steps = g.world.bcast(steps, root=0)
+        received = [np.empty_like(flat) for flat in flats]  # this stage's values
+        if g.rank == 0:
+            sources = [state.params] + [state.optimizer_state[k] for k in keys]
+            for s, names in enumerate(self.stage_names):
+                packed = received if s == 0 else [
+                    np.empty(self._stage_size(s), self.model.dtype) for _ in flats]
+                for buf, source in zip(packed, sources):
+                    for name, view in self.named(buf, names).items():
+                        view[...] = source[name]
+                    if s > 0:
+                        g.world.Send(buf, dest=g.world_rank(s, 0), tag=self.TAG_STATE)
+        elif g.dp_rank == 0:
+            for buf in received:
+                g.world.Recv(buf, source=0, tag=self.TAG_STATE)
+        for buf in received:
+            g.dp_comm.Bcast(buf, root=0)
+        self.restored_bytes = sum(buf.nbytes for buf in received)
+
+        def write() -> None:
+            for flat, buf in zip(flats, received):
+                flat[...] = buf
+
+        self.exchange.write(write)

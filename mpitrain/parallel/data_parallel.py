@@ -1,0 +1,133 @@
+"""Data-parallel training: every rank holds the whole model and computes its part of a batch.
+
+One step on every rank of ``comm``::
+
+    ids   = the rank's slice of global batch k            (data.sampler.Sampler)
+    x, y  = rows ids of the shards                        (data.shards.Shards)
+    grads = d/dθ [ sum of the rank's per-sample losses / B ]   (B: global batch)
+    exchange(grads)  ->  sum over ranks = d/dθ [ mean loss of the global batch ]
+    optimizer.step()
+
+Dividing by the global batch B before the sum, rather than averaging the
+ranks' means, makes the result exact when the ranks' parts are unequal.  The
+batch's loss sum and correct count ride in two extra slots at the end of the
+exchange buffer, so one all-reduce per step gives gradients and metrics, and
+every rank sees the same loss (and stops together if it is not finite).
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional, Tuple
+
+import numpy as np
+from mpi4py import MPI
+
+from ..balance import rank_slice
+from ..comm.exchange import Exchange, plan_buckets
+from ..comm.topology import make_grid
+from ..data.prefetch import Prefetcher
+from ..data.sampler import Sampler
+from ..data.shards import Shards
+from ..model.optim import Optimizer
+from ..model.sequential import Sequential
+from .base import TrainerBase
+
+__all__ = ["Trainer"]
+
+
+class Trainer(TrainerBase):
+    """Data-parallel training of ``model`` with ``optimizer`` over the ranks of ``comm``.
+
+    ``allreduce``, ``bucket_mb``, ``overlap``, ``progress`` and ``grad_dtype``
+    choose how the gradients are summed (see ``comm.exchange``).
+    """
+
+    def __init__(self, model: Sequential, loss, optimizer: Optimizer, train: Shards,
+                 sampler: Sampler, comm: MPI.Comm, val: Optional[Shards] = None, *,
+                 allreduce: str = "mpi", bucket_mb: float = 2.0, overlap: bool = True,
+                 progress: str = "thread", grad_dtype: Optional[str] = None):
+        self.model, self.loss, self.optimizer, self.comm = model, loss, optimizer, comm
+        self.grid = make_grid(comm, 1)  # pp = 1: the replicas are ``comm`` itself
+        self.train, self.val, self.sampler = train, val, sampler
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.shapes = dict(model.shapes)
+        self.stage_names = [list(model.shapes)]
+        n = model.size
+        # The exchange buffer (n + 3,): gradients, then the loss sum, the correct
+        # count and the number of ranks asked to stop (pre-emption), all in one
+        # all-reduce.  Buckets from the end of the buffer (the last layer's gradients
+        # and the metrics come first), each summed as soon as backward has made it
+        # final.  With a 16-bit wire the three metric slots stay out of the buckets
+        # and are summed exactly (a float16 loss sum would overflow at 65504).
+        covered = n if grad_dtype else n + 3
+        self.metrics = slice(n, n + 3)
+        self.exchange = Exchange(
+            comm, n + 3, model.dtype, algorithm=allreduce,
+            buckets=plan_buckets(covered, bucket_mb * 2 ** 20, model.dtype.itemsize),
+            overlap=overlap, progress=progress, wire=grad_dtype,
+            exact=self.metrics if grad_dtype else None, needed=self.metrics)
+        self.check_replicas()  # before a node's ranks come to share one copy (shm)
+        self.exchange.adopt(model, optimizer)
+        self.xbuf = self.exchange.buffer
+        self._prefetch: Optional[Prefetcher] = None
+        self._init_common()
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""
+        self.close_prefetch()
+        self._prefetch = Prefetcher(self.train, self.sampler, self.rank, self.size, start, stop)
+
+    def close_prefetch(self) -> None:
+        """Stop reading ahead."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def close(self) -> None:
+        """Stop the helper threads and free the exchange (collective)."""
+        self.close_prefetch()
+        super().close()
+        self.xbuf = self.exchange.buffer  # a private copy once the window is gone
+
+    def step(self, step: int, stop: bool = False) -> Tuple[float, float, int]:
+        """Run global step ``step`` (0-based); return (mean loss, accuracy, global batch).
+
+        ``stop`` says this rank was asked to stop; afterwards ``stop_agreed``
+        tells every rank alike whether any rank was.
+        """
+        t0 = time.perf_counter()
+        if self._prefetch is not None:
+            x, y, batch = self._prefetch.get(step)  # read while the last step computed
+        else:
+            ids, batch = self.sampler.local(step, self.rank, self.size)
+            x, y = self.train.read(ids)  # (b, features), (b,)
+        t1 = time.perf_counter()
+        self.on_phase("computing")
+        metrics = self.xbuf[self.metrics]  # (3,): loss sum, correct count, stop requests
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
+            out, saved = self.model.forward(x)  # (b, classes)
+            loss_sum, dout = self.loss(out, y, 1.0 / batch)
+            metrics[:] = (loss_sum, np.count_nonzero(out.argmax(axis=1) == y),
+                          1.0 if stop else 0.0)
+            # Reporting what is final even without overlap keeps both paths' bits equal.
+            self.model.backward(dout, saved, final_from=self.exchange.ready)
+        t2 = time.perf_counter()
+        self.on_phase("exchange")
+        self.exchange.wait()  # only what backward did not hide
+        return self._conclude(step, batch, self.xbuf[self.metrics],
+                              (t0, t1, t2, time.perf_counter()))
+
+    def evaluate(self, chunk: int = 4096) -> Optional[Tuple[float, float]]:
+        """(mean loss, accuracy) on the validation split, each rank a slice (collective)."""
+        if self.val is None or len(self.val) == 0:
+            return None
+        self.on_phase("evaluation")
+        lo, hi = rank_slice(len(self.val), self.rank, self.size)
+        sums = np.zeros(2)  # loss sum, correct count; float64 so counts stay exact
+        for a in range(lo, hi, chunk):
+            x, y = self.val.read_range(a, min(hi, a + chunk))
+            out = self.model(x)
+            loss_sum, _ = self.loss(out, y, 1.0)
+            sums += (loss_sum, np.count_nonzero(out.argmax(axis=1) == y))
+        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        return sums[0] / len(self.val), sums[1] / len(self.val)

@@ -1,0 +1,1 @@
+"""Pipeline parallelism: stage partitioning, schedules (pure), and the stage's trainer."""

@@ -1,0 +1,77 @@
+"""From a Config to a ready trainer: the data checked, the model made, the strategy chosen.
+
+This is the one place that chooses how a step is split over the ranks: the
+data-parallel trainer, or the pipeline trainer (stages, or micro-batches on
+one stage).  A new synchronisation strategy plugs in here, and the training
+loop does not know which one runs.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+from mpi4py import MPI
+
+from ..comm.topology import make_grid
+from ..config import Config
+from ..data.builtin import builtin_dataset
+from ..data.checks import check_dataset
+from ..data.manifest import Manifest, read_manifest
+from ..data.sampler import Sampler
+from ..data.shards import Shards
+from ..model.layers import mlp
+from ..model.losses import make_loss
+from ..model.optim import make_optimizer
+from ..model.sequential import Sequential
+from ..parallel.base import TrainerBase
+from ..parallel.data_parallel import Trainer
+from ..parallel.pipeline.stage import PipelineTrainer
+from ..runtime import ConfigError, MpitrainError, agreed, literal
+
+__all__ = ["build", "open_data"]
+
+
+def open_data(cfg: Config, comm: MPI.Comm, replicas: int) -> Tuple[Manifest, Shards, Shards]:
+    """The manifest, checked against the run, and the train and val readers (collective).
+    ``replicas``: how many parts each global batch is cut into."""
+    who = "ranks" if cfg.pp == 1 else "data-parallel replicas"
+    root = cfg.data or builtin_dataset(comm)
+    m = agreed(comm, lambda: read_manifest(root))  # a node may see another file system
+    n_train = m.rows("train")
+    if n_train < replicas:
+        raise MpitrainError(f"{m.path}: {n_train} training samples for {replicas} {who}; "
+                            "need at least one each", everywhere=True)
+    if cfg.batch_size < replicas:
+        raise ConfigError(f"{{batch_size}} {cfg.batch_size} is smaller than the {replicas} "
+                          f"{who}; each needs at least one sample", everywhere=True)
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"{{batch_size}} {cfg.batch_size} is larger than the {n_train} "
+                          f"training samples of {literal(root)}", everywhere=True)
+    check_dataset(m, comm, full=cfg.check_data == "full")
+    train = Shards(m, "train", cfg.dtype)
+    val = Shards(m, "val", cfg.dtype) if m.rows("val") else None
+    return m, train, val
+
+
+def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
+    """Check the data and make the grid, model, optimizer and trainer (collective)."""
+    grid = make_grid(comm, cfg.pp)
+    m, train, val = open_data(cfg, comm, grid.dp)
+    layers = mlp(int(np.prod(m.features)), cfg.hidden, m.classes, cfg.activation)
+    sampler = Sampler(len(train), cfg.batch_size, cfg.seed, cfg.drop_last)
+    opt_args = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    loss = make_loss(cfg.loss)
+    trainer: TrainerBase
+    if cfg.pipelined():
+        trainer = PipelineTrainer(layers, grid, loss, cfg.optimizer, opt_args, train, sampler,
+                                  microbatches=cfg.micro(), schedule=cfg.schedule,
+                                  allreduce=cfg.allreduce, val=val, grad_dtype=cfg.wire(),
+                                  dtype=cfg.dtype, seed=cfg.seed,
+                                  stage_layers=cfg.stage_layers)
+    else:
+        model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
+        optimizer = make_optimizer(cfg.optimizer, model.params, model.grads, **opt_args)
+        trainer = Trainer(model, loss, optimizer, train, sampler, comm, val,
+                          allreduce=cfg.allreduce, bucket_mb=cfg.bucket_mb,
+                          overlap=cfg.overlap, progress=cfg.progress, grad_dtype=cfg.wire())
+    return trainer, m

@@ -1,0 +1,146 @@
+"""The training loop: banner, resume, then for each step (step, log, evaluate, checkpoint,
+stop?), then the summary.  Everything it needs is built elsewhere (``build``); it does
+not know which trainer or synchronisation strategy runs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, TextIO
+
+import numpy as np
+from mpi4py import MPI
+
+from .. import __version__
+from ..config import Config
+from ..fault.drills import Faults
+from ..fault.preemption import Preemption
+from ..fault.resume import Checkpoints
+from ..fault.watchdog import Watchdog
+from ..runtime import EXIT_PREEMPTED, library_version
+from ..threads import thread_report
+from .build import build
+from .metrics import Meter, Reporter, summary_line
+
+__all__ = ["train", "run_directory"]
+
+
+def run_directory(cfg: Config, comm: MPI.Comm) -> str:
+    """Where the run's metrics go: ``run_dir``, else ``ckpt_dir``, else runs/DATE-TIME
+    (named by rank 0)."""
+    return cfg.run_dir or cfg.ckpt_dir or comm.bcast(
+        os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")) if comm.rank == 0 else None, root=0)
+
+
+def _is_eval_step(cfg: Config, done: int, steps_per_epoch: int, total: int) -> bool:
+    if done == total:
+        return True
+    if cfg.eval_every is None:
+        return done % steps_per_epoch == 0
+    return cfg.eval_every > 0 and done % cfg.eval_every == 0
+
+
+def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str, Any]:
+    """Train as ``cfg`` says on the ranks of ``comm``; return the summary (on every rank)."""
+    faults = Faults(cfg.fault)
+    # Watched from the start: a rank stuck reading the data or in start-up ends the job too.
+    dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
+    trainer, m = build(cfg, comm)
+    spe = trainer.sampler.steps_per_epoch
+    total = cfg.total_steps(spe)
+    report = Reporter(comm.rank == 0, cfg.log, total, out or sys.stdout,
+                      run_dir=run_directory(cfg, comm), quiet=cfg.quiet)
+    g = trainer.grid
+    report.say(f"mpitrain {__version__}: {comm.size} ranks, {library_version()}, "
+               f"threads per rank {thread_report()}")
+    report.say(f"run directory {report.run_dir} (metrics.jsonl)")
+    report.say(f"data {m.root}: {len(trainer.train)} train / "
+               f"{len(trainer.val) if trainer.val else 0} val samples, features {m.features}, "
+               f"{m.classes} classes")
+    if cfg.pipelined():
+        report.say(f"pipeline: {g.pp} stages x {g.dp} data-parallel replicas, "
+                   f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "
+                   f"{trainer.describe()}; each stage's gradients are exchanged after its "
+                   "last backward pass")
+    report.say(f"model {trainer.model}" + (" (stage 0)" if g.pp > 1 else ""))
+    report.say(f"{total} steps ({spe} per epoch), global batch {cfg.batch_size} "
+               f"(about {cfg.batch_size // g.dp} per replica), {cfg.optimizer} lr {cfg.lr}, "
+               f"allreduce {cfg.allreduce}")
+    ckpts = Checkpoints(comm, cfg.ckpt_dir, every=cfg.ckpt_every, keep_last=cfg.keep_last,
+                        resume=cfg.resume, config=cfg.to_dict(), say=report.say, faults=faults)
+    start = ckpts.resume(trainer)
+    meter = Meter(start, total)
+    record: Dict[str, Any] = {}
+    preempted, signal_name, end = False, None, total
+    t_start = time.perf_counter()
+    if start >= total:
+        report.say(f"nothing to do: the checkpoint is at step {start} of {total}", always=True)
+    else:
+        if dog:
+            trainer.on_phase = dog.set_phase
+        trainer.prefetch(start, total)
+        # Without a checkpoint directory there is nothing to stop at: signals keep their
+        # default effect (SIGTERM ends the rank at once; the launcher ends the job).
+        with Preemption(cfg.sigterm_grace, enabled=bool(cfg.ckpt_dir)) as preemption:
+            for step in range(start, total):
+                done = step + 1
+                if dog:
+                    dog.beat(done)
+                faults.at_step(comm.rank, done)
+                t0 = time.perf_counter()
+                loss, acc, batch = trainer.step(step, stop=preemption.requested)
+                meter.add(step, batch, time.perf_counter() - t0)
+                stopping = trainer.stop_agreed
+                if stopping:
+                    preemption.finished = True  # the ranks agreed: no SIGTERM deadline now
+                epoch = trainer.sampler.locate(step)[0]
+                report.live_step({"step": done, "epoch": epoch, "loss": loss, "accuracy": acc,
+                                  "eta_s": meter.eta(done), "samples_per_s": batch / meter.last})
+                evaluate = _is_eval_step(cfg, done, spe, total)
+                if done % cfg.log_every == 0 or evaluate or stopping:
+                    record = {"step": done, "epoch": epoch, "loss": loss, "accuracy": acc,
+                              "samples_per_s": meter.window(), "lr": cfg.lr,
+                              "eta_s": meter.eta(done)}
+                    if evaluate:
+                        result = trainer.evaluate()
+                        if result:
+                            record["val_loss"], record["val_accuracy"] = result
+                    report.step(record)
+                if ckpts.due(done, total, stopping):
+                    if dog:
+                        dog.set_phase("checkpoint")
+                    ckpts.save(trainer, done)
+                if stopping and done < total:  # at the last step it is just done
+                    preempted, signal_name, end = True, preemption.signal, done
+                    break
+    # The one teardown, in one order.
+    trainer.close()
+    if dog:
+        dog.set_phase("finished")
+        dog.close()
+    wall = time.perf_counter() - t_start
+    # The slowest rank's phase times: the step is as slow as its slowest rank.
+    phases = np.array([trainer.times[k] for k in ("data", "compute", "exchange")])
+    comm.Allreduce(MPI.IN_PLACE, phases, op=MPI.MAX)
+    busy = phases.sum() or 1.0
+    summary: Dict[str, Any] = {
+        "steps": total, "ranks": comm.size, "start_step": start, "end_step": end,
+        "preempted": preempted, "steps_run": max(0, end - start), "wall_s": wall,
+        "samples_per_s": meter.samples_per_s,
+        "final_loss": record.get("loss"), "val_loss": record.get("val_loss"),
+        "val_accuracy": record.get("val_accuracy"),
+        "share_data": phases[0] / busy, "share_compute": phases[1] / busy,
+        "share_exchange": phases[2] / busy,
+        "checkpoints": ckpts.written, "checkpoint_s": ckpts.seconds,
+        "checkpoint_bytes": ckpts.last_bytes,
+        "share_checkpoint": ckpts.seconds / wall if wall else 0.0}
+    if end > start:
+        report.say(summary_line(summary), always=True)
+    if preempted:
+        report.say(f"stopped at step {end} on {signal_name or 'a signal to another rank'}; "
+                   f"exit status {EXIT_PREEMPTED}: relaunch with --resume auto to continue",
+                   always=True)
+    report.close()
+    trainer.close_data()
+    return summary

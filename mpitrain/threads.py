@@ -1,0 +1,127 @@
+"""Threads per rank: BLAS and OpenMP limited to the cores each rank has.
+
+NumPy's BLAS starts one thread per core by default; two ranks on two cores,
+each with two BLAS threads, thrash (steps up to 30x slower here).  The thread
+variables must be set before the BLAS library is loaded, so this module
+imports no numpy, and ``import mpitrain`` calls ``limit_threads`` first.
+
+When numpy was imported before mpitrain, its BLAS has already read the
+environment; threadpoolctl (optional: ``pip install threadpoolctl``, the
+``threads`` extra) then sets the loaded libraries' thread counts directly,
+whichever BLAS or OpenMP runtime they are.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+__all__ = ["THREAD_VARS", "limit_threads", "thread_report", "blas_threads", "child_env"]
+
+# Every variable a BLAS or OpenMP runtime numpy may be linked with reads.
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+# What limit_threads decided, for `mpitrain info` and the run banner.
+_THREADS: Dict[str, object] = {}
+
+
+def _local_ranks() -> Tuple[int, str]:
+    """Ranks on this node, from the launcher's environment (1 if unknown)."""
+    for var in ("MPI_LOCALNRANKS",  # MPICH Hydra
+                "OMPI_COMM_WORLD_LOCAL_SIZE",  # Open MPI
+                "MV2_COMM_WORLD_LOCAL_SIZE",  # MVAPICH
+                "PALS_LOCAL_SIZE"):  # Cray PALS
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value), var
+    # srun: SLURM_STEP_TASKS_PER_NODE is e.g. "4" or "4(x2),3".
+    tasks = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "")
+    first = tasks.split("(")[0].split(",")[0]
+    if first.isdigit() and int(first) > 0:
+        return int(first), "SLURM_STEP_TASKS_PER_NODE"
+    return 1, "no launcher"
+
+
+def _pools() -> Optional[List[dict]]:
+    """threadpoolctl's view of the loaded BLAS/OpenMP libraries, or None without it."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    return threadpool_info()
+
+
+def blas_threads() -> Optional[int]:
+    """Threads of the loaded BLAS, read from the library (None if unknown)."""
+    pools = _pools()
+    blas = [p["num_threads"] for p in pools or () if p.get("user_api") == "blas"]
+    return int(blas[0]) if blas else None
+
+
+def limit_threads() -> Dict[str, object]:
+    """Set BLAS/OpenMP threads to the cores available per rank, unless the user set them.
+
+    If the launcher bound this rank to a subset of the cores, that subset is
+    the rank's share; otherwise the node's cores are divided by the number of
+    ranks on the node.  A thread variable the user set is left alone.
+    """
+    if _THREADS:
+        return _THREADS
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    local, source = _local_ranks()
+    bound = cores < (os.cpu_count() or cores)
+    threads = cores if bound else max(1, cores // local)
+    user = {v: os.environ[v] for v in THREAD_VARS if v in os.environ}
+    for var in THREAD_VARS:
+        os.environ.setdefault(var, str(threads))
+    _THREADS["ours"] = [v for v in THREAD_VARS if v not in user]
+    if user:
+        how = "set by the user (" + ", ".join(f"{k}={v}" for k, v in user.items()) + ")"
+    elif bound:
+        how = f"{cores} cores bound to this rank"
+    else:
+        how = f"{cores} cores / {local} ranks on this node ({source})"
+    if "numpy" in sys.modules and "OPENBLAS_NUM_THREADS" not in user \
+            and "OMP_NUM_THREADS" not in user:
+        # numpy's BLAS read the environment when it loaded: tell it directly.
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            how += ("; numpy was imported before mpitrain, so its BLAS may ignore this "
+                    "(import mpitrain first, or pip install threadpoolctl)")
+        else:
+            threadpool_limits(threads)
+            how += f"; numpy was imported first, so its BLAS was set to {threads} directly"
+    omp = os.environ["OMP_NUM_THREADS"]
+    _THREADS.update(threads=int(omp) if omp.isdigit() else omp, how=how)
+    return _THREADS
+
+
+def child_env() -> Dict[str, str]:
+    """This process's environment for launching another MPI job: without the thread
+    counts mpitrain chose for this process (the child's ranks choose their own) and
+    without this process's MPI launcher state."""
+    ours = set(_THREADS.get("ours", ()))
+    return {k: v for k, v in os.environ.items()
+            if k not in ours and not k.startswith(("PMI_", "MPI_LOCAL", "HYDRA_", "OMPI_",
+                                                   "PMIX_"))}
+
+
+def thread_report() -> str:
+    """One line: the threads per rank, how the number was chosen, and (with
+    threadpoolctl) what the loaded libraries actually run."""
+    info = limit_threads()
+    pools = _pools()
+    actual = (" [" + ", ".join(f"{p['internal_api']}: {p['num_threads']}" for p in pools) + "]"
+              if pools else "")
+    return f"{info['threads']} ({info['how']}){actual}"
