@@ -115,18 +115,23 @@ def on_root(comm, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def require_thread_multiple(comm, users: str) -> None:
-    """Refuse to go on below ``MPI_THREAD_MULTIPLE``: ``users`` (e.g. "the watchdog")
-    call MPI from helper threads while the main thread does (collective)."""
+THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")  # MPI.THREAD_SINGLE = 0 ...
+
+
+def require_thread_multiple(comm, user: str) -> None:
+    """Refuse to go on below ``MPI_THREAD_MULTIPLE``: ``user`` (a ConfigError template,
+    e.g. "the watchdog ({watchdog} 0 turns it off)") calls MPI from its own thread
+    while the main thread does (collective)."""
     from mpi4py import MPI
 
     def check() -> None:
         level = MPI.Query_thread()
         if level < MPI.THREAD_MULTIPLE:
-            raise MpitrainError(
-                f"MPI runs at thread level {THREAD_LEVELS[level]!r}, but {users} call MPI "
-                "from helper threads, which needs 'multiple': unset MPI4PY_RC_THREAD_LEVEL "
-                "(mpi4py asks for 'multiple' by default) or set it to 'multiple'")
+            raise ConfigError(
+                f"MPI runs at thread level {THREAD_LEVELS[level]!r}, but {user} calls MPI "
+                "from its own thread while the main thread does, which needs 'multiple': "
+                "unset MPI4PY_RC_THREAD_LEVEL (mpi4py asks for 'multiple' by default) or set "
+                "it to 'multiple'")
 
     agreed(comm, check)
 

@@ -13,11 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def mpiexec() -> str:
-    """The mpiexec beside this Python (a venv with PyPI's MPICH), else the one on PATH."""
+    """The mpiexec beside this Python (a venv with PyPI's MPICH), else the one on PATH.
+
+    Without one the MPI tests are skipped with the reason, unless
+    ``MPITRAIN_MPI_TESTS=require`` (CI) makes that a failure.
+    """
     here = Path(sys.executable).parent / "mpiexec"
     found = str(here) if here.exists() else shutil.which("mpiexec")
     if not found:
-        pytest.skip("no mpiexec found (pip install mpich, or load your MPI module)")
+        reason = "no mpiexec found (pip install mpich, or load your MPI module)"
+        if os.environ.get("MPITRAIN_MPI_TESTS", "").strip().lower() == "require":
+            pytest.fail(f"MPITRAIN_MPI_TESTS=require, but {reason}", pytrace=False)
+        pytest.skip(reason)
     return found
 
 

@@ -3,16 +3,17 @@
 The session fixture ``slurm`` (import it into a test module) gives a running
 cluster:
 
-- Debian's ``slurm-wlm`` and ``munge`` are installed with apt-get, only if
-  ``slurmctld`` is missing (this needs root);
+- Slurm and munge must be installed already (Debian: ``apt-get install
+  slurm-wlm munge``; ``.ci/run`` does so): the test suite changes nothing on
+  the system;
 - a private ``munged`` (its own key and socket), ``slurmctld`` and ``slurmd``
   are started on free ports, with a one-node ``slurm.conf`` whose state,
   spool, log and pid files all live in a temporary directory;
 - at the end of the session the jobs are cancelled and the daemons stopped
   by the PIDs in their pid files.
 
-Where that is impossible (not Linux, not root, no apt-get, the install or a
-daemon fails) every test that uses the fixture is skipped, with the reason.
+Where that is impossible (not Linux, not root, Slurm or munge not installed,
+a daemon fails) every test that uses the fixture is skipped, with the reason.
 ``MPITRAIN_SLURM_TESTS=skip`` skips them anyway; ``MPITRAIN_SLURM_TESTS=require``
 turns those skips into failures (for a CI machine that must run them).
 
@@ -40,11 +41,10 @@ import pytest
 
 from conftest import ROOT, clean_env
 
-APT_TIMEOUT = 420  # apt-get update + install, on a slow mirror
 START_TIMEOUT = 30  # each daemon, until it answers
 # What a test's own time limit must leave for this fixture's set-up, when
 # that test is the first to use it.
-SETUP_BUDGET = APT_TIMEOUT + 3 * START_TIMEOUT
+SETUP_BUDGET = 3 * START_TIMEOUT
 
 # How long Slurm holds a requeued job before it may start again
 # (AuthInfo=cred_expire, default 120 s). Short here so that a requeue test
@@ -90,31 +90,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def install_slurm() -> float:
-    """apt-get install slurm-wlm munge, if slurmctld is missing; the seconds it took."""
-    if _which("slurmctld") and _which("slurmd") and _which("munged") and _which("sbatch"):
-        return 0.0
-    if not _which("apt-get"):
-        unavailable("Slurm is not installed and there is no apt-get to install it "
-                    "(install slurm-wlm and munge, or their equivalents)")
-    t0 = time.monotonic()
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", PATH=_path())
-    lock = ["-o", "DPkg::Lock::Timeout=60"]
-    for cmd in (["apt-get", *lock, "update", "-q"],
-                ["apt-get", *lock, "install", "-y", "-q", "slurm-wlm", "munge"]):
-        left = APT_TIMEOUT - (time.monotonic() - t0)
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                  timeout=max(left, 1))
-        except subprocess.TimeoutExpired:
-            unavailable(f"{' '.join(cmd)} did not finish within {APT_TIMEOUT} s")
-        if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).splitlines()[-10:])
-            unavailable(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{tail}")
-    if not (_which("slurmctld") and _which("slurmd") and _which("munged")):
-        unavailable("apt-get installed slurm-wlm and munge, yet slurmctld, slurmd or "
-                    "munged is missing")
-    return time.monotonic() - t0
+def require_slurm() -> None:
+    """Skip (or fail, when required) unless Slurm's daemons, tools and munge are installed."""
+    missing = [name for name in ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "munge")
+               if not _which(name)]
+    if missing:
+        unavailable(f"Slurm is not installed ({', '.join(missing)} not found); install it "
+                    "first, e.g. apt-get install slurm-wlm munge (the tests install nothing)")
 
 
 @dataclass
@@ -146,7 +128,6 @@ class SlurmCluster:
         self.run_dir = base / "run"
         self.munge_socket = base / "munge" / "munge.socket"
         self.started: list = []  # (name, pid file) of the daemons started, in order
-        self.install_seconds = 0.0
         self.start_seconds = 0.0
 
     # -- commands -------------------------------------------------------------------------
@@ -441,10 +422,10 @@ def slurm(tmp_path_factory):
     if not sys.platform.startswith("linux"):
         unavailable("a local Slurm for tests needs Linux")
     if os.geteuid() != 0:
-        unavailable("starting a local Slurm (and installing it) needs root; "
-                    "run the Slurm tests as root, e.g. in a container")
+        unavailable("starting a local Slurm needs root; run the Slurm tests as root, "
+                    "e.g. in a container")
+    require_slurm()
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    cluster.install_seconds = install_slurm()
     try:
         cluster.start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
@@ -453,8 +434,7 @@ def slurm(tmp_path_factory):
     except BaseException:  # a skip from inside, an interrupt: stop what did start
         cluster.stop()
         raise
-    print(f"\nslurm_cluster: install {cluster.install_seconds:.1f} s, start "
-          f"{cluster.start_seconds:.1f} s, conf {cluster.conf}")
+    print(f"\nslurm_cluster: start {cluster.start_seconds:.1f} s, conf {cluster.conf}")
     try:
         yield cluster
     finally:

@@ -96,8 +96,9 @@ def test_an_exception_on_one_rank_aborts_the_whole_job():
 def test_info(tmp_path):
     result = run_mpi(2, ["-m", "mpitrain", "info"])
     assert result.returncode == 0, result.stderr
-    for key in ("MPI library", "ranks             2 on 1 node", "threads per rank  1",
-                "h5py", "h5py with MPI"):
+    per_rank = max(1, len(os.sched_getaffinity(0)) // 2)  # this machine's cores, 2 ranks
+    for key in ("MPI library", "ranks             2 on 1 node",
+                f"threads per rank  {per_rank} (", "h5py", "h5py with MPI"):
         assert key in result.stdout
 
 
@@ -288,3 +289,37 @@ def test_ranks_that_see_different_files_agree_on_the_error(tmp_path, small_data)
     result = run_mpi(3, ["-c", script, small_data, tmp_path / "missing"], timeout=60)
     assert result.returncode == 2
     assert result.stderr.count("missing: no such dataset directory") == 1, result.stderr
+
+
+def test_a_non_zero_exit_on_one_rank_ends_the_whole_job():
+    """sys.exit(3) on rank 1 while rank 0 waits in a collective: the job ends, status 3."""
+    script = ("import sys\n"
+              "from mpi4py import MPI\n"
+              "from mpitrain.runtime import run_or_abort\n"
+              "def work():\n"
+              "    if MPI.COMM_WORLD.rank == 1:\n"
+              "        sys.exit(3)\n"
+              "    MPI.COMM_WORLD.Barrier()  # would wait forever without the abort\n"
+              "run_or_abort(work)\n")
+    result = run_mpi(2, ["-c", script], timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("mpitrain: rank 1 of 2 exited with status 3; ending the job") == 1
+
+
+def test_helper_threads_that_call_mpi_need_thread_multiple(small_data):
+    """Below MPI_THREAD_MULTIPLE the watchdog and the exchange thread are refused, with what
+    to set; without them (--watchdog 0, no overlapped thread) the run goes on."""
+    env = clean_env(MPI4PY_RC_THREAD_LEVEL="serialized")
+    refused = run_train(2, "--data", small_data, "--steps", "2", env=env, timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.count("MPI runs at thread level 'serialized', but the watchdog "
+                                "(--watchdog 0 turns it off) calls MPI from its own thread while "
+                                "the main thread does, which needs 'multiple': unset "
+                                "MPI4PY_RC_THREAD_LEVEL") == 1
+    exchange = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0", env=env,
+                         timeout=60)
+    assert exchange.returncode == 2
+    assert "the exchange's helper thread (--progress none avoids it)" in exchange.stderr
+    fine = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0",
+                     "--progress", "none", "--hidden", "8", env=env, timeout=60)
+    assert fine.returncode == 0, fine.stderr

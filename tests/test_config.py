@@ -3,7 +3,7 @@ import pytest
 
 from mpitrain.cli import _parser
 from mpitrain.config import Config, from_sources
-from mpitrain.runtime import MpitrainError
+from mpitrain.runtime import ConfigError, MpitrainError
 
 
 def parse(*argv):
@@ -75,3 +75,72 @@ def test_a_resume_file_is_not_looked_for_by_every_rank(tmp_path):
     """Validation checks no file for --resume: rank 0 reads it, maybe from its own disk."""
     cfg = parse("--resume", str(tmp_path / "only-on-rank-0.h5"))
     assert cfg.resume.endswith("only-on-rank-0.h5")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=-1), "lr: expected a value > 0, got -1"),
+    (dict(optimizer="lbfgs"), "optimizer: expected one of sgd, momentum, adam, adamw, got 'lbfgs'"),
+    (dict(watchdog=float("nan")), "watchdog: expected a finite number, got nan"),
+    (dict(bucket_mb=float("inf")), "bucket_mb: expected a finite number, got inf"),
+    (dict(seed=-1), "seed: expected a value >= 0, got -1"),
+    (dict(batch_size="64"), "batch_size: expected a value of type int, got '64'"),
+    (dict(allreduce="mpi", grad_dtype="bfloat16"), "grad_dtype bfloat16 needs allreduce ring"),
+])
+def test_a_config_built_in_code_is_validated_with_the_parameter_named(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        Config(**kwargs)
+    assert message in str(info.value) and "--" not in str(info.value)
+
+
+def test_a_config_cannot_be_changed_into_an_invalid_one():
+    import dataclasses
+
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = -1
+    with pytest.raises(ConfigError, match="lr: expected a value > 0"):
+        cfg.replace(lr=-1)
+    assert cfg.replace(lr=0.5).lr == 0.5
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(schedule="gpipe"), "schedule 'gpipe' does not apply: it orders a pipeline's "
+                             "micro-batches; this run has none (pp 1, one micro-batch)"),
+    (dict(stage_layers=[1, 1]), "stage_layers [1, 1] does not apply: it splits the model into "
+                                "pipeline stages; pp is 1"),
+    (dict(optimizer="adam", momentum=0.5), "momentum 0.5 does not apply: it is the momentum of "
+                                           "optimizer momentum; this run's optimizer is adam"),
+    (dict(keep_last=5), "keep_last 5 does not apply: it prunes checkpoints; no ckpt_dir is given"),
+    (dict(sigterm_grace=5.0), "sigterm_grace 5.0 does not apply"),
+    (dict(ckpt_every=10), "ckpt_every 10 does not apply: it spaces checkpoints"),
+    (dict(pp=2, bucket_mb=4.0), "bucket_mb 4.0 does not apply: it applies to data parallelism "
+                                "alone"),
+    (dict(microbatches=4, overlap=False), "overlap False does not apply"),
+    (dict(overlap=False, progress="none"), "progress 'none' does not apply: it moves an "
+                                           "overlapped exchange; overlap is off"),
+])
+def test_an_option_that_does_not_apply_is_refused_not_ignored(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        Config(**kwargs)
+    assert message in str(info.value)
+
+
+def test_options_that_apply_are_accepted():
+    Config(pp=2, schedule="gpipe", stage_layers=[1, 2])
+    Config(microbatches=4, schedule="gpipe")  # one stage, several micro-batches
+    Config(optimizer="adam", momentum=0.9)  # the default is not "given"
+    Config(ckpt_dir="ck", keep_last=5, sigterm_grace=3.0, ckpt_every=7)
+    Config(overlap=False, bucket_mb=0.0)
+
+
+def test_the_command_line_names_flags_and_toml_keys(tmp_path):
+    with pytest.raises(MpitrainError) as info:
+        parse("--optimizer", "adam", "--momentum", "0.5")
+    assert str(info.value).startswith("--momentum 0.5 does not apply: it is the momentum of "
+                                      "--optimizer momentum; this run's --optimizer is adam")
+    path = tmp_path / "run.toml"
+    path.write_text("keep_last = 4\n")
+    with pytest.raises(MpitrainError) as info:
+        parse("--config", str(path))
+    assert f"{path}: key 'keep_last' 4 does not apply: it prunes checkpoints; no --ckpt-dir" \
+        in str(info.value)

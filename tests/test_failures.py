@@ -38,7 +38,6 @@ def reference(small_data, tmp_path_factory):
 
 def test_sigkill_of_a_rank_ends_the_job_and_a_relaunch_ends_bit_identical(
         small_data, tmp_path, reference):
-    t0 = time.monotonic()
     killed = train(4, small_data, tmp_path, "--fault", "kill:rank=2:step=37")
     assert killed.returncode != 0  # mpiexec ends every rank when one dies
     assert "step 35/60" in killed.stdout and "step 40/60" not in killed.stdout
@@ -47,7 +46,6 @@ def test_sigkill_of_a_rank_ends_the_job_and_a_relaunch_ends_bit_identical(
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("resuming from") == 1 and "at step 30" in again.stdout
     assert same_bits(final(tmp_path), reference)
-    assert time.monotonic() - t0 < 100
 
 
 def test_shm_allreduce_killed_and_relaunched_ends_bit_identical(small_data, tmp_path):
@@ -161,16 +159,13 @@ def test_preemption_signal_through_mpiexec(small_data, tmp_path, signame):
 
 @pytest.mark.parametrize("allreduce", ["mpi", "shm"], ids=["allreduce-mpi", "allreduce-shm"])
 def test_watchdog_ends_a_job_with_a_stopped_rank(small_data, tmp_path, allreduce):
-    t0 = time.monotonic()
     result = train(4, small_data, tmp_path, "--fault", "stop:rank=1:step=12",
                    "--watchdog", "3", "--allreduce", allreduce, timeout=90)
-    elapsed = time.monotonic() - t0
-    assert result.returncode != 0
+    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
     assert result.stderr.count("mpitrain: watchdog: no progress for") == 1, (
         result.returncode, result.stdout[-800:], result.stderr)
     assert "at step 12: rank(s) [1] did not answer" in result.stderr
     assert "ranks [0, 2, 3] in exchange" in result.stderr
-    assert elapsed < 80
 
 
 def test_resume_errors(small_data, tmp_path):
@@ -292,22 +287,30 @@ def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_dat
         proc.kill()
     assert proc.returncode != 0 and proc.returncode != 75
     assert err.count("SIGTERM: the ranks did not stop within 2 s") == 1  # rank 1 is stopped
-    assert time.monotonic() - t0 < 30  # well before a launcher's KillWait
+    # The stuck rank waited out the grace, then ended itself: long before a launcher's
+    # KillWait (Slurm: 30 s) would have.
+    assert 2 <= time.monotonic() - t0 < 10 * 2
 
 
 def test_without_a_checkpoint_directory_a_signal_just_ends_the_job(small_data):
-    """Nothing to checkpoint to: SIGTERM keeps its default effect, never exit 75."""
+    """Nothing to checkpoint to: SIGTERM keeps its default effect (the ranks end at once,
+    by the signal), never a checkpoint and exit 75."""
+    args = [a for a, b in zip(ARGS, ARGS[1:] + [""]) if "--ckpt-every" not in (a, b)]
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
-           small_data, *ARGS, "--steps", "100000", "--log-every", "1"]
+           small_data, *args, "--steps", "100000", "--log-every", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=clean_env(), cwd=scratch_dir())
+    sent = False
     try:
         for line in proc.stdout:
             if line.startswith("step ") and "/100000" in line:
                 proc.send_signal(signal.SIGTERM)
+                sent = True
                 break
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode not in (0, 75)
-    assert "stopped at step" not in out
+    assert sent, f"training never started: {err[-2000:]}"
+    # mpiexec reports the ranks' end by SIGTERM as status 15 (143 from a shell)
+    assert proc.returncode in (15, 143, -15), (proc.returncode, err[-2000:])
+    assert "stopped at step" not in out and "done: steps" not in out

@@ -117,10 +117,11 @@ def test_each_rank_sends_2_p_minus_1_over_p_of_the_buffer(n):
     (lambda: _readonly(), ValueError, "needs a writeable buffer"),
 ])
 def test_bad_buffers_are_refused_before_any_message(make, error, message):
-    for ring in (lambda b: ring_allreduce(COMM, b), RingAllreduce(COMM)):
+    comm = CountingComm(COMM)
+    for ring in (lambda b: ring_allreduce(comm, b), RingAllreduce(comm)):
         with pytest.raises(error, match=message):
             ring(make())
-    COMM.Barrier()  # every rank got here: nothing was left in flight
+    agree(COMM, comm.sent == 0, f"refused before sending: sent {comm.sent} bytes")
 
 
 def _readonly():

@@ -123,10 +123,18 @@ def test_unequal_nodes_are_refused_on_every_rank():
     (lambda shm: shm.buffer.view(np.uint8)[1:5], "contiguous slices of its own .buffer"),
 ])
 def test_other_arrays_are_refused_before_any_barrier(make, message):
-    shm = ShmAllreduce(COMM, 16, np.float32)
+    class Counting(ShmAllreduce):  # counts the fences (each one a barrier of the node)
+        fences = 0
+
+        def fence(self):
+            self.fences += 1
+            super().fence()
+
+    shm = Counting(COMM, 16, np.float32)
     try:
+        before = shm.fences
         with pytest.raises(ValueError, match=message):
             shm(make(shm))
-        COMM.Barrier()  # every rank got here: nothing was left in flight
+        agree(COMM, shm.fences == before, f"refused before any fence ({shm.fences - before})")
     finally:
         shm.close()

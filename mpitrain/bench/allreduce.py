@@ -22,6 +22,7 @@ DEFAULT_SIZES = "4K,16K,64K,256K,1M,4M,16M,64M,256M"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``bench allreduce``."""
     p.add_argument("--sizes", default=DEFAULT_SIZES,
                    help=f"buffer sizes in bytes, comma-separated (default: {DEFAULT_SIZES})")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")

@@ -52,10 +52,12 @@ def _max():
 
 
 def median(values: Sequence[float]) -> float:
+    """The median of ``values``."""
     return statistics.median(values)
 
 
 def write_json(path: str, records: List[dict]) -> None:
+    """Write ``records`` to ``path`` as an indented JSON list."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump(records, f, indent=1)
         f.write("\n")

@@ -122,6 +122,7 @@ def mpitrain_samples_per_s(size: int, data: str, hidden: List[int], batch: int, 
 
 
 def main(argv=None) -> None:
+    """``python -m mpitrain.bench.ddp``: measure, print the table, write JSON."""
     p = argparse.ArgumentParser(prog="python -m mpitrain.bench.ddp", description=__doc__)
     p.add_argument("--ranks", default="1,2", help="rank counts (default: 1,2)")
     p.add_argument("--variants", default="mpi,shm",

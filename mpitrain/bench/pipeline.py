@@ -22,6 +22,7 @@ from .common import write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``bench pipeline``."""
     p.add_argument("--pp", type=int, default=None, help="pipeline stages (default: all ranks)")
     p.add_argument("--microbatches", default="1,2,4,8,16",
                    help="micro-batch counts to measure (default: 1,2,4,8,16)")

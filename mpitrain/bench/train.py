@@ -44,6 +44,7 @@ def _bench_name(param: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``bench train``."""
     p.add_argument("--ranks", default=None, help="rank counts to measure, e.g. 1,2 "
                                                  "(default: 1, 2, 4, ... up to this job's)")
     p.add_argument("--variants", default="mpi", help=f"comma-separated, of: {', '.join(VARIANTS)}")

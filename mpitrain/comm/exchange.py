@@ -162,7 +162,7 @@ class Exchange:
         self.overlap, self.progress, self.wire = overlap, progress, wire
         self.threaded = overlap and progress == "thread" and self.size > 1
         if self.threaded:
-            require_thread_multiple(comm, "the exchange's helper thread and the main thread")
+            require_thread_multiple(comm, "the exchange's helper thread ({progress} none avoids it)")
         self.comm = comm.Dup()  # its own context: never mixed up with other traffic
         self.algorithm = algorithm
         self.blocking = make_allreduce(algorithm, self.comm, count, np.dtype(dtype), wire)

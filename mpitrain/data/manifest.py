@@ -46,6 +46,7 @@ class Manifest:
         return sum(rows for _, rows in self.splits.get(split, []))
 
     def to_json(self) -> dict:
+        """The manifest as ``manifest.json`` holds it."""
         return {"format": FORMAT, "version": VERSION, "features": list(self.features),
                 "dtype": self.dtype.name, "classes": self.classes,
                 "splits": {s: [{"file": f, "rows": r} for f, r in shards]

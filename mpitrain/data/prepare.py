@@ -16,7 +16,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 from ..balance import rank_slice
-from ..runtime import MpitrainError
+from ..runtime import ConfigError, MpitrainError, literal
 from .manifest import X_KEY, Y_KEY, Manifest
 
 __all__ = ["write_dataset", "from_npz", "synthetic", "split_val"]
@@ -26,8 +26,8 @@ BLOCK = 4096  # rows generated or copied at a time, to bound memory
 
 def _refuse_existing(out: str) -> None:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise MpitrainError(f"{out}: already exists and is not empty; "
-                            "choose another --out (nothing was written)")
+        raise ConfigError(f"{literal(out)}: already exists and is not empty; choose another "
+                          "{out} (nothing was written)", ["out"])
 
 
 def write_dataset(out: str, features: Tuple[int, ...], classes: int, dtype,
@@ -39,7 +39,7 @@ def write_dataset(out: str, features: Tuple[int, ...], classes: int, dtype,
     """
     _refuse_existing(out)
     if shards < 1:
-        raise MpitrainError(f"--shards must be >= 1, got {shards}")
+        raise ConfigError(f"{{shards}}: expected a value >= 1, got {shards}", ["shards"])
     import h5py
 
     parent = os.path.dirname(os.path.abspath(out))
@@ -79,7 +79,8 @@ def write_dataset(out: str, features: Tuple[int, ...], classes: int, dtype,
 def split_val(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """(train ids, val ids), a random split of range(n) from ``seed``, each sorted."""
     if not 0 <= val_fraction < 1:
-        raise MpitrainError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"{{val_fraction}}: expected a value in [0, 1), got {val_fraction}",
+                          ["val_fraction"])
     n_val = int(round(n * val_fraction))
     perm = np.random.default_rng([seed, 1]).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
@@ -118,8 +119,8 @@ def from_npz(path: str, out: str, shards: int, val_fraction: float = 0.0, seed: 
     seen = int(y.max()) + 1
     classes = max(seen, 2) if classes is None else classes
     if seen > classes:
-        raise MpitrainError(f"{path}: label {seen - 1} in {y_key!r} is out of range for "
-                            f"--classes {classes}")
+        raise ConfigError(f"{literal(path)}: label {seen - 1} in {literal(repr(y_key))} is out "
+                          f"of range for {{classes}} {classes}", ["classes"])
     train, val = split_val(len(x), val_fraction, seed)
     splits = {"train": (len(train), lambda a, b: (x[train[a:b]], y[train[a:b]]))}
     if len(val):
@@ -162,10 +163,12 @@ def synthetic(out: str, samples: int, features: int, classes: int, seed: int = 0
               shards: int = 4, val_fraction: float = 0.1) -> Manifest:
     """Write the synthetic classification set: ``samples`` rows, the last ``val_fraction`` for validation."""
     if samples < 2 or features < 1 or classes < 2:
-        raise MpitrainError(f"synthetic data needs --samples >= 2, --features >= 1 and "
-                            f"--classes >= 2, got {samples}, {features}, {classes}")
+        raise ConfigError(f"synthetic data needs {{samples}} >= 2, {{features}} >= 1 and "
+                          f"{{classes}} >= 2, got {samples}, {features}, {classes}",
+                          ["samples", "features", "classes"])
     if not 0 <= val_fraction < 1:
-        raise MpitrainError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"{{val_fraction}}: expected a value in [0, 1), got {val_fraction}",
+                          ["val_fraction"])
     rows = synthetic_rows(samples, features, classes, seed)
     n_val = int(round(samples * val_fraction))
     n_train = samples - n_val

@@ -81,6 +81,7 @@ def _meta_crc(texts: List[str]) -> int:
 
 
 def file_name(step: int) -> str:
+    """The checkpoint file of ``step``: ckpt-000000200.h5."""
     return f"ckpt-{step:09d}.h5"
 
 

@@ -10,7 +10,7 @@ from ..runtime import MpitrainError
 __all__ = ["Faults"]
 
 class Faults:
-    """Planned failures, from ``--fault``: comma-separated ``ACTION:KEY=VALUE...``.
+    """Planned failures, from the ``fault`` option: comma-separated ``ACTION:KEY=VALUE...``.
 
     - ``kill:rank=R:step=S``  rank R sends itself SIGKILL as step S starts (1-based)
     - ``stop:rank=R:step=S``  rank R sends itself SIGSTOP as step S starts
@@ -33,14 +33,14 @@ class Faults:
         for part in filter(None, (spec or "").split(",")):
             action, *pairs = part.strip().split(":")
             if action not in self.ACTIONS:
-                raise MpitrainError(f"--fault: unknown action {action!r} in {part!r} "
+                raise MpitrainError(f"unknown action {action!r} in {part!r} "
                                     f"(known: {', '.join(self.ACTIONS)})")
             try:
                 keys = {k: int(v) for k, v in (p.split("=", 1) for p in pairs)}
             except ValueError:
-                raise MpitrainError(f"--fault: expected KEY=INTEGER pairs in {part!r}") from None
+                raise MpitrainError(f"expected KEY=INTEGER pairs in {part!r}") from None
             if set(keys) - {"attempt"} != set(self.ACTIONS[action]):
-                raise MpitrainError(f"--fault: {action} takes "
+                raise MpitrainError(f"{action} takes "
                                     f"{', '.join(self.ACTIONS[action])} (and optionally "
                                     f"attempt), got {part!r}")
             if keys.pop("attempt", self.attempt) == self.attempt:

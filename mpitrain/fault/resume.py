@@ -67,8 +67,8 @@ class Checkpoints:
             if state is None:
                 return None
             was, g = state.layout, trainer.grid
-            how = ("--resume auto (the newest valid checkpoint; --resume none starts afresh)"
-                   if self.policy == "auto" else "--resume")
+            how = ("resume auto (the newest valid checkpoint; resume none starts afresh)"
+                   if self.policy == "auto" else "resume from this file")
             self.say(f"resuming from {path} at step {state.step} (epoch {state.epoch}), "
                      f"written by {was.get('world_size')} ranks (pp {was.get('pp')} x dp "
                      f"{was.get('dp')}), now {g.world.Get_size()} (pp {g.pp} x dp {g.dp}); "

@@ -29,7 +29,7 @@ class Watchdog:
         import threading
         import time
 
-        require_thread_multiple(comm, "the watchdog's thread and the main thread")
+        require_thread_multiple(comm, "the watchdog ({watchdog} 0 turns it off)")
         self.comm = comm.Dup()  # its own context: its messages never meet the trainer's
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.limit, self.factor = float(limit), checkpoint_factor

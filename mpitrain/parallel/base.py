@@ -44,7 +44,6 @@ class TrainerBase:
         self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
         self.stop_agreed = False  # set by step(): some rank was asked to stop
         self.on_phase: Callable[[str], None] = lambda phase: None  # for the watchdog
-        self.restored_bytes = 0  # what this rank received in the last restore
         self.peak_activation_bytes = 0  # saved for backward at once (measured by pipelines)
 
     # -- life cycle ------------------------------------------------------------------------
@@ -198,7 +197,6 @@ class TrainerBase:
                 g.world.Recv(buf, source=0, tag=self.TAG_STATE)
         for buf in received:
             g.dp_comm.Bcast(buf, root=0)
-        self.restored_bytes = sum(buf.nbytes for buf in received)
 
         def write() -> None:
             for flat, buf in zip(flats, received):

@@ -111,6 +111,7 @@ class Reporter:
             log.flush()
 
     def close(self) -> None:
+        """Close the live line and the log files."""
         self._clear_live()
         if self.live is not None and self.live is not self.out:
             self.live.close()
