@@ -29,6 +29,7 @@ from .fault.drills import Faults
 from .model.layers import ACTIVATIONS
 from .model.losses import LOSSES
 from .model.optim import OPTIMIZERS
+from .model.sequential import DTYPES
 from .parallel.pipeline.schedules import MAX_MICROBATCHES, SCHEDULES
 from .runtime import ConfigError, MpitrainError, literal
 
@@ -43,7 +44,7 @@ else:  # pragma: no cover - Python 3.9/3.10
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "activation": tuple(ACTIVATIONS),
     "loss": tuple(LOSSES),
-    "dtype": ("float32", "float64"),
+    "dtype": DTYPES,
     "optimizer": OPTIMIZERS,
     "allreduce": tuple(ALGORITHMS),
     "check_data": MODES,

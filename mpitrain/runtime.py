@@ -18,13 +18,14 @@ from typing import Any, Callable, Iterable, Optional
 __all__ = ["MpitrainError", "ConfigError", "literal", "agreed", "on_root", "quiet_barrier",
            "require_thread_multiple",
            "run_or_abort", "library_version", "drain_output",
-           "EXIT_OK", "EXIT_ERROR", "EXIT_BAD_INPUT", "EXIT_WATCHDOG", "EXIT_PREEMPTED",
+           "EXIT_OK", "EXIT_ERROR", "EXIT_BAD_INPUT", "EXIT_WATCHDOG", "EXIT_IO", "EXIT_PREEMPTED",
            "EXIT_TERMINATED"]
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # an unexpected error: its traceback is printed
 EXIT_BAD_INPUT = 2  # bad input or options, refused before the first step
 EXIT_WATCHDOG = 3  # no progress within the watchdog's limit
+EXIT_IO = 74  # EX_IOERR: a checkpoint could not be written (no space, read-only, I/O error)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was written; relaunch to continue
 EXIT_TERMINATED = 143  # 128 + SIGTERM: stopped by a signal the ranks could not answer
 
@@ -38,9 +39,10 @@ class MpitrainError(Exception):
     job.
     """
 
-    def __init__(self, message: str, *, everywhere: bool = False):
+    def __init__(self, message: str, *, everywhere: bool = False, code: int = 2):
         super().__init__(message)
         self.everywhere = everywhere
+        self.code = code  # the exit status it ends the job with
 
 
 class ConfigError(MpitrainError):
@@ -73,15 +75,15 @@ def literal(text: str) -> str:
 def _portable(exc: MpitrainError) -> tuple:
     """An error as plain data another rank can raise again (see ``_raise``)."""
     if isinstance(exc, ConfigError):
-        return ("config", exc.template, exc.params)
-    return ("plain", str(exc), ())
+        return ("config", exc.template, exc.params, exc.code)
+    return ("plain", str(exc), (), exc.code)
 
 
 def _raise(error: tuple) -> None:
-    kind, text, params = error
+    kind, text, params, code = error
     if kind == "config":
         raise ConfigError(text, params, everywhere=True)
-    raise MpitrainError(text, everywhere=True)
+    raise MpitrainError(text, everywhere=True, code=code)
 
 
 def agreed(comm, fn: Callable[[], Any]) -> Any:
@@ -108,7 +110,7 @@ def on_root(comm, fn: Callable[[], Any]) -> Any:
         except MpitrainError as exc:
             error = _portable(exc)
         except OSError as exc:
-            error = ("plain", str(exc), ())
+            error = ("plain", str(exc), (), EXIT_BAD_INPUT)
     error, result = comm.bcast((error, result), root=0)
     if error:
         _raise(error)
@@ -239,10 +241,10 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None,
                 # Every rank should be here (the error was agreed); should one
                 # not arrive, abort rather than wait for it forever.
                 if quiet_barrier(comm, seconds=60):
-                    raise SystemExit(EXIT_BAD_INPUT) from None
+                    raise SystemExit(exc.code) from None
             else:
                 print(f"mpitrain: error{where}: {text}", file=sys.stderr, flush=True)
-            code = EXIT_BAD_INPUT
+            code = exc.code
         elif isinstance(exc, KeyboardInterrupt):
             print(f"mpitrain: interrupted{where}", file=sys.stderr, flush=True)
             code = 130

@@ -13,7 +13,8 @@ def make_state(step=100, seed=0):
     rng = np.random.default_rng(seed)
     params = {"0.weight": rng.normal(size=(4, 3)).astype(np.float32),
               "0.bias": rng.normal(size=4).astype(np.float32)}
-    return State(step=step, epoch=2, epoch_step=4, params=params,
+    epoch, epoch_step = divmod(step, 12)  # 96 samples in batches of 8
+    return State(step=step, epoch=epoch, epoch_step=epoch_step, params=params,
                  optimizer_state={"m": {k: v * 2 for k, v in params.items()},
                                   "v": {k: v * 3 for k, v in params.items()}},
                  optimizer={"name": "adam", "steps": step, "lr": 0.001},
@@ -41,7 +42,7 @@ def test_round_trip(tmp_path):
 def test_the_file_is_plain_hdf5_with_the_documented_schema(tmp_path):
     path, _ = checkpoint.save(str(tmp_path), make_state())
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "mpitrain.checkpoint" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == "mpitrain.checkpoint" and f.attrs["format_version"] == 2
         assert sorted(f["params"]) == ["0.bias", "0.weight"]
         assert sorted(f["optimizer"]) == ["m", "v"]
         seen = []
@@ -72,12 +73,95 @@ def test_a_flipped_bit_is_caught(tmp_path):
     assert [r[0] for r in rows if not r[3]] == ["params/0.weight"]
 
 
-def test_changed_metadata_is_caught(tmp_path):
+@pytest.mark.parametrize("attr,value", [
+    ("config", None), ("step", 101), ("epoch", 9), ("epoch_step", 3), ("created", "yesterday"),
+    ("mpitrain_version", "9.9"), ("format_version", 1), ("layout", '{"world_size": 2}'),
+    ("sampler", '{"seed": 1}'), ("optimizer", '{"name": "sgd"}'), ("rng", "{}"),
+])
+def test_every_attribute_is_covered_by_the_checksum(tmp_path, attr, value):
     path, _ = checkpoint.save(str(tmp_path), make_state())
     with h5py.File(path, "r+") as f:
-        f.attrs["config"] = f.attrs["config"].replace("0.001", "0.002")
+        if value is None:
+            value = f.attrs["config"].replace("0.001", "0.002")
+        f.attrs[attr] = value
     with pytest.raises(CheckpointError, match="checksum of the metadata does not match"):
         checkpoint.load(path)
+    warnings = []
+    assert checkpoint.newest_valid(str(tmp_path), warnings.append) is None
+    assert len(warnings) == 1 and "checksum of the metadata" in warnings[0]
+
+
+@pytest.mark.parametrize("change,why", [
+    (dict(optimizer={"name": "adam", "steps": 90, "lr": 0.001}),
+     "its step 100 disagrees with its optimizer's 90 updates"),
+    (dict(epoch=3, epoch_step=4), "its step 100 is epoch 8, step 4 of 12 per epoch, but it "
+                                  "says epoch 3, step 4"),
+])
+def test_a_step_that_disagrees_with_its_own_state_is_damage(tmp_path, change, why):
+    import dataclasses
+
+    state = dataclasses.replace(make_state(), **change)  # written consistent checksums and all
+    path, _ = checkpoint.save(str(tmp_path), state)
+    with pytest.raises(CheckpointError, match=f"damaged: {why}"):
+        checkpoint.load(path)
+    warnings = []
+    assert checkpoint.newest_valid(str(tmp_path), warnings.append) is None
+    assert why in warnings[0]
+
+
+def test_a_damaged_header_is_named_as_such(tmp_path):
+    path, _ = checkpoint.save(str(tmp_path), make_state())
+    with h5py.File(path, "r+") as f:
+        del f.attrs["format"]
+    with pytest.raises(CheckpointError, match="no 'format' attribute: not an mpitrain "
+                                              "checkpoint, or its header is damaged"):
+        checkpoint.load(path)
+    with h5py.File(path, "r+") as f:
+        f.attrs["format"] = "mpitrain.checkpoint"
+        del f.attrs["step"]
+    with pytest.raises(CheckpointError, match=r"damaged: attribute\(s\) step missing"):
+        checkpoint.load(path)
+
+
+def test_a_version_1_checkpoint_still_loads(tmp_path):
+    """Version 1 covered the JSON attributes alone; it is read as it was written."""
+    import json
+    import zlib
+
+    path, _ = checkpoint.save(str(tmp_path), make_state())
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 1
+        texts = [str(f.attrs[k]) for k in checkpoint.JSON_ATTRS]
+        f.attrs["meta_crc32"] = zlib.crc32("\n".join(texts).encode()) & 0xFFFFFFFF
+    assert checkpoint.load(path).step == 100
+    json.dumps(checkpoint.load(path).config)
+
+
+def test_a_failed_write_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path):
+    """The file size limit (RLIMIT_FSIZE) makes the kernel refuse the write, as a full
+    disk would: one CheckpointWriteError naming the directory and the OS error."""
+    import subprocess
+    import sys
+
+    checkpoint.save(str(tmp_path), make_state(10))
+    code = ("import resource, signal, sys\n"
+            "sys.path.insert(0, sys.argv[2])\n"
+            "from test_checkpoint import make_state\n"
+            "from mpitrain.fault import checkpoint\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+            "try:\n"
+            "    checkpoint.save(sys.argv[1], make_state(20))\n"
+            "except checkpoint.CheckpointWriteError as exc:\n"
+            "    print(exc.code, exc)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path),
+                          os.path.dirname(__file__)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"74 {tmp_path}: cannot write the checkpoint of step 20: "
+                                  "File too large (errno 27, EFBIG); the earlier checkpoints "
+                                  "are intact")
+    assert os.listdir(tmp_path) == ["ckpt-000000010.h5"]
+    assert checkpoint.load(str(tmp_path / "ckpt-000000010.h5")).step == 10
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.0])
@@ -125,14 +209,38 @@ def test_an_interrupted_write_leaves_no_file_and_the_older_one_intact(tmp_path):
     assert checkpoint.load(str(tmp_path / "ckpt-000000010.h5")).step == 10
 
 
-def test_leftovers_are_cleaned_and_nothing_else(tmp_path):
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_leftovers_of_writers_that_are_gone_are_cleaned_and_nothing_else(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
     checkpoint.save(str(tmp_path), make_state(10))
-    for name in (".ckpt-000000020.h5.tmp-1234", "notes.txt", "ckpt-x.h5"):
-        (tmp_path / name).write_text("x")
-    removed = checkpoint.clean_leftovers(str(tmp_path))
-    assert removed == [str(tmp_path / ".ckpt-000000020.h5.tmp-1234")]
-    assert sorted(os.listdir(tmp_path)) == ["ckpt-000000010.h5", "ckpt-x.h5", "notes.txt"]
-    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10]
+    host, dead = socket.gethostname(), dead_pid()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        gone = [f".ckpt-000000020.h5.tmp-{host}-{dead}", f".ckpt-000000030.h5.tmp-{dead}",
+                ".ckpt-000000040.h5.tmp-another-host-1"]
+        writing = f".ckpt-000000050.h5.tmp-{host}-{alive.pid}"  # a live writer here
+        for name in gone + [writing, "notes.txt", "ckpt-x.h5"]:
+            (tmp_path / name).write_text("x")
+        removed = checkpoint.clean_leftovers(str(tmp_path))
+        assert sorted(removed) == sorted(str(tmp_path / n) for n in gone)
+        assert sorted(os.listdir(tmp_path)) == sorted(["ckpt-000000010.h5", "ckpt-x.h5",
+                                                       "notes.txt", writing])
+        assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10]
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_prune_keeps_the_newest_and_never_the_written_one_or_later(tmp_path):

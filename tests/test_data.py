@@ -193,9 +193,9 @@ def test_manifest_errors(data_copy):
     with open(path) as f:
         meta = json.load(f)
     for key, value, message in [
-        ("classes", 1, "key 'classes' should be >= 2, got 1"),
+        ("classes", 1, "key 'classes' should be an integer >= 2, got 1"),
         ("features", [], "key 'features' should be a list of positive integers"),
-        ("dtype", "int32", "key 'dtype' should be a float type, got 'int32'"),
+        ("dtype", "int32", "key 'dtype' should be a float type such as 'float32', got 'int32'"),
         ("version", 99, "format version 99 is newer than this mpitrain reads"),
     ]:
         with open(path, "w") as f:

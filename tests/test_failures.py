@@ -72,11 +72,13 @@ def test_kill_during_a_checkpoint_write(small_data, tmp_path, reference):
     assert killed.returncode != 0
     names = sorted(os.listdir(tmp_path))  # the run directory is the checkpoint directory
     assert names[0].startswith(".ckpt-000000020.h5.tmp-")
-    assert names[1:] == ["ckpt-000000010.h5", "metrics.jsonl"]
+    # The killed job's lock stays (its flock went with the process): the relaunch takes it.
+    assert names[1:] == [".mpitrain.lock", "ckpt-000000010.h5", "metrics.jsonl", "run.jsonl"]
     assert checkpoint.load(str(tmp_path / "ckpt-000000010.h5")).step == 10
     again = train(4, small_data, tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("the leftover of an interrupted checkpoint write") == 1
+    assert again.stdout.count("took over the lock of a job that is gone") == 1
     assert "at step 10" in again.stdout
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
     # Written with 2 ranks up to step 10, finished with 4: close, not bitwise.

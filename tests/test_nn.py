@@ -123,7 +123,7 @@ def test_cross_entropy_value_and_empty_batch():
 
 
 def test_invalid_model_arguments():
-    with pytest.raises(ValueError, match="dtype must be float32 or float64, got float16"):
+    with pytest.raises(ValueError, match="dtype must be one of float32, float64, got float16"):
         Sequential(mlp(2, [2], 2), dtype="float16")
     with pytest.raises(ValueError, match="activation must be one of"):
         mlp(2, [2], 2, "gelu")

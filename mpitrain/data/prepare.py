@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import tempfile
+import zipfile
 from typing import Callable, Optional, Tuple
 
 import numpy as np
@@ -69,6 +70,9 @@ def write_dataset(out: str, features: Tuple[int, ...], classes: int, dtype,
         _refuse_existing(out)
         if os.path.isdir(out):
             os.rmdir(out)  # empty: checked just above
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700: give it the user's umask
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -86,19 +90,43 @@ def split_val(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.nd
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def _open_npz(path: str):
+    """``np.load`` of an .npz, with what the file is instead when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise MpitrainError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        raise MpitrainError(f"{path}: an HDF5 file, not an .npz (arrays saved with np.savez)")
+    if head.startswith(b"\x93NUMPY"):
+        raise MpitrainError(f"{path}: a single array (.npy), not an .npz of named arrays; "
+                            "save x and y together with np.savez")
+    if not head.startswith(b"PK"):
+        raise MpitrainError(f"{path}: not an .npz file (an .npz is a zip of arrays saved with "
+                            f"np.savez; this one starts with {head[:4]!r})")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise MpitrainError(f"{path}: damaged .npz: {exc}") from None
+
+
 def from_npz(path: str, out: str, shards: int, val_fraction: float = 0.0, seed: int = 0,
              classes: Optional[int] = None, x_key: str = "x", y_key: str = "y") -> Manifest:
     """Convert arrays ``x`` (samples, *features) and ``y`` (samples,) of an .npz into shards."""
     _refuse_existing(out)
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise MpitrainError(f"{path}: cannot read as .npz: {exc}") from None
+    npz = _open_npz(path)
     with npz:
         for key in (x_key, y_key):
             if key not in npz:
                 raise MpitrainError(f"{path}: missing array {key!r} (has {sorted(npz.files)})")
-        x, y = npz[x_key], npz[y_key]
+        try:
+            x, y = npz[x_key], npz[y_key]
+        except ValueError as exc:  # object arrays, refused without pickle
+            raise MpitrainError(f"{path}: an array holds Python objects ({exc}); save numeric "
+                                "arrays (np.savez(path, x=..., y=...) of numbers)") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise MpitrainError(f"{path}: damaged .npz: {exc}") from None
     if x.ndim < 2 or x.dtype.kind not in "fiub":
         raise MpitrainError(f"{path}: array {x_key!r} should be numeric (samples, features), "
                             f"got {x.dtype} {x.shape}")

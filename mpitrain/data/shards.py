@@ -8,16 +8,11 @@ from typing import Dict, Tuple
 import numpy as np
 
 from ..runtime import MpitrainError
-from .manifest import X_KEY, Y_KEY, Manifest
+from .hdf5 import dataset, mapped, open_h5
+from .manifest import X_KEY, Y_KEY, Manifest, shard_path
 
-__all__ = ["Shards", "open_h5"]
+__all__ = ["Shards"]
 
-
-def open_h5(path: str):
-    """Open an HDF5 file read-only, without file locking (Lustre, NFS, shared reads)."""
-    import h5py
-
-    return h5py.File(path, "r", locking=False)
 
 class Shards:
     """Reads rows of one split by global sample id; shards are opened on first use."""
@@ -26,7 +21,7 @@ class Shards:
         if split not in m.splits:
             raise MpitrainError(f"{m.path}: no {split!r} split")
         self.manifest, self.split = m, split
-        self.files = [os.path.join(m.root, f) for f, _ in m.splits[split]]
+        self.files = [shard_path(m.root, f) for f, _ in m.splits[split]]
         rows = [r for _, r in m.splits[split]]
         self.offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
         self.rows = int(self.offsets[-1])
@@ -39,24 +34,16 @@ class Shards:
         return self.rows
 
     def _shard(self, k: int):
-        """(x, y) of shard k: read-only memory maps where the layout allows, else h5py datasets.
-
-        A contiguous, uncompressed dataset (what ``prepare`` writes) is mapped
-        at the file offset HDF5 reports, so reading a row touches just its
-        pages and skips h5py's per-call cost (~10 us per selection); chunked
-        or filtered datasets are read through h5py.
-        """
+        """(x, y) of shard k: read-only memory maps where the layout allows (what
+        ``prepare`` writes; see ``hdf5.mapped``), else h5py datasets."""
         if k not in self._open:
-            f = open_h5(self.files[k])
+            path = self.files[k]
+            f = open_h5(path)
             arrays = []
             for key in (X_KEY, Y_KEY):
-                ds = f[key]
-                offset = ds.id.get_offset() if ds.chunks is None else None
-                if offset is not None and ds.size:
-                    arrays.append(np.memmap(self.files[k], dtype=ds.dtype, mode="r",
-                                            offset=offset, shape=ds.shape))
-                else:
-                    arrays.append(ds)
+                ds = dataset(f, key, path)
+                view = mapped(ds, path)
+                arrays.append(ds if view is None else view)
             self._files.append(f)
             self._open[k] = tuple(arrays)
         return self._open[k]

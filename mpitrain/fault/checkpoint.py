@@ -1,9 +1,9 @@
 """Crash-safe HDF5 checkpoints: one self-describing file per checkpoint.
 
-Schema (format ``mpitrain.checkpoint``, version 1)::
+Schema (format ``mpitrain.checkpoint``, version 2)::
 
     ckpt-000000200.h5
-      attrs   format="mpitrain.checkpoint", format_version=1, mpitrain_version,
+      attrs   format="mpitrain.checkpoint", format_version=2, mpitrain_version,
               step (steps done), epoch, epoch_step (steps done in that epoch),
               created (UTC, ISO 8601),
               config      JSON: the run's Config
@@ -11,7 +11,9 @@ Schema (format ``mpitrain.checkpoint``, version 1)::
               sampler     JSON: {"seed", "batch_size", "samples", "drop_last"}
               rng         JSON: every generator's state (see below)
               optimizer   JSON: {"name", "steps", ...hyper-parameters}
-              meta_crc32  CRC-32 of the JSON attributes above, joined by newlines
+              meta_crc32  CRC-32 of every attribute above: the JSON object
+                          {name: value} of them all, keys sorted (version 1: of the
+                          five JSON attributes alone, joined by newlines)
       params/<name>             one dataset per parameter, e.g. params/0.weight
       optimizer/<key>/<name>    optimizer state per parameter, e.g. optimizer/m/0.weight
       every dataset: attrs crc32 (CRC-32 of its bytes, C order)
@@ -22,36 +24,56 @@ fresh ``numpy.random.default_rng([seed, e])`` and initial weights from
 so ``rng`` records those keys and (seed, epoch, epoch_step) restore the order
 exactly.  Nothing is pickled: loading reads arrays and JSON text only.
 
-A checkpoint is written under a temporary name (``.ckpt-*.tmp-*``), flushed,
-fsynced, renamed into place and its directory fsynced, so a crash at any
-moment leaves either the complete new file or none; leftovers of an
-interrupted write are removed at the next start.
+A checkpoint whose step disagrees with its own optimizer (its update count)
+or sampler (its epoch and step within the epoch) is refused as damaged.
+
+A checkpoint is written under a temporary name (``.ckpt-*.tmp-HOST-PID``),
+flushed, fsynced, renamed into place and its directory fsynced, so a crash at
+any moment leaves either the complete new file or none; leftovers of an
+interrupted write are removed at the next start, once their writer is gone.
+A write that fails (no space, read-only, I/O error) removes its temporary
+file and raises ``CheckpointWriteError``; earlier checkpoints are untouched.
 """
 from __future__ import annotations
 
 import datetime
+import errno
+import gc
 import json
 import os
 import re
+import socket
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..runtime import MpitrainError
+from ..runtime import EXIT_IO, MpitrainError
 
-__all__ = ["FORMAT", "VERSION", "State", "CheckpointError", "save", "load", "inspect", "listing",
-           "newest_valid", "clean_leftovers", "prune", "crc32"]
+__all__ = ["FORMAT", "VERSION", "State", "CheckpointError", "CheckpointWriteError", "save",
+           "load", "inspect", "listing", "newest_valid", "clean_leftovers", "prune", "crc32",
+           "os_reason"]
 
-FORMAT, VERSION = "mpitrain.checkpoint", 1
+FORMAT, VERSION = "mpitrain.checkpoint", 2
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
-LEFTOVER = re.compile(r"^\.ckpt-\d{9}\.h5\.tmp-")
+# .ckpt-000000020.h5.tmp-HOST-PID (version 1 wrote .tmp-PID)
+LEFTOVER = re.compile(r"^\.ckpt-\d{9}\.h5\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+SCALAR_ATTRS = ("format", "format_version", "mpitrain_version", "step", "epoch", "epoch_step",
+                "created")
 JSON_ATTRS = ("config", "layout", "sampler", "rng", "optimizer")
 
 
 class CheckpointError(MpitrainError):
     """A checkpoint file that cannot be used, and why."""
+
+
+class CheckpointWriteError(MpitrainError):
+    """A checkpoint that could not be written (the OS error says why)."""
+
+    def __init__(self, message: str, *, everywhere: bool = False):
+        super().__init__(message, everywhere=everywhere, code=EXIT_IO)
 
 
 @dataclass
@@ -77,7 +99,37 @@ def crc32(arr: np.ndarray) -> int:
 
 
 def _meta_crc(texts: List[str]) -> int:
+    """Version 1: the JSON attributes alone."""
     return zlib.crc32("\n".join(texts).encode()) & 0xFFFFFFFF
+
+
+def _all_crc(attrs: Dict[str, object]) -> int:
+    """Version 2: every attribute (``SCALAR_ATTRS`` and ``JSON_ATTRS``), as one JSON text."""
+    text = json.dumps({k: attrs[k] for k in SCALAR_ATTRS + JSON_ATTRS}, sort_keys=True)
+    return zlib.crc32(text.encode()) & 0xFFFFFFFF
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "localhost"
+
+
+def _consistent(state: "State") -> Optional[str]:
+    """Why ``state``'s step disagrees with its optimizer or sampler, or None."""
+    steps = state.optimizer.get("steps")
+    if steps != state.step:
+        return f"its step {state.step} disagrees with its optimizer's {steps} updates"
+    s = state.sampler
+    try:
+        n, batch, drop = int(s["samples"]), int(s["batch_size"]), bool(s["drop_last"])
+        per_epoch = n // batch if drop else -(-n // batch)
+        expect = divmod(state.step, per_epoch)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return f"its sampler record {s!r} is incomplete"
+    if (state.epoch, state.epoch_step) != expect:
+        return (f"its step {state.step} is epoch {expect[0]}, step {expect[1]} of "
+                f"{per_epoch} per epoch, but it says epoch {state.epoch}, step "
+                f"{state.epoch_step}")
+    return None
 
 
 def file_name(step: int) -> str:
@@ -107,43 +159,86 @@ def save(directory: str, state: State, *,
 
     from .. import __version__
 
-    os.makedirs(directory, exist_ok=True)
     final = os.path.join(directory, file_name(state.step))
-    tmp = os.path.join(directory, f".{file_name(state.step)}.tmp-{os.getpid()}")
-    texts = [json.dumps(getattr(state, key), sort_keys=True) for key in JSON_ATTRS]
+    tmp = os.path.join(directory, f".{file_name(state.step)}.tmp-{_host()}-{os.getpid()}")
+    attrs: Dict[str, object] = {
+        "format": FORMAT, "format_version": VERSION, "mpitrain_version": __version__,
+        "step": int(state.step), "epoch": int(state.epoch), "epoch_step": int(state.epoch_step),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        **{key: json.dumps(getattr(state, key), sort_keys=True) for key in JSON_ATTRS}}
     datasets = [(f"params/{n}", a) for n, a in state.params.items()]
     datasets += [(f"optimizer/{k}/{n}", a) for k, named in state.optimizer_state.items()
                  for n, a in named.items()]
+    # A failed write (no space, read-only, I/O error) makes HDF5 fail again as each of its
+    # objects is freed, each failure printed as "Exception ignored": this error is said
+    # once, below, so those are kept quiet while the objects go.
+    hook, failure = sys.unraisablehook, None
+    sys.unraisablehook = lambda unraisable: None
     try:
-        with h5py.File(tmp, "w", locking=False, libver="v110") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = VERSION
-            f.attrs["mpitrain_version"] = __version__
-            f.attrs["step"] = state.step
-            f.attrs["epoch"] = state.epoch
-            f.attrs["epoch_step"] = state.epoch_step
-            f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
-            for key, text in zip(JSON_ATTRS, texts):
-                f.attrs[key] = text
-            f.attrs["meta_crc32"] = _meta_crc(texts)
-            for k, (path, arr) in enumerate(datasets):
-                if die_midway and k == len(datasets) // 2:
-                    f.flush()
-                    die_midway()
-                ds = f.create_dataset(path, data=arr)
-                ds.attrs["crc32"] = crc32(arr)
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
+            os.makedirs(directory, exist_ok=True)
+            # Reserve the file's space first: a full disk (or a quota, a size limit) then
+            # fails here, in one clean system call, not inside HDF5; HDF5 trims the file
+            # to its real size when it closes it.
+            with h5py.File(tmp, "w", locking=False, libver="v110"):
+                pass
+            estimate = (sum(a.nbytes for _, a in datasets) + 8192 * len(datasets)
+                        + sum(len(str(v)) for v in attrs.values()) + (1 << 20))
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, estimate)
+            finally:
+                os.close(fd)
+            with h5py.File(tmp, "r+", locking=False, libver="v110") as f:
+                for key, value in attrs.items():
+                    f.attrs[key] = value
+                f.attrs["meta_crc32"] = _all_crc(attrs)
+                for k, (path, arr) in enumerate(datasets):
+                    if die_midway and k == len(datasets) // 2:
+                        f.flush()
+                        die_midway()
+                    ds = f.create_dataset(path, data=arr)
+                    ds.attrs["crc32"] = crc32(arr)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            _fsync_dir(directory)
+        except (OSError, RuntimeError) as exc:  # h5py's errors: OSError, or RuntimeError
+            failure = os_reason(exc)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
         finally:
-            os.close(fd)
-        os.replace(tmp, final)
-        _fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            gc.collect()  # free HDF5's objects now, while their complaints are kept quiet
+    finally:
+        sys.unraisablehook = hook
+    if failure is not None:
+        _remove_quietly(tmp)
+        raise CheckpointWriteError(f"{directory}: cannot write the checkpoint of step "
+                                   f"{state.step}: {failure}; the earlier checkpoints "
+                                   "are intact")
     return final, os.path.getsize(final)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def os_reason(exc: Exception) -> str:
+    """One line: the OS error behind ``exc`` (HDF5 hides it in a longer message)."""
+    if getattr(exc, "errno", None):
+        return f"{os.strerror(exc.errno)} (errno {exc.errno}, {errno.errorcode.get(exc.errno, '?')})"
+    text = str(exc)
+    for code, name in errno.errorcode.items():  # "errno = 28, error message = ..."
+        if f"errno = {code}," in text:
+            return f"{os.strerror(code)} (errno {code}, {name})"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load(path: str) -> State:
@@ -165,20 +260,36 @@ def _read(path: str, strict: bool):
     rows: List[Tuple[str, Tuple[int, ...], str, bool]] = []
     try:
         with h5py.File(path, "r", locking=False) as f:
-            if f.attrs.get("format") != FORMAT:
-                raise CheckpointError(f"{path}: not an mpitrain checkpoint "
-                                      f"(format {f.attrs.get('format')!r})")
+            if "format" not in f.attrs:
+                raise CheckpointError(f"{path}: no 'format' attribute: not an mpitrain "
+                                      "checkpoint, or its header is damaged")
+            if f.attrs["format"] != FORMAT:
+                raise CheckpointError(f"{path}: not an mpitrain checkpoint (its format is "
+                                      f"{f.attrs['format']!r}, expected {FORMAT!r})")
+            missing = [k for k in SCALAR_ATTRS + JSON_ATTRS + ("meta_crc32",)
+                       if k not in f.attrs]
+            if missing:
+                raise CheckpointError(f"{path}: damaged: attribute(s) {', '.join(missing)} "
+                                      "missing")
             version = int(f.attrs["format_version"])
             if version > VERSION:
                 raise CheckpointError(f"{path}: format version {version} is newer than "
                                       f"this mpitrain reads ({VERSION})")
-            texts = [str(f.attrs[key]) for key in JSON_ATTRS]
-            meta_ok = _meta_crc(texts) == int(f.attrs["meta_crc32"])
+            attrs = {k: str(f.attrs[k]) for k in ("format", "mpitrain_version", "created")}
+            attrs.update({k: int(f.attrs[k]) for k in ("format_version", "step", "epoch",
+                                                        "epoch_step")})
+            attrs.update({k: str(f.attrs[k]) for k in JSON_ATTRS})
+            texts = [attrs[key] for key in JSON_ATTRS]
+            crc = _all_crc(attrs) if version >= 2 else _meta_crc(texts)
+            meta_ok = crc == int(f.attrs["meta_crc32"])
             rows.append(("metadata", (), "json", meta_ok))
             if strict and not meta_ok:
                 raise CheckpointError(f"{path}: checksum of the metadata does not match "
                                       "(file damaged)")
-            meta = {key: json.loads(text) for key, text in zip(JSON_ATTRS, texts)}
+            try:
+                meta = {key: json.loads(text) for key, text in zip(JSON_ATTRS, texts)}
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: damaged metadata: {exc}") from None
 
             def read(ds) -> np.ndarray:
                 arr = ds[()]
@@ -192,12 +303,15 @@ def _read(path: str, strict: bool):
             params = {n: read(ds) for n, ds in f["params"].items()}
             opt_state = {k: {n: read(ds) for n, ds in group.items()}
                          for k, group in f.get("optimizer", {}).items()}
-            state = State(step=int(f.attrs["step"]), epoch=int(f.attrs["epoch"]),
-                          epoch_step=int(f.attrs["epoch_step"]), params=params,
+            state = State(step=attrs["step"], epoch=attrs["epoch"],
+                          epoch_step=attrs["epoch_step"], params=params,
                           optimizer_state=opt_state, optimizer=meta["optimizer"],
                           config=meta["config"], layout=meta["layout"],
                           sampler=meta["sampler"], rng=meta["rng"],
-                          mpitrain_version=str(f.attrs["mpitrain_version"]))
+                          mpitrain_version=attrs["mpitrain_version"])
+            why = _consistent(state)
+            if why and strict:
+                raise CheckpointError(f"{path}: damaged: {why}")
             return state, rows
     except CheckpointError:
         raise
@@ -227,16 +341,33 @@ def newest_valid(directory: str, warn: Callable[[str], None]
     return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def clean_leftovers(directory: str) -> List[str]:
-    """Remove temporary files of interrupted writes; return their paths."""
+    """Remove the temporary files of interrupted writes whose writer is gone; return their
+    paths.  A writer on this host is gone when its process is; one on another host only
+    the directory's lock can vouch for (``fault.lock``): call this with the lock held."""
     if not os.path.isdir(directory):
         return []
     removed = []
     for name in sorted(os.listdir(directory)):
-        if LEFTOVER.match(name):
-            path = os.path.join(directory, name)
-            os.remove(path)
-            removed.append(path)
+        m = LEFTOVER.match(name)
+        if not m:
+            continue
+        host, pid = m.group("host") or _host(), int(m.group("pid"))
+        if host == _host() and pid != os.getpid() and _alive(pid):
+            continue  # still being written
+        path = os.path.join(directory, name)
+        _remove_quietly(path)
+        removed.append(path)
     return removed
 
 

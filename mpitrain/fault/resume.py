@@ -1,19 +1,23 @@
-"""The checkpoint policy of a run: which checkpoint to resume from, and when to write one.
+"""The checkpoint policy of a run: the directory's lock and checks, which checkpoint to
+resume from, and when to write one.
 
 It works on any trainer through the checkpoint protocol (``capture``,
 ``restore``, ``mismatch``; see ``parallel.base``), so nothing here imports a
 trainer.  Rank 0 alone looks at the files (a ``resume`` file may lie on its
-own disk); every error is agreed on all ranks.
+own disk, and rank 0 writes the checkpoints); every error is agreed on all
+ranks.
 """
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..runtime import ConfigError, literal, on_root
 from . import checkpoint
-from .checkpoint import State
+from .checkpoint import State, os_reason
 from .drills import Faults
+from .lock import DirectoryLock
 
 __all__ = ["Checkpoints"]
 
@@ -31,12 +35,66 @@ class Checkpoints:
         self.config, self.say = config, say
         self.faults = faults or Faults(None)
         self.written, self.seconds, self.last_bytes = 0, 0.0, 0
+        self.lock: Optional[DirectoryLock] = None
+
+    def open(self) -> List[str]:
+        """Before anything is written (collective): make the directory if needed, take
+        its lock, check that it takes a file (write, fsync, remove), and remove the
+        leftovers of interrupted writes; return notes for the log.  Without a directory,
+        nothing."""
+        if self.directory is None:
+            return []
+
+        def prepare() -> List[str]:
+            d = self.directory
+            if os.path.exists(d) and not os.path.isdir(d):
+                raise ConfigError(f"{{ckpt_dir}} {literal(d)}: not a directory")
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"{{ckpt_dir}} {literal(d)}: cannot create it: "
+                                  f"{literal(os_reason(exc))}") from None
+            lock = DirectoryLock(d)
+            try:
+                note = lock.acquire()
+            except OSError as exc:
+                raise ConfigError(f"{{ckpt_dir}} {literal(d)}: cannot take its lock: "
+                                  f"{literal(os_reason(exc))}") from None
+            self.lock = lock
+            probe = os.path.join(d, f".probe-{os.getpid()}")
+            try:  # a file must be creatable, writable and durable here
+                with open(probe, "wb") as f:
+                    f.write(b"mpitrain checks this directory takes checkpoints\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.remove(probe)
+            except OSError as exc:
+                lock.release()
+                self.lock = None
+                try:
+                    os.remove(probe)
+                except OSError:
+                    pass
+                raise ConfigError(f"{{ckpt_dir}} {literal(d)}: cannot write checkpoints "
+                                  f"there: {literal(os_reason(exc))}") from None
+            notes = [f"checkpoint directory {d}: locked ({lock.path})"]
+            if note:
+                notes.append(note)
+            notes += [f"removed {path}: the leftover of an interrupted checkpoint write"
+                      for path in checkpoint.clean_leftovers(d)]
+            return notes
+
+        return on_root(self.comm, prepare)
+
+    def close(self) -> None:
+        """Let go of the directory's lock (local: safe on an error path too)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _choose(self, trainer) -> Tuple[Optional[State], Optional[str]]:
         """(state, path) to resume from, or (None, None); rank 0 only."""
         d = self.directory
-        for path in checkpoint.clean_leftovers(d) if d else []:
-            self.say(f"removed {path}: the leftover of an interrupted checkpoint write")
         if self.policy == "none":
             found = checkpoint.listing(d) if d else []
             if found:

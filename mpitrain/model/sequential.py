@@ -13,7 +13,9 @@ import numpy as np
 
 from .layers import Layer, Linear
 
-__all__ = ["Sequential"]
+__all__ = ["Sequential", "DTYPES"]
+
+DTYPES = ("float32", "float64")  # parameter and compute precision
 
 
 class Sequential:
@@ -33,8 +35,8 @@ class Sequential:
         if len(self.index) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} layer indices, got {len(self.index)}")
         self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float32 or float64, got {self.dtype}")
+        if self.dtype.name not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
         self.slices: Dict[str, slice] = {}  # name -> where it lives in the buffers
         self.shapes: Dict[str, Tuple[int, ...]] = {}
         offset = 0

@@ -7,6 +7,8 @@ loop does not know which one runs.
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Tuple
 
 import numpy as np
@@ -25,6 +27,7 @@ from ..model.optim import make_optimizer
 from ..model.sequential import Sequential
 from ..parallel.base import TrainerBase
 from ..parallel.data_parallel import Trainer
+from ..parallel.pipeline.partition import stage_ranges
 from ..parallel.pipeline.stage import PipelineTrainer
 from ..runtime import ConfigError, MpitrainError, agreed, literal
 
@@ -53,11 +56,63 @@ def open_data(cfg: Config, comm: MPI.Comm, replicas: int) -> Tuple[Manifest, Sha
     return m, train, val
 
 
+def node_memory() -> int:
+    """Bytes of memory this process may use: the node's, or its cgroup's limit if lower."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes / 1e3:,.1f} kB"
+
+
+def check_memory(cfg: Config, comm: MPI.Comm, layers, stages) -> None:
+    """Refuse, before anything is allocated, a model whose arrays cannot fit in this
+    node's memory, naming what they would need (collective)."""
+    itemsize = np.dtype(cfg.dtype).itemsize
+    counts = [sum(math.prod(shape) for layer in layers[a:b]
+                  for shape in layer.shapes().values()) for a, b in stages]
+    state = {"sgd": 0, "momentum": 1}.get(cfg.optimizer, 2)
+    arrays = 3 + state  # parameters, gradients, the exchange buffer, the optimizer's state
+    widths = [layer.shapes()["weight"][0] for layer in layers if "weight" in layer.shapes()]
+    rows = -(-cfg.batch_size // max(1, comm.Get_size() // cfg.pp))
+    activations = 3 * rows * (sum(widths) + layers[0].shapes()["weight"][1]) * itemsize
+    per_rank = max(counts) * itemsize * arrays + activations
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    here = node.Get_size()
+    node.Free()
+    have = node_memory()
+    if per_rank * here > have:
+        what = f"{max(counts):,} parameters" + (" in the largest stage" if len(counts) > 1
+                                                else "")
+        raise ConfigError(
+            f"the model does not fit in memory: {what} x {itemsize} bytes x {arrays} arrays "
+            f"(parameters, gradients, the exchange buffer and {cfg.optimizer}'s state) and "
+            f"the activations need {_size(per_rank)} per rank, {_size(per_rank * here)} for "
+            f"the {here} ranks on this node, which has {_size(have)}: choose a smaller "
+            "{hidden} (or check the data's features and classes)", ["hidden"],
+            everywhere=True)
+
+
 def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
     """Check the data and make the grid, model, optimizer and trainer (collective)."""
     grid = make_grid(comm, cfg.pp)
     m, train, val = open_data(cfg, comm, grid.dp)
     layers = mlp(int(np.prod(m.features)), cfg.hidden, m.classes, cfg.activation)
+    stages = (stage_ranges(layers, cfg.pp, cfg.stage_layers) if cfg.pp > 1
+              else [(0, len(layers))])
+    check_memory(cfg, comm, layers, stages)
     sampler = Sampler(len(train), cfg.batch_size, cfg.seed, cfg.drop_last)
     opt_args = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     loss = make_loss(cfg.loss)

@@ -4,7 +4,6 @@ not know which trainer or synchronisation strategy runs.
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any, Dict, Optional, TextIO
@@ -12,25 +11,17 @@ from typing import Any, Dict, Optional, TextIO
 import numpy as np
 from mpi4py import MPI
 
-from .. import __version__
 from ..config import Config
 from ..fault.drills import Faults
 from ..fault.preemption import Preemption
 from ..fault.resume import Checkpoints
 from ..fault.watchdog import Watchdog
-from ..runtime import EXIT_PREEMPTED, library_version
-from ..threads import thread_report
+from ..runtime import EXIT_PREEMPTED
 from .build import build
-from .metrics import Meter, Reporter, summary_line
+from .metrics import Meter, Reporter, banner, summarize, summary_line
+from .rundir import open_run_dir
 
-__all__ = ["train", "run_directory"]
-
-
-def run_directory(cfg: Config, comm: MPI.Comm) -> str:
-    """Where the run's metrics go: ``run_dir``, else ``ckpt_dir``, else runs/DATE-TIME
-    (named by rank 0)."""
-    return cfg.run_dir or cfg.ckpt_dir or comm.bcast(
-        os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")) if comm.rank == 0 else None, root=0)
+__all__ = ["train"]
 
 
 def _is_eval_step(cfg: Config, done: int, steps_per_epoch: int, total: int) -> bool:
@@ -44,31 +35,27 @@ def _is_eval_step(cfg: Config, done: int, steps_per_epoch: int, total: int) -> b
 def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str, Any]:
     """Train as ``cfg`` says on the ranks of ``comm``; return the summary (on every rank)."""
     faults = Faults(cfg.fault)
+    ckpts = Checkpoints(comm, cfg.ckpt_dir, every=cfg.ckpt_every, keep_last=cfg.keep_last,
+                        resume=cfg.resume, config=cfg.to_dict(), faults=faults)
+    notes = ckpts.open()  # its lock first: a second job on the directory touches nothing
+    try:
+        return _train(cfg, comm, out or sys.stdout, faults, ckpts, notes)
+    finally:
+        ckpts.close()
+
+
+def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Checkpoints,
+           notes) -> Dict[str, Any]:
     # Watched from the start: a rank stuck reading the data or in start-up ends the job too.
     dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
     trainer, m = build(cfg, comm)
     spe = trainer.sampler.steps_per_epoch
     total = cfg.total_steps(spe)
-    report = Reporter(comm.rank == 0, cfg.log, total, out or sys.stdout,
-                      run_dir=run_directory(cfg, comm), quiet=cfg.quiet)
-    g = trainer.grid
-    report.say(f"mpitrain {__version__}: {comm.size} ranks, {library_version()}, "
-               f"threads per rank {thread_report()}")
-    report.say(f"run directory {report.run_dir} (metrics.jsonl)")
-    report.say(f"data {m.root}: {len(trainer.train)} train / "
-               f"{len(trainer.val) if trainer.val else 0} val samples, features {m.features}, "
-               f"{m.classes} classes")
-    if cfg.pipelined():
-        report.say(f"pipeline: {g.pp} stages x {g.dp} data-parallel replicas, "
-                   f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "
-                   f"{trainer.describe()}; each stage's gradients are exchanged after its "
-                   "last backward pass")
-    report.say(f"model {trainer.model}" + (" (stage 0)" if g.pp > 1 else ""))
-    report.say(f"{total} steps ({spe} per epoch), global batch {cfg.batch_size} "
-               f"(about {cfg.batch_size // g.dp} per replica), {cfg.optimizer} lr {cfg.lr}, "
-               f"allreduce {cfg.allreduce}")
-    ckpts = Checkpoints(comm, cfg.ckpt_dir, every=cfg.ckpt_every, keep_last=cfg.keep_last,
-                        resume=cfg.resume, config=cfg.to_dict(), say=report.say, faults=faults)
+    report = Reporter(comm.rank == 0, cfg.log, total, out,
+                      run_dir=open_run_dir(cfg.to_dict(), comm), quiet=cfg.quiet)
+    for line in banner(cfg, trainer, m, comm.size, total, report.run_dir) + notes:
+        report.say(line)
+    ckpts.say = report.say
     start = ckpts.resume(trainer)
     meter = Meter(start, total)
     record: Dict[str, Any] = {}
@@ -119,22 +106,12 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
     if dog:
         dog.set_phase("finished")
         dog.close()
-    wall = time.perf_counter() - t_start
     # The slowest rank's phase times: the step is as slow as its slowest rank.
     phases = np.array([trainer.times[k] for k in ("data", "compute", "exchange")])
     comm.Allreduce(MPI.IN_PLACE, phases, op=MPI.MAX)
-    busy = phases.sum() or 1.0
-    summary: Dict[str, Any] = {
-        "steps": total, "ranks": comm.size, "start_step": start, "end_step": end,
-        "preempted": preempted, "steps_run": max(0, end - start), "wall_s": wall,
-        "samples_per_s": meter.samples_per_s,
-        "final_loss": record.get("loss"), "val_loss": record.get("val_loss"),
-        "val_accuracy": record.get("val_accuracy"),
-        "share_data": phases[0] / busy, "share_compute": phases[1] / busy,
-        "share_exchange": phases[2] / busy,
-        "checkpoints": ckpts.written, "checkpoint_s": ckpts.seconds,
-        "checkpoint_bytes": ckpts.last_bytes,
-        "share_checkpoint": ckpts.seconds / wall if wall else 0.0}
+    summary = summarize(meter, dict(zip(("data", "compute", "exchange"), phases)), ckpts,
+                        record, wall=time.perf_counter() - t_start, ranks=comm.size,
+                        end=end, preempted=preempted)
     if end > start:
         report.say(summary_line(summary), always=True)
     if preempted:

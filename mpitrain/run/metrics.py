@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, TextIO
 
-__all__ = ["Reporter", "Meter", "read_log", "eta", "summary_line"]
+__all__ = ["Reporter", "Meter", "banner", "summarize", "summary_line", "read_log", "eta"]
 
 
 def eta(seconds: float) -> str:
@@ -153,6 +153,49 @@ class Meter:
     @property
     def samples_per_s(self) -> float:
         return self.timed_samples / self.train_time if self.train_time else 0.0
+
+
+def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str]) -> List[str]:
+    """The lines a run starts with: versions and threads, data, layout, model, length."""
+    from .. import __version__
+    from ..runtime import library_version
+    from ..threads import thread_report
+
+    g, m = trainer.grid, manifest
+    lines = [f"mpitrain {__version__}: {ranks} ranks, {library_version()}, "
+             f"threads per rank {thread_report()}",
+             f"run directory {run_dir} (metrics.jsonl)",
+             f"data {m.root}: {len(trainer.train)} train / "
+             f"{len(trainer.val) if trainer.val else 0} val samples, features {m.features}, "
+             f"{m.classes} classes"]
+    if cfg.pipelined():
+        lines.append(f"pipeline: {g.pp} stages x {g.dp} data-parallel replicas, "
+                     f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "
+                     f"{trainer.describe()}; each stage's gradients are exchanged after its "
+                     "last backward pass")
+    lines.append(f"model {trainer.model}" + (" (stage 0)" if g.pp > 1 else ""))
+    lines.append(f"{total} steps ({trainer.sampler.steps_per_epoch} per epoch), global batch "
+                 f"{cfg.batch_size} (about {cfg.batch_size // g.dp} per replica), "
+                 f"{cfg.optimizer} lr {cfg.lr}, allreduce {cfg.allreduce}")
+    return lines
+
+
+def summarize(meter: Meter, phases: Dict[str, float], checkpoints, record: Dict[str, Any], *,
+              wall: float, ranks: int, end: int, preempted: bool) -> Dict[str, Any]:
+    """The run's summary: ``phases`` the slowest rank's seconds in data, compute and
+    exchange; ``checkpoints`` the run's ``fault.resume.Checkpoints``; ``record`` the
+    last logged step."""
+    busy = sum(phases.values()) or 1.0
+    return {
+        "steps": meter.total, "ranks": ranks, "start_step": meter.start, "end_step": end,
+        "preempted": preempted, "steps_run": max(0, end - meter.start), "wall_s": wall,
+        "samples_per_s": meter.samples_per_s,
+        "final_loss": record.get("loss"), "val_loss": record.get("val_loss"),
+        "val_accuracy": record.get("val_accuracy"),
+        **{f"share_{k}": v / busy for k, v in phases.items()},
+        "checkpoints": checkpoints.written, "checkpoint_s": checkpoints.seconds,
+        "checkpoint_bytes": checkpoints.last_bytes,
+        "share_checkpoint": checkpoints.seconds / wall if wall else 0.0}
 
 
 def summary_line(summary: Dict[str, Any]) -> str:
