@@ -37,11 +37,11 @@ def main() -> None:
                       Sampler(len(train), batch_size=64, seed=1), comm,
                       val=Shards(manifest, "val"))
     for step in range(100):
-        loss, accuracy, _ = trainer.step(step)
-    val_loss, val_accuracy = trainer.evaluate()
+        loss, metrics, _ = trainer.step(step)  # metrics: the task's, e.g. {"accuracy": ...}
+    val = trainer.evaluate()  # {"loss": ..., "accuracy": ...} over the validation split
     if comm.rank == 0:
         print(f"{mpitrain.__version__}: {comm.size} ranks, {model.size} parameters, "
-              f"last loss {loss:.3f}, val_loss {val_loss:.3f}, val_accuracy {val_accuracy:.3f}")
+              f"last loss {loss:.3f}, val_loss {val['loss']:.3f}, val_accuracy {val['accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ def main() -> None:
     print(f"rank {comm.rank}: stage {g.pp_rank} of {g.pp}, replica {g.dp_rank} of {g.dp}, "
           f"{trainer.model.size:,} parameters", flush=True)
     for step in range(args.steps):
-        loss, accuracy, _ = trainer.step(step)
-    val_loss, val_accuracy = trainer.evaluate()
+        loss, metrics, _ = trainer.step(step)  # metrics: the task's, e.g. {"accuracy": ...}
+    val = trainer.evaluate()  # {"loss": ..., "accuracy": ...} over the validation split
     if comm.rank == 0:
         print(f"pipeline {g.pp} x {g.dp} ({args.schedule}, {args.microbatches} micro-batches): "
-              f"{trainer.describe()}; loss {loss:.3f}, val_accuracy {val_accuracy:.3f}")
+              f"{trainer.describe()}; loss {loss:.3f}, val_accuracy {val['accuracy']:.3f}")
 
 
 if __name__ == "__main__":

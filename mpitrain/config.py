@@ -43,7 +43,7 @@ else:  # pragma: no cover - Python 3.9/3.10
 # Each list is the owning module's own.
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "activation": tuple(ACTIVATIONS),
-    "loss": tuple(LOSSES),
+    "loss": ("auto", *LOSSES),
     "dtype": DTYPES,
     "optimizer": OPTIMIZERS,
     "allreduce": tuple(ALGORITHMS),
@@ -69,10 +69,13 @@ class Config:
                                    "their structure (meta)")
     drop_last: bool = _opt(False, "skip the incomplete last batch of each epoch instead of "
                                   "training on a smaller one")
+    cache_mb: float = _opt(1024.0, "decoded chunks of compressed data kept in memory, per "
+                                   "rank and split, in MiB")
     # Model
     hidden: List[int] = _opt((256, 256), "hidden layer widths, e.g. 256,256")
     activation: str = _opt("relu", "hidden activation")
-    loss: str = _opt("ce", "softmax cross-entropy (ce) or mean squared error on one-hot labels (mse)")
+    loss: str = _opt("auto", "the loss: auto (the task's: ce for classification, mse for "
+                             "regression, bce for multilabel), or ce, bce, mse, mae, huber")
     dtype: str = _opt("float32", "parameter and compute precision")
     # Optimisation
     batch_size: int = _opt(128, "global batch size, split among the ranks")
@@ -189,7 +192,7 @@ BOUNDS = {
     "batch_size": (">", 0, ""), "lr": (">", 0, ""), "log_every": (">", 0, ""),
     "steps": (">=", 1, ""), "epochs": (">=", 1, ""), "eval_every": (">=", 0, ""),
     "weight_decay": (">=", 0, ""), "bucket_mb": (">=", 0, ""), "seed": (">=", 0, ""),
-    "pp": (">=", 1, ""), "ckpt_every": (">=", 0, ""),
+    "pp": (">=", 1, ""), "ckpt_every": (">=", 0, ""), "cache_mb": (">=", 0, ""),
     "keep_last": (">=", 1, " (the newest checkpoint is always kept)"),
     "sigterm_grace": (">=", 0, " (0: never abort)"),
     "watchdog": (">=", 0, " (0 turns it off)"),

@@ -71,6 +71,7 @@ def row_count(root):
     with open(path) as f:
         meta = json.load(f)
     meta["splits"]["train"][1]["rows"] += 1
+    meta["splits"]["train"][1]["ranges"] = [[0, meta["splits"]["train"][1]["rows"]]]
     with open(path, "w") as f:
         json.dump(meta, f)
     return f"{SHARD}: expected 181 rows (from {path}), 'x' has 180 and 'y' has 180"

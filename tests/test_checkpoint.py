@@ -77,6 +77,7 @@ def test_a_flipped_bit_is_caught(tmp_path):
     ("config", None), ("step", 101), ("epoch", 9), ("epoch_step", 3), ("created", "yesterday"),
     ("mpitrain_version", "9.9"), ("format_version", 1), ("layout", '{"world_size": 2}'),
     ("sampler", '{"seed": 1}'), ("optimizer", '{"name": "sgd"}'), ("rng", "{}"),
+    ("task", '{"name": "regression"}'),
 ])
 def test_every_attribute_is_covered_by_the_checksum(tmp_path, attr, value):
     path, _ = checkpoint.save(str(tmp_path), make_state())
@@ -131,9 +132,10 @@ def test_a_version_1_checkpoint_still_loads(tmp_path):
     path, _ = checkpoint.save(str(tmp_path), make_state())
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 1
-        texts = [str(f.attrs[k]) for k in checkpoint.JSON_ATTRS]
+        del f.attrs["task"]  # version 1 had none
+        texts = [str(f.attrs[k]) for k in checkpoint.V1_JSON]
         f.attrs["meta_crc32"] = zlib.crc32("\n".join(texts).encode()) & 0xFFFFFFFF
-    assert checkpoint.load(path).step == 100
+    assert checkpoint.load(path).step == 100 and checkpoint.load(path).task == {}
     json.dumps(checkpoint.load(path).config)
 
 

@@ -35,7 +35,7 @@ def test_npz_round_trip_with_validation_split(tmp_path):
     m = from_npz(str(tmp_path / "in.npz"), str(tmp_path / "ds"), shards=4, val_fraction=0.2)
     assert m.features == (2, 3) and m.classes == 5 and m.dtype == np.float32
     assert m.rows("train") == 82 and m.rows("val") == 21
-    assert [r for _, r in m.splits["train"]] == [20, 21, 20, 21]
+    assert [e.rows for e in m.splits["train"]] == [20, 21, 20, 21]
     xt, yt = read_all(str(tmp_path / "ds"), "train")
     xv, yv = read_all(str(tmp_path / "ds"), "val")
     # The two splits together are the input, each sample once.
@@ -61,7 +61,7 @@ def test_npz_errors(tmp_path):
     with pytest.raises(MpitrainError, match=r"a.npz: missing array 'y' \(has \['labels', 'x'\]\)"):
         from_npz(str(tmp_path / "a.npz"), str(tmp_path / "o"), 1)
     np.savez(tmp_path / "b.npz", x=np.full((4, 2), np.inf), y=np.zeros(4, int))
-    with pytest.raises(MpitrainError, match="b.npz: NaN or inf in 'x' at sample 0"):
+    with pytest.raises(MpitrainError, match="b.npz: NaN or inf in 'x' at row 0"):
         from_npz(str(tmp_path / "b.npz"), str(tmp_path / "o"), 1)
     np.savez(tmp_path / "c.npz", x=np.zeros((4, 2)), y=np.zeros(3, int))
     with pytest.raises(MpitrainError, match="c.npz: 'x' has 4 samples, 'y' has 3"):
@@ -96,8 +96,9 @@ def test_reader_returns_the_rows_asked_for_in_their_order(small_data):
     s64.close()
 
 
-def test_chunked_shards_are_read_through_h5py(data_copy):
-    """A chunked, compressed shard (not memory-mappable) reads the same rows."""
+def test_chunked_shards_are_read_by_chunk_each_decompressed_once(data_copy):
+    """A chunked, compressed shard (not memory-mappable) reads the same rows, each chunk
+    read and decompressed once while it stays in the cache."""
     ref = read_all(data_copy, "train")
     path = os.path.join(data_copy, damage.SHARD)
     with h5py.File(path, "r") as f:
@@ -109,11 +110,20 @@ def test_chunked_shards_are_read_through_h5py(data_copy):
     s = Shards(read_manifest(data_copy), "train")
     ids = np.random.default_rng(2).permutation(len(s))
     got = s.read(ids)
-    assert isinstance(s._shard(1)[0], h5py.Dataset)
-    assert isinstance(s._shard(0)[0], np.memmap)
+    assert s._columns(1)[0].view is None and s._columns(1)[0].chunk_rows == 7
+    assert isinstance(s._columns(0)[0].view, np.memmap)
     np.testing.assert_array_equal(got[0], ref[0][ids])
     np.testing.assert_array_equal(got[1], ref[1][ids])
+    reads = s.cache.reads
+    assert reads == 2 * -(-180 // 7)  # x and y, every chunk once
+    s.read(ids[::-1])
+    assert s.cache.reads == reads  # all cached
     s.close()
+    small = Shards(read_manifest(data_copy), "train", cache_bytes=7 * 12 * 4)  # one chunk
+    got = small.read(ids)
+    np.testing.assert_array_equal(got[0], ref[0][ids])
+    assert small.cache.held <= 7 * 12 * 4 * 2
+    small.close()
 
 
 def test_shards_open_while_another_process_holds_a_write_lock(data_copy):
@@ -193,9 +203,12 @@ def test_manifest_errors(data_copy):
     with open(path) as f:
         meta = json.load(f)
     for key, value, message in [
-        ("classes", 1, "key 'classes' should be an integer >= 2, got 1"),
+        ("task", {"name": "classification", "classes": 1},
+         "task.classes should be an integer >= 2, got 1"),
+        ("task", {"name": "clustering"}, "key 'task' should be an object with a name among"),
         ("features", [], "key 'features' should be a list of positive integers"),
-        ("dtype", "int32", "key 'dtype' should be a float type such as 'float32', got 'int32'"),
+        ("dtype", "complex64", "key 'dtype' should be a numeric type such as 'float32', "
+                               "got 'complex64'"),
         ("version", 99, "format version 99 is newer than this mpitrain reads"),
     ]:
         with open(path, "w") as f:

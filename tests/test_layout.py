@@ -115,4 +115,5 @@ def _is_override(node) -> bool:
     return node.name in {"forward", "backward", "shapes", "bind", "init", "state", "hyper",
                          "name", "encode", "decode", "samples_per_s", "rank",
                          "is_first_stage", "is_last_stage", "next_rank", "prev_rank",
-                         "requested", "attempt", "path"}
+                         "requested", "attempt", "path", "sums", "summarize", "predict",
+                         "describe", "targets", "rows"}

@@ -1,56 +1,114 @@
 """The dataset manifest: a directory's ``manifest.json``, parsed and checked.
 
-A dataset is a directory::
+A dataset is a directory holding ``manifest.json`` and HDF5 files, either
+shards written by ``prepare`` or the user's own files indexed in place
+(``data index``)::
 
-    manifest.json           {"format": "mpitrain.shards", "version": 1,
-                             "features": [784], "dtype": "float32", "classes": 10,
-                             "splits": {"train": [{"file": "train-00000.h5", "rows": 4500}, ...],
-                                        "val":   [{"file": "val-00000.h5", "rows": 500}]}}
-    train-00000.h5 ...      datasets  x (rows, *features) and  y (rows,) integer labels
+    {"format": "mpitrain.shards", "version": 2,
+     "features": [1, 8, 8], "dtype": "float32",      # one sample's shape; stored dtype
+     "task": {"name": "classification", "classes": 10},
+     "targets": {"shape": [], "dtype": "int64"},      # one sample's target
+     "splits": {"train": [{"file": "train-00000.h5", "rows": 4500, "x": "x", "y": "y",
+                           "ranges": [[0, 4500]]}, ...],
+                "val":   [...]}}
 
-Global sample ids number the rows of a split across its shards in manifest
-order.
+``task`` is ``{"name": "classification", "classes": C}``, ``{"name":
+"regression", "shape": [...], "mean": [...], "std": [...]}`` (the training
+split's statistics, per output) or ``{"name": "multilabel", "shape": [L]}``.
+A shard entry names its file (a relative path inside the directory), its
+datasets ``x`` and ``y`` (any path within the file) and the row ranges
+``[lo, hi)`` of those datasets that belong to the split (``rows`` is their
+total).  Version 1 (``"classes"`` at the top, datasets ``x``/``y``, whole
+files) is still read.  Global sample ids number a split's rows across its
+entries in manifest order.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..runtime import MpitrainError
 
-__all__ = ["FORMAT", "VERSION", "X_KEY", "Y_KEY", "Manifest", "read_manifest"]
+__all__ = ["FORMAT", "VERSION", "X_KEY", "Y_KEY", "Entry", "Manifest", "read_manifest",
+           "write_manifest", "shard_path"]
 
-FORMAT, VERSION = "mpitrain.shards", 1
+FORMAT, VERSION = "mpitrain.shards", 2
 X_KEY, Y_KEY = "x", "y"
+TASKS = ("classification", "regression", "multilabel")  # see model.tasks
+
+
+@dataclass
+class Entry:
+    """One file's part of a split: rows ``ranges`` of its datasets ``x`` and ``y``."""
+
+    file: str
+    rows: int
+    x: str = X_KEY
+    y: str = Y_KEY
+    ranges: List[Tuple[int, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.ranges:
+            self.ranges = [(0, self.rows)]
+
+    def to_json(self) -> dict:
+        """The entry as ``manifest.json`` holds it."""
+        return {"file": self.file, "rows": self.rows, "x": self.x, "y": self.y,
+                "ranges": [list(r) for r in self.ranges]}
+
 
 class Manifest:
     """The parsed ``manifest.json`` of a dataset directory."""
 
-    def __init__(self, root: str, features: Sequence[int], dtype: str, classes: int,
-                 splits: Dict[str, List[Tuple[str, int]]]):
+    def __init__(self, root: str, features: Sequence[int], dtype: str,
+                 task: Dict[str, object], splits: Dict[str, List[Entry]],
+                 targets: Optional[Dict[str, object]] = None):
         self.root = root
         self.features = tuple(int(f) for f in features)
         self.dtype = np.dtype(dtype)
-        self.classes = int(classes)
-        self.splits = splits  # split -> [(file name, rows)]
+        self.task = task  # {"name": ..., ...}: model.tasks.make_task makes the Task
+        self.targets = targets or {"shape": [], "dtype": "int64"}
+        self.splits = splits  # split -> its entries
 
     @property
     def path(self) -> str:
         return os.path.join(self.root, "manifest.json")
 
+    @property
+    def classes(self) -> Optional[int]:
+        """The number of classes of a classification task, else None."""
+        return self.task.get("classes") if self.task["name"] == "classification" else None
+
+    @property
+    def outputs(self) -> int:
+        """The model's output width the task needs: classes, outputs or labels."""
+        if self.task["name"] == "classification":
+            return int(self.task["classes"])
+        shape = self.task.get("shape") or []
+        return int(np.prod(shape)) if shape else 1
+
     def rows(self, split: str) -> int:
         """Number of samples in ``split`` (0 if the split is absent)."""
-        return sum(rows for _, rows in self.splits.get(split, []))
+        return sum(e.rows for e in self.splits.get(split, []))
 
     def to_json(self) -> dict:
         """The manifest as ``manifest.json`` holds it."""
         return {"format": FORMAT, "version": VERSION, "features": list(self.features),
-                "dtype": self.dtype.name, "classes": self.classes,
-                "splits": {s: [{"file": f, "rows": r} for f, r in shards]
-                           for s, shards in self.splits.items()}}
+                "dtype": self.dtype.name, "task": self.task,
+                "targets": self.targets,
+                "splits": {s: [e.to_json() for e in entries]
+                           for s, entries in self.splits.items()}}
+
+
+def write_manifest(m: Manifest, directory: str) -> None:
+    """Write ``m`` as ``directory/manifest.json``."""
+    with open(os.path.join(directory, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(m.to_json(), f, indent=1)
+        f.write("\n")
 
 
 def _integer(value) -> bool:
@@ -71,6 +129,69 @@ def shard_path(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
+def _entry(root: str, path: str, where: str, shard, version: int) -> Entry:
+    keys = {"file", "rows"} if version == 1 else {"file", "rows", "x", "y", "ranges"}
+    form = ('{"file": NAME, "rows": N >= 0}' if version == 1 else
+            '{"file": NAME, "rows": N, "x": KEY, "y": KEY, "ranges": [[LO, HI], ...]}')
+    if (not isinstance(shard, dict) or set(shard) - keys or not {"file", "rows"} <= set(shard)
+            or not isinstance(shard["file"], str) or not _integer(shard["rows"])
+            or shard["rows"] < 0
+            or any(not isinstance(shard.get(k, "x"), str) or not shard.get(k, "x")
+                   for k in ("x", "y"))):
+        raise MpitrainError(f"{where} should be {form}, got {shard!r}")
+    try:
+        shard_path(root, shard["file"])
+    except ValueError as exc:
+        raise MpitrainError(f"{where}.file {shard['file']!r} {exc}: shard files are named by "
+                            "paths inside the dataset directory") from None
+    ranges = shard.get("ranges", [[0, shard["rows"]]])
+    if (not isinstance(ranges, list) or not all(
+            isinstance(r, list) and len(r) == 2 and all(_integer(v) for v in r)
+            and 0 <= r[0] <= r[1] for r in ranges)):
+        raise MpitrainError(f"{where}.ranges should be a list of [lo, hi] row ranges with "
+                            f"0 <= lo <= hi, got {ranges!r}")
+    if sum(hi - lo for lo, hi in ranges) != shard["rows"]:
+        raise MpitrainError(f"{where}: its ranges hold {sum(hi - lo for lo, hi in ranges)} "
+                            f"rows, its 'rows' says {shard['rows']}")
+    return Entry(shard["file"], shard["rows"], shard.get("x", X_KEY), shard.get("y", Y_KEY),
+                 [tuple(r) for r in ranges])
+
+
+def _task(path: str, meta: dict, version: int) -> Dict[str, object]:
+    """The task of a manifest, checked."""
+    if version == 1:
+        classes = meta.get("classes")
+        if not _integer(classes) or classes < 2:
+            raise MpitrainError(f"{path}: key 'classes' should be an integer >= 2, got "
+                                f"{classes!r}")
+        return {"name": "classification", "classes": classes}
+    record = meta.get("task")
+    if not isinstance(record, dict) or record.get("name") not in TASKS:
+        raise MpitrainError(f"{path}: key 'task' should be an object with a name among "
+                            f"{', '.join(TASKS)}, got {record!r}")
+    name = record["name"]
+    if name == "classification":
+        classes = record.get("classes")
+        if not _integer(classes) or classes < 2:
+            raise MpitrainError(f"{path}: task.classes should be an integer >= 2, got "
+                                f"{classes!r}")
+    else:
+        shape = record.get("shape")
+        if not isinstance(shape, list) or not all(_integer(s) and s > 0 for s in shape):
+            raise MpitrainError(f"{path}: task.shape should be a list of positive integers, "
+                                f"got {shape!r}")
+        k = int(np.prod(shape)) if shape else 1
+        for key in ("mean", "std") if name == "regression" else ():
+            value = record.get(key)
+            ok = (value is None or isinstance(value, list) and len(value) == k and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                for v in value))
+            if not ok or (key == "std" and value is not None and min(value) <= 0):
+                raise MpitrainError(f"{path}: task.{key} should be a list of {k} finite "
+                                    f"numbers{' > 0' if key == 'std' else ''}, got {value!r}")
+    return dict(record)
+
+
 def read_manifest(root: str) -> Manifest:
     """Parse and check ``root/manifest.json``; errors name the file and the key.
 
@@ -80,13 +201,13 @@ def read_manifest(root: str) -> Manifest:
     path = os.path.join(root, "manifest.json")
     if not os.path.isdir(root):
         raise MpitrainError(f"{root}: no such dataset directory "
-                            "(make one with 'python -m mpitrain prepare')")
+                            "(make one with 'python -m mpitrain prepare' or 'data index')")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except FileNotFoundError:
-        raise MpitrainError(f"{path}: missing (a dataset directory needs a manifest; "
-                            "make one with 'python -m mpitrain prepare')") from None
+        raise MpitrainError(f"{path}: missing (a dataset directory needs a manifest; make "
+                            "one with 'python -m mpitrain prepare' or 'data index')") from None
     except (OSError, ValueError) as exc:
         raise MpitrainError(f"{path}: unreadable: {exc}") from None
     if not isinstance(meta, dict):
@@ -105,42 +226,37 @@ def read_manifest(root: str) -> Manifest:
     if meta.get("format") != FORMAT:
         raise MpitrainError(f"{path}: key 'format' should be {FORMAT!r}, got "
                             f"{meta.get('format')!r}")
-    if need("version", int, "an integer") > VERSION:
-        raise MpitrainError(f"{path}: format version {meta['version']} is newer than "
-                            f"this mpitrain reads ({VERSION})")
+    version = need("version", int, "an integer")
+    if version > VERSION:
+        raise MpitrainError(f"{path}: format version {version} is newer than this mpitrain "
+                            f"reads ({VERSION})")
     features = need("features", list, "a list of positive integers")
     if not features or not all(_integer(f) and f > 0 for f in features):
         raise MpitrainError(f"{path}: key 'features' should be a list of positive "
                             f"integers, got {features!r}")
-    dtype = need("dtype", str, "a float type such as 'float32'")
+    dtype = need("dtype", str, "a numeric type such as 'float32'")
     try:
         kind = np.dtype(dtype).kind
     except (TypeError, ValueError):
         kind = None
-    if kind != "f":
-        raise MpitrainError(f"{path}: key 'dtype' should be a float type such as 'float32', "
-                            f"got {dtype!r}")
-    classes = need("classes", int, "an integer >= 2")
-    if classes < 2:
-        raise MpitrainError(f"{path}: key 'classes' should be an integer >= 2, got {classes}")
-    splits: Dict[str, List[Tuple[str, int]]] = {}
+    if kind not in (("f",) if version == 1 else ("f", "i", "u")):
+        raise MpitrainError(f"{path}: key 'dtype' should be a "
+                            f"{'float' if version == 1 else 'numeric'} type such as "
+                            f"'float32', got {dtype!r}")
+    task = _task(path, meta, version)
+    targets = meta.get("targets", {"shape": [], "dtype": "int64"})
+    if version > 1 and (not isinstance(targets, dict) or set(targets) != {"shape", "dtype"}
+                        or not isinstance(targets["shape"], list)
+                        or not isinstance(targets["dtype"], str)):
+        raise MpitrainError(f'{path}: key \'targets\' should be {{"shape": [...], "dtype": '
+                            f'NAME}}, got {targets!r}')
+    splits: Dict[str, List[Entry]] = {}
     for split, shards in need("splits", dict, 'an object {"train": [...], ...}').items():
         if not isinstance(shards, list):
             raise MpitrainError(f"{path}: splits.{split} should be a list of shards, got "
                                 f"{shards!r}")
-        for k, shard in enumerate(shards):
-            where = f"{path}: splits.{split}[{k}]"
-            if (not isinstance(shard, dict) or set(shard) != {"file", "rows"}
-                    or not isinstance(shard["file"], str) or not _integer(shard["rows"])
-                    or shard["rows"] < 0):
-                raise MpitrainError(f'{where} should be {{"file": NAME, "rows": N >= 0}}, '
-                                    f"got {shard!r}")
-            try:
-                shard_path(root, shard["file"])
-            except ValueError as exc:
-                raise MpitrainError(f"{where}.file {shard['file']!r} {exc}: shard files are "
-                                    "named by paths inside the dataset directory") from None
-        splits[split] = [(s["file"], s["rows"]) for s in shards]
+        splits[split] = [_entry(root, path, f"{path}: splits.{split}[{k}]", shard, version)
+                         for k, shard in enumerate(shards)]
     if not splits.get("train"):
         raise MpitrainError(f"{path}: no 'train' split")
-    return Manifest(root, features, dtype, classes, splits)
+    return Manifest(root, features, dtype, task, splits, targets)

@@ -1,26 +1,30 @@
-"""Write datasets in the sharded HDF5 format: from an .npz file, or synthetic.
+"""Write datasets in the sharded HDF5 format: from an .npz or HDF5 file, or synthetic.
 
-A dataset directory is written under a temporary name and renamed into
-place when complete, so a reader never sees half a dataset and an existing
+An HDF5 input is streamed: read a block at a time (its own chunks, or 4,096
+rows), split into training and validation blocks, scanned once for the task
+and its statistics, then copied into shards, so peak memory does not grow
+with the dataset.  An .npz is loaded whole, then written the same way.  A
+dataset directory is written under a temporary name and renamed into place
+when complete, so a reader never sees half a dataset and an existing
 directory is never overwritten.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import tempfile
 import zipfile
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..balance import rank_slice
 from ..runtime import ConfigError, MpitrainError, literal
-from .manifest import X_KEY, Y_KEY, Manifest
+from .manifest import X_KEY, Y_KEY, Entry, Manifest, write_manifest
+from .sources import Source, open_sources, scan_targets, split_blocks
 
-__all__ = ["write_dataset", "from_npz", "synthetic", "split_val"]
+__all__ = ["write_dataset", "from_npz", "from_hdf5", "synthetic", "split_val"]
 
 BLOCK = 4096  # rows generated or copied at a time, to bound memory
 
@@ -31,23 +35,26 @@ def _refuse_existing(out: str) -> None:
                           "{out} (nothing was written)", ["out"])
 
 
-def write_dataset(out: str, features: Tuple[int, ...], classes: int, dtype,
-                  splits: dict, shards: int) -> Manifest:
+def write_dataset(out: str, features: Tuple[int, ...], task: Dict[str, object], dtype,
+                  splits: dict, shards: int,
+                  targets: Optional[Dict[str, object]] = None) -> Manifest:
     """Write ``splits`` {name: (rows, rows_fn)} as shards; ``rows_fn(lo, hi)`` gives (x, y).
 
     Each split is cut into ``shards`` files of nearly equal rows (fewer if
-    it has fewer rows).  Returns the manifest written.
+    it has fewer rows); ``targets`` is one sample's target shape and dtype
+    (default: an int64 label).  Returns the manifest written.
     """
     _refuse_existing(out)
     if shards < 1:
         raise ConfigError(f"{{shards}}: expected a value >= 1, got {shards}", ["shards"])
     import h5py
 
+    targets = targets or {"shape": [], "dtype": "int64"}
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(out) + "-", dir=parent)
     try:
-        listing = {}
+        listing: Dict[str, List[Entry]] = {}
         for split, (rows, rows_fn) in splits.items():
             count = max(1, min(shards, rows))
             listing[split] = []
@@ -56,17 +63,16 @@ def write_dataset(out: str, features: Tuple[int, ...], classes: int, dtype,
                 name = f"{split}-{k:05d}-of-{count:05d}.h5"
                 with h5py.File(os.path.join(tmp, name), "w", locking=False) as f:
                     x = f.create_dataset(X_KEY, (hi - lo, *features), dtype=dtype)
-                    y = f.create_dataset(Y_KEY, (hi - lo,), dtype=np.int64)
+                    y = f.create_dataset(Y_KEY, (hi - lo, *targets["shape"]),
+                                         dtype=targets["dtype"])
                     for a in range(lo, hi, BLOCK):
                         b = min(hi, a + BLOCK)
                         xb, yb = rows_fn(a, b)
                         x[a - lo:b - lo] = xb.reshape(b - a, *features)
-                        y[a - lo:b - lo] = yb
-                listing[split].append((name, hi - lo))
-        m = Manifest(out, features, np.dtype(dtype).name, classes, listing)
-        with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-            json.dump(m.to_json(), f, indent=1)
-            f.write("\n")
+                        y[a - lo:b - lo] = yb.reshape(b - a, *targets["shape"])
+                listing[split].append(Entry(name, hi - lo))
+        m = Manifest(out, features, np.dtype(dtype).name, task, listing, targets)
+        write_manifest(m, tmp)
         _refuse_existing(out)
         if os.path.isdir(out):
             os.rmdir(out)  # empty: checked just above
@@ -78,6 +84,68 @@ def write_dataset(out: str, features: Tuple[int, ...], classes: int, dtype,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return m
+
+
+def _reader(sources: Sequence[Source], ranges: Sequence[Sequence[Tuple[int, int]]],
+            x_key: str) -> Callable[[int, int], Tuple[np.ndarray, np.ndarray]]:
+    """``rows_fn(lo, hi)``: rows [lo, hi) of a split made of ``ranges`` of ``sources``,
+    read piece by piece (each a plain slice of a file's datasets); refuses NaN or inf
+    in the features, naming the file and row."""
+    pieces = [(k, lo, hi) for k, rs in enumerate(ranges) for lo, hi in rs]
+    starts = np.cumsum([0] + [hi - lo for _, lo, hi in pieces])
+
+    def rows_fn(a: int, b: int) -> Tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        j = int(np.searchsorted(starts, a, side="right") - 1)
+        while a < b:
+            k, lo, hi = pieces[j]
+            r0 = lo + a - starts[j]
+            r1 = min(hi, r0 + b - a)
+            s = sources[k]
+            x = np.asarray(s.x[r0:r1])
+            if x.dtype.kind == "f":
+                bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+                if bad.size:
+                    raise MpitrainError(f"{s.path}: NaN or inf in {x_key!r} at row "
+                                        f"{r0 + bad[0]}")
+            xs.append(x)
+            ys.append(np.asarray(s.y[r0:r1]))
+            a += r1 - r0
+            j += 1
+        return np.concatenate(xs), np.concatenate(ys)
+
+    return rows_fn
+
+
+def _from_sources(sources: Sequence[Source], out: str, shards: int, val_fraction: float,
+                  seed: int, task: str, classes: Optional[int], x_key: str) -> Manifest:
+    """Split, scan and write ``sources`` (see the module's docstring)."""
+    ranges = split_blocks(sources, val_fraction, seed)
+    record = scan_targets(sources, ranges["train"], task, classes, every=ranges["val"])
+    first = sources[0]
+    splits = {}
+    for split in ("train", "val"):
+        rows = sum(hi - lo for rs in ranges[split] for lo, hi in rs)
+        if rows:
+            splits[split] = (rows, _reader(sources, ranges[split], x_key))
+    if "train" not in splits:
+        raise MpitrainError(f"{first.path}: no training rows left")
+    target_dtype = first.y.dtype.name if record["name"] != "classification" else "int64"
+    return write_dataset(out, tuple(first.x.shape[1:]), record, first.x.dtype, splits, shards,
+                         {"shape": list(first.y.shape[1:]), "dtype": target_dtype})
+
+
+def from_hdf5(path: str, out: str, shards: int, val_fraction: float = 0.0, seed: int = 0,
+              classes: Optional[int] = None, x_key: str = "x", y_key: str = "y",
+              task: str = "auto") -> Manifest:
+    """Copy datasets ``x_key`` and ``y_key`` of an HDF5 file into shards, streaming."""
+    _refuse_existing(out)
+    sources = open_sources([path], x_key, y_key)
+    try:
+        return _from_sources(sources, out, shards, val_fraction, seed, task, classes, x_key)
+    finally:
+        for s in sources:
+            s.close()
 
 
 def split_val(n: int, val_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -112,8 +180,10 @@ def _open_npz(path: str):
 
 
 def from_npz(path: str, out: str, shards: int, val_fraction: float = 0.0, seed: int = 0,
-             classes: Optional[int] = None, x_key: str = "x", y_key: str = "y") -> Manifest:
-    """Convert arrays ``x`` (samples, *features) and ``y`` (samples,) of an .npz into shards."""
+             classes: Optional[int] = None, x_key: str = "x", y_key: str = "y",
+             task: str = "auto") -> Manifest:
+    """Convert arrays ``x`` (samples, *features) and ``y`` (samples, ...) of an .npz into
+    shards."""
     _refuse_existing(out)
     npz = _open_npz(path)
     with npz:
@@ -130,30 +200,17 @@ def from_npz(path: str, out: str, shards: int, val_fraction: float = 0.0, seed: 
     if x.ndim < 2 or x.dtype.kind not in "fiub":
         raise MpitrainError(f"{path}: array {x_key!r} should be numeric (samples, features), "
                             f"got {x.dtype} {x.shape}")
-    if y.ndim != 1 or y.dtype.kind not in "iu":
-        raise MpitrainError(f"{path}: array {y_key!r} should be 1-D integer labels, "
-                            f"got {y.dtype} {y.shape}")
+    if y.ndim < 1 or y.dtype.kind not in "fiub":
+        raise MpitrainError(f"{path}: array {y_key!r} should be numeric targets (samples, ...)"
+                            f", got {y.dtype} {y.shape}")
     if len(x) != len(y):
         raise MpitrainError(f"{path}: {x_key!r} has {len(x)} samples, {y_key!r} has {len(y)}")
     if len(x) == 0:
         raise MpitrainError(f"{path}: no samples")
     if x.dtype.kind != "f":
         x = x.astype(np.float32)
-    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
-    if bad.size:
-        raise MpitrainError(f"{path}: NaN or inf in {x_key!r} at sample {bad[0]}")
-    if y.min() < 0:
-        raise MpitrainError(f"{path}: negative label {y.min()} in {y_key!r}")
-    seen = int(y.max()) + 1
-    classes = max(seen, 2) if classes is None else classes
-    if seen > classes:
-        raise ConfigError(f"{literal(path)}: label {seen - 1} in {literal(repr(y_key))} is out "
-                          f"of range for {{classes}} {classes}", ["classes"])
-    train, val = split_val(len(x), val_fraction, seed)
-    splits = {"train": (len(train), lambda a, b: (x[train[a:b]], y[train[a:b]]))}
-    if len(val):
-        splits["val"] = (len(val), lambda a, b: (x[val[a:b]], y[val[a:b]]))
-    return write_dataset(out, x.shape[1:], classes, x.dtype, splits, shards)
+    return _from_sources([Source(path, None, x, y)], out, shards, val_fraction, seed, task,
+                         classes, x_key)
 
 
 def synthetic_rows(samples: int, features: int, classes: int,
@@ -203,5 +260,6 @@ def synthetic(out: str, samples: int, features: int, classes: int, seed: int = 0
     splits = {"train": (n_train, rows)}
     if n_val:
         splits["val"] = (n_val, lambda a, b: rows(n_train + a, n_train + b))
-    return write_dataset(out, (features,), classes, np.float32, splits, shards)
+    return write_dataset(out, (features,), {"name": "classification", "classes": classes},
+                         np.float32, splits, shards)
 

@@ -11,6 +11,8 @@ Schema (format ``mpitrain.checkpoint``, version 2)::
               sampler     JSON: {"seed", "batch_size", "samples", "drop_last"}
               rng         JSON: every generator's state (see below)
               optimizer   JSON: {"name", "steps", ...hyper-parameters}
+              task        JSON: the task (classification and its classes, or regression
+                          and its standardisation, or multilabel)
               meta_crc32  CRC-32 of every attribute above: the JSON object
                           {name: value} of them all, keys sorted (version 1: of the
                           five JSON attributes alone, joined by newlines)
@@ -62,7 +64,8 @@ NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
 LEFTOVER = re.compile(r"^\.ckpt-\d{9}\.h5\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 SCALAR_ATTRS = ("format", "format_version", "mpitrain_version", "step", "epoch", "epoch_step",
                 "created")
-JSON_ATTRS = ("config", "layout", "sampler", "rng", "optimizer")
+JSON_ATTRS = ("config", "layout", "sampler", "rng", "optimizer", "task")
+V1_JSON = JSON_ATTRS[:5]  # version 1 had no task (it was always classification)
 
 
 class CheckpointError(MpitrainError):
@@ -91,6 +94,7 @@ class State:
     sampler: Dict[str, object]
     rng: Dict[str, object] = field(default_factory=dict)
     mpitrain_version: str = ""
+    task: Dict[str, object] = field(default_factory=dict)  # model.tasks.Task.describe()
 
 
 def crc32(arr: np.ndarray) -> int:
@@ -266,20 +270,21 @@ def _read(path: str, strict: bool):
             if f.attrs["format"] != FORMAT:
                 raise CheckpointError(f"{path}: not an mpitrain checkpoint (its format is "
                                       f"{f.attrs['format']!r}, expected {FORMAT!r})")
-            missing = [k for k in SCALAR_ATTRS + JSON_ATTRS + ("meta_crc32",)
+            version = int(f.attrs.get("format_version", VERSION))
+            if version > VERSION:
+                raise CheckpointError(f"{path}: format version {version} is newer than "
+                                      f"this mpitrain reads ({VERSION})")
+            json_attrs = JSON_ATTRS if version >= 2 else V1_JSON
+            missing = [k for k in SCALAR_ATTRS + json_attrs + ("meta_crc32",)
                        if k not in f.attrs]
             if missing:
                 raise CheckpointError(f"{path}: damaged: attribute(s) {', '.join(missing)} "
                                       "missing")
-            version = int(f.attrs["format_version"])
-            if version > VERSION:
-                raise CheckpointError(f"{path}: format version {version} is newer than "
-                                      f"this mpitrain reads ({VERSION})")
             attrs = {k: str(f.attrs[k]) for k in ("format", "mpitrain_version", "created")}
             attrs.update({k: int(f.attrs[k]) for k in ("format_version", "step", "epoch",
                                                         "epoch_step")})
-            attrs.update({k: str(f.attrs[k]) for k in JSON_ATTRS})
-            texts = [attrs[key] for key in JSON_ATTRS]
+            attrs.update({k: str(f.attrs[k]) for k in json_attrs})
+            texts = [attrs[key] for key in json_attrs]
             crc = _all_crc(attrs) if version >= 2 else _meta_crc(texts)
             meta_ok = crc == int(f.attrs["meta_crc32"])
             rows.append(("metadata", (), "json", meta_ok))
@@ -287,7 +292,7 @@ def _read(path: str, strict: bool):
                 raise CheckpointError(f"{path}: checksum of the metadata does not match "
                                       "(file damaged)")
             try:
-                meta = {key: json.loads(text) for key, text in zip(JSON_ATTRS, texts)}
+                meta = {key: json.loads(text) for key, text in zip(json_attrs, texts)}
             except ValueError as exc:
                 raise CheckpointError(f"{path}: damaged metadata: {exc}") from None
 
@@ -308,7 +313,8 @@ def _read(path: str, strict: bool):
                           optimizer_state=opt_state, optimizer=meta["optimizer"],
                           config=meta["config"], layout=meta["layout"],
                           sampler=meta["sampler"], rng=meta["rng"],
-                          mpitrain_version=attrs["mpitrain_version"])
+                          mpitrain_version=attrs["mpitrain_version"],
+                          task=meta.get("task") or {})
             why = _consistent(state)
             if why and strict:
                 raise CheckpointError(f"{path}: damaged: {why}")

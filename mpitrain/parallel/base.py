@@ -33,9 +33,12 @@ class TrainerBase:
     Subclasses set ``grid`` (a comm.topology.Grid), ``model`` (this rank's
     stage, a Sequential), ``optimizer``, ``exchange`` (a comm.exchange.Exchange
     over ``grid.dp_comm``), ``sampler``, ``train``, ``val``, ``loss``,
-    ``stage_names`` (the parameter names of each stage, in
-    full-model order) and ``shapes`` (every parameter's shape, in full-model
-    order), then call ``_init_common``.
+    ``task`` (a model.tasks.Task), ``stage_names`` (the parameter names of
+    each stage, in full-model order) and ``shapes`` (every parameter's shape,
+    in full-model order), then call ``_init_common``.
+
+    A step's metric vector (summed over ranks) is ``[loss sum, stop requests,
+    *task sums]``: ``2 + task.width`` numbers.
     """
 
     TAG_STATE = 31000  # point-to-point tag of the checkpoint gather and restore, on grid.world
@@ -75,14 +78,15 @@ class TrainerBase:
                                 f"differ from rank 0 of their stage", everywhere=True)
 
     def _conclude(self, step: int, batch: int, sums: np.ndarray, t: Sequence[float],
-                  idle: float = 0.0) -> Tuple[float, float, int]:
+                  idle: float = 0.0) -> Tuple[float, Dict[str, object], int]:
         """After the exchange: agree on stopping, check the loss, update the parameters.
 
-        ``sums`` holds the global (loss sum, correct count, stop requests);
-        ``t`` the times the step started, read its data, computed, exchanged;
-        ``idle`` the part of the computing time spent waiting for other stages.
+        ``sums`` holds the global metric vector (loss sum, stop requests, task
+        sums); ``t`` the times the step started, read its data, computed,
+        exchanged; ``idle`` the part of the computing time spent waiting for
+        other stages.  Returns (mean loss, the task's metrics, global batch).
         """
-        self.stop_agreed = bool(sums[2] > 0)
+        self.stop_agreed = bool(sums[1] > 0)
         loss = float(sums[0]) / batch
         if not np.isfinite(loss):
             epoch, _ = self.sampler.locate(step)
@@ -93,7 +97,11 @@ class TrainerBase:
         self.times["data"] += t1 - t0
         self.times["compute"] += (t2 - t1 - idle) + (time.perf_counter() - t3)
         self.times["exchange"] += t3 - t2
-        return loss, float(sums[1]) / batch, batch
+        return loss, self.task.summarize(np.asarray(sums[2:], np.float64), batch), batch
+
+    def _evaluated(self, sums: np.ndarray, n: int) -> Dict[str, object]:
+        """{"loss": ..., task metrics} from the global float64 [loss sum, *task sums]."""
+        return {"loss": float(sums[0]) / n, **self.task.summarize(sums[1:], n)}
 
     # -- the checkpoint protocol -----------------------------------------------------------
     def named(self, flat: np.ndarray, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
@@ -141,7 +149,7 @@ class TrainerBase:
             optimizer_state=opt_state,
             optimizer={"name": self.optimizer.name, "steps": opt.steps, **opt.hyper()},
             config=config, layout={"world_size": g.world.Get_size(), "pp": g.pp, "dp": g.dp},
-            sampler=s.meta(),
+            sampler=s.meta(), task=self.task.describe(),
             rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
                                  f"({s.n}), cut into batches of {s.batch_size}",
                  "init": "numpy.random.default_rng([seed, layer index]) per layer",
@@ -164,6 +172,9 @@ class TrainerBase:
                 state.optimizer_state) != set(self.optimizer.state()):
             return (f"written with {{optimizer}} {state.optimizer.get('name')}, "
                     f"this run has {self.optimizer.name}")
+        if state.task and state.task != self.task.describe():
+            return (f"written for the task {state.task}, this run's data is "
+                    f"{self.task.describe()} (check {{data}})")
         for key, value in self.sampler.meta().items():
             if state.sampler.get(key) != value:
                 what = {"samples": "training samples in {data}"}.get(key, "{" + key + "}")

@@ -10,14 +10,15 @@ One step on every rank of ``comm``::
 
 Dividing by the global batch B before the sum, rather than averaging the
 ranks' means, makes the result exact when the ranks' parts are unequal.  The
-batch's loss sum and correct count ride in two extra slots at the end of the
-exchange buffer, so one all-reduce per step gives gradients and metrics, and
-every rank sees the same loss (and stops together if it is not finite).
+batch's loss sum, the stop requests and the task's metric sums (the correct
+count, the squared errors...) ride in extra slots at the end of the exchange
+buffer, so one all-reduce per step gives gradients and metrics, and every
+rank sees the same loss (and stops together if it is not finite).
 """
 from __future__ import annotations
 
 import time
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -30,6 +31,7 @@ from ..data.sampler import Sampler
 from ..data.shards import Shards
 from ..model.optim import Optimizer
 from ..model.sequential import Sequential
+from ..model.tasks import Classification, Task
 from .base import TrainerBase
 
 __all__ = ["Trainer"]
@@ -38,31 +40,38 @@ __all__ = ["Trainer"]
 class Trainer(TrainerBase):
     """Data-parallel training of ``model`` with ``optimizer`` over the ranks of ``comm``.
 
-    ``allreduce``, ``bucket_mb``, ``overlap``, ``progress`` and ``grad_dtype``
-    choose how the gradients are summed (see ``comm.exchange``).
+    ``task`` says what the targets are and which metrics to compute (default:
+    classification into the model's output width).  ``allreduce``,
+    ``bucket_mb``, ``overlap``, ``progress`` and ``grad_dtype`` choose how the
+    gradients are summed (see ``comm.exchange``).
     """
 
     def __init__(self, model: Sequential, loss, optimizer: Optimizer, train: Shards,
                  sampler: Sampler, comm: MPI.Comm, val: Optional[Shards] = None, *,
-                 allreduce: str = "mpi", bucket_mb: float = 2.0, overlap: bool = True,
-                 progress: str = "thread", grad_dtype: Optional[str] = None):
+                 task: Optional[Task] = None, allreduce: str = "mpi", bucket_mb: float = 2.0,
+                 overlap: bool = True, progress: str = "thread",
+                 grad_dtype: Optional[str] = None):
         self.model, self.loss, self.optimizer, self.comm = model, loss, optimizer, comm
+        if task is None:
+            last = model.layers[-1].shapes().get("weight", (2,))  # (out, in)
+            task = Classification(last[0])
+        self.task = task
         self.grid = make_grid(comm, 1)  # pp = 1: the replicas are ``comm`` itself
         self.train, self.val, self.sampler = train, val, sampler
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.shapes = dict(model.shapes)
         self.stage_names = [list(model.shapes)]
-        n = model.size
-        # The exchange buffer (n + 3,): gradients, then the loss sum, the correct
-        # count and the number of ranks asked to stop (pre-emption), all in one
+        n, w = model.size, 2 + task.width
+        # The exchange buffer (n + w,): gradients, then the loss sum, the number of
+        # ranks asked to stop (pre-emption) and the task's metric sums, all in one
         # all-reduce.  Buckets from the end of the buffer (the last layer's gradients
         # and the metrics come first), each summed as soon as backward has made it
-        # final.  With a 16-bit wire the three metric slots stay out of the buckets
-        # and are summed exactly (a float16 loss sum would overflow at 65504).
-        covered = n if grad_dtype else n + 3
-        self.metrics = slice(n, n + 3)
+        # final.  With a 16-bit wire the metric slots stay out of the buckets and are
+        # summed exactly (a float16 loss sum would overflow at 65504).
+        covered = n if grad_dtype else n + w
+        self.metrics = slice(n, n + w)
         self.exchange = Exchange(
-            comm, n + 3, model.dtype, algorithm=allreduce,
+            comm, n + w, model.dtype, algorithm=allreduce,
             buckets=plan_buckets(covered, bucket_mb * 2 ** 20, model.dtype.itemsize),
             overlap=overlap, progress=progress, wire=grad_dtype,
             exact=self.metrics if grad_dtype else None, needed=self.metrics)
@@ -89,8 +98,9 @@ class Trainer(TrainerBase):
         super().close()
         self.xbuf = self.exchange.buffer  # a private copy once the window is gone
 
-    def step(self, step: int, stop: bool = False) -> Tuple[float, float, int]:
-        """Run global step ``step`` (0-based); return (mean loss, accuracy, global batch).
+    def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
+        """Run global step ``step`` (0-based); return (mean loss, the task's metrics of
+        the batch, global batch).
 
         ``stop`` says this rank was asked to stop; afterwards ``stop_agreed``
         tells every rank alike whether any rank was.
@@ -100,15 +110,15 @@ class Trainer(TrainerBase):
             x, y, batch = self._prefetch.get(step)  # read while the last step computed
         else:
             ids, batch = self.sampler.local(step, self.rank, self.size)
-            x, y = self.train.read(ids)  # (b, features), (b,)
+            x, y = self.train.read(ids)  # (b, features), (b, *targets)
         t1 = time.perf_counter()
         self.on_phase("computing")
-        metrics = self.xbuf[self.metrics]  # (3,): loss sum, correct count, stop requests
+        metrics = self.xbuf[self.metrics]  # (2 + task.width,): loss sum, stop, task sums
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
-            out, saved = self.model.forward(x)  # (b, classes)
-            loss_sum, dout = self.loss(out, y, 1.0 / batch)
-            metrics[:] = (loss_sum, np.count_nonzero(out.argmax(axis=1) == y),
-                          1.0 if stop else 0.0)
+            out, saved = self.model.forward(x)  # (b, outputs)
+            loss_sum, dout = self.loss(out, self.task.targets(y, out.dtype), 1.0 / batch)
+            metrics[0], metrics[1] = loss_sum, 1.0 if stop else 0.0
+            metrics[2:] = self.task.sums(out, y)
             # Reporting what is final even without overlap keeps both paths' bits equal.
             self.model.backward(dout, saved, final_from=self.exchange.ready)
         t2 = time.perf_counter()
@@ -117,17 +127,18 @@ class Trainer(TrainerBase):
         return self._conclude(step, batch, self.xbuf[self.metrics],
                               (t0, t1, t2, time.perf_counter()))
 
-    def evaluate(self, chunk: int = 4096) -> Optional[Tuple[float, float]]:
-        """(mean loss, accuracy) on the validation split, each rank a slice (collective)."""
+    def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
+        """{"loss": mean loss, task metrics...} on the validation split, each rank a
+        slice, summed exactly in float64 (collective); None without one."""
         if self.val is None or len(self.val) == 0:
             return None
         self.on_phase("evaluation")
         lo, hi = rank_slice(len(self.val), self.rank, self.size)
-        sums = np.zeros(2)  # loss sum, correct count; float64 so counts stay exact
+        sums = np.zeros(1 + self.task.width)  # loss sum, task sums
         for a in range(lo, hi, chunk):
             x, y = self.val.read_range(a, min(hi, a + chunk))
             out = self.model(x)
-            loss_sum, _ = self.loss(out, y, 1.0)
-            sums += (loss_sum, np.count_nonzero(out.argmax(axis=1) == y))
+            sums[0] += self.loss(out, self.task.targets(y, out.dtype), 1.0)[0]
+            sums[1:] += self.task.sums(out, y)
         self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-        return sums[0] / len(self.val), sums[1] / len(self.val)
+        return self._evaluated(sums, len(self.val))

@@ -25,6 +25,7 @@ from ..model.layers import mlp
 from ..model.losses import make_loss
 from ..model.optim import make_optimizer
 from ..model.sequential import Sequential
+from ..model.tasks import make_task
 from ..parallel.base import TrainerBase
 from ..parallel.data_parallel import Trainer
 from ..parallel.pipeline.partition import stage_ranges
@@ -51,9 +52,20 @@ def open_data(cfg: Config, comm: MPI.Comm, replicas: int) -> Tuple[Manifest, Sha
         raise ConfigError(f"{{batch_size}} {cfg.batch_size} is larger than the {n_train} "
                           f"training samples of {literal(root)}", everywhere=True)
     check_dataset(m, comm, full=cfg.check_data == "full")
-    train = Shards(m, "train", cfg.dtype)
-    val = Shards(m, "val", cfg.dtype) if m.rows("val") else None
+    cache = int(cfg.cache_mb * 2 ** 20)
+    train = Shards(m, "train", cfg.dtype, cache_bytes=cache)
+    val = Shards(m, "val", cfg.dtype, cache_bytes=cache) if m.rows("val") else None
     return m, train, val
+
+
+def task_and_loss(cfg: Config, m: Manifest):
+    """The data's task and the loss for it: ``cfg.loss``, or the task's own with 'auto'."""
+    task = make_task(m.task)
+    name = task.losses[0] if cfg.loss == "auto" else cfg.loss
+    if name not in task.losses:
+        raise ConfigError(f"{{loss}} {name} does not fit the data's task, {task.name} (it "
+                          f"takes {', '.join(task.losses)})", everywhere=True)
+    return task, make_loss(name)
 
 
 def node_memory() -> int:
@@ -109,24 +121,24 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
     """Check the data and make the grid, model, optimizer and trainer (collective)."""
     grid = make_grid(comm, cfg.pp)
     m, train, val = open_data(cfg, comm, grid.dp)
-    layers = mlp(int(np.prod(m.features)), cfg.hidden, m.classes, cfg.activation)
+    task, loss = task_and_loss(cfg, m)
+    layers = mlp(int(np.prod(m.features)), cfg.hidden, task.outputs, cfg.activation)
     stages = (stage_ranges(layers, cfg.pp, cfg.stage_layers) if cfg.pp > 1
               else [(0, len(layers))])
     check_memory(cfg, comm, layers, stages)
     sampler = Sampler(len(train), cfg.batch_size, cfg.seed, cfg.drop_last)
     opt_args = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    loss = make_loss(cfg.loss)
     trainer: TrainerBase
     if cfg.pipelined():
         trainer = PipelineTrainer(layers, grid, loss, cfg.optimizer, opt_args, train, sampler,
                                   microbatches=cfg.micro(), schedule=cfg.schedule,
                                   allreduce=cfg.allreduce, val=val, grad_dtype=cfg.wire(),
                                   dtype=cfg.dtype, seed=cfg.seed,
-                                  stage_layers=cfg.stage_layers)
+                                  stage_layers=cfg.stage_layers, task=task)
     else:
         model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
         optimizer = make_optimizer(cfg.optimizer, model.params, model.grads, **opt_args)
-        trainer = Trainer(model, loss, optimizer, train, sampler, comm, val,
+        trainer = Trainer(model, loss, optimizer, train, sampler, comm, val, task=task,
                           allreduce=cfg.allreduce, bucket_mb=cfg.bucket_mb,
                           overlap=cfg.overlap, progress=cfg.progress, grad_dtype=cfg.wire())
     return trainer, m

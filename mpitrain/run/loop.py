@@ -51,8 +51,10 @@ def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Chec
     trainer, m = build(cfg, comm)
     spe = trainer.sampler.steps_per_epoch
     total = cfg.total_steps(spe)
+    headline = trainer.task.headline
     report = Reporter(comm.rank == 0, cfg.log, total, out,
-                      run_dir=open_run_dir(cfg.to_dict(), comm), quiet=cfg.quiet)
+                      run_dir=open_run_dir(cfg.to_dict(), comm), quiet=cfg.quiet,
+                      headline=headline)
     for line in banner(cfg, trainer, m, comm.size, total, report.run_dir) + notes:
         report.say(line)
     ckpts.say = report.say
@@ -76,23 +78,22 @@ def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Chec
                     dog.beat(done)
                 faults.at_step(comm.rank, done)
                 t0 = time.perf_counter()
-                loss, acc, batch = trainer.step(step, stop=preemption.requested)
+                loss, metrics, batch = trainer.step(step, stop=preemption.requested)
                 meter.add(step, batch, time.perf_counter() - t0)
                 stopping = trainer.stop_agreed
                 if stopping:
                     preemption.finished = True  # the ranks agreed: no SIGTERM deadline now
                 epoch = trainer.sampler.locate(step)[0]
-                report.live_step({"step": done, "epoch": epoch, "loss": loss, "accuracy": acc,
+                report.live_step({"step": done, "epoch": epoch, "loss": loss, **metrics,
                                   "eta_s": meter.eta(done), "samples_per_s": batch / meter.last})
                 evaluate = _is_eval_step(cfg, done, spe, total)
                 if done % cfg.log_every == 0 or evaluate or stopping:
-                    record = {"step": done, "epoch": epoch, "loss": loss, "accuracy": acc,
+                    record = {"step": done, "epoch": epoch, "loss": loss, **metrics,
                               "samples_per_s": meter.window(), "lr": cfg.lr,
                               "eta_s": meter.eta(done)}
                     if evaluate:
-                        result = trainer.evaluate()
-                        if result:
-                            record["val_loss"], record["val_accuracy"] = result
+                        record.update({f"val_{k}": v for k, v in
+                                       (trainer.evaluate() or {}).items()})
                     report.step(record)
                 if ckpts.due(done, total, stopping):
                     if dog:
@@ -113,7 +114,7 @@ def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Chec
                         record, wall=time.perf_counter() - t_start, ranks=comm.size,
                         end=end, preempted=preempted)
     if end > start:
-        report.say(summary_line(summary), always=True)
+        report.say(summary_line(summary, headline), always=True)
     if preempted:
         report.say(f"stopped at step {end} on {signal_name or 'a signal to another rank'}; "
                    f"exit status {EXIT_PREEMPTED}: relaunch with --resume auto to continue",

@@ -20,14 +20,22 @@ def eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _fmt(record: Dict[str, Any], total: int) -> str:
+SHORT = {"accuracy": "acc"}  # how the progress line names a metric
+
+
+def _fmt(record: Dict[str, Any], total: int, headline: str = "accuracy") -> str:
+    name = SHORT.get(headline, headline)
     line = (f"step {record['step']:>{len(str(total))}}/{total}  epoch {record['epoch']}  "
-            f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}  "
-            f"samples/s {record['samples_per_s']:,.0f}")
+            f"loss {record['loss']:.4f}")
+    if headline in record:
+        line += f"  {name} {record[headline]:.3f}"
+    line += f"  samples/s {record['samples_per_s']:,.0f}"
     if "eta_s" in record:
         line += f"  ETA {eta(record['eta_s'])}"
     if "val_loss" in record:
-        line += f"  val_loss {record['val_loss']:.4f}  val_acc {record['val_accuracy']:.3f}"
+        line += f"  val_loss {record['val_loss']:.4f}"
+        if f"val_{headline}" in record:
+            line += f"  val_{name} {record[f'val_{headline}']:.3f}"
     return line
 
 
@@ -59,9 +67,9 @@ class Reporter:
 
     def __init__(self, enabled: bool, log_path: Optional[str], total_steps: int,
                  out: TextIO = sys.stdout, run_dir: Optional[str] = None,
-                 quiet: bool = False):
+                 quiet: bool = False, headline: str = "accuracy"):
         self.enabled, self.total, self.out, self.quiet = enabled, total_steps, out, quiet
-        self.run_dir = run_dir
+        self.run_dir, self.headline = run_dir, headline
         self.live = _live_stream(out) if enabled and not quiet else None
         self._last_live = 0.0
         self.logs: List[TextIO] = []
@@ -95,7 +103,7 @@ class Reporter:
         """Rewrite the live progress line (a terminal only; at most 10 times a second)."""
         now = time.monotonic()
         if self.live and now - self._last_live > 0.1:
-            self.live.write("\r\033[K" + _fmt(record, self.total))
+            self.live.write("\r\033[K" + _fmt(record, self.total, self.headline))
             self.live.flush()
             self._last_live = now
 
@@ -105,7 +113,7 @@ class Reporter:
             return
         if not self.quiet:
             self._clear_live()
-            print(_fmt(record, self.total), file=self.out, flush=True)
+            print(_fmt(record, self.total, self.headline), file=self.out, flush=True)
         for log in self.logs:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -155,6 +163,12 @@ class Meter:
         return self.timed_samples / self.train_time if self.train_time else 0.0
 
 
+def _task_text(task: Dict[str, Any]) -> str:
+    if task["name"] == "classification":
+        return f"{task['classes']} classes"
+    return f"{task['name']}, targets of shape {tuple(task.get('shape') or [])}"
+
+
 def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str]) -> List[str]:
     """The lines a run starts with: versions and threads, data, layout, model, length."""
     from .. import __version__
@@ -167,7 +181,7 @@ def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str
              f"run directory {run_dir} (metrics.jsonl)",
              f"data {m.root}: {len(trainer.train)} train / "
              f"{len(trainer.val) if trainer.val else 0} val samples, features {m.features}, "
-             f"{m.classes} classes"]
+             f"{_task_text(m.task)}; loss {type(trainer.loss).__name__}"]
     if cfg.pipelined():
         lines.append(f"pipeline: {g.pp} stages x {g.dp} data-parallel replicas, "
                      f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "
@@ -190,18 +204,19 @@ def summarize(meter: Meter, phases: Dict[str, float], checkpoints, record: Dict[
         "steps": meter.total, "ranks": ranks, "start_step": meter.start, "end_step": end,
         "preempted": preempted, "steps_run": max(0, end - meter.start), "wall_s": wall,
         "samples_per_s": meter.samples_per_s,
-        "final_loss": record.get("loss"), "val_loss": record.get("val_loss"),
-        "val_accuracy": record.get("val_accuracy"),
+        "final_loss": record.get("loss"),
+        **{k: v for k, v in record.items() if k.startswith("val_")},
         **{f"share_{k}": v / busy for k, v in phases.items()},
         "checkpoints": checkpoints.written, "checkpoint_s": checkpoints.seconds,
         "checkpoint_bytes": checkpoints.last_bytes,
         "share_checkpoint": checkpoints.seconds / wall if wall else 0.0}
 
 
-def summary_line(summary: Dict[str, Any]) -> str:
+def summary_line(summary: Dict[str, Any], headline: str = "accuracy") -> str:
     """The run's last line: steps, time, samples/s, loss, and where the time went."""
-    val = (f", val_acc {summary['val_accuracy']:.3f}"
-           if summary.get("val_accuracy") is not None else "")
+    key = f"val_{headline}"
+    val = (f", val_{SHORT.get(headline, headline)} {summary[key]:.3f}"
+           if summary.get(key) is not None else "")
     ckpt = (f"; {summary['checkpoints']} checkpoints, {summary['share_checkpoint']:.1%} of "
             "the time" if summary.get("checkpoints") else "")
     loss = (f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None

@@ -33,6 +33,7 @@ from ...data.shards import Shards
 from ...model.layers import Layer, Linear, saved_bytes
 from ...model.optim import make_optimizer
 from ...model.sequential import Sequential
+from ...model.tasks import Classification, Task
 from ...runtime import ConfigError
 from ..base import TrainerBase
 from .partition import stage_ranges
@@ -64,7 +65,8 @@ class PipelineTrainer(TrainerBase):
                  opt_args: Dict[str, Any], train: Shards, sampler: Sampler, *,
                  microbatches: int, schedule: str = "1f1b", allreduce: str = "mpi",
                  val: Optional[Shards] = None, dtype="float32", seed: int = 0,
-                 stage_layers: Optional[Sequence[int]] = None, grad_dtype: Optional[str] = None):
+                 stage_layers: Optional[Sequence[int]] = None, grad_dtype: Optional[str] = None,
+                 task: Optional[Task] = None):
         if schedule not in SCHEDULES:
             raise ConfigError(f"{{schedule}}: expected one of {', '.join(SCHEDULES)}, got "
                               f"{schedule!r}", ["schedule"])
@@ -72,6 +74,10 @@ class PipelineTrainer(TrainerBase):
             raise ConfigError(f"{{microbatches}}: expected a value in 1..{MAX_MICROBATCHES}, "
                               f"got {microbatches}", ["microbatches"], everywhere=True)
         self.grid, self.loss, self.sampler = grid, loss, sampler
+        if task is None:
+            task = Classification([layer for layer in layers
+                                   if isinstance(layer, Linear)][-1].out_features)
+        self.task = task
         self.train, self.val = train, val
         self.microbatches, self.schedule = microbatches, schedule
         self.ranges = stage_ranges(layers, grid.pp, stage_layers)
@@ -94,7 +100,7 @@ class PipelineTrainer(TrainerBase):
                                  algorithm=allreduce, overlap=False, wire=grad_dtype)
         self.check_replicas()
         self.exchange.adopt(self.model, self.optimizer)
-        self.metrics = np.zeros(3)  # loss sum, correct count, stop requests; over the world
+        self.metrics = np.zeros(2 + task.width)  # loss sum, stop, task sums; over the world
         # Receive buffers: a pool of activation slots (one per micro-batch that can be
         # alive at once on this stage) and one gradient buffer; views of them are used.
         per_replica = -(-sampler.batch_size // grid.dp)  # ceil: the largest replica part
@@ -165,9 +171,9 @@ class PipelineTrainer(TrainerBase):
             out, saved = self.model.forward(x)
             if self.grid.is_last_stage:
                 y = st.y[lo:hi]
-                loss_sum, dout = self.loss(out, y, 1.0 / st.batch)
+                loss_sum, dout = self.loss(out, self.task.targets(y, out.dtype), 1.0 / st.batch)
                 self.metrics[0] += loss_sum
-                self.metrics[1] += np.count_nonzero(out.argmax(axis=1) == y)
+                self.metrics[2:] += self.task.sums(out, y)
                 saved = (saved, dout)
             else:
                 self.send_forward(k, out)
@@ -193,8 +199,9 @@ class PipelineTrainer(TrainerBase):
         if not first:
             self.send_backward(k, dx)
 
-    def step(self, step: int, stop: bool = False) -> Tuple[float, float, int]:
-        """Run global step ``step`` (0-based); return (mean loss, accuracy, global batch)."""
+    def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
+        """Run global step ``step`` (0-based); return (mean loss, the task's metrics of
+        the batch, global batch)."""
         g = self.grid
         t0 = time.perf_counter()
         ids, batch = self.sampler.local(step, g.dp_rank, g.dp)
@@ -215,19 +222,20 @@ class PipelineTrainer(TrainerBase):
         t2 = time.perf_counter()
         self.on_phase("exchange")
         self.exchange.wait()
-        self.metrics[2] = 1.0 if stop else 0.0
+        self.metrics[1] = 1.0 if stop else 0.0
         g.world.Allreduce(MPI.IN_PLACE, self.metrics, op=MPI.SUM)
         return self._conclude(step, batch, self.metrics, (t0, t1, t2, time.perf_counter()),
                               self.times["wait"] - wait0)
 
-    def evaluate(self, chunk: int = 4096) -> Optional[Tuple[float, float]]:
-        """(mean loss, accuracy) on the validation split through the pipeline (collective)."""
+    def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
+        """{"loss": mean loss, task metrics...} on the validation split through the
+        pipeline (collective); None without one."""
         if self.val is None or len(self.val) == 0:
             return None
         g = self.grid
         self.on_phase("evaluation")
         lo, hi = rank_slice(len(self.val), g.dp_rank, g.dp)
-        sums = np.zeros(2)
+        sums = np.zeros(1 + self.task.width)  # loss sum, task sums
         buf = np.empty((min(chunk, max(hi - lo, 1)), self.in_width), self.model.dtype)
         sending: List[Tuple[MPI.Request, np.ndarray]] = []
         for k, a in enumerate(range(lo, hi, chunk)):
@@ -242,11 +250,12 @@ class PipelineTrainer(TrainerBase):
             if g.is_last_stage:
                 if not g.is_first_stage:
                     y = self.val.read_labels(ids)
-                sums += (self.loss(out, y, 1.0)[0], np.count_nonzero(out.argmax(axis=1) == y))
+                sums[0] += self.loss(out, self.task.targets(y, out.dtype), 1.0)[0]
+                sums[1:] += self.task.sums(out, y)
             else:
                 MPI.Request.Waitall([r for r, _ in sending])  # one chunk in flight at a time
                 out = np.ascontiguousarray(out)
                 sending = [(g.pp_comm.Isend(out, dest=g.next_rank, tag=2 * k), out)]
         MPI.Request.Waitall([r for r, _ in sending])
         g.world.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # only last stages hold sums
-        return sums[0] / len(self.val), sums[1] / len(self.val)
+        return self._evaluated(sums, len(self.val))
