@@ -114,9 +114,11 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"  optimizer {state.optimizer}")
     width = max(len(r[0]) for r in rows)
     for name, shape, dtype, ok in rows:
-        print(f"  {name:<{width}}  {str(shape):<14} {dtype:<8} {'ok' if ok else 'CHECKSUM MISMATCH'}")
+        verdict = "ok" if ok else ("INCONSISTENT" if name == "consistency" else
+                                   "CHECKSUM MISMATCH")
+        print(f"  {name:<{width}}  {str(shape):<14} {dtype:<8} {verdict}")
     bad = [r[0] for r in rows if not r[3]]
-    print(f"  checksums: {'all ' + str(len(rows)) + ' hold' if not bad else 'FAILED: ' + ', '.join(bad)}")
+    print(f"  checks: {'all ' + str(len(rows)) + ' hold' if not bad else 'FAILED: ' + ', '.join(bad)}")
     if args.export:
         if bad:
             raise MpitrainError(f"{args.checkpoint}: not exporting: checksums fail for {bad}")

@@ -51,6 +51,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "schedule": SCHEDULES,
     "progress": PROGRESS,
     "grad_dtype": ("full", *WIRES),
+    "shuffle": ("auto", "global", "chunks"),
 }
 
 
@@ -71,6 +72,11 @@ class Config:
                                   "training on a smaller one")
     cache_mb: float = _opt(1024.0, "decoded chunks of compressed data kept in memory, per "
                                    "rank and split, in MiB")
+    shuffle: str = _opt("auto", "sample order: global (a permutation of all samples each "
+                                "epoch), chunks (chunk-aware, for compressed data: shuffle "
+                                "the chunks, then the samples within a window of chunks), or "
+                                "auto (chunks when the training data is chunked)")
+    shuffle_window: int = _opt(32, "chunks per shuffle window with --shuffle chunks")
     # Model
     hidden: List[int] = _opt((256, 256), "hidden layer widths, e.g. 256,256")
     activation: str = _opt("relu", "hidden activation")
@@ -193,6 +199,7 @@ BOUNDS = {
     "steps": (">=", 1, ""), "epochs": (">=", 1, ""), "eval_every": (">=", 0, ""),
     "weight_decay": (">=", 0, ""), "bucket_mb": (">=", 0, ""), "seed": (">=", 0, ""),
     "pp": (">=", 1, ""), "ckpt_every": (">=", 0, ""), "cache_mb": (">=", 0, ""),
+    "shuffle_window": (">=", 1, ""),
     "keep_last": (">=", 1, " (the newest checkpoint is always kept)"),
     "sigterm_grace": (">=", 0, " (0: never abort)"),
     "watchdog": (">=", 0, " (0 turns it off)"),
@@ -218,6 +225,9 @@ def validate(cfg: Config) -> None:
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise bad(name, "one of " + ", ".join(choices))
+    for name in ("data", "ckpt_dir", "run_dir", "log", "resume", "fault"):
+        if getattr(cfg, name) == "":
+            raise bad(name, "a path or value (leave it out for the default)")
     for name, (op, bound, note) in BOUNDS.items():
         value = getattr(cfg, name)
         if value is not None and not (value > bound if op == ">" else value >= bound):
@@ -241,9 +251,13 @@ def validate(cfg: Config) -> None:
     _refuse_what_does_not_apply(cfg)
 
 
-def _refuse_what_does_not_apply(cfg: Config) -> None:
-    """A non-default option the chosen layout would ignore is an error, with the reason."""
+def _refuse_what_does_not_apply(cfg: Config, given=()) -> None:
+    """A non-default option the chosen layout would ignore is an error, with the reason;
+    so is one in ``given`` (the keys the command line or the TOML file set), default or
+    not."""
     rules = [
+        ("shuffle_window", cfg.shuffle == "global",
+         "is the window of {shuffle} chunks; this run's {shuffle} is global", ["shuffle"]),
         ("schedule", not cfg.pipelined(),
          "orders a pipeline's micro-batches; this run has none ({pp} 1, one micro-batch)",
          ["pp"]),
@@ -262,6 +276,8 @@ def _refuse_what_does_not_apply(cfg: Config) -> None:
         ("resume", cfg.ckpt_dir is None and cfg.resume == "none",
          "none refuses to overwrite checkpoints in {ckpt_dir}, and none is given",
          ["ckpt_dir"]),
+        ("fault", cfg.ckpt_dir is None and "ckpt-kill" in (cfg.fault or ""),
+         "kills the writer of a checkpoint; no {ckpt_dir} is given", ["ckpt_dir"]),
     ]
     for option in ("bucket_mb", "overlap", "progress"):
         rules.append((option, cfg.pipelined(),
@@ -270,7 +286,7 @@ def _refuse_what_does_not_apply(cfg: Config) -> None:
     rules.append(("progress", not cfg.overlap,
                   "moves an overlapped exchange; {overlap} is off", ["overlap"]))
     for name, ignored, why, others in rules:
-        if ignored and _changed(cfg, name):
+        if ignored and (_changed(cfg, name) or name in given):
             value = literal(repr(getattr(cfg, name)))
             raise ConfigError(f"{{{name}}} {value} does not apply: it {why}", [name, *others])
 
@@ -349,6 +365,8 @@ def from_sources(args: argparse.Namespace) -> Tuple[Config, Callable[[str], str]
         return where.get(param, flag(param))
 
     try:
-        return Config(**values), name_of
+        cfg = Config(**values)
+        _refuse_what_does_not_apply(cfg, given=set(values))  # given, even as the default
+        return cfg, name_of
     except ConfigError as exc:
         raise MpitrainError(exc.render(name_of)) from None

@@ -242,6 +242,8 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None,
                 # not arrive, abort rather than wait for it forever.
                 if quiet_barrier(comm, seconds=60):
                     raise SystemExit(exc.code) from None
+                if rank != 0:  # rank 0 may be elsewhere: say it here, before the abort
+                    print(f"mpitrain: error{where}: {text}", file=sys.stderr, flush=True)
             else:
                 print(f"mpitrain: error{where}: {text}", file=sys.stderr, flush=True)
             code = exc.code

@@ -68,9 +68,10 @@ def blas_threads() -> Optional[int]:
 def limit_threads() -> Dict[str, object]:
     """Set BLAS/OpenMP threads to the cores available per rank, unless the user set them.
 
-    If the launcher bound this rank to a subset of the cores, that subset is
-    the rank's share; otherwise the node's cores are divided by the number of
-    ranks on the node.  A thread variable the user set is left alone.
+    If the launcher bound this rank to a subset of the cores (fewer than its
+    parent process may use), that subset is the rank's share; otherwise the
+    cores this process may use are divided by the number of ranks on the node.
+    A thread variable the user set is left alone.
     """
     if _THREADS:
         return _THREADS
@@ -79,7 +80,14 @@ def limit_threads() -> Dict[str, object]:
     except AttributeError:  # macOS
         cores = os.cpu_count() or 1
     local, source = _local_ranks()
-    bound = cores < (os.cpu_count() or cores)
+    # Bound by the launcher: this rank may use fewer cores than the process that started
+    # it (the launcher's proxy, Slurm's step daemon).  A container's or a job's cpuset
+    # limits both alike, and its cores are then shared by the ranks on the node.
+    try:
+        parent = len(os.sched_getaffinity(os.getppid()))
+    except (AttributeError, OSError):
+        parent = os.cpu_count() or cores
+    bound = cores < parent
     threads = cores if bound else max(1, cores // local)
     user = {v: os.environ[v] for v in THREAD_VARS if v in os.environ}
     for var in THREAD_VARS:

@@ -254,3 +254,23 @@ def test_prune_keeps_the_newest_and_never_the_written_one_or_later(tmp_path):
     assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [20, 30, 40, 50]
     checkpoint.prune(str(tmp_path), keep_last=1, written_step=50)
     assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [50]
+
+
+@pytest.mark.parametrize("damage,why", [
+    (lambda f: f["optimizer/m"].pop("0.weight"), "optimizer/m/0.weight is missing"),
+    (lambda f: (f["optimizer/m"].pop("0.bias"),
+                f["optimizer/m"].create_dataset("0.bias", data=np.zeros(1, np.float32)),
+                f["optimizer/m/0.bias"].attrs.create(
+                    "crc32", checkpoint.crc32(np.zeros(1, np.float32)))),
+     "optimizer/m/0.bias is float32 (1,), its parameter float32 (4,)"),
+])
+def test_optimizer_state_that_does_not_match_the_parameters_is_damage(tmp_path, damage, why):
+    import re
+
+    path, _ = checkpoint.save(str(tmp_path), make_state())
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    with pytest.raises(CheckpointError, match="damaged: " + re.escape(why)):
+        checkpoint.load(path)
+    state, rows = checkpoint.inspect(path)
+    assert ("consistency", (), "check", False) in rows

@@ -96,7 +96,7 @@ def test_an_exception_on_one_rank_aborts_the_whole_job():
 def test_info(tmp_path):
     result = run_mpi(2, ["-m", "mpitrain", "info"])
     assert result.returncode == 0, result.stderr
-    per_rank = max(1, len(os.sched_getaffinity(0)) // 2)  # this machine's cores, 2 ranks
+    per_rank = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores here, shared by 2 ranks
     for key in ("MPI library", "ranks             2 on 1 node",
                 f"threads per rank  {per_rank} (", "h5py", "h5py with MPI"):
         assert key in result.stdout

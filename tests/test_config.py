@@ -144,3 +144,23 @@ def test_the_command_line_names_flags_and_toml_keys(tmp_path):
         parse("--config", str(path))
     assert f"{path}: key 'keep_last' 4 does not apply: it prunes checkpoints; no --ckpt-dir" \
         in str(info.value)
+
+
+def test_a_flag_given_that_does_not_apply_is_refused_even_at_its_default():
+    with pytest.raises(MpitrainError, match=r"^--momentum 0.9 does not apply"):
+        parse("--optimizer", "adam", "--momentum", "0.9")
+    with pytest.raises(MpitrainError, match=r"^--schedule '1f1b' does not apply"):
+        parse("--schedule", "1f1b")
+    Config(optimizer="adam", momentum=0.9)  # in code a default is not "given"
+
+
+@pytest.mark.parametrize("key", ["data", "ckpt_dir", "run_dir", "log", "resume"])
+def test_an_empty_path_is_refused(key):
+    with pytest.raises(ConfigError, match=rf"{key}: expected a path or value"):
+        Config(**{key: ""})
+
+
+def test_a_drill_that_cannot_fire_is_refused():
+    with pytest.raises(ConfigError, match="fault 'ckpt-kill:step=3' does not apply: it kills "
+                                          "the writer of a checkpoint; no ckpt_dir is given"):
+        Config(fault="ckpt-kill:step=3")

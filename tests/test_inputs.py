@@ -41,7 +41,9 @@ def test_a_second_job_on_a_checkpoint_directory_is_refused_and_touches_nothing(s
         second = run_train(2, "--data", small_data, "--ckpt-dir", ckpt, *ARGS, "--steps", "10",
                            timeout=60)
         one_error(second, f"{ckpt}: the checkpoint directory is in use by another job (host ")
-        assert f"pid {first.pid}" not in second.stderr  # the holder is rank 0, not mpiexec
+        holder = json.loads((ckpt / ".mpitrain.lock").read_text())  # rank 0 of the first
+        assert f"pid {holder['pid']}, since {holder['since']}" in second.stderr
+        os.kill(holder["pid"], 0)  # alive: the named holder is the running job
         assert sorted(os.listdir(ckpt)) == before
         first.send_signal(signal.SIGUSR1)  # the first job checkpoints and stops
         out, err = first.communicate(timeout=60)

@@ -178,9 +178,16 @@ def test_overlapped_buckets_give_the_bits_of_the_same_buckets_after_backward(
     # 64-byte buckets: some start half-way through a weight; the ring without a helper
     # thread sums each one at once, so a gradient written after it was reported would show.
     common = dict(allreduce=allreduce, bucket_mb=64 / 2 ** 20)
-    later = trained(small_data, overlap=False, **common)
+    from mpitrain.comm.exchange import Exchange
+
+    with monkeypatch.context() as m:  # every bucket started after backward, by the same calls
+        m.setattr(Exchange, "ready", lambda self, offset: None)
+        later = trained(small_data, overlap=True, progress=progress, **common)
     overlapped = trained(small_data, overlap=True, progress=progress, **common)
     agree(comm, np.array_equal(later, overlapped), "overlap changes no bit")
+    blocking = trained(small_data, overlap=False, **common)  # blocking calls: Allreduce
+    if comm.size == 2 or progress == "thread" or allreduce != "mpi":
+        agree(comm, np.array_equal(blocking, overlapped), "the same bits as no overlap")
     whole = trained(small_data, allreduce=allreduce, bucket_mb=0)
     if comm.size == 2:
         agree(comm, np.array_equal(whole, overlapped), "bitwise at 2 ranks")
@@ -270,3 +277,20 @@ def test_shm_across_nodes_trains_like_mpi(small_data, monkeypatch):
     agree(comm, np.allclose(losses_mpi, losses_shm, rtol=1e-4), "losses match")
     agree(comm, len(set(comm.allgather(with_shm.model.params.tobytes()))) == 1,
           "both nodes' copies agree")
+
+
+def test_a_node_that_lacks_the_memory_stops_every_rank_with_its_reason(small_data,
+                                                                      monkeypatch):
+    """Nodes differ: the one whose memory is short decides, and every rank hears it."""
+    import mpitrain.run.build as build_module
+
+    comm = MPI.COMM_WORLD
+    if comm.rank == comm.size - 1:
+        monkeypatch.setattr(build_module, "node_memory", lambda: 1000)
+    try:
+        build(Config(data=small_data, hidden=[8]), comm)
+        message, everywhere = "built", False
+    except MpitrainError as exc:
+        message, everywhere = str(exc), exc.everywhere
+    agree(comm, everywhere and "the model does not fit in memory" in message
+          and "which has 1.0 kB" in message, f"agreed refusal, got {message!r}")

@@ -21,8 +21,11 @@ backward has made it final::
     ex.update(optimizer)         # the optimizer applied to the sums (sharded: by shares)
     ex.close()
 
-Without overlap the same buckets are summed after backward, so both paths
-give the same bits.  How an overlapped exchange moves (``progress``):
+Without overlap the same buckets are summed after backward, so overlap
+changes no bit: with ``progress="thread"`` by the very same calls; with
+``"test"`` or ``"none"`` by ``Iallreduce`` where the blocking path calls
+``Allreduce``, which MPICH reduces alike but the standard does not promise
+beyond two ranks.  How an overlapped exchange moves (``progress``):
 
 - ``thread``: a helper thread owns the exchange: it runs the ring, or MPI's
   Allreduce, while the main thread computes (numpy and MPI release the GIL);

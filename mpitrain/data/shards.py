@@ -134,6 +134,10 @@ class Shards:
                              _Column(dataset(f, e.y, path), path, self.cache))
         return self._open[k]
 
+    def chunked(self) -> bool:
+        """Whether any entry's ``x`` is stored in chunks (read chunk by chunk)."""
+        return any(self._columns(k)[0].chunk_rows for k in range(len(self.entries)))
+
     def blocks(self) -> List[int]:
         """The split's rows cut where chunks of ``x`` begin and end, in global id order:
         the units a chunk-aware sampler shuffles (a contiguous dataset is one block per

@@ -117,6 +117,22 @@ def _host() -> str:
     return socket.gethostname().replace("/", "_") or "localhost"
 
 
+def _complete(state: "State") -> Optional[str]:
+    """Why ``state``'s optimizer arrays do not match its parameters one for one, or None."""
+    for key, named in state.optimizer_state.items():
+        for name, p in state.params.items():
+            a = named.get(name)
+            if a is None:
+                return f"optimizer/{key}/{name} is missing"
+            if a.shape != p.shape or a.dtype != p.dtype:
+                return (f"optimizer/{key}/{name} is {a.dtype} {a.shape}, its parameter "
+                        f"{p.dtype} {p.shape}")
+        extra = sorted(set(named) - set(state.params))
+        if extra:
+            return f"optimizer/{key} holds {extra[0]!r}, which is no parameter"
+    return None
+
+
 def _consistent(state: "State") -> Optional[str]:
     """Why ``state``'s step disagrees with its optimizer or sampler, or None."""
     steps = state.optimizer.get("steps")
@@ -188,11 +204,7 @@ def save(directory: str, state: State, *,
                 pass
             estimate = (sum(a.nbytes for _, a in datasets) + 8192 * len(datasets)
                         + sum(len(str(v)) for v in attrs.values()) + (1 << 20))
-            fd = os.open(tmp, os.O_RDWR)
-            try:
-                os.posix_fallocate(fd, 0, estimate)
-            finally:
-                os.close(fd)
+            _reserve(tmp, estimate)
             with h5py.File(tmp, "r+", locking=False, libver="v110") as f:
                 for key, value in attrs.items():
                     f.attrs[key] = value
@@ -225,6 +237,23 @@ def save(directory: str, state: State, *,
                                    f"{state.step}: {failure}; the earlier checkpoints "
                                    "are intact")
     return final, os.path.getsize(final)
+
+
+def _reserve(path: str, nbytes: int) -> None:
+    """Reserve ``nbytes`` for file ``path`` where the system can (posix_fallocate): a full
+    disk then fails here.  Where it cannot (no such call, or a file system without it),
+    nothing is reserved and HDF5's own writes meet any shortage."""
+    reserve = getattr(os, "posix_fallocate", None)
+    if reserve is None:  # macOS
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        reserve(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _remove_quietly(path: str) -> None:
@@ -315,7 +344,8 @@ def _read(path: str, strict: bool):
                           sampler=meta["sampler"], rng=meta["rng"],
                           mpitrain_version=attrs["mpitrain_version"],
                           task=meta.get("task") or {})
-            why = _consistent(state)
+            why = _consistent(state) or _complete(state)
+            rows.append(("consistency", (), "check", why is None))
             if why and strict:
                 raise CheckpointError(f"{path}: damaged: {why}")
             return state, rows

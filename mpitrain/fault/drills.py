@@ -46,6 +46,10 @@ class Faults:
             if keys.pop("attempt", self.attempt) == self.attempt:
                 self.plans.append((action, keys))
 
+    def ranks(self) -> List[int]:
+        """The ranks the planned faults name."""
+        return sorted({keys["rank"] for _, keys in self.plans if "rank" in keys})
+
     @property
     def attempt(self) -> int:
         """Which launch of the job this is (1 for the first)."""

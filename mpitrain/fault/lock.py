@@ -26,7 +26,7 @@ import os
 import socket
 from typing import Dict, Optional
 
-from ..runtime import MpitrainError, literal
+from ..runtime import MpitrainError
 
 __all__ = ["DirectoryLock", "LockHeld"]
 
@@ -96,9 +96,13 @@ class DirectoryLock:
                 os.close(fd)
                 continue
             note = self._take_over(fd, _read(fd))
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(self._mine()) + "\n").encode(), 0)
-            os.fsync(fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, (json.dumps(self._mine()) + "\n").encode(), 0)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)  # and with it the flock
+                raise
             self._fd = fd
             return note
         raise MpitrainError(f"{self.path}: could not take the lock (it kept changing)")
@@ -110,9 +114,9 @@ class DirectoryLock:
 
     def _held(self, holder: Dict[str, object]) -> str:
         who = describe(holder) if holder else "a process that has not written its record yet"
-        return (f"{literal(self.directory)}: the checkpoint directory is in use by another job "
-                f"({literal(who)}); give this run another checkpoint directory, or wait "
-                "for that job to end")
+        return (f"{self.directory}: the checkpoint directory is in use by another job "
+                f"({who}); give this run another checkpoint directory, or wait for that job "
+                "to end")
 
     def _take_over(self, fd: int, record: Dict[str, object]) -> Optional[str]:
         """Decide about the record left in the file (we hold the flock, if any)."""
@@ -129,9 +133,9 @@ class DirectoryLock:
             return f"took over the lock of an earlier run of this job ({describe(record)})"
         os.close(fd)
         raise LockHeld(
-            f"{literal(self.directory)}: the checkpoint directory is locked by a job on "
-            f"another host ({literal(describe(record))}), which cannot be checked from here; "
-            f"if that job is gone, remove {literal(self.path)}")
+            f"{self.directory}: the checkpoint directory is locked by a job on another host "
+            f"({describe(record)}), which cannot be checked from here; if that job is gone, "
+            f"remove {self.path}")
 
     def release(self) -> None:
         """Remove the lock file and let go of the lock (local, not collective)."""

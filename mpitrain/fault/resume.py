@@ -61,30 +61,42 @@ class Checkpoints:
                 raise ConfigError(f"{{ckpt_dir}} {literal(d)}: cannot take its lock: "
                                   f"{literal(os_reason(exc))}") from None
             self.lock = lock
-            probe = os.path.join(d, f".probe-{os.getpid()}")
-            try:  # a file must be creatable, writable and durable here
-                with open(probe, "wb") as f:
-                    f.write(b"mpitrain checks this directory takes checkpoints\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.remove(probe)
-            except OSError as exc:
-                lock.release()
+            try:
+                return self._probe(d, lock, note)
+            except BaseException:
+                lock.release()  # nothing of this run is in the directory: let it go
                 self.lock = None
-                try:
-                    os.remove(probe)
-                except OSError:
-                    pass
-                raise ConfigError(f"{{ckpt_dir}} {literal(d)}: cannot write checkpoints "
-                                  f"there: {literal(os_reason(exc))}") from None
-            notes = [f"checkpoint directory {d}: locked ({lock.path})"]
-            if note:
-                notes.append(note)
-            notes += [f"removed {path}: the leftover of an interrupted checkpoint write"
-                      for path in checkpoint.clean_leftovers(d)]
-            return notes
+                raise
 
         return on_root(self.comm, prepare)
+
+    def _probe(self, d: str, lock: DirectoryLock, note: Optional[str]) -> List[str]:
+        """Check that ``d`` takes a durable file; remove the leftovers; return notes."""
+        probe = os.path.join(d, f".probe-{os.getpid()}")
+        try:  # a file must be creatable, writable and durable here
+            with open(probe, "wb") as f:
+                f.write(b"mpitrain checks this directory takes checkpoints\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.remove(probe)
+        except OSError as exc:
+            try:
+                os.remove(probe)
+            except OSError:
+                pass
+            raise ConfigError(f"{{ckpt_dir}} {literal(d)}: cannot write checkpoints "
+                              f"there: {literal(os_reason(exc))}") from None
+        notes = [f"checkpoint directory {d}: locked ({lock.path})"]
+        if note:
+            notes.append(note)
+        try:
+            removed = checkpoint.clean_leftovers(d)
+        except OSError as exc:
+            raise ConfigError(f"{{ckpt_dir}} {literal(d)}: cannot remove the leftovers of "
+                              f"interrupted writes: {literal(os_reason(exc))}") from None
+        notes += [f"removed {path}: the leftover of an interrupted checkpoint write"
+                  for path in removed]
+        return notes
 
     def close(self) -> None:
         """Let go of the directory's lock (local: safe on an error path too)."""

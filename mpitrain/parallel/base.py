@@ -175,11 +175,13 @@ class TrainerBase:
         if state.task and state.task != self.task.describe():
             return (f"written for the task {state.task}, this run's data is "
                     f"{self.task.describe()} (check {{data}})")
-        for key, value in self.sampler.meta().items():
-            if state.sampler.get(key) != value:
-                what = {"samples": "training samples in {data}"}.get(key, "{" + key + "}")
-                return (f"written with {what} {state.sampler.get(key)}, this run has {value}: "
-                        "the sample order would differ")
+        mine = self.sampler.meta()
+        for key in sorted(set(mine) | set(state.sampler)):
+            if state.sampler.get(key) != mine.get(key):
+                what = {"samples": "training samples in {data}",
+                        "blocks": "the chunk layout of {data}"}.get(key, "{" + key + "}")
+                return (f"written with {what} {state.sampler.get(key)}, this run has "
+                        f"{mine.get(key)}: the sample order would differ")
         return None
 
     def restore(self, state: Optional[State]) -> None:

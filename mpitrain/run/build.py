@@ -40,17 +40,22 @@ def open_data(cfg: Config, comm: MPI.Comm, replicas: int) -> Tuple[Manifest, Sha
     ``replicas``: how many parts each global batch is cut into."""
     who = "ranks" if cfg.pp == 1 else "data-parallel replicas"
     root = cfg.data or builtin_dataset(comm)
-    m = agreed(comm, lambda: read_manifest(root))  # a node may see another file system
-    n_train = m.rows("train")
-    if n_train < replicas:
-        raise MpitrainError(f"{m.path}: {n_train} training samples for {replicas} {who}; "
-                            "need at least one each", everywhere=True)
-    if cfg.batch_size < replicas:
-        raise ConfigError(f"{{batch_size}} {cfg.batch_size} is smaller than the {replicas} "
-                          f"{who}; each needs at least one sample", everywhere=True)
-    if cfg.batch_size > n_train:
-        raise ConfigError(f"{{batch_size}} {cfg.batch_size} is larger than the {n_train} "
-                          f"training samples of {literal(root)}", everywhere=True)
+
+    def manifest() -> Manifest:  # each rank's view: a node may see another file system
+        m = read_manifest(root)
+        n_train = m.rows("train")
+        if n_train < replicas:
+            raise MpitrainError(f"{m.path}: {n_train} training samples for {replicas} {who}; "
+                                "need at least one each")
+        if cfg.batch_size < replicas:
+            raise ConfigError(f"{{batch_size}} {cfg.batch_size} is smaller than the "
+                              f"{replicas} {who}; each needs at least one sample")
+        if cfg.batch_size > n_train:
+            raise ConfigError(f"{{batch_size}} {cfg.batch_size} is larger than the {n_train} "
+                              f"training samples of {literal(root)}")
+        return m
+
+    m = agreed(comm, manifest)
     check_dataset(m, comm, full=cfg.check_data == "full")
     cache = int(cfg.cache_mb * 2 ** 20)
     train = Shards(m, "train", cfg.dtype, cache_bytes=cache)
@@ -64,7 +69,7 @@ def task_and_loss(cfg: Config, m: Manifest):
     name = task.losses[0] if cfg.loss == "auto" else cfg.loss
     if name not in task.losses:
         raise ConfigError(f"{{loss}} {name} does not fit the data's task, {task.name} (it "
-                          f"takes {', '.join(task.losses)})", everywhere=True)
+                          f"takes {', '.join(task.losses)})")
     return task, make_loss(name)
 
 
@@ -104,6 +109,12 @@ def check_memory(cfg: Config, comm: MPI.Comm, layers, stages) -> None:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     here = node.Get_size()
     node.Free()
+    agreed(comm, lambda: _fits(cfg, counts, itemsize, arrays, per_rank, here))
+
+
+def _fits(cfg: Config, counts, itemsize: int, arrays: int, per_rank: int, here: int) -> None:
+    """This node's verdict (nodes differ in memory and ranks): ConfigError if it does not
+    fit."""
     have = node_memory()
     if per_rank * here > have:
         what = f"{max(counts):,} parameters" + (" in the largest stage" if len(counts) > 1
@@ -113,20 +124,21 @@ def check_memory(cfg: Config, comm: MPI.Comm, layers, stages) -> None:
             f"(parameters, gradients, the exchange buffer and {cfg.optimizer}'s state) and "
             f"the activations need {_size(per_rank)} per rank, {_size(per_rank * here)} for "
             f"the {here} ranks on this node, which has {_size(have)}: choose a smaller "
-            "{hidden} (or check the data's features and classes)", ["hidden"],
-            everywhere=True)
+            "{hidden} (or check the data's features and classes)", ["hidden"])
 
 
 def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
     """Check the data and make the grid, model, optimizer and trainer (collective)."""
     grid = make_grid(comm, cfg.pp)
     m, train, val = open_data(cfg, comm, grid.dp)
-    task, loss = task_and_loss(cfg, m)
+    task, loss = agreed(comm, lambda: task_and_loss(cfg, m))
     layers = mlp(int(np.prod(m.features)), cfg.hidden, task.outputs, cfg.activation)
     stages = (stage_ranges(layers, cfg.pp, cfg.stage_layers) if cfg.pp > 1
               else [(0, len(layers))])
     check_memory(cfg, comm, layers, stages)
-    sampler = Sampler(len(train), cfg.batch_size, cfg.seed, cfg.drop_last)
+    chunks = cfg.shuffle == "chunks" or (cfg.shuffle == "auto" and train.chunked())
+    sampler = Sampler(len(train), cfg.batch_size, cfg.seed, cfg.drop_last,
+                      blocks=train.blocks() if chunks else None, window=cfg.shuffle_window)
     opt_args = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     trainer: TrainerBase
     if cfg.pipelined():

@@ -16,7 +16,7 @@ from ..fault.drills import Faults
 from ..fault.preemption import Preemption
 from ..fault.resume import Checkpoints
 from ..fault.watchdog import Watchdog
-from ..runtime import EXIT_PREEMPTED
+from ..runtime import EXIT_PREEMPTED, ConfigError, literal, on_root
 from .build import build
 from .metrics import Meter, Reporter, banner, summarize, summary_line
 from .rundir import open_run_dir
@@ -35,6 +35,9 @@ def _is_eval_step(cfg: Config, done: int, steps_per_epoch: int, total: int) -> b
 def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str, Any]:
     """Train as ``cfg`` says on the ranks of ``comm``; return the summary (on every rank)."""
     faults = Faults(cfg.fault)
+    if faults.ranks() and faults.ranks()[-1] >= comm.size:
+        raise ConfigError(f"{{fault}} {literal(cfg.fault)}: names rank {faults.ranks()[-1]}, "
+                          f"and the job has {comm.size} ranks", everywhere=True)
     ckpts = Checkpoints(comm, cfg.ckpt_dir, every=cfg.ckpt_every, keep_last=cfg.keep_last,
                         resume=cfg.resume, config=cfg.to_dict(), faults=faults)
     notes = ckpts.open()  # its lock first: a second job on the directory touches nothing
@@ -55,6 +58,7 @@ def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Chec
     report = Reporter(comm.rank == 0, cfg.log, total, out,
                       run_dir=open_run_dir(cfg.to_dict(), comm), quiet=cfg.quiet,
                       headline=headline)
+    on_root(comm, report.open_logs)
     for line in banner(cfg, trainer, m, comm.size, total, report.run_dir) + notes:
         report.say(line)
     ckpts.say = report.say
@@ -117,7 +121,8 @@ def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Chec
         report.say(summary_line(summary, headline), always=True)
     if preempted:
         report.say(f"stopped at step {end} on {signal_name or 'a signal to another rank'}; "
-                   f"exit status {EXIT_PREEMPTED}: relaunch with --resume auto to continue",
+                   f"exit status {EXIT_PREEMPTED}: relaunch (resume auto, the default) to "
+                   "continue",
                    always=True)
     report.close()
     trainer.close_data()

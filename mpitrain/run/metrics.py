@@ -73,19 +73,28 @@ class Reporter:
         self.live = _live_stream(out) if enabled and not quiet else None
         self._last_live = 0.0
         self.logs: List[TextIO] = []
-        if enabled:
-            paths = [os.path.join(run_dir, "metrics.jsonl")] if run_dir else []
-            paths += [log_path] if log_path else []
-            for path in paths:
-                try:
-                    if os.path.dirname(path):
-                        os.makedirs(os.path.dirname(path), exist_ok=True)
-                    # Appended, never truncated: a resumed run continues the same file.
-                    self.logs.append(open(path, "a", encoding="utf-8"))
-                except OSError as exc:
-                    from ..runtime import MpitrainError
+        self.log_path = log_path
 
-                    raise MpitrainError(f"{path}: cannot write the metrics: {exc}") from None
+    def open_logs(self) -> None:
+        """Open (for appending) ``run_dir/metrics.jsonl`` and the ``log`` file: on the
+        enabled rank; call it through ``runtime.on_root`` so every rank learns of a
+        failure."""
+        from ..runtime import ConfigError, literal
+
+        if not self.enabled:
+            return
+        paths = [(os.path.join(self.run_dir, "metrics.jsonl"), "{run_dir}")] if self.run_dir \
+            else []
+        paths += [(self.log_path, "{log}")] if self.log_path else []
+        for path, param in paths:
+            try:
+                if os.path.dirname(path):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                # Appended, never truncated: a resumed run continues the same file.
+                self.logs.append(open(path, "a", encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"{param} {literal(path)}: cannot write the metrics there: "
+                                  f"{literal(exc.strerror or str(exc))}") from None
 
     def say(self, text: str, always: bool = False) -> None:
         """Print one line (rank 0 only; not with --quiet unless ``always``)."""

@@ -34,7 +34,7 @@ from ...model.layers import Layer, Linear, saved_bytes
 from ...model.optim import make_optimizer
 from ...model.sequential import Sequential
 from ...model.tasks import Classification, Task
-from ...runtime import ConfigError
+from ...runtime import ConfigError, agreed
 from ..base import TrainerBase
 from .partition import stage_ranges
 from .schedules import MAX_MICROBATCHES, SCHEDULES, peak_alive, schedule
@@ -96,8 +96,11 @@ class PipelineTrainer(TrainerBase):
         self.optimizer = make_optimizer(optimizer_name, self.model.params, self.model.grads,
                                         **opt_args)
         # The stage's gradients are summed over its replicas after its last backward pass.
-        self.exchange = Exchange(grid.dp_comm, self.model.size, self.model.dtype,
-                                 algorithm=allreduce, overlap=False, wire=grad_dtype)
+        # Agreed over the world: a stage whose exchange is refused (shm with unequal
+        # ranks per node) must not leave the other stages in their next collective.
+        self.exchange = agreed(grid.world, lambda: Exchange(
+            grid.dp_comm, self.model.size, self.model.dtype, algorithm=allreduce,
+            overlap=False, wire=grad_dtype))
         self.check_replicas()
         self.exchange.adopt(self.model, self.optimizer)
         self.metrics = np.zeros(2 + task.width)  # loss sum, stop, task sums; over the world

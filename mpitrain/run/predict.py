@@ -1,0 +1,200 @@
+"""Using a trained checkpoint: ``load_model``, and the ``predict`` and ``evaluate`` commands.
+
+``load_model(CKPT)`` rebuilds the network from the checkpoint's configuration
+and parameters (checksums verified) and returns a ``Model``: ``model(x)``
+gives the task's predictions for inputs x (n, *features): class
+probabilities (classification), values in the targets' own units
+(regression: the standardisation undone), label probabilities (multilabel);
+``model.predict(x)`` gives everything a prediction holds, by name.
+
+``predict`` runs on every rank: each predicts its contiguous slice of the
+rows, sends it to rank 0, which writes ``PRED.h5`` in input order (one row
+per input row) under a temporary name, renamed when complete; an existing
+file is never overwritten.  ``evaluate`` computes the task's metrics over a
+split, exactly (float64 sums over the ranks).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import numpy as np
+from mpi4py import MPI
+
+from ..balance import rank_slice
+from ..data.hdf5 import dataset, open_h5
+from ..data.manifest import read_manifest
+from ..data.shards import Shards
+from ..fault.checkpoint import State, load
+from ..model.layers import mlp
+from ..model.losses import make_loss
+from ..model.sequential import Sequential
+from ..model.tasks import Classification, Task, make_task
+from ..runtime import MpitrainError, agreed, on_root
+
+__all__ = ["Model", "load_model", "predict", "evaluate"]
+
+TAG_ROWS = 32000  # point-to-point tag of the predictions sent to rank 0
+
+
+class Model:
+    """A trained network and its task: ``model(x)`` predicts (see the module)."""
+
+    def __init__(self, network: Sequential, task: Task, state: State):
+        self.network, self.task, self.state = network, task, state
+        first = network.layers[0].shapes()["weight"]  # (out, in)
+        self.in_features = first[1]
+
+    def _outputs(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        flat = x.reshape(len(x), -1).astype(self.network.dtype, copy=False)
+        if flat.shape[1] != self.in_features:
+            raise MpitrainError(f"expected {self.in_features} features per sample, got "
+                                f"{flat.shape[1]} (inputs of shape {x.shape})")
+        return self.network(flat)
+
+    def predict(self, x: np.ndarray) -> Dict[str, np.ndarray]:
+        """Everything a prediction holds for inputs ``x`` (n, *features), by name."""
+        return self.task.predict(self._outputs(x))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The task's prediction: probabilities, or values in the targets' units."""
+        got = self.predict(x)
+        return got["probabilities"] if "probabilities" in got else got["value"]
+
+
+def load_model(path: str) -> Model:
+    """The model of checkpoint ``path``, ready for ``model(x)`` (no MPI needed)."""
+    state = load(path)
+    cfg = state.config
+    shapes = {n: a.shape for n, a in state.params.items()}
+    features = shapes["0.weight"][1]
+    last = max(int(n.split(".")[0]) for n in shapes)
+    outputs = shapes[f"{last}.weight"][0]
+    layers = mlp(features, list(cfg.get("hidden", [])), outputs, cfg.get("activation", "relu"))
+    network = Sequential(layers, dtype=cfg.get("dtype", "float32"))
+    mine = network.named_params()
+    if set(mine) != set(state.params) or any(mine[n].shape != state.params[n].shape
+                                              for n in mine):
+        raise MpitrainError(f"{path}: its parameters do not fit the model its configuration "
+                            f"describes (hidden {cfg.get('hidden')})")
+    for name, view in mine.items():
+        view[...] = state.params[name]
+    task = make_task(state.task) if state.task else Classification(outputs)
+    return Model(network, task, state)
+
+
+def _rows_of(data: str, x_key: Optional[str], split: Optional[str]):
+    """(read(lo, hi) -> x rows, row count, what they are) of a dataset split or a file."""
+    if os.path.isdir(data):
+        m = read_manifest(data)
+        split = split or ("val" if m.rows("val") else "train")
+        shards = Shards(m, split)
+        return (lambda lo, hi: shards.read_range(lo, hi)[0]), len(shards), \
+            f"{data} ({split} split)", shards.close
+    if not os.path.isfile(data):
+        raise MpitrainError(f"{data}: no such dataset directory or HDF5 file")
+    try:
+        f = open_h5(data)
+    except OSError as exc:
+        raise MpitrainError(f"{data}: not a readable HDF5 file: {str(exc).splitlines()[0]}") \
+            from None
+    ds = dataset(f, x_key or "x", data, "dataset (--x)")
+    return (lambda lo, hi: ds[lo:hi]), int(ds.shape[0]), f"{data}:{ds.name}", f.close
+
+
+def predict(checkpoint: str, data: str, out: str, comm: MPI.Comm, *,
+            x_key: Optional[str] = None, split: Optional[str] = None,
+            block: int = 4096) -> Dict[str, object]:
+    """Predict every row of ``data`` (a dataset directory's split, or an HDF5 file's
+    ``x_key`` dataset) with ``checkpoint`` into ``out`` (collective); return a summary."""
+    import h5py
+
+    def refuse_existing() -> None:
+        if os.path.exists(out):
+            raise MpitrainError(f"{out}: already exists; choose another --out (nothing was "
+                                "written)")
+
+    on_root(comm, refuse_existing)
+    model = agreed(comm, lambda: load_model(checkpoint))
+    read, n, what, close = agreed(comm, lambda: _rows_of(data, x_key, split))
+    rank, size = comm.Get_rank(), comm.Get_size()
+    lo, hi = rank_slice(n, rank, size)
+    try:
+        parts = [model.predict(read(a, min(hi, a + block))) for a in range(lo, hi, block)]
+        mine = agreed(comm, lambda: {k: np.concatenate([p[k] for p in parts])
+                                     if parts else None for k in _keys(model, parts)})
+    finally:
+        close()
+    names = sorted(mine)
+    spec = comm.bcast({k: (mine[k].dtype.str, mine[k].shape[1:]) for k in names}
+                      if rank == 0 and parts else None, root=0)
+    if rank != 0:
+        for k in names:
+            comm.Send(np.ascontiguousarray(mine[k]), dest=0, tag=TAG_ROWS)
+        return comm.bcast(None, root=0)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w", locking=False) as f:
+            sets = {k: f.create_dataset(k, (n, *spec[k][1]), dtype=np.dtype(spec[k][0]))
+                    for k in names} if spec else {}
+            for r in range(size):
+                a, b = rank_slice(n, r, size)
+                for k in names:
+                    if r == 0:
+                        got = mine[k]
+                    else:
+                        got = np.empty((b - a, *spec[k][1]), np.dtype(spec[k][0]))
+                        comm.Recv(got, source=r, tag=TAG_ROWS)
+                    if b > a:
+                        sets[k][a:b] = got
+            f.attrs["checkpoint"] = os.path.abspath(checkpoint)
+            f.attrs["data"] = what
+            f.attrs["task"] = model.task.name
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    summary = {"rows": n, "datasets": names, "out": out, "data": what}
+    return comm.bcast(summary, root=0)
+
+
+def _keys(model: Model, parts) -> list:
+    """The names a prediction of ``model`` holds (from a part, or from one sample's worth)."""
+    if parts:
+        return sorted(parts[0])
+    return sorted(model.task.predict(np.zeros((0, model.task.outputs),
+                                              model.network.dtype)))
+
+
+def evaluate(checkpoint: str, data: str, comm: MPI.Comm, split: str = "val",
+             block: int = 4096) -> Dict[str, object]:
+    """The task's metrics (and the loss) of ``checkpoint`` on ``split`` of the dataset
+    directory ``data``, summed exactly over the ranks (collective)."""
+    model = agreed(comm, lambda: load_model(checkpoint))
+    m = agreed(comm, lambda: read_manifest(data))
+    if not m.rows(split):
+        raise MpitrainError(f"{m.path}: no {split!r} split to evaluate (splits: "
+                            f"{', '.join(m.splits)})", everywhere=True)
+    if m.task != model.state.task and model.state.task:
+        raise MpitrainError(f"{checkpoint}: written for the task {model.state.task}, "
+                            f"{m.path} holds {m.task}", everywhere=True)
+    cfg_loss = model.state.config.get("loss", "auto")
+    loss = make_loss(model.task.losses[0] if cfg_loss in ("auto", None) else cfg_loss)
+    shards = Shards(m, split, model.network.dtype)
+    lo, hi = rank_slice(len(shards), comm.Get_rank(), comm.Get_size())
+    task = model.task
+    sums = np.zeros(1 + task.width)
+    try:
+        for a in range(lo, hi, block):
+            x, y = shards.read_range(a, min(hi, a + block))
+            out = model.network(x)
+            sums[0] += loss(out, task.targets(y, out.dtype), 1.0)[0]
+            sums[1:] += task.sums(out, y)
+    finally:
+        shards.close()
+    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+    n = m.rows(split)
+    return {"split": split, "samples": n, "loss": float(sums[0]) / n,
+            **task.summarize(sums[1:], n)}
