@@ -35,7 +35,7 @@ _API = {
     "RingAllreduce": "comm.ring", "ring_allreduce": "comm.ring",
     "ShmAllreduce": "comm.shm",
     "Trainer": "parallel.data_parallel", "PipelineTrainer": "parallel.pipeline.stage",
-    "build": "run.build", "train": "run.loop",
+    "build": "run.build", "train": "run.loop", "load_model": "run.predict",
     "Watchdog": "fault.watchdog",
     "State": "fault.checkpoint", "load_checkpoint": ("fault.checkpoint", "load"),
 }

@@ -6,6 +6,7 @@ ends the whole MPI job with the message printed once and a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -17,6 +18,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     from .config import add_arguments
+    from .data.manifest import TASKS
 
     p = argparse.ArgumentParser(
         prog="python -m mpitrain",
@@ -30,11 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(t)
 
     pr = sub.add_parser("prepare", help="write a sharded HDF5 dataset",
-                        description="Convert an .npz file (arrays x and y) or generate a "
-                                    "synthetic set, as HDF5 shards plus manifest.json.")
+                        description="Copy an .npz or HDF5 file (datasets x and y), streaming, "
+                                    "or generate a synthetic set, as HDF5 shards plus "
+                                    "manifest.json.")
     src = pr.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", metavar="FILE.npz", help="arrays x (samples, features) and "
-                                                         "y (samples,) integer labels")
+    src.add_argument("--input", metavar="FILE", help="an .npz or HDF5 file: x (samples, "
+                                                     "...) and y (samples, ...) targets")
     src.add_argument("--synthetic", action="store_true", help="a deterministic, learnable "
                                                               "classification set")
     pr.add_argument("--out", required=True, metavar="DIR", help="new dataset directory")
@@ -51,7 +54,54 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--features", type=int, default=784, metavar="F",
                     help="--synthetic: features per sample (default: 784)")
     pr.add_argument("--x-key", default="x", help="--input: array of samples (default: x)")
-    pr.add_argument("--y-key", default="y", help="--input: array of labels (default: y)")
+    pr.add_argument("--y-key", default="y", help="--input: array of targets (default: y)")
+    pr.add_argument("--task", default="auto", choices=("auto", *TASKS),
+                    help="--input: what the targets are (default: auto: integer labels are "
+                         "classification, other numbers regression)")
+
+    d = sub.add_parser("data", help="datasets: index your own HDF5 files in place",
+                       description="Work on datasets without copying them.")
+    dsub = d.add_subparsers(dest="data", metavar="ACTION", required=True)
+    ix = dsub.add_parser("index", help="write a manifest over HDF5 files, read in place",
+                         description="Write DIR/manifest.json referencing the files' own "
+                                     "datasets (any path, chunking, filter); nothing is "
+                                     "copied. The files must lie inside DIR.")
+    ix.add_argument("files", nargs="+", metavar="FILE.h5", help="the training files")
+    ix.add_argument("--out", metavar="DIR", help="the dataset directory (default: the files' "
+                                                  "common directory)")
+    ix.add_argument("--x", required=True, metavar="KEY", help="the features dataset, e.g. "
+                                                               "/features")
+    ix.add_argument("--y", required=True, metavar="KEY", help="the targets dataset")
+    split = ix.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                       help="a random share F of the rows (by blocks) for validation")
+    split.add_argument("--val", nargs="+", default=[], metavar="FILE.h5",
+                       help="whole files for validation")
+    ix.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    ix.add_argument("--task", default="auto", choices=("auto", *TASKS),
+                    help="what the targets are (default: auto)")
+    ix.add_argument("--classes", type=int, default=None, metavar="C",
+                    help="classification: number of classes (default: max label + 1)")
+
+    pd = sub.add_parser("predict", help="predict with a checkpoint, every rank a slice",
+                        description="Write one prediction per input row, in input order, to "
+                                    "a new HDF5 file: labels and probabilities, values in "
+                                    "the targets' units, or label probabilities.")
+    pd.add_argument("checkpoint", metavar="CKPT")
+    pd.add_argument("--data", required=True, metavar="DIR_OR_FILE.h5",
+                    help="a dataset directory (one split) or an HDF5 file")
+    pd.add_argument("--x", default=None, metavar="KEY", help="with a file: its features "
+                                                             "dataset (default: x)")
+    pd.add_argument("--split", default=None, help="with a directory: the split (default: "
+                                                  "val, else train)")
+    pd.add_argument("--out", required=True, metavar="PRED.h5", help="a new file")
+
+    ev = sub.add_parser("evaluate", help="a checkpoint's metrics on a dataset split",
+                        description="The loss and the task's metrics over a split, summed "
+                                    "exactly over the ranks.")
+    ev.add_argument("checkpoint", metavar="CKPT")
+    ev.add_argument("--data", required=True, metavar="DIR")
+    ev.add_argument("--split", default="val")
 
     i = sub.add_parser("inspect", help="show a checkpoint and verify its checksums",
                        description="Print a checkpoint's step, layout, parameters and whether "
@@ -95,10 +145,39 @@ def _prepare(args: argparse.Namespace) -> None:
                               args.seed, args.shards,
                               0.1 if args.val_fraction is None else args.val_fraction)
     else:
-        m = prepare.from_npz(args.input, args.out, args.shards, args.val_fraction or 0.0,
-                             args.seed, args.classes, args.x_key, args.y_key)
+        with open(args.input, "rb") if os.path.isfile(args.input) else open(os.devnull,
+                                                                           "rb") as f:
+            hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+        convert = prepare.from_hdf5 if hdf5 else prepare.from_npz
+        m = convert(args.input, args.out, args.shards, args.val_fraction or 0.0, args.seed,
+                    args.classes, args.x_key, args.y_key, args.task)
     splits = ", ".join(f"{s}: {m.rows(s)} rows in {len(f)} shards" for s, f in m.splits.items())
-    print(f"wrote {args.out}: {splits}; features {m.features}, {m.dtype}, {m.classes} classes")
+    print(f"wrote {args.out}: {splits}; features {m.features}, {m.dtype}, {_task_text(m)}")
+
+
+def _task_text(m) -> str:
+    if m.task["name"] == "classification":
+        return f"{m.classes} classes"
+    return f"{m.task['name']}, targets {tuple(m.targets['shape'])}"
+
+
+def _index(args: argparse.Namespace) -> None:
+    from .data.index import index_files
+
+    m = index_files(args.files, args.x, args.y, args.out, val_fraction=args.val_fraction,
+                    val_files=args.val, seed=args.seed, task=args.task, classes=args.classes)
+    splits = ", ".join(f"{s}: {m.rows(s)} rows in {len(e)} files" for s, e in m.splits.items())
+    print(f"wrote {m.path}: {splits}; features {m.features}, {m.dtype}, {_task_text(m)}; "
+          "the files are read in place")
+
+
+def _print_metrics(result: dict) -> None:
+    for key, value in result.items():
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        elif isinstance(value, list):
+            value = "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
+        print(f"{key:<20} {value}")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -183,6 +262,22 @@ def main(argv: Optional[List[str]] = None) -> None:
                 return EXIT_PREEMPTED
         elif args.command == "prepare":
             on_root(comm, lambda: _prepare(args))
+        elif args.command == "data":
+            on_root(comm, lambda: _index(args))
+        elif args.command == "predict":
+            from .run.predict import predict
+
+            got = predict(args.checkpoint, args.data, args.out, comm, x_key=args.x,
+                          split=args.split)
+            if comm.rank == 0:
+                print(f"wrote {got['out']}: {got['rows']} rows of {got['data']} "
+                      f"({', '.join(got['datasets'])})")
+        elif args.command == "evaluate":
+            from .run.predict import evaluate
+
+            result = evaluate(args.checkpoint, args.data, comm, args.split)
+            if comm.rank == 0:
+                _print_metrics(result)
         elif args.command == "plot":
             from .run.plot import default_out, plot_runs
 

@@ -142,11 +142,11 @@ class SlurmCluster:
         return env
 
     def run(self, *cmd: str, timeout: float = 30, check: bool = True,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
-        """A Slurm command, bounded in time."""
+            env: Optional[dict] = None, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+        """A Slurm command (run in ``cwd``, default the checkout), bounded in time."""
         try:
             done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                                  env=env or self.env(), cwd=str(ROOT))
+                                  env=env or self.env(), cwd=str(cwd or ROOT))
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{shlex.join(cmd)} did not answer within {timeout} s") from None
         if check and done.returncode != 0:
@@ -301,16 +301,19 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
     # -- jobs -----------------------------------------------------------------------------
     def sbatch(self, script: str, args: Iterable = (), ntasks: int = 2,
                sbatch_args: Sequence[str] = (), env: Optional[dict] = None,
-               output: Optional[Path] = None, time_limit: str = "10") -> str:
-        """Submit ``script`` (a path in the checkout) from the checkout; the job id.
+               output: Optional[Path] = None, time_limit: str = "10",
+               cwd: Optional[Path] = None) -> str:
+        """Submit ``script`` (a path in the checkout) from ``cwd`` (default: the
+        checkout); the job id.
 
         The job runs this Python's venv (first on PATH) and this checkout
-        (PYTHONPATH and the submit directory). Its output goes to ``output``
+        (PYTHONPATH), unless ``env`` says otherwise. Its output goes to ``output``
         (default: a file in this cluster's log directory)."""
         output = output or self.logs / "job-%j.out"
         cmd = ["sbatch", "--parsable", f"--ntasks={ntasks}", f"--time={time_limit}",
-               f"--output={output}", "--export=ALL", *sbatch_args, script, *map(str, args)]
-        done = self.run(*cmd, env=env or self.env(), timeout=30)
+               f"--output={output}", "--export=ALL", *sbatch_args, str(ROOT / script),
+               *map(str, args)]
+        done = self.run(*cmd, env=env or self.env(), timeout=30, cwd=cwd)
         return done.stdout.strip().split(";")[0]
 
     def show(self, job_id: str) -> Dict[str, str]:

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, clean_env, mpiexec, run_mpi, run_train
@@ -26,6 +27,19 @@ def test_digits_example_reaches_a_good_accuracy(tmp_path):
     assert len(line) == 1
     accuracy = float(line[0].split("validation accuracy ")[1].split()[0])
     assert accuracy > 0.9  # 10 classes: chance is 0.1
+
+
+@pytest.mark.parametrize("name,least_r2", [("diabetes", 0.4), ("linnerud", None)])
+def test_regression_examples_report_rmse_and_r2_beside_ridge(tmp_path, name, least_r2):
+    pytest.importorskip("sklearn", reason=f"examples/{name}.py needs scikit-learn")
+    result = run_mpi(2, [EXAMPLES / f"{name}.py", "--out", tmp_path / name], timeout=300)
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if x.startswith(f"{name}:")]
+    ours = float(line.split(", R2 ")[1].split()[0])
+    ridge = float(line.split("same split: RMSE ")[1].split("R2 ")[1])
+    assert "validation RMSE" in line and np.isfinite(ours) and np.isfinite(ridge)
+    if least_r2 is not None:  # 442 patients: a real signal; linnerud's 4 rows: noise
+        assert ours > least_r2, line
 
 
 def test_pipeline_example(small_data):
@@ -60,6 +74,17 @@ def test_plot_overlays_runs(tmp_path, small_data):
     assert default.returncode == 0 and (tmp_path / "a" / "plot.png").exists()
     missing = run_mpi(1, ["-m", "mpitrain", "plot", tmp_path / "nope"])
     assert missing.returncode == 2 and "nope: no such run directory" in missing.stderr
+
+
+def test_the_plot_has_a_panel_per_task_metric():
+    from mpitrain.run.plot import panels_for
+
+    classification = [{"step": 1, "loss": 1, "accuracy": 0.5, "val_accuracy": 0.4}]
+    regression = [{"step": 1, "loss": 1, "rmse": 2.0, "mae": 1.0, "r2": 0.3}]
+    assert [k for k, _ in panels_for([classification])] == [
+        "loss", "val_loss", "accuracy", "samples_per_s"]
+    assert [k for k, _ in panels_for([classification, regression])] == [
+        "loss", "val_loss", "accuracy", "rmse", "mae", "r2", "samples_per_s"]
 
 
 def test_readme_api_example_runs(tmp_path, small_data):

@@ -163,7 +163,8 @@ def test_preemption_signal_through_mpiexec(small_data, tmp_path, signame):
 def test_watchdog_ends_a_job_with_a_stopped_rank(small_data, tmp_path, allreduce):
     result = train(4, small_data, tmp_path, "--fault", "stop:rank=1:step=12",
                    "--watchdog", "3", "--allreduce", allreduce, timeout=90)
-    assert result.returncode == 3, (result.returncode, result.stderr[-2000:])
+    # MPI_Abort(3); mpiexec may report instead the SIGKILL (9) it sends the stopped rank
+    assert result.returncode in (3, 9), (result.returncode, result.stderr[-2000:])
     assert result.stderr.count("mpitrain: watchdog: no progress for") == 1, (
         result.returncode, result.stdout[-800:], result.stderr)
     assert "at step 12: rank(s) [1] did not answer" in result.stderr

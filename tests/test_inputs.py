@@ -149,7 +149,7 @@ def test_bad_options_are_one_line_and_exit_2(small_data, args, text):
 def test_absurd_classes_in_a_manifest_are_named_with_the_memory_they_need(data_copy):
     path = os.path.join(data_copy, "manifest.json")
     meta = json.load(open(path))
-    meta["classes"] = 10 ** 12
+    meta["task"]["classes"] = 10 ** 12
     json.dump(meta, open(path, "w"))
     result = run_train(2, "--data", data_copy, "--steps", "5")
     one_error(result, "the model does not fit in memory: 257,000,000,069,120 parameters")

@@ -198,3 +198,39 @@ def test_a_job_past_its_deadline_is_cancelled_and_the_test_fails(slurm, tmp_path
     took(record_property, "a hung job cancelled at its 5 s deadline", time.monotonic() - t0)
     job_id = str(failed.value).split()[1]
     assert slurm.show(job_id).get("JobState") == "CANCELLED", slurm.show(job_id)
+
+
+@pytest.mark.timeout(SETUP_BUDGET + 150)
+def test_train_sbatch_submitted_from_anywhere_with_a_named_venv(slurm, small_data, tmp_path,
+                                                                reference, record_property):
+    """Submitted from a directory outside the checkout, with no venv on PATH: the script
+    activates MPITRAIN_VENV and writes its runs/ where it was submitted."""
+    import os
+    import sys
+    from pathlib import Path
+
+    elsewhere = tmp_path / "my-project"
+    elsewhere.mkdir()
+    venv = Path(sys.executable).parent.parent
+    env = slurm.env(MPITRAIN_VENV=str(venv))
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                  if not p.startswith(str(venv)))
+    args = [a for a, b in zip(ARGS, ARGS[1:] + [""]) if "--ckpt-every" not in (a, b)]
+    job = slurm.submit("slurm/train.sbatch", ["--data", small_data, *args],
+                       env=env, cwd=elsewhere, timeout=120)
+    took(record_property, "train.sbatch from outside the checkout", job.seconds)
+    ok(job)
+    assert "done: steps 1-60" in job.output
+    assert [p.name for p in (elsewhere / "runs").iterdir()], "the run directory is there"
+
+
+@pytest.mark.timeout(SETUP_BUDGET + 60)
+def test_a_missing_python_is_said_with_its_own_status(slurm, small_data, tmp_path,
+                                                      record_property):
+    job = slurm.submit("slurm/train.sbatch", ["--data", small_data],
+                       env=slurm.env(MPITRAIN_PYTHON="/nonexistent/python3"), cwd=tmp_path,
+                       timeout=60)
+    took(record_property, "train.sbatch with no usable python", job.seconds)
+    assert job.state == "FAILED" and job.exit_code == 69, f"{job}\n{job.output}"
+    assert ("train.sbatch: cannot run mpitrain: found /nonexistent/python3, which cannot "
+            "import mpitrain; looked at MPITRAIN_PYTHON (/nonexistent/python3)") in job.output

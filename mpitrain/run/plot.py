@@ -1,7 +1,10 @@
 """$ python -m mpitrain plot RUN_DIR_OR_LOG [...] [--out plot.png]
 
-Loss, validation accuracy and samples/s against step, for one run or
-several overlaid (one colour per run).  Needs matplotlib (the ``plot`` extra).
+Loss, validation loss, each task metric the runs logged (accuracy; RMSE,
+MAE and R²; F1), and samples/s against step, for one run or several overlaid:
+a run has the same colour in every panel; within a metric's panel the
+training batches are dashed, the validation split solid.  Needs matplotlib
+(the ``plot`` extra).
 """
 from __future__ import annotations
 
@@ -11,7 +14,11 @@ from typing import List, Sequence
 from .metrics import read_log
 from ..runtime import MpitrainError
 
-__all__ = ["plot_runs"]
+__all__ = ["plot_runs", "METRICS"]
+
+# The task metrics a panel each is drawn for, where the runs logged them.
+METRICS = {"accuracy": "accuracy (dashed: training batches)", "rmse": "RMSE", "mae": "MAE",
+           "r2": "R²", "f1": "F1 (mean over labels)"}
 
 
 def plot_runs(paths: Sequence[str], out: str) -> str:
@@ -35,25 +42,43 @@ def plot_runs(paths: Sequence[str], out: str) -> str:
         if not records:
             raise MpitrainError(f"{path}: no step records to plot")
         runs.append((path.rstrip("/"), records))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("loss", "loss (global batch)"), ("val_accuracy", "validation accuracy"),
-              ("samples_per_s", "samples/s")]
-    for ax, (key, title) in zip(axes, panels):
-        for label, records in runs:
-            points = [(r["step"], r[key]) for r in records if key in r]
-            if points:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if key == "val_accuracy" else None, markersize=3,
-                        label=label)
+    panels = panels_for([records for _, records in runs])
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for i, (label, records) in enumerate(runs):
+            colour = f"C{i % 10}"  # the run's colour, the same in every panel
+            keys = [(key, "-", "validation" if key.startswith("val_") else None)]
+            if key in METRICS:  # a task metric: the training batches dashed, validation solid
+                keys = [(key, "--", "train"), (f"val_{key}", "-", "validation")]
+            for k, style, part in keys:
+                points = [(r["step"], r[k]) for r in records
+                          if isinstance(r.get(k), (int, float))]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, style, color=colour, markersize=3,
+                            marker="o" if k.startswith("val_") else None,
+                            label=label if part in (None, "validation") else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[0].legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].set_yscale("log")
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def panels_for(runs: Sequence[List[dict]]) -> List[tuple]:
+    """(key, title) of each panel for runs' records: the losses, each task metric logged,
+    samples/s."""
+    metrics = [k for k in METRICS if any(k in r or f"val_{k}" in r for rs in runs for r in rs)]
+    return ([("loss", "loss"), ("val_loss", "validation loss")]
+            + [(k, METRICS[k]) for k in metrics] + [("samples_per_s", "samples/s")])
 
 
 def default_out(paths: List[str]) -> str:
