@@ -11,6 +11,7 @@ per rank.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Dict, List
@@ -54,7 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (cold caches, page faults)")
     p.add_argument("--repeats", type=int, default=3, help="samples per setting; medians reported")
     p.add_argument("--bucket-mb", type=float, default=None, help="override the bucket size")
-    p.add_argument("--data", default=None, help="dataset (default: the built-in set)")
+    p.add_argument("--data", default=None,
+                   help="dataset (default: the built-in set); several, compared interleaved: "
+                        "LABEL=DIR,LABEL=DIR")
     p.add_argument("--json", metavar="FILE", help="write the figures as a list of records")
 
 
@@ -101,7 +104,9 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     if unknown or any(not 1 <= c <= size for c in counts):
         raise MpitrainError(f"--variants must be of {', '.join(VARIANTS)} (got {unknown}) and "
                             f"--ranks within 1..{size} (got {counts})", everywhere=True)
-    data = args.data or builtin_dataset(comm)
+    datasets = [(part.split("=", 1) if "=" in part else (os.path.basename(part.rstrip("/")), part))
+                for part in (args.data or "").split(",") if part]
+    datasets = datasets or [("builtin", builtin_dataset(comm))]
     out = print if rank == 0 else (lambda *a, **k: None)
     out(f"# train: MLP {hidden}, {args.batch_per_rank} samples per rank, SGD; median of "
         f"{args.repeats} x {args.steps} steps; threads per rank {thread_report()}")
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     for _ in range(args.repeats):  # interleaved: every setting sees the same noise
         for n in counts:
             sub = subs[n]
-            for name in variants:
+            for name, (label, data) in [(v, d) for v in variants for d in datasets]:
                 extra = dict(VARIANTS[name])
                 if args.bucket_mb is not None:
                     extra["bucket_mb"] = args.bucket_mb
@@ -122,7 +127,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                     try:
                         got = _sample(cfg, sub, args.steps, args.warmup)
                         if rank == 0:
-                            samples.setdefault((n, name), []).append(got)
+                            samples.setdefault((n, name, label), []).append(got)
                     except MpitrainError as exc:  # agreed on `sub` only: tell the others
                         error = (exc.render(_bench_name) if isinstance(exc, ConfigError)
                                  else str(exc))
@@ -137,18 +142,22 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     if rank == 0:
         out(f"# {'ranks':>5} {'variant':<15} {'samples/s':>10} {'range':>17} {'efficiency':>10}"
             f" {'compute':>8} {'exchange':>8} {'data':>6}")
-        for name in variants:
-            base = statistics.median(s["samples_per_s"] for s in samples[(counts[0], name)])
+        for name, (label, _) in [(v, d) for v in variants for d in datasets]:
+            base = statistics.median(s["samples_per_s"]
+                                     for s in samples[(counts[0], name, label)])
             base *= 1 / counts[0]
+            shown = name if len(datasets) == 1 else f"{name} {label}"
             for n in counts:
-                got = samples[(n, name)]
+                got = samples[(n, name, label)]
                 sps = [s["samples_per_s"] for s in got]
                 med = {k: statistics.median(s[k] for s in got) for k in got[0]}
                 rec = {"ranks": n, "variant": name, **med,
                        "samples_per_s_min": min(sps), "samples_per_s_max": max(sps),
                        "efficiency": med["samples_per_s"] / (n * base)}
+                if len(datasets) > 1:
+                    rec["data"] = label
                 records.append(rec)
-                out(f"  {n:>5} {name:<15} {med['samples_per_s']:>10,.0f} "
+                out(f"  {n:>5} {shown:<15} {med['samples_per_s']:>10,.0f} "
                     f"{min(sps):>8,.0f}-{max(sps):<8,.0f} {rec['efficiency']:>10.2f} "
                     f"{med['share_compute']:>8.1%} {med['share_exchange']:>8.1%} "
                     f"{med['share_data']:>6.1%}", flush=True)

@@ -21,7 +21,10 @@ class Prefetcher:
     ``depth`` batches read ahead are used, then refills them.  One wake-up per
     step cost 2-3% of a step when a rank has a single core (the thread takes it
     from the computation); a burst pays that once per ``depth // 2`` steps.
-    ``depth`` defaults to 8 batches, fewer if that would exceed ``max_bytes``.
+    ``depth`` defaults to 8 batches (32 from chunked, compressed data, whose
+    chunks are decompressed in lumps as a shuffle window begins: a deeper
+    read-ahead spreads that work over more steps), fewer if that would exceed
+    ``max_bytes``.
     ``get`` must be called for each step in order; an error in the reader is
     raised there.
     """
@@ -32,10 +35,11 @@ class Prefetcher:
         import collections
         import threading
 
-        if depth is None:  # the largest local batch's rows, at most 8 of them in max_bytes
+        if depth is None:  # the largest local batch's rows, at most 8 (32) in max_bytes
             rows = -(-sampler.batch_size // max(1, size))
             row_bytes = math.prod(shards.features) * np.dtype(shards.dtype).itemsize
-            depth = int(min(8, max(2, max_bytes // max(1, rows * row_bytes))))
+            most = 32 if shards.chunked() else 8
+            depth = int(min(most, max(2, max_bytes // max(1, rows * row_bytes))))
         self.depth = max(2, depth)
         self._ready: "collections.deque" = collections.deque()  # (step, x, y, batch, error)
         self._cv = threading.Condition()
@@ -55,20 +59,20 @@ class Prefetcher:
                 if self._stopped:
                     return
                 room = self.depth - len(self._ready)
-            burst = []
             for k in range(step, min(stop, step + room)):
                 try:
                     ids, batch = sampler.local(k, rank, size)
-                    burst.append((k, *shards.read(ids), batch, None))
+                    item = (k, *shards.read(ids), batch, None)
                 except BaseException as exc:  # noqa: BLE001 - raised in the main thread
-                    burst.append((k, None, None, 0, exc))
-                    break
-            with self._cv:
-                self._ready.extend(burst)
-                self._cv.notify_all()
-            if burst[-1][-1] is not None:
-                return
-            step += len(burst)
+                    item = (k, None, None, 0, exc)
+                # Each batch is handed over as it is read: one slow to read (its chunks
+                # being decompressed) does not hold back those before it.
+                with self._cv:
+                    self._ready.append(item)
+                    self._cv.notify_all()
+                if item[-1] is not None:
+                    return
+            step += room
 
     def get(self, step: int) -> Tuple[np.ndarray, np.ndarray, int]:
         """(x, y, global batch size) of ``step``."""

@@ -64,7 +64,13 @@ class ChunkCache:
 
 
 class _Column:
-    """One dataset of one entry: rows by (sorted) row number, the fastest way."""
+    """One dataset of one entry: rows by (sorted) row number, the fastest way.
+
+    A chunked dataset that fits in what is left of the cache's budget is decoded
+    into one array of its full size, chunk by chunk as rows are asked for
+    (``full``; ``have`` says which chunks are in), so a row once decoded is read as
+    fast as from a memory map; a larger one goes through the chunk cache.
+    """
 
     def __init__(self, ds, path: str, cache: ChunkCache):
         self.ds, self.cache = ds, cache
@@ -72,12 +78,29 @@ class _Column:
         self.chunk_rows = ds.chunks[0] if self.view is None and ds.chunks else 0
         self.whole: Optional[np.ndarray] = None
         self.key = (path, ds.name)
+        self.full: Optional[np.ndarray] = None
+        if self.chunk_rows and ds.nbytes <= cache.budget - cache.held:
+            cache.held += ds.nbytes  # reserved for good
+            self.full = np.empty(ds.shape, ds.dtype)
+            self.have = np.zeros(-(-ds.shape[0] // self.chunk_rows), bool)
+
+    def _fill(self, rows: np.ndarray) -> None:
+        """Decode into ``full`` the chunks ``rows`` fall in that are not there yet."""
+        c = self.chunk_rows
+        for k in np.unique(rows // c)[~self.have[np.unique(rows // c)]]:
+            k = int(k)
+            self.full[k * c:(k + 1) * c] = self.ds[k * c:(k + 1) * c]
+            self.have[k] = True
+            self.cache.reads += 1
 
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """``ds[rows]`` for increasing row numbers ``rows``."""
         if self.view is not None:
             lo, hi = int(rows[0]), int(rows[-1]) + 1
             return self.view[lo:hi] if hi - lo == len(rows) else self.view[rows]
+        if self.full is not None:
+            self._fill(rows)
+            return self.full[rows]
         if self.chunk_rows:
             c = self.chunk_rows
             which = rows // c
@@ -133,6 +156,17 @@ class Shards:
             self._open[k] = (_Column(dataset(f, e.x, path), path, self.cache),
                              _Column(dataset(f, e.y, path), path, self.cache))
         return self._open[k]
+
+    def chunk_bytes(self) -> int:
+        """The largest decoded chunk of ``x`` (with its targets), in bytes; 0 if none."""
+        most = 0
+        for k in range(len(self.entries)):
+            x, y = self._columns(k)
+            if x.chunk_rows:
+                row = x.ds.dtype.itemsize * math.prod(x.ds.shape[1:])
+                row += y.ds.dtype.itemsize * math.prod(y.ds.shape[1:])
+                most = max(most, x.chunk_rows * row)
+        return most
 
     def chunked(self) -> bool:
         """Whether any entry's ``x`` is stored in chunks (read chunk by chunk)."""
@@ -193,7 +227,7 @@ class Shards:
 
     def close(self) -> None:
         """Close every open file and drop the cache."""
-        self._open.clear()  # drops the memory maps
+        self._open.clear()  # drops the memory maps and the decoded copies
         self.cache.clear()
         for f in self._files:
             f.close()

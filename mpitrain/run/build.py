@@ -137,6 +137,13 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
               else [(0, len(layers))])
     check_memory(cfg, comm, layers, stages)
     chunks = cfg.shuffle == "chunks" or (cfg.shuffle == "auto" and train.chunked())
+    window = train.chunk_bytes() * cfg.shuffle_window
+    if chunks and window > cfg.cache_mb * 2 ** 20:
+        raise ConfigError(f"{{shuffle_window}} {cfg.shuffle_window} chunks of "
+                          f"{train.chunk_bytes() / 2 ** 20:.1f} MiB need {window / 2 ** 20:.0f} "
+                          f"MiB of decoded chunks at once, more than {{cache_mb}} "
+                          f"{cfg.cache_mb:g}: every chunk would be decompressed again and "
+                          "again; give a larger cache or a smaller window", everywhere=True)
     sampler = Sampler(len(train), cfg.batch_size, cfg.seed, cfg.drop_last,
                       blocks=train.blocks() if chunks else None, window=cfg.shuffle_window)
     opt_args = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
