@@ -71,9 +71,9 @@ def run_train(n: int, *args, timeout: float = 120, env=None):
 
 def final(ckpt):
     """The newest checkpoint in directory ``ckpt``, loaded and verified."""
-    from mpitrain.fault import checkpoint
+    from mpitrain.fault import checkpoint, store
 
-    steps = checkpoint.listing(str(ckpt))
+    steps = store.listing(str(ckpt))
     assert steps, f"no checkpoint in {ckpt}"
     return checkpoint.load(steps[-1][1])
 

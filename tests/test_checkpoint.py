@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mpitrain.fault import checkpoint
+from mpitrain.fault import checkpoint, store
 from mpitrain.fault.checkpoint import CheckpointError, State
 
 
@@ -88,7 +88,7 @@ def test_every_attribute_is_covered_by_the_checksum(tmp_path, attr, value):
     with pytest.raises(CheckpointError, match="checksum of the metadata does not match"):
         checkpoint.load(path)
     warnings = []
-    assert checkpoint.newest_valid(str(tmp_path), warnings.append) is None
+    assert store.newest_valid(str(tmp_path), warnings.append) is None
     assert len(warnings) == 1 and "checksum of the metadata" in warnings[0]
 
 
@@ -106,7 +106,7 @@ def test_a_step_that_disagrees_with_its_own_state_is_damage(tmp_path, change, wh
     with pytest.raises(CheckpointError, match=f"damaged: {why}"):
         checkpoint.load(path)
     warnings = []
-    assert checkpoint.newest_valid(str(tmp_path), warnings.append) is None
+    assert store.newest_valid(str(tmp_path), warnings.append) is None
     assert why in warnings[0]
 
 
@@ -191,12 +191,12 @@ def test_newest_valid_skips_damaged_files_with_a_warning(tmp_path):
     with open(tmp_path / "ckpt-000000020.h5", "r+b") as fh:
         fh.truncate(1000)
     warnings = []
-    state, path = checkpoint.newest_valid(str(tmp_path), warnings.append)
+    state, path = store.newest_valid(str(tmp_path), warnings.append)
     assert state.step == 10 and path.endswith("ckpt-000000010.h5")
     assert len(warnings) == 2
     assert "ckpt-000000030.h5: checksum of optimizer/v/0.bias" in warnings[0]
     assert "ckpt-000000020.h5: unreadable" in warnings[1]
-    assert checkpoint.newest_valid(str(tmp_path / "empty"), warnings.append) is None
+    assert store.newest_valid(str(tmp_path / "empty"), warnings.append) is None
 
 
 def test_an_interrupted_write_leaves_no_file_and_the_older_one_intact(tmp_path):
@@ -235,11 +235,11 @@ def test_leftovers_of_writers_that_are_gone_are_cleaned_and_nothing_else(tmp_pat
         writing = f".ckpt-000000050.h5.tmp-{host}-{alive.pid}"  # a live writer here
         for name in gone + [writing, "notes.txt", "ckpt-x.h5"]:
             (tmp_path / name).write_text("x")
-        removed = checkpoint.clean_leftovers(str(tmp_path))
+        removed = store.clean_leftovers(str(tmp_path))
         assert sorted(removed) == sorted(str(tmp_path / n) for n in gone)
         assert sorted(os.listdir(tmp_path)) == sorted(["ckpt-000000010.h5", "ckpt-x.h5",
                                                        "notes.txt", writing])
-        assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10]
+        assert [s for s, _ in store.listing(str(tmp_path))] == [10]
     finally:
         alive.kill()
         alive.wait()
@@ -249,11 +249,11 @@ def test_prune_keeps_the_newest_and_never_the_written_one_or_later(tmp_path):
     for step in (10, 20, 30, 40, 50):
         checkpoint.save(str(tmp_path), make_state(step))
     # 50 exists from another timeline; we just wrote 30.
-    removed = checkpoint.prune(str(tmp_path), keep_last=2, written_step=30)
+    removed = store.prune(str(tmp_path), keep_last=2, written_step=30)
     assert [os.path.basename(p) for p in removed] == ["ckpt-000000010.h5"]
-    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [20, 30, 40, 50]
-    checkpoint.prune(str(tmp_path), keep_last=1, written_step=50)
-    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [50]
+    assert [s for s, _ in store.listing(str(tmp_path))] == [20, 30, 40, 50]
+    store.prune(str(tmp_path), keep_last=1, written_step=50)
+    assert [s for s, _ in store.listing(str(tmp_path))] == [50]
 
 
 @pytest.mark.parametrize("damage,why", [

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import clean_env, final, mpiexec, run_train, same_bits, scratch_dir
-from mpitrain.fault import checkpoint
+from mpitrain.fault import checkpoint, store
 
 STEPS = 60
 ARGS = ["--hidden", "16", "--batch-size", "64", "--steps", str(STEPS), "--ckpt-every", "10",
@@ -32,7 +32,7 @@ def reference(small_data, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("reference")
     result = train(4, small_data, ckpt)
     assert result.returncode == 0, result.stderr
-    assert [s for s, _ in checkpoint.listing(str(ckpt))] == [40, 50, 60]  # --keep-last 3
+    assert [s for s, _ in store.listing(str(ckpt))] == [40, 50, 60]  # --keep-last 3
     return final(ckpt)
 
 
@@ -41,7 +41,7 @@ def test_sigkill_of_a_rank_ends_the_job_and_a_relaunch_ends_bit_identical(
     killed = train(4, small_data, tmp_path, "--fault", "kill:rank=2:step=37")
     assert killed.returncode != 0  # mpiexec ends every rank when one dies
     assert "step 35/60" in killed.stdout and "step 40/60" not in killed.stdout
-    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10, 20, 30]
+    assert [s for s, _ in store.listing(str(tmp_path))] == [10, 20, 30]
     again = train(4, small_data, tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("resuming from") == 1 and "at step 30" in again.stdout
@@ -122,7 +122,7 @@ def test_preemption_signal_to_one_rank_checkpoints_everyone_at_the_same_step(
         small_data, tmp_path, reference):
     stopped = train(4, small_data, tmp_path, "--fault", "term:rank=3:step=23")
     assert stopped.returncode == 75, stopped.stderr
-    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10, 20, 23]
+    assert [s for s, _ in store.listing(str(tmp_path))] == [10, 20, 23]
     assert stopped.stdout.count("stopped at step 23") == 1
     again = train(4, small_data, tmp_path)
     assert again.returncode == 0 and "at step 23" in again.stdout
@@ -147,7 +147,7 @@ def test_preemption_signal_through_mpiexec(small_data, tmp_path, signame):
         proc.kill()
     assert proc.returncode == 75, err
     assert "stopped at step" in out and f"on {signame}" in out
-    [(step, path)] = checkpoint.listing(str(tmp_path))
+    [(step, path)] = store.listing(str(tmp_path))
     assert step >= 1
     # Continue a little past the stop, and compare with a run that never stopped.
     target = str(max(STEPS, step + 10))
@@ -199,7 +199,7 @@ def test_a_stop_at_the_last_step_is_just_the_end(small_data, tmp_path):
     result = train(2, small_data, tmp_path, "--fault", f"term:rank=1:step={STEPS}")
     assert result.returncode == 0, result.stderr
     assert "stopped at step" not in result.stdout and "done: steps 1-60" in result.stdout
-    assert checkpoint.listing(str(tmp_path))[-1][0] == STEPS
+    assert store.listing(str(tmp_path))[-1][0] == STEPS
 
 
 def test_local_relaunch_wrapper_survives_a_killed_rank(small_data, tmp_path):

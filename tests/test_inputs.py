@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import clean_env, mpiexec, run_mpi, run_train, scratch_dir
-from mpitrain.fault import checkpoint
+from mpitrain.fault import checkpoint, store
 
 ARGS = ["--hidden", "16", "--batch-size", "64", "--log-every", "5", "--optimizer", "adam",
         "--lr", "0.01"]
@@ -51,7 +51,7 @@ def test_a_second_job_on_a_checkpoint_directory_is_refused_and_touches_nothing(s
         first.kill()
     assert first.returncode == 75, err[-2000:]
     assert len((ckpt / "run.jsonl").read_text().splitlines()) == 1  # the first job's only
-    [(step, path)] = checkpoint.listing(str(ckpt))
+    [(step, path)] = store.listing(str(ckpt))
     assert checkpoint.load(path).step == step
     assert not os.path.exists(ckpt / ".mpitrain.lock")  # released at the end
 
@@ -158,7 +158,8 @@ def test_absurd_classes_in_a_manifest_are_named_with_the_memory_they_need(data_c
 
 
 @pytest.mark.parametrize("make,text", [
-    (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100), "an HDF5 file, not an .npz"),
+    (lambda p: p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100),
+     "input.npz: not a readable HDF5 file: "),  # read as HDF5, whatever its name
     (lambda p: p.write_text("x,y\n1,2\n"), "not an .npz file (an .npz is a zip of arrays"),
     (lambda p: __import__("numpy").save(open(p, "wb"), __import__("numpy").zeros(3)),
      "a single array (.npy), not an .npz of named arrays"),

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from mpitrain.fault import checkpoint
+from mpitrain.fault import store
 from conftest import final, same_bits
 from slurm_cluster import SETUP_BUDGET, pending, signal_state, slurm  # noqa: F401 (fixture)
 
@@ -179,7 +179,7 @@ def test_requeue_sbatch_reports_a_refused_requeue_as_a_failure(slurm, small_data
     assert job.state == "FAILED" and job.exit_code == 75, f"{job}\n{job.output}"
     assert "stopped at step 25 on SIGTERM" in job.output
     assert f"scontrol requeue {job.id} failed; resubmit to resume" in job.output
-    assert [s for s, _ in checkpoint.listing(str(tmp_path))] == [10, 20, 25]
+    assert [s for s, _ in store.listing(str(tmp_path))] == [10, 20, 25]
 
 
 @pytest.mark.timeout(SETUP_BUDGET + 90)

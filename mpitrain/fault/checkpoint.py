@@ -32,7 +32,8 @@ or sampler (its epoch and step within the epoch) is refused as damaged.
 A checkpoint is written under a temporary name (``.ckpt-*.tmp-HOST-PID``),
 flushed, fsynced, renamed into place and its directory fsynced, so a crash at
 any moment leaves either the complete new file or none; leftovers of an
-interrupted write are removed at the next start, once their writer is gone.
+interrupted write are removed at the next start, once their writer is gone
+(``store.py``: the files of a checkpoint directory).
 A write that fails (no space, read-only, I/O error) removes its temporary
 file and raises ``CheckpointWriteError``; earlier checkpoints are untouched.
 """
@@ -43,7 +44,6 @@ import errno
 import gc
 import json
 import os
-import re
 import socket
 import sys
 import zlib
@@ -55,13 +55,9 @@ import numpy as np
 from ..runtime import EXIT_IO, MpitrainError
 
 __all__ = ["FORMAT", "VERSION", "State", "CheckpointError", "CheckpointWriteError", "save",
-           "load", "inspect", "listing", "newest_valid", "clean_leftovers", "prune", "crc32",
-           "os_reason"]
+           "load", "inspect", "crc32", "os_reason", "file_name", "host"]
 
 FORMAT, VERSION = "mpitrain.checkpoint", 2
-NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
-# .ckpt-000000020.h5.tmp-HOST-PID (version 1 wrote .tmp-PID)
-LEFTOVER = re.compile(r"^\.ckpt-\d{9}\.h5\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 SCALAR_ATTRS = ("format", "format_version", "mpitrain_version", "step", "epoch", "epoch_step",
                 "created")
 JSON_ATTRS = ("config", "layout", "sampler", "rng", "optimizer", "task")
@@ -113,8 +109,10 @@ def _all_crc(attrs: Dict[str, object]) -> int:
     return zlib.crc32(text.encode()) & 0xFFFFFFFF
 
 
-def _host() -> str:
+def host() -> str:
+    """This host's name, as temporary file names carry it."""
     return socket.gethostname().replace("/", "_") or "localhost"
+
 
 
 def _complete(state: "State") -> Optional[str]:
@@ -180,7 +178,7 @@ def save(directory: str, state: State, *,
     from .. import __version__
 
     final = os.path.join(directory, file_name(state.step))
-    tmp = os.path.join(directory, f".{file_name(state.step)}.tmp-{_host()}-{os.getpid()}")
+    tmp = os.path.join(directory, f".{file_name(state.step)}.tmp-{host()}-{os.getpid()}")
     attrs: Dict[str, object] = {
         "format": FORMAT, "format_version": VERSION, "mpitrain_version": __version__,
         "step": int(state.step), "epoch": int(state.epoch), "epoch_step": int(state.epoch_step),
@@ -355,66 +353,3 @@ def _read(path: str, strict: bool):
         detail = str(exc).splitlines()[0] if str(exc) else "no detail"
         raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {detail}; "
                               "truncated or damaged?)") from None
-
-
-def listing(directory: str) -> List[Tuple[int, str]]:
-    """(step, path) of every committed checkpoint file in ``directory``, oldest first."""
-    if not os.path.isdir(directory):
-        return []
-    found = [(int(m.group(1)), os.path.join(directory, name))
-             for name in os.listdir(directory) if (m := NAME.match(name))]
-    return sorted(found)
-
-
-def newest_valid(directory: str, warn: Callable[[str], None]
-                 ) -> Optional[Tuple[State, str]]:
-    """The newest checkpoint that loads and verifies; each one skipped is warned about."""
-    for _, path in reversed(listing(directory)):
-        try:
-            return load(path), path
-        except CheckpointError as exc:
-            warn(f"skipping checkpoint {exc}")
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def clean_leftovers(directory: str) -> List[str]:
-    """Remove the temporary files of interrupted writes whose writer is gone; return their
-    paths.  A writer on this host is gone when its process is; one on another host only
-    the directory's lock can vouch for (``fault.lock``): call this with the lock held."""
-    if not os.path.isdir(directory):
-        return []
-    removed = []
-    for name in sorted(os.listdir(directory)):
-        m = LEFTOVER.match(name)
-        if not m:
-            continue
-        host, pid = m.group("host") or _host(), int(m.group("pid"))
-        if host == _host() and pid != os.getpid() and _alive(pid):
-            continue  # still being written
-        path = os.path.join(directory, name)
-        _remove_quietly(path)
-        removed.append(path)
-    return removed
-
-
-def prune(directory: str, keep_last: int, written_step: int) -> List[str]:
-    """Delete the oldest checkpoints older than ``written_step`` so that ``keep_last`` remain.
-
-    The one just written (``written_step``, the newest valid one) and any with
-    a later step are never deleted.
-    """
-    older = [(s, p) for s, p in listing(directory) if s < written_step]
-    doomed = older[:max(0, len(older) - (keep_last - 1))]
-    for _, path in doomed:
-        os.remove(path)
-    return [p for _, p in doomed]

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..runtime import ConfigError, literal, on_root
-from . import checkpoint
+from . import checkpoint, store
 from .checkpoint import State, os_reason
 from .drills import Faults
 from .lock import DirectoryLock
@@ -90,7 +90,7 @@ class Checkpoints:
         if note:
             notes.append(note)
         try:
-            removed = checkpoint.clean_leftovers(d)
+            removed = store.clean_leftovers(d)
         except OSError as exc:
             raise ConfigError(f"{{ckpt_dir}} {literal(d)}: cannot remove the leftovers of "
                               f"interrupted writes: {literal(os_reason(exc))}") from None
@@ -108,7 +108,7 @@ class Checkpoints:
         """(state, path) to resume from, or (None, None); rank 0 only."""
         d = self.directory
         if self.policy == "none":
-            found = checkpoint.listing(d) if d else []
+            found = store.listing(d) if d else []
             if found:
                 raise ConfigError(
                     f"{{ckpt_dir}} {literal(d)} holds checkpoints up to step {found[-1][0]}; "
@@ -116,7 +116,7 @@ class Checkpoints:
                     "or {resume} auto")
             return None, None
         if self.policy == "auto":
-            got = checkpoint.newest_valid(d, lambda w: self.say(f"warning: {w}")) if d else None
+            got = store.newest_valid(d, lambda w: self.say(f"warning: {w}")) if d else None
             if got is None:
                 return None, None
             state, path = got
@@ -167,7 +167,7 @@ class Checkpoints:
         def write() -> Tuple[float, int]:
             path, nbytes = checkpoint.save(self.directory, state,
                                            die_midway=self.faults.in_checkpoint(step))
-            removed = checkpoint.prune(self.directory, self.keep_last, step)
+            removed = store.prune(self.directory, self.keep_last, step)
             seconds = time.perf_counter() - t0
             self.say(f"checkpoint {path}: step {step}, {nbytes / 1e6:.1f} MB in "
                      f"{seconds * 1e3:.0f} ms"
