@@ -69,6 +69,15 @@ def run_train(n: int, *args, timeout: float = 120, env=None):
     return run_mpi(n, ["-m", "mpitrain", "train", *args], timeout=timeout, env=env)
 
 
+def without(args, flag: str) -> list:
+    """``args`` without ``flag`` and the value after it."""
+    args = list(args)
+    if flag in args:
+        k = args.index(flag)
+        del args[k:k + 2]
+    return args
+
+
 def final(ckpt):
     """The newest checkpoint in directory ``ckpt``, loaded and verified."""
     from mpitrain.fault import checkpoint, store

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import clean_env, final, mpiexec, run_train, same_bits, scratch_dir
+from conftest import clean_env, final, mpiexec, run_train, same_bits, scratch_dir, without
 from mpitrain.fault import checkpoint, store
 
 STEPS = 60
@@ -298,7 +298,7 @@ def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_dat
 def test_without_a_checkpoint_directory_a_signal_just_ends_the_job(small_data):
     """Nothing to checkpoint to: SIGTERM keeps its default effect (the ranks end at once,
     by the signal), never a checkpoint and exit 75."""
-    args = [a for a, b in zip(ARGS, ARGS[1:] + [""]) if "--ckpt-every" not in (a, b)]
+    args = without(ARGS, "--ckpt-every")
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
            small_data, *args, "--steps", "100000", "--log-every", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

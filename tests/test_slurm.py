@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mpitrain.fault import store
-from conftest import final, same_bits
+from conftest import final, same_bits, without
 from slurm_cluster import SETUP_BUDGET, pending, signal_state, slurm  # noqa: F401 (fixture)
 
 STEPS = 60
@@ -215,7 +215,7 @@ def test_train_sbatch_submitted_from_anywhere_with_a_named_venv(slurm, small_dat
     env = slurm.env(MPITRAIN_VENV=str(venv))
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
                                   if not p.startswith(str(venv)))
-    args = [a for a, b in zip(ARGS, ARGS[1:] + [""]) if "--ckpt-every" not in (a, b)]
+    args = without(ARGS, "--ckpt-every")
     job = slurm.submit("slurm/train.sbatch", ["--data", small_data, *args],
                        env=env, cwd=elsewhere, timeout=120)
     took(record_property, "train.sbatch from outside the checkout", job.seconds)
