@@ -126,7 +126,7 @@ def test_invalid_model_arguments():
     with pytest.raises(ValueError, match="dtype must be one of float32, float64, got float16"):
         Sequential(mlp(2, [2], 2), dtype="float16")
     with pytest.raises(ValueError, match="activation must be one of"):
-        mlp(2, [2], 2, "gelu")
+        mlp(2, [2], 2, "swish")
 
 
 def test_accumulated_micro_batch_gradients_equal_the_whole_batch_gradient():

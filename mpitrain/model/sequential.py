@@ -11,7 +11,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .layers import Layer, Linear
+from .blocks import Residual
+from .layers import EVAL, Context, Layer, Linear
 
 __all__ = ["Sequential", "DTYPES"]
 
@@ -49,6 +50,11 @@ class Sequential:
         self.size = offset
         self.params = np.zeros(self.size, self.dtype)
         self.grads = np.zeros(self.size, self.dtype)
+        for i, layer in zip(self.index, self.layers):  # dropout keys its draws to it
+            if isinstance(layer, Residual):
+                layer.set_index(i)
+            else:
+                layer.index = i
         self._bind()
         for i, layer in zip(self.index, self.layers):
             rng = np.random.default_rng([seed, i])
@@ -88,16 +94,17 @@ class Sequential:
         """Parameter name -> view into ``grads``, in buffer order."""
         return {n: self.grads[s].reshape(self.shapes[n]) for n, s in self.slices.items()}
 
-    def forward(self, x: np.ndarray) -> Tuple[np.ndarray, List[Any]]:
-        """Apply the layers to ``x`` (n, in): (output (n, out), what backward needs)."""
+    def forward(self, x: np.ndarray, ctx: Context = EVAL) -> Tuple[np.ndarray, List[Any]]:
+        """Apply the layers to ``x`` (n, *shape): (output (n, out), what backward needs);
+        ``ctx`` says whether it trains (dropout) and which samples these are."""
         saved = []
         for layer in self.layers:
-            x, keep = layer.forward(x)
+            x, keep = layer.forward(x, ctx)
             saved.append(keep)
         return x, saved
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """The output alone (inference)."""
+        """The output alone (inference: no dropout)."""
         return self.forward(x)[0]
 
     def backward(self, dy: np.ndarray, saved: List[Any], need_dx: bool = False,
@@ -111,12 +118,15 @@ class Sequential:
         for k in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[k]
             kw = {}
-            if final_from is not None and isinstance(layer, Linear) and not accumulate:
+            if final_from is not None and isinstance(layer, Linear):
                 start = self.slices[f"{self.index[k]}.weight"].start
                 kw["rows_done"] = lambda r, start=start, width=layer.in_features: final_from(
                     start + r * width)
             dy = layer.backward(dy, saved[k], need_dx=need_dx or k > 0,
                                 accumulate=accumulate, **kw)
+            names = [f"{self.index[k]}.{key}" for key in layer.shapes()]
+            if final_from is not None and names and not isinstance(layer, Linear):
+                final_from(self.slices[names[0]].start)  # the whole layer is final
         return dy
 
     def __repr__(self) -> str:

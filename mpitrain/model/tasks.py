@@ -33,6 +33,9 @@ class Task:
     name = "task"
     losses: Sequence[str] = ()  # the losses that fit it, the first the default
     headline = "loss"  # the metric the progress line shows
+    # Metric -> whether larger ("max") or smaller ("min") is better: what early stopping
+    # and the best checkpoint may follow (the loss always).
+    goals: Dict[str, str] = {"loss": "min"}
     outputs = 1  # the model's output width
     width = 0  # length of ``sums``
 
@@ -61,6 +64,7 @@ class Classification(Task):
     """Integer labels in 0..classes-1."""
 
     name, losses, headline, width = "classification", ("ce", "mse"), "accuracy", 1
+    goals = {"loss": "min", "accuracy": "max"}
 
     def __init__(self, classes: int):
         self.classes = self.outputs = int(classes)
@@ -83,6 +87,7 @@ class Regression(Task):
     """Float targets of shape ``shape``, standardised by ``mean`` and ``std`` (per output)."""
 
     name, losses, headline = "regression", ("mse", "mae", "huber"), "rmse"
+    goals = {"loss": "min", "rmse": "min", "mae": "min", "r2": "max"}
 
     def __init__(self, shape: Sequence[int], mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None):
@@ -132,6 +137,7 @@ class Multilabel(Task):
     """0/1 targets for ``labels`` labels (targets of shape ``shape``, flattened)."""
 
     name, losses, headline = "multilabel", ("bce",), "f1"
+    goals = {"loss": "min", "accuracy": "max", "f1": "max"}
 
     def __init__(self, shape: Sequence[int]):
         self.shape = tuple(int(s) for s in shape)
