@@ -105,7 +105,22 @@ def test_a_config_cannot_be_changed_into_an_invalid_one():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(schedule="gpipe"), "schedule 'gpipe' does not apply: it orders a pipeline's "
-                             "micro-batches; this run has none (pp 1, one micro-batch)"),
+                             "micro-batches; pp is 1"),
+    (dict(microbatches=4), "microbatches 4 does not apply: it cuts a pipeline's batch, and pp "
+                           "is 1: accumulate N computes each batch in N micro-batches without "
+                           "a pipeline"),
+    (dict(model="flatten,linear(10)", hidden=[64]),
+     "hidden [64] does not apply: it shapes the default MLP, and model is given"),
+    (dict(model="flatten,linear(10)", dropout=0.1), "dropout 0.1 does not apply"),
+    (dict(lr_min=0.001), "lr_min 0.001 does not apply: it ends the cosine lr_schedule; this "
+                         "run's is constant"),
+    (dict(lr_schedule="cosine", lr_gamma=0.5), "lr_gamma 0.5 does not apply: it is the step "
+                                               "lr_schedule's factor; this run's is cosine"),
+    (dict(lr_step_every=10), "lr_step_every 10 does not apply"),
+    (dict(monitor="val_accuracy"), "monitor 'val_accuracy' does not apply: it is what "
+                                   "early_stop and best.h5 (with ckpt_dir) follow, and neither "
+                                   "is asked for"),
+    (dict(keep_best=False), "keep_best False does not apply: it keeps best.h5 in ckpt_dir"),
     (dict(stage_layers=[1, 1]), "stage_layers [1, 1] does not apply: it splits the model into "
                                 "pipeline stages; pp is 1"),
     (dict(optimizer="adam", momentum=0.5), "momentum 0.5 does not apply: it is the momentum of "
@@ -115,7 +130,7 @@ def test_a_config_cannot_be_changed_into_an_invalid_one():
     (dict(ckpt_every=10), "ckpt_every 10 does not apply: it spaces checkpoints"),
     (dict(pp=2, bucket_mb=4.0), "bucket_mb 4.0 does not apply: it applies to data parallelism "
                                 "alone"),
-    (dict(microbatches=4, overlap=False), "overlap False does not apply"),
+    (dict(pp=2, microbatches=4, overlap=False), "overlap False does not apply"),
     (dict(overlap=False, progress="none"), "progress 'none' does not apply: it moves an "
                                            "overlapped exchange; overlap is off"),
 ])
@@ -127,7 +142,13 @@ def test_an_option_that_does_not_apply_is_refused_not_ignored(kwargs, message):
 
 def test_options_that_apply_are_accepted():
     Config(pp=2, schedule="gpipe", stage_layers=[1, 2])
-    Config(microbatches=4, schedule="gpipe")  # one stage, several micro-batches
+    Config(pp=2, microbatches=4, schedule="gpipe")
+    Config(accumulate=4, clip_grad_norm=1.0)
+    Config(lr_schedule="cosine", lr_min=0.001, warmup_steps=100)
+    Config(lr_schedule="step", lr_gamma=0.5, lr_step_every=30)
+    Config(early_stop=3, monitor="val_accuracy")  # early stopping follows it
+    Config(ckpt_dir="ck", monitor="val_rmse")  # so does best.h5
+    Config(model="conv2d(8,3),relu,flatten,linear(10)")
     Config(optimizer="adam", momentum=0.9)  # the default is not "given"
     Config(ckpt_dir="ck", keep_last=5, sigterm_grace=3.0, ckpt_every=7)
     Config(overlap=False, bucket_mb=0.0)
@@ -144,6 +165,23 @@ def test_the_command_line_names_flags_and_toml_keys(tmp_path):
         parse("--config", str(path))
     assert f"{path}: key 'keep_last' 4 does not apply: it prunes checkpoints; no --ckpt-dir" \
         in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(dropout=1.0), "dropout: expected a probability in [0, 1), got 1.0"),
+    (dict(accumulate=0), "accumulate: expected a value >= 1, got 0"),
+    (dict(clip_grad_norm=0.0), "clip_grad_norm: expected a value > 0, got 0.0"),
+    (dict(early_stop=0), "early_stop: expected a value >= 1, got 0"),
+    (dict(lr_schedule="cosine", lr_min=0.5, lr=0.1),
+     "lr_min 0.5 is above lr 0.1: the cosine schedule falls from lr to lr_min"),
+    (dict(early_stop=2, monitor="accuracy"), "monitor: expected a validation metric"),
+    (dict(lr_schedule="linear"), "lr_schedule: expected one of constant, step, cosine"),
+    (dict(model=" "), "model: expected a path or value"),
+])
+def test_training_recipe_options_are_checked(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        Config(**kwargs)
+    assert message in str(info.value)
 
 
 def test_a_flag_given_that_does_not_apply_is_refused_even_at_its_default():

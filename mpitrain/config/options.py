@@ -1,0 +1,187 @@
+"""The training options: one frozen dataclass of commented defaults, validated when made.
+
+``Config(lr=-1)`` raises ``ConfigError`` naming the parameter; so does an
+option that does not apply to the chosen layout (``schedule`` without a
+pipeline, ``momentum`` with Adam, ``keep_last`` without ``ckpt_dir``): it
+is refused with the reason, never ignored.  Each choice list lives with the
+module that owns it (the optimizers with ``model.optim``, the all-reduce
+algorithms with ``comm.exchange``...).
+
+On the command line values come from the defaults, then a TOML file
+(``--config``), then flags; each later source overrides the earlier.
+Unknown keys are errors, and every error names where the bad value came
+from (the flag, or the file and key): ``from_sources`` returns the
+configuration and the function that names a parameter so.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..comm.codecs import WIRES
+from ..comm.exchange import ALGORITHMS, PROGRESS
+from ..data.checks import MODES
+from ..model.layers import ACTIVATIONS
+from ..model.losses import LOSSES
+from ..model.optim import OPTIMIZERS
+from ..model.schedule import SCHEDULES as LR_SCHEDULES
+from ..model.sequential import DTYPES
+from ..parallel.pipeline.schedules import SCHEDULES
+
+__all__ = ["Config", "CHOICES"]
+
+# Each list is the owning module's own.
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    "activation": tuple(ACTIVATIONS),
+    "loss": ("auto", *LOSSES),
+    "dtype": DTYPES,
+    "optimizer": OPTIMIZERS,
+    "allreduce": tuple(ALGORITHMS),
+    "check_data": MODES,
+    "schedule": SCHEDULES,
+    "progress": PROGRESS,
+    "grad_dtype": ("full", *WIRES),
+    "shuffle": ("auto", "global", "chunks"),
+    "lr_schedule": LR_SCHEDULES,
+}
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything ``mpitrain train`` needs; see ``--help`` for each key."""
+
+    # Data
+    data: Optional[str] = _opt(None, "dataset directory (default: the built-in synthetic set, "
+                                     "created in the cache directory on first use)")
+    check_data: str = _opt("full", "check shard values before training (full) or only "
+                                   "their structure (meta)")
+    drop_last: bool = _opt(False, "skip the incomplete last batch of each epoch instead of "
+                                  "training on a smaller one")
+    cache_mb: float = _opt(1024.0, "decoded chunks of compressed data kept in memory, per "
+                                   "rank and split, in MiB")
+    shuffle: str = _opt("auto", "sample order: global (a permutation of all samples each "
+                                "epoch), chunks (chunk-aware, for compressed data: shuffle "
+                                "the chunks, then the samples within a window of chunks), or "
+                                "auto (chunks when the training data is chunked)")
+    shuffle_window: int = _opt(32, "chunks per shuffle window with --shuffle chunks")
+    # Model
+    model: Optional[str] = _opt(None, "the layers, comma-separated, e.g. \"conv2d(16,3,"
+                                      "padding=1),relu,maxpool2d(2),flatten,linear(64),relu,"
+                                      "linear(10)\" (default: an MLP of --hidden)")
+    hidden: List[int] = _opt((256, 256), "hidden layer widths of the default MLP, e.g. 256,256")
+    activation: str = _opt("relu", "hidden activation of the --hidden MLP")
+    dropout: float = _opt(0.0, "dropout probability after each hidden activation of the "
+                               "--hidden MLP")
+    loss: str = _opt("auto", "the loss: auto (the task's: ce for classification, mse for "
+                             "regression, bce for multilabel), or ce, bce, mse, mae, huber")
+    dtype: str = _opt("float32", "parameter and compute precision")
+    # Optimisation
+    batch_size: int = _opt(128, "global batch size, split among the ranks")
+    steps: Optional[int] = _opt(None, "number of steps (default: --epochs)")
+    epochs: Optional[int] = _opt(None, "number of epochs (default 2 when --steps is not given)")
+    optimizer: str = _opt("momentum", "update rule")
+    lr: float = _opt(0.05, "learning rate (the peak, with a schedule)")
+    lr_schedule: str = _opt("constant", "learning-rate schedule: constant, step (x --lr-gamma "
+                                        "every --lr-step-every steps) or cosine (down to "
+                                        "--lr-min at the last step)")
+    warmup_steps: int = _opt(0, "raise the lr linearly from 0 over the first N steps")
+    lr_min: float = _opt(0.0, "the cosine schedule's final lr")
+    lr_step_every: Optional[int] = _opt(None, "the step schedule's interval, in steps "
+                                              "(default: one epoch)")
+    lr_gamma: float = _opt(0.1, "the step schedule's factor")
+    clip_grad_norm: Optional[float] = _opt(None, "scale the summed gradient down to this "
+                                                 "global L2 norm when it is larger")
+    accumulate: int = _opt(1, "compute each batch in N sequential micro-batches, exchanged "
+                              "once: the same result with about 1/N of the activation memory")
+    momentum: float = _opt(0.9, "momentum of 'momentum'")
+    weight_decay: float = _opt(0.0, "L2 penalty (decoupled for adamw)")
+    seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
+    # Parallelism
+    allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, mpitrain's ring, "
+                                 "or shm (ranks on a node add from each other's memory)")
+    bucket_mb: float = _opt(2.0, "exchange the gradients in buckets of about this many MiB "
+                                 "(0: one bucket)")
+    overlap: bool = _opt(True, "start each bucket's exchange as soon as backward produced it")
+    progress: str = _opt("thread", "how the overlapped exchange progresses: a helper thread, "
+                                   "MPI_Test between layers (mpi only), or none")
+    grad_dtype: str = _opt("full", "exchange gradients in 16 bits, adding in full precision "
+                                   "(needs --allreduce ring)")
+    pp: int = _opt(1, "pipeline stages; the ranks form pp stages x (ranks / pp) replicas")
+    microbatches: Optional[int] = _opt(None, "pipeline micro-batches per replica and step "
+                                             "(default: 2 x pp)")
+    schedule: str = _opt("1f1b", "pipeline schedule")
+    stage_layers: Optional[List[int]] = _opt(None, "layers with parameters per stage, e.g. "
+                                                   "2,1 (default: balanced by estimated "
+                                                   "compute)")
+    # Checkpoints and failures
+    ckpt_dir: Optional[str] = _opt(None, "write checkpoints here (and resume from here)")
+    ckpt_every: int = _opt(100, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = _opt(3, "keep the N newest checkpoints")
+    keep_best: bool = _opt(True, "with --ckpt-dir and a validation split, keep the state of "
+                                 "the best evaluation (by --monitor) in best.h5, never pruned")
+    early_stop: Optional[int] = _opt(None, "stop when --monitor has not improved for N "
+                                           "evaluations in a row")
+    monitor: str = _opt("val_loss", "the validation metric --early-stop and best.h5 follow: "
+                                    "val_loss, or the task's (val_accuracy; val_rmse, val_mae, "
+                                    "val_r2; val_f1)")
+    resume: str = _opt("auto", "auto: from the newest valid checkpoint in --ckpt-dir if any; "
+                               "none: start afresh; or a checkpoint file")
+    watchdog: float = _opt(600.0, "abort the job when a step makes no progress for this many "
+                                  "seconds (0: off)")
+    sigterm_grace: float = _opt(10.0, "after a SIGTERM, abort the job if the ranks have not "
+                                      "stopped (checkpointed) within this many seconds (0: "
+                                      "never)")
+    fault: Optional[str] = _opt(None, "inject failures for drills, comma-separated: "
+                                      "kill|stop|term:rank=R:step=S, ckpt-kill:step=S")
+    # Output
+    run_dir: Optional[str] = _opt(None, "this run's directory: metrics.jsonl is appended there "
+                                        "(default: --ckpt-dir if given, else runs/DATE-TIME)")
+    quiet: bool = _opt(False, "no progress lines (errors and the summary still print)")
+    log: Optional[str] = _opt(None, "append one JSON object per logged step to this file")
+    log_every: int = _opt(10, "print and log every N steps")
+    eval_every: Optional[int] = _opt(None, "evaluate on the validation split every N steps "
+                                           "(default: each epoch's end; 0: only at the end)")
+
+    def __post_init__(self) -> None:
+        from .rules import validate
+
+        for f in fields(self):  # a tuple default or a TOML list: one type, a list
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                object.__setattr__(self, f.name, list(value))
+        validate(self)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """The run's length in steps."""
+        if self.steps is not None:
+            return self.steps
+        return (2 if self.epochs is None else self.epochs) * steps_per_epoch
+
+    def wire(self) -> Optional[str]:
+        """The 16-bit wire format of the gradient exchange, or None."""
+        return None if self.grad_dtype == "full" else self.grad_dtype
+
+    def micro(self) -> int:
+        """Pipeline micro-batches per replica and step (1 without a pipeline)."""
+        if self.microbatches is not None:
+            return self.microbatches
+        return 1 if self.pp == 1 else 2 * self.pp
+
+    def pipelined(self) -> bool:
+        """Whether the pipeline trainer runs."""
+        return self.pp > 1
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes``, validated."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Every key and its value (JSON-ready)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+

@@ -1,0 +1,175 @@
+"""The options' rules: types, ranges, combinations, and options the run would ignore.
+
+``validate`` raises ``ConfigError`` naming the first invalid value; an option
+the chosen layout would ignore (``schedule`` without a pipeline, ``lr_min``
+without the cosine schedule, ``hidden`` beside ``model``) is refused with the
+reason, never ignored.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import fields
+from typing import Dict
+
+from ..comm.exchange import check_options
+from ..fault.drills import Faults
+from ..parallel.pipeline.schedules import MAX_MICROBATCHES
+from ..runtime import ConfigError, MpitrainError, literal
+from .options import CHOICES, Config
+
+__all__ = ["validate", "refuse_what_does_not_apply", "types", "OK", "BOUNDS"]
+
+DEFAULTS = {f.name: f.default for f in fields(Config)}
+
+
+def _changed(cfg: Config, name: str) -> bool:
+    default = DEFAULTS[name]
+    return getattr(cfg, name) != (list(default) if isinstance(default, tuple) else default)
+
+
+def types() -> Dict[str, str]:
+    """Field name -> its base type ('int', 'float', 'str', 'bool', 'List[int]')."""
+    out = {}
+    for f in fields(Config):
+        base = f.type[len("Optional["):-1] if f.type.startswith("Optional[") else f.type
+        out[f.name] = base
+    return out
+
+
+OK = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "List[int]": lambda v: isinstance(v, (list, tuple)) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in v),
+}
+
+
+# name -> (comparison, bound, a note for the message): the numbers' valid ranges.
+BOUNDS = {
+    "batch_size": (">", 0, ""), "lr": (">", 0, ""), "log_every": (">", 0, ""),
+    "steps": (">=", 1, ""), "epochs": (">=", 1, ""), "eval_every": (">=", 0, ""),
+    "weight_decay": (">=", 0, ""), "bucket_mb": (">=", 0, ""), "seed": (">=", 0, ""),
+    "pp": (">=", 1, ""), "ckpt_every": (">=", 0, ""), "cache_mb": (">=", 0, ""),
+    "shuffle_window": (">=", 1, ""), "accumulate": (">=", 1, ""),
+    "warmup_steps": (">=", 0, ""), "lr_min": (">=", 0, ""), "lr_step_every": (">=", 1, ""),
+    "lr_gamma": (">", 0, ""), "clip_grad_norm": (">", 0, ""), "early_stop": (">=", 1, ""),
+    "keep_last": (">=", 1, " (the newest checkpoint is always kept)"),
+    "sigterm_grace": (">=", 0, " (0: never abort)"),
+    "watchdog": (">=", 0, " (0 turns it off)"),
+}
+MONITOR = re.compile(r"^val_[a-z][a-z0-9_]*$")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError naming the first invalid value (or combination)."""
+
+    def bad(name: str, expect: str) -> ConfigError:
+        return ConfigError(f"{{{name}}}: expected {expect}, got {literal(repr(getattr(cfg, name)))}",
+                           [name])
+
+    for name, base in types().items():
+        value = getattr(cfg, name)
+        if value is None and DEFAULTS[name] is None:
+            continue
+        if not OK[base](value):
+            raise bad(name, f"a value of type {base}")
+        if base == "float" and not math.isfinite(value):
+            raise bad(name, "a finite number")
+    for name, choices in CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise bad(name, "one of " + ", ".join(choices))
+    for name in ("data", "ckpt_dir", "run_dir", "log", "resume", "fault", "model"):
+        if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
+            raise bad(name, "a path or value (leave it out for the default)")
+    for name, (op, bound, note) in BOUNDS.items():
+        value = getattr(cfg, name)
+        if value is not None and not (value > bound if op == ">" else value >= bound):
+            raise bad(name, f"a value {op} {bound}{note}")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ConfigError(f"{{steps}} and {{epochs}}: give one of the two, not both (got "
+                          f"{cfg.steps} steps and {cfg.epochs} epochs)", ["steps", "epochs"])
+    if not cfg.hidden or any(h < 1 for h in cfg.hidden):
+        raise bad("hidden", "one or more positive widths")
+    if not 0 <= cfg.momentum < 1:
+        raise bad("momentum", "a value in [0, 1)")
+    if not 0 <= cfg.dropout < 1:
+        raise bad("dropout", "a probability in [0, 1)")
+    if cfg.lr_min > cfg.lr:
+        raise ConfigError(f"{{lr_min}} {cfg.lr_min:g} is above {{lr}} {cfg.lr:g}: the cosine "
+                          "schedule falls from lr to lr_min", ["lr_min", "lr"])
+    if not MONITOR.match(cfg.monitor):
+        raise bad("monitor", "a validation metric: val_loss, val_accuracy, val_rmse...")
+    check_options(cfg.allreduce, cfg.progress, cfg.wire())
+    if cfg.microbatches is not None and not 1 <= cfg.microbatches <= MAX_MICROBATCHES:
+        raise bad("microbatches", f"a value in 1..{MAX_MICROBATCHES}")
+    if cfg.stage_layers is not None and (not cfg.stage_layers or min(cfg.stage_layers) < 1):
+        raise bad("stage_layers", "one or more counts >= 1")
+    try:
+        Faults(cfg.fault)
+    except MpitrainError as exc:
+        raise ConfigError("{fault}: " + literal(str(exc)), ["fault"]) from None
+    refuse_what_does_not_apply(cfg)
+
+
+def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
+    """A non-default option the chosen layout would ignore is an error, with the reason;
+    so is one in ``given`` (the keys the command line or the TOML file set), default or
+    not."""
+    best = cfg.keep_best and cfg.ckpt_dir is not None
+    rules = [
+        ("shuffle_window", cfg.shuffle == "global",
+         "is the window of {shuffle} chunks; this run's {shuffle} is global", ["shuffle"]),
+        ("microbatches", cfg.pp == 1,
+         "cuts a pipeline's batch, and {pp} is 1: {accumulate} N computes each batch in N "
+         "micro-batches without a pipeline", ["pp", "accumulate"]),
+        ("schedule", not cfg.pipelined(),
+         "orders a pipeline's micro-batches; {pp} is 1", ["pp"]),
+        ("stage_layers", cfg.pp == 1, "splits the model into pipeline stages; {pp} is 1",
+         ["pp"]),
+        ("momentum", cfg.optimizer != "momentum",
+         "is the momentum of {optimizer} momentum; this run's {optimizer} is " + cfg.optimizer,
+         ["optimizer"]),
+        ("lr_min", cfg.lr_schedule != "cosine",
+         "ends the cosine {lr_schedule}; this run's is " + cfg.lr_schedule, ["lr_schedule"]),
+        ("lr_step_every", cfg.lr_schedule != "step",
+         "spaces the step {lr_schedule}'s decays; this run's is " + cfg.lr_schedule,
+         ["lr_schedule"]),
+        ("lr_gamma", cfg.lr_schedule != "step",
+         "is the step {lr_schedule}'s factor; this run's is " + cfg.lr_schedule,
+         ["lr_schedule"]),
+        ("monitor", cfg.early_stop is None and not best,
+         "is what {early_stop} and best.h5 (with {ckpt_dir}) follow, and neither is asked "
+         "for", ["early_stop", "ckpt_dir"]),
+        ("keep_best", cfg.ckpt_dir is None, "keeps best.h5 in {ckpt_dir}; none is given",
+         ["ckpt_dir"]),
+        ("keep_last", cfg.ckpt_dir is None, "prunes checkpoints; no {ckpt_dir} is given",
+         ["ckpt_dir"]),
+        ("ckpt_every", cfg.ckpt_dir is None, "spaces checkpoints; no {ckpt_dir} is given",
+         ["ckpt_dir"]),
+        ("sigterm_grace", cfg.ckpt_dir is None,
+         "bounds the stop at a checkpoint after SIGTERM; without {ckpt_dir} a SIGTERM ends the "
+         "run at once", ["ckpt_dir"]),
+        ("resume", cfg.ckpt_dir is None and cfg.resume == "none",
+         "none refuses to overwrite checkpoints in {ckpt_dir}, and none is given",
+         ["ckpt_dir"]),
+        ("fault", cfg.ckpt_dir is None and "ckpt-kill" in (cfg.fault or ""),
+         "kills the writer of a checkpoint; no {ckpt_dir} is given", ["ckpt_dir"]),
+    ]
+    for option in ("hidden", "activation", "dropout"):
+        rules.append((option, cfg.model is not None,
+                      "shapes the default MLP, and {model} is given: write it into the model",
+                      ["model"]))
+    for option in ("bucket_mb", "overlap", "progress"):
+        rules.append((option, cfg.pipelined(),
+                      "applies to data parallelism alone: a pipeline exchanges each stage's "
+                      "gradients after its last backward pass", []))
+    rules.append(("progress", not cfg.overlap,
+                  "moves an overlapped exchange; {overlap} is off", ["overlap"]))
+    for name, ignored, why, others in rules:
+        if ignored and (_changed(cfg, name) or name in given):
+            value = literal(repr(getattr(cfg, name)))
+            raise ConfigError(f"{{{name}}} {value} does not apply: it {why}", [name, *others])
+
