@@ -115,6 +115,20 @@ def small_data(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def image_data(tmp_path_factory) -> str:
+    """480 learnable 'images' of shape (2, 6, 6) in 4 classes: 400 train in 2 shards, 80
+    val (the synthetic set's 72 features, kept in their shape)."""
+    from mpitrain.data.prepare import synthetic_rows, write_dataset
+
+    rows = synthetic_rows(480, 72, 4, seed=2)
+    out = tmp_path_factory.mktemp("data") / "images"
+    write_dataset(str(out), (2, 6, 6), {"name": "classification", "classes": 4}, "float32",
+                  {"train": (400, rows), "val": (80, lambda a, b: rows(400 + a, 400 + b))},
+                  shards=2)
+    return str(out)
+
+
 @pytest.fixture
 def data_copy(small_data, tmp_path) -> str:
     """A private copy of ``small_data`` that a test may damage."""

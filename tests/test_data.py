@@ -230,8 +230,9 @@ def test_prefetcher_reads_ahead_in_order_and_refuses_other_steps(small_data):
     sampler = Sampler(len(s), 50, seed=1)
     pre = Prefetcher(s, sampler, rank=1, size=3, start=4, stop=8)
     for step in range(4, 8):
-        x, y, batch = pre.get(step)
+        got_ids, x, y, batch = pre.get(step)
         ids, expect_batch = sampler.local(step, 1, 3)
+        np.testing.assert_array_equal(got_ids, ids)
         np.testing.assert_array_equal(x, s.read(ids)[0])
         assert batch == expect_batch
     with pytest.raises(RuntimeError, match="asked for step 8; it reads steps in order"):
@@ -251,7 +252,7 @@ def test_prefetcher_reads_in_bursts_within_its_depth_and_stops_on_close(small_da
     pre = Prefetcher(s, sampler, rank=0, size=1, start=0, stop=1000, depth=4)
     assert pre.depth == 4
     for step in range(9):
-        x, _, _ = pre.get(step)
+        _, x, _, _ = pre.get(step)
         np.testing.assert_array_equal(x, read(sampler.local(step, 0, 1)[0])[0])
         with pre._cv:  # never more than depth batches read ahead
             assert len(pre._ready) <= 4

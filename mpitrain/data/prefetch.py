@@ -41,7 +41,7 @@ class Prefetcher:
             most = 32 if shards.chunked() else 8
             depth = int(min(most, max(2, max_bytes // max(1, rows * row_bytes))))
         self.depth = max(2, depth)
-        self._ready: "collections.deque" = collections.deque()  # (step, x, y, batch, error)
+        self._ready: "collections.deque" = collections.deque()  # (step, ids, x, y, batch, error)
         self._cv = threading.Condition()
         self._stopped = False
         self._next, self._end = start, stop  # the step get() must be asked for next
@@ -62,9 +62,9 @@ class Prefetcher:
             for k in range(step, min(stop, step + room)):
                 try:
                     ids, batch = sampler.local(k, rank, size)
-                    item = (k, *shards.read(ids), batch, None)
+                    item = (k, ids, *shards.read(ids), batch, None)
                 except BaseException as exc:  # noqa: BLE001 - raised in the main thread
-                    item = (k, None, None, 0, exc)
+                    item = (k, None, None, None, 0, exc)
                 # Each batch is handed over as it is read: one slow to read (its chunks
                 # being decompressed) does not hold back those before it.
                 with self._cv:
@@ -74,8 +74,9 @@ class Prefetcher:
                     return
             step += room
 
-    def get(self, step: int) -> Tuple[np.ndarray, np.ndarray, int]:
-        """(x, y, global batch size) of ``step``."""
+    def get(self, step: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """(ids, x, y, global batch size) of ``step``: the rank's global sample ids, their
+        rows and targets."""
         if step != self._next or step >= self._end:
             raise RuntimeError(f"prefetcher asked for step {step}; it reads steps in order, "
                                f"next {self._next}, up to {self._end - 1}")
@@ -83,14 +84,14 @@ class Prefetcher:
         with self._cv:
             while not self._ready:
                 self._cv.wait()
-            got, x, y, batch, error = self._ready.popleft()
+            got, ids, x, y, batch, error = self._ready.popleft()
             if len(self._ready) <= self.depth // 2:
                 self._cv.notify_all()  # wake the reader for the next burst
         if error is not None:
             raise error
         if got != step:
             raise RuntimeError(f"prefetcher out of order: asked for step {step}, had {got}")
-        return x, y, batch
+        return ids, x, y, batch
 
     def close(self) -> None:
         """Stop reading ahead."""

@@ -194,8 +194,7 @@ class Shards:
 
     def _read(self, ids: np.ndarray, features: bool):
         ids = np.asarray(ids, dtype=np.int64)
-        x = (np.empty((len(ids), math.prod(self.features)), self.dtype) if features
-             else None)
+        x = np.empty((len(ids), *self.features), self.dtype) if features else None
         y = np.empty((len(ids), *self.target_shape), self.target_dtype)
         if len(ids) == 0:
             return x, y
@@ -208,13 +207,13 @@ class Shards:
             rows = self._rows_of(k, sorted_ids[part] - self.offsets[k])
             xs, ys = self._columns(k)
             if features:
-                x[order[part]] = xs.rows(rows).reshape(len(part), -1)
+                x[order[part]] = xs.rows(rows).reshape(len(part), *self.features)
             y[order[part]] = ys.rows(rows).reshape(len(part), *self.target_shape)
         return x, y
 
     def read(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Rows ``ids`` (global sample ids, any order) as x (n, features) and the targets
-        y (n, *target shape)."""
+        """Rows ``ids`` (global sample ids, any order) as x (n, *features), each sample in
+        its shape, and the targets y (n, *target shape)."""
         return self._read(ids, True)
 
     def read_labels(self, ids: np.ndarray) -> np.ndarray:
@@ -222,7 +221,7 @@ class Shards:
         return self._read(ids, False)[1]
 
     def read_range(self, lo: int, hi: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Contiguous global rows [lo, hi) as x (n, features), y (n, ...)."""
+        """Contiguous global rows [lo, hi) as x (n, *features), y (n, ...)."""
         return self.read(np.arange(lo, hi))
 
     def close(self) -> None:
