@@ -1,9 +1,11 @@
 """Grid arithmetic and stage partitioning (serial)."""
+import numpy as np
 import pytest
 from mpi4py import MPI
 
 from mpitrain.model.layers import mlp
-from mpitrain.parallel.pipeline.partition import bubble, partition, stage_ranges, units
+from mpitrain.parallel.pipeline.partition import (bubble, partition, shapes_along,
+                                                  stage_ranges, units)
 from mpitrain.runtime import MpitrainError
 from mpitrain.comm.topology import grid_coords, grid_rank, make_grid
 
@@ -43,15 +45,34 @@ def test_partition_is_contiguous_and_minimises_the_heaviest_stage():
 def test_stage_ranges_keep_activations_with_their_linear():
     layers = mlp(784, [256, 256], 10)  # Linear ReLU Linear ReLU Linear
     assert units(layers) == [(0, 2), (2, 4), (4, 5)]
-    # Parameters: 200,960 / 65,792 / 2,570: the first Linear alone outweighs the rest.
-    assert stage_ranges(layers, 2) == [(0, 2), (2, 5)]
-    assert stage_ranges(layers, 3) == [(0, 2), (2, 4), (4, 5)]
-    assert stage_ranges(layers, 2, [2, 1]) == [(0, 4), (4, 5)]
-    with pytest.raises(MpitrainError, match="more pipeline stages than the model's 3 Linear"):
-        stage_ranges(layers, 4)
+    # Compute follows the weights here: 200,704 / 65,536 / 2,560 multiply-adds per sample
+    # (and the activations'): the first Linear alone outweighs the rest.
+    assert stage_ranges(layers, 2, shape=(784,)) == [(0, 2), (2, 5)]
+    assert stage_ranges(layers, 3, shape=(784,)) == [(0, 2), (2, 4), (4, 5)]
+    assert stage_ranges(layers, 2, [2, 1], shape=(784,)) == [(0, 4), (4, 5)]
+    with pytest.raises(MpitrainError, match="more pipeline stages than the model's 3 layers "
+                                            "with parameters"):
+        stage_ranges(layers, 4, shape=(784,))
     with pytest.raises(MpitrainError, match=r"^stage_layers 2,2: expected 2 counts >= 1 "
-                                            r"adding up to the model's 3 Linear layers"):
-        stage_ranges(layers, 2, [2, 2])
+                                            r"adding up to the model's 3 layers with param"):
+        stage_ranges(layers, 2, [2, 2], shape=(784,))
+
+
+def test_stages_are_balanced_by_compute_not_parameters():
+    from mpitrain.model.spec import build
+
+    # A 3x3 convolution of 16 to 32 channels on 32x32 images: 4,640 parameters, 28M
+    # flops per sample.  The Linear after it: 8.4M parameters, 50M flops.  By parameters
+    # the convolution would join that Linear's stage (4,640 is nothing beside 8.4M);
+    # by compute it makes a stage of its own.
+    layers = build("conv2d(32,3,padding=1),relu,flatten,linear(256),relu,linear(256),relu,"
+                   "linear(10)", (16, 32, 32), 10)
+    assert units(layers) == [(0, 3), (3, 5), (5, 7), (7, 8)]
+    params = [sum(np.prod(s) for i in range(a, b) for s in layers[i].shapes().values())
+              for a, b in units(layers)]
+    assert partition(params, 2) == [2, 2]
+    assert stage_ranges(layers, 2, shape=(16, 32, 32)) == [(0, 3), (3, 8)]
+    assert shapes_along(layers, (16, 32, 32))[3] == (32 * 32 * 32,)
 
 
 def test_theoretical_bubble():

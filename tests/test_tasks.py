@@ -123,7 +123,7 @@ def test_index_in_place_reads_the_files_own_datasets(tmp_path):
     rows = [(k, r) for k, e in enumerate(m.splits["val"]) for lo, hi in e.ranges
             for r in range(lo, hi)]
     xs, ys = (x, x2), (y, y2)
-    want_x = np.stack([xs[k][r] for k, r in rows])[ids].reshape(len(ids), -1)
+    want_x = np.stack([xs[k][r] for k, r in rows])[ids]  # each sample in its shape
     want_y = np.stack([ys[k][r] for k, r in rows])[ids]
     np.testing.assert_array_equal(got_x, want_x)
     np.testing.assert_allclose(got_y, want_y)
@@ -177,10 +177,11 @@ def test_prepare_copies_an_hdf5_file_into_shards_streaming(tmp_path):
     xs = np.concatenate([g.read_range(0, len(g))[0] for g in got])
     ys = np.concatenate([g.read_range(0, len(g))[1] for g in got])
     assert len(xs) == 700 and 100 <= len(got[1]) <= 180
+    assert xs.shape[1:] == (2, 3)  # each sample in its shape, not flattened
     # The two splits are the input, each row once.
     key = np.lexsort(x.reshape(700, -1).T)
-    mine = np.lexsort(xs.T)
-    np.testing.assert_array_equal(xs[mine], x.reshape(700, -1)[key])
+    mine = np.lexsort(xs.reshape(700, -1).T)
+    np.testing.assert_array_equal(xs[mine], x[key])
     np.testing.assert_array_equal(ys[mine], y[key])
     for g in got:
         g.close()

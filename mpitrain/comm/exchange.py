@@ -18,6 +18,7 @@ backward has made it final::
     # backward computes into ex.buffer, calling ex.ready(offset) whenever
     # buffer[offset:] is final (or nothing: without overlap)
     ex.wait()                    # every bucket summed
+    ex.norm_sq(n), ex.scale(f, n)  # (clipping) the sums' squared norm; scale them
     ex.update(optimizer)         # the optimizer applied to the sums (sharded: by shares)
     ex.close()
 
@@ -36,6 +37,7 @@ beyond two ranks.  How an overlapped exchange moves (``progress``):
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -209,6 +211,36 @@ class Exchange:
         self.memory.update(optimizer, [slice(a, b) for a, b in self.owned]
                            if self.sharded else None)
         self.owned.clear()
+
+    def _sums(self, count: int) -> List[Tuple[int, int]]:
+        """The parts of ``buffer[:count]`` whose sums this rank holds (after ``wait``)."""
+        if not self.sharded:
+            return [(0, count)]
+        return [(a, min(b, count)) for a, b in self.owned if a < count]
+
+    def norm_sq(self, count: int) -> float:
+        """The squared L2 norm of the summed ``buffer[:count]`` (after ``wait``), the same
+        bits on every rank: added in float64 in a fixed order; sharded, each rank adds its
+        shares and the node's ranks add those in local-rank order (collective then)."""
+        total = 0.0
+        block = 1 << 16
+        for a, b in self._sums(count):
+            for lo in range(a, b, block):
+                v = self.buffer[lo:min(b, lo + block)].astype(np.float64)
+                total += float(v @ v)
+        if not self.sharded:
+            return total
+        node = self.blocking.node
+        parts = np.empty(node.Get_size())
+        node.Allgather(np.array([total]), parts)
+        return math.fsum(parts)
+
+    def scale(self, factor: float, count: int) -> None:
+        """Multiply the summed ``buffer[:count]`` by ``factor`` (after ``wait``; sharded:
+        the shares this rank owns, which are the ones its update reads)."""
+        f = self.buffer.dtype.type(factor)
+        for a, b in self._sums(count):
+            self.buffer[a:b] *= f
 
     def write(self, fn: Callable[[], None]) -> None:
         """Run ``fn``, which writes the adopted parameters or optimizer state (a restore),

@@ -35,7 +35,9 @@ class TrainerBase:
     over ``grid.dp_comm``), ``sampler``, ``train``, ``val``, ``loss``,
     ``task`` (a model.tasks.Task), ``stage_names`` (the parameter names of
     each stage, in full-model order) and ``shapes`` (every parameter's shape,
-    in full-model order), then call ``_init_common``.
+    in full-model order), then call ``_init_common``.  ``spec`` (the model's
+    text and input shape, which checkpoints record) is set by whoever made the
+    layers (``run.build``).
 
     A step's metric vector (summed over ranks) is ``[loss sum, stop requests,
     *task sums]``: ``2 + task.width`` numbers.
@@ -43,7 +45,11 @@ class TrainerBase:
 
     TAG_STATE = 31000  # point-to-point tag of the checkpoint gather and restore, on grid.world
 
-    def _init_common(self) -> None:
+    def _init_common(self, clip_grad_norm: Optional[float] = None, seed: int = 0) -> None:
+        self.spec: Dict[str, Any] = {}  # {"spec": model text, "input_shape": [...]}
+        self.clip_grad_norm = clip_grad_norm  # None: no clipping
+        self.seed = seed  # dropout's draws are keyed to it (model.blocks.Dropout)
+        self.clipped = 0  # steps whose gradient was scaled down
         self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
         self.stop_agreed = False  # set by step(): some rank was asked to stop
         self.on_phase: Callable[[str], None] = lambda phase: None  # for the watchdog
@@ -63,6 +69,10 @@ class TrainerBase:
         self.train.close()
         if self.val:
             self.val.close()
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next update (a schedule sets it before each step)."""
+        self.optimizer.lr = lr
 
     # -- the end of a step -----------------------------------------------------------------
     def check_replicas(self) -> None:
@@ -92,12 +102,34 @@ class TrainerBase:
             epoch, _ = self.sampler.locate(step)
             raise MpitrainError(f"loss is {loss} at step {step + 1} (epoch {epoch}); "
                                 f"try a lower lr (now {self.optimizer.lr})", everywhere=True)
+        metrics = self.task.summarize(np.asarray(sums[2:], np.float64), batch)
+        if self.clip_grad_norm is not None:
+            metrics.update(self._clip(self.clip_grad_norm))
         self.exchange.update(self.optimizer)
         t0, t1, t2, t3 = t
         self.times["data"] += t1 - t0
         self.times["compute"] += (t2 - t1 - idle) + (time.perf_counter() - t3)
         self.times["exchange"] += t3 - t2
-        return loss, self.task.summarize(np.asarray(sums[2:], np.float64), batch), batch
+        return loss, metrics, batch
+
+    def grad_norm(self) -> float:
+        """The global L2 norm of the summed gradient (after the exchange), the same bits on
+        every rank: each stage's squared norm, added over the stages in stage order."""
+        mine = self.exchange.norm_sq(self.model.size)
+        if self.grid.pp == 1:
+            return math.sqrt(mine)
+        parts = np.empty(self.grid.pp)
+        self.grid.pp_comm.Allgather(np.array([mine]), parts)
+        return math.sqrt(math.fsum(parts))
+
+    def _clip(self, limit: float) -> Dict[str, object]:
+        """Scale the summed gradient to norm ``limit`` if it is larger (every rank alike)."""
+        norm = self.grad_norm()
+        clipped = norm > limit
+        if clipped:
+            self.exchange.scale(limit / norm, self.model.size)
+            self.clipped += 1
+        return {"grad_norm": norm, "clipped": clipped}
 
     def _evaluated(self, sums: np.ndarray, n: int) -> Dict[str, object]:
         """{"loss": ..., task metrics} from the global float64 [loss sum, *task sums]."""
@@ -149,21 +181,26 @@ class TrainerBase:
             optimizer_state=opt_state,
             optimizer={"name": self.optimizer.name, "steps": opt.steps, **opt.hyper()},
             config=config, layout={"world_size": g.world.Get_size(), "pp": g.pp, "dp": g.dp},
-            sampler=s.meta(), task=self.task.describe(),
+            sampler=s.meta(), task=self.task.describe(), model=dict(self.spec),
             rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
                                  f"({s.n}), cut into batches of {s.batch_size}",
                  "init": "numpy.random.default_rng([seed, layer index]) per layer",
+                 "dropout": "a hash of (seed, step, global sample id, layer, unit)",
                  "stateful_generators": {}})
 
     def mismatch(self, state: State, config: Dict[str, Any]) -> Optional[str]:
         """Why ``state`` cannot continue this run, or None: a ConfigError template
         naming the parameters involved as ``{name}``."""
+        spec = state.model.get("spec")
+        if spec and self.spec and spec != self.spec.get("spec"):
+            return (f"written for the model {spec}, this run's is {self.spec['spec']} "
+                    "(check {model} or {hidden})")
         shapes = {n: a.shape for n, a in state.params.items()}
         if shapes != self.shapes:
             for name in sorted(set(shapes) | set(self.shapes)):
                 if shapes.get(name) != self.shapes.get(name):
                     return (f"parameter {name!r} is {shapes.get(name)} in the checkpoint and "
-                            f"{self.shapes.get(name)} in this model (check {{hidden}})")
+                            f"{self.shapes.get(name)} in this model (check {{model}} or {{hidden}})")
         dtype = next(iter(state.params.values())).dtype
         if dtype != self.model.dtype:
             return (f"parameters are {dtype} in the checkpoint, {self.model.dtype} here "

@@ -5,7 +5,9 @@ One step on every rank of ``comm``::
     ids   = the rank's slice of global batch k            (data.sampler.Sampler)
     x, y  = rows ids of the shards                        (data.shards.Shards)
     grads = d/dθ [ sum of the rank's per-sample losses / B ]   (B: global batch)
+            (with ``accumulate`` K: in K sequential micro-batches, added up)
     exchange(grads)  ->  sum over ranks = d/dθ [ mean loss of the global batch ]
+    (clip the sum to a global norm)
     optimizer.step()
 
 Dividing by the global batch B before the sum, rather than averaging the
@@ -29,6 +31,7 @@ from ..comm.topology import make_grid
 from ..data.prefetch import Prefetcher
 from ..data.sampler import Sampler
 from ..data.shards import Shards
+from ..model.layers import Context, saved_bytes
 from ..model.optim import Optimizer
 from ..model.sequential import Sequential
 from ..model.tasks import Classification, Task
@@ -43,15 +46,19 @@ class Trainer(TrainerBase):
     ``task`` says what the targets are and which metrics to compute (default:
     classification into the model's output width).  ``allreduce``,
     ``bucket_mb``, ``overlap``, ``progress`` and ``grad_dtype`` choose how the
-    gradients are summed (see ``comm.exchange``).
+    gradients are summed (see ``comm.exchange``).  ``accumulate``: micro-batches
+    per step; ``clip_grad_norm``: the summed gradient's largest norm; ``seed``
+    keys dropout's draws.
     """
 
     def __init__(self, model: Sequential, loss, optimizer: Optimizer, train: Shards,
                  sampler: Sampler, comm: MPI.Comm, val: Optional[Shards] = None, *,
                  task: Optional[Task] = None, allreduce: str = "mpi", bucket_mb: float = 2.0,
                  overlap: bool = True, progress: str = "thread",
-                 grad_dtype: Optional[str] = None):
+                 grad_dtype: Optional[str] = None, accumulate: int = 1,
+                 clip_grad_norm: Optional[float] = None, seed: int = 0):
         self.model, self.loss, self.optimizer, self.comm = model, loss, optimizer, comm
+        self.accumulate = accumulate
         if task is None:
             last = model.layers[-1].shapes().get("weight", (2,))  # (out, in)
             task = Classification(last[0])
@@ -79,7 +86,7 @@ class Trainer(TrainerBase):
         self.exchange.adopt(model, optimizer)
         self.xbuf = self.exchange.buffer
         self._prefetch: Optional[Prefetcher] = None
-        self._init_common()
+        self._init_common(clip_grad_norm, seed)
 
     def prefetch(self, start: int, stop: int) -> None:
         """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""
@@ -107,20 +114,33 @@ class Trainer(TrainerBase):
         """
         t0 = time.perf_counter()
         if self._prefetch is not None:
-            x, y, batch = self._prefetch.get(step)  # read while the last step computed
+            ids, x, y, batch = self._prefetch.get(step)  # read while the last step computed
         else:
             ids, batch = self.sampler.local(step, self.rank, self.size)
-            x, y = self.train.read(ids)  # (b, features), (b, *targets)
+            x, y = self.train.read(ids)  # (b, *features), (b, *targets)
         t1 = time.perf_counter()
         self.on_phase("computing")
         metrics = self.xbuf[self.metrics]  # (2 + task.width,): loss sum, stop, task sums
+        metrics[:] = 0
+        # K micro-batches, one after the other: the first writes the gradients, the
+        # others add to them, and only the last reports what is final to the exchange.
+        count = max(1, min(self.accumulate, len(ids)))
+        parts = [rank_slice(len(ids), k, count) for k in range(count)]
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
-            out, saved = self.model.forward(x)  # (b, outputs)
-            loss_sum, dout = self.loss(out, self.task.targets(y, out.dtype), 1.0 / batch)
-            metrics[0], metrics[1] = loss_sum, 1.0 if stop else 0.0
-            metrics[2:] = self.task.sums(out, y)
-            # Reporting what is final even without overlap keeps both paths' bits equal.
-            self.model.backward(dout, saved, final_from=self.exchange.ready)
+            for k, (lo, hi) in enumerate(parts):
+                ctx = Context(training=True, step=step, ids=ids[lo:hi], seed=self.seed)
+                out, saved = self.model.forward(x[lo:hi], ctx)  # (b / K, outputs)
+                self.peak_activation_bytes = max(self.peak_activation_bytes,
+                                                 saved_bytes(saved))
+                y_k = y[lo:hi]
+                loss_sum, dout = self.loss(out, self.task.targets(y_k, out.dtype), 1.0 / batch)
+                metrics[0] += loss_sum
+                metrics[2:] += self.task.sums(out, y_k)
+                # Reporting what is final even without overlap keeps both paths' bits equal.
+                last = k == len(parts) - 1
+                self.model.backward(dout, saved, accumulate=k > 0,
+                                    final_from=self.exchange.ready if last else None)
+            metrics[1] = 1.0 if stop else 0.0
         t2 = time.perf_counter()
         self.on_phase("exchange")
         self.exchange.wait()  # only what backward did not hide
@@ -137,7 +157,7 @@ class Trainer(TrainerBase):
         sums = np.zeros(1 + self.task.width)  # loss sum, task sums
         for a in range(lo, hi, chunk):
             x, y = self.val.read_range(a, min(hi, a + chunk))
-            out = self.model(x)
+            out = self.model(x)  # evaluation: no dropout
             sums[0] += self.loss(out, self.task.targets(y, out.dtype), 1.0)[0]
             sums[1:] += self.task.sums(out, y)
         self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)

@@ -8,7 +8,10 @@ travel forward (activations) and backward (gradients) between neighbouring
 stages by buffer-based point-to-point messages on ``grid.pp_comm``, in the
 order a schedule (``schedules.py``) gives.  After the last backward pass each
 stage sums its gradients over its replicas (``grid.dp_comm``) through the
-same ``Exchange`` the data-parallel trainer uses.
+same ``Exchange`` the data-parallel trainer uses.  With ``accumulate`` K the
+replica's part is first cut into K chunks, run one after the other, each its
+M micro-batches through the schedule: a stage holds one chunk's activations
+at a time, and the gradients add up over all K x M micro-batches.
 
 Point-to-point verbs are named from the stage's side, as in Megatron-LM:
 ``recv_forward``, ``send_forward``, ``recv_backward``, ``send_backward``.
@@ -30,13 +33,13 @@ from ...comm.exchange import Exchange
 from ...comm.topology import Grid
 from ...data.sampler import Sampler
 from ...data.shards import Shards
-from ...model.layers import Layer, Linear, saved_bytes
+from ...model.layers import Context, Layer, saved_bytes
 from ...model.optim import make_optimizer
 from ...model.sequential import Sequential
 from ...model.tasks import Classification, Task
 from ...runtime import ConfigError, agreed
 from ..base import TrainerBase
-from .partition import stage_ranges
+from .partition import shapes_along, stage_ranges
 from .schedules import MAX_MICROBATCHES, SCHEDULES, peak_alive, schedule
 
 __all__ = ["PipelineTrainer"]
@@ -46,9 +49,12 @@ __all__ = ["PipelineTrainer"]
 class _Step:
     """What one step's micro-batches share on this stage."""
 
+    step: int
     batch: int  # the global batch
-    parts: List[Tuple[int, int]]  # micro-batch k is rows parts[k] of the replica's part
-    x: Optional[np.ndarray] = None  # (b, features): the first stage's rows
+    ids: np.ndarray  # (b,) the replica's global sample ids (dropout draws by them)
+    parts: List[Tuple[int, int]] = field(default_factory=list)  # micro-batch k of the chunk
+    chunk: int = 0  # which of the ``accumulate`` chunks runs
+    x: Optional[np.ndarray] = None  # (b, *features): the first stage's rows
     y: Optional[np.ndarray] = None  # (b,): the last stage's labels
     alive: Dict[int, Any] = field(default_factory=dict)  # k -> what backward needs
     held: int = 0  # bytes saved by the micro-batches in ``alive``
@@ -57,16 +63,18 @@ class _Step:
 class PipelineTrainer(TrainerBase):
     """Pipeline (and data) parallel training on a ``Grid``.
 
-    ``layers`` is the whole model; this rank builds only its stage, with the
-    same names and initial values it has in the whole model.
+    ``layers`` is the whole model, for samples of ``shape``; this rank builds
+    only its stage, with the same names and initial values it has in the whole
+    model.
     """
 
     def __init__(self, layers: Sequence[Layer], grid: Grid, loss, optimizer_name: str,
                  opt_args: Dict[str, Any], train: Shards, sampler: Sampler, *,
-                 microbatches: int, schedule: str = "1f1b", allreduce: str = "mpi",
-                 val: Optional[Shards] = None, dtype="float32", seed: int = 0,
-                 stage_layers: Optional[Sequence[int]] = None, grad_dtype: Optional[str] = None,
-                 task: Optional[Task] = None):
+                 shape: Sequence[int], microbatches: int, schedule: str = "1f1b",
+                 allreduce: str = "mpi", val: Optional[Shards] = None, dtype="float32",
+                 seed: int = 0, stage_layers: Optional[Sequence[int]] = None,
+                 grad_dtype: Optional[str] = None, task: Optional[Task] = None,
+                 accumulate: int = 1, clip_grad_norm: Optional[float] = None):
         if schedule not in SCHEDULES:
             raise ConfigError(f"{{schedule}}: expected one of {', '.join(SCHEDULES)}, got "
                               f"{schedule!r}", ["schedule"])
@@ -74,13 +82,11 @@ class PipelineTrainer(TrainerBase):
             raise ConfigError(f"{{microbatches}}: expected a value in 1..{MAX_MICROBATCHES}, "
                               f"got {microbatches}", ["microbatches"], everywhere=True)
         self.grid, self.loss, self.sampler = grid, loss, sampler
-        if task is None:
-            task = Classification([layer for layer in layers
-                                   if isinstance(layer, Linear)][-1].out_features)
-        self.task = task
+        along = shapes_along(layers, shape)  # a sample's shape before each layer
+        self.task = task or Classification(along[-1][0])
         self.train, self.val = train, val
-        self.microbatches, self.schedule = microbatches, schedule
-        self.ranges = stage_ranges(layers, grid.pp, stage_layers)
+        self.microbatches, self.schedule, self.accumulate = microbatches, schedule, accumulate
+        self.ranges = stage_ranges(layers, grid.pp, stage_layers, shape=shape)
         a, b = self.ranges[grid.pp_rank]
         self.model = Sequential(layers[a:b], dtype=dtype, seed=seed, index=range(a, b))
         self.shapes, self.stage_names = {}, []
@@ -91,8 +97,7 @@ class PipelineTrainer(TrainerBase):
                     self.shapes[f"{i}.{key}"] = tuple(shape)
                     names.append(f"{i}.{key}")
             self.stage_names.append(names)
-        linears = [layer for layer in layers[a:b] if isinstance(layer, Linear)]
-        self.in_width, self.out_width = linears[0].in_features, linears[-1].out_features
+        self.in_shape, self.out_shape = along[a], along[b]  # what arrives, what leaves
         self.optimizer = make_optimizer(optimizer_name, self.model.params, self.model.grads,
                                         **opt_args)
         # The stage's gradients are summed over its replicas after its last backward pass.
@@ -103,19 +108,21 @@ class PipelineTrainer(TrainerBase):
             overlap=False, wire=grad_dtype))
         self.check_replicas()
         self.exchange.adopt(self.model, self.optimizer)
-        self.metrics = np.zeros(2 + task.width)  # loss sum, stop, task sums; over the world
+        self.metrics = np.zeros(2 + self.task.width)  # loss sum, stop, task sums; over world
         # Receive buffers: a pool of activation slots (one per micro-batch that can be
         # alive at once on this stage) and one gradient buffer; views of them are used.
         per_replica = -(-sampler.batch_size // grid.dp)  # ceil: the largest replica part
-        rows = -(-per_replica // microbatches)  # ... and its largest micro-batch
+        per_chunk = -(-per_replica // accumulate)  # ... its largest chunk
+        rows = -(-per_chunk // microbatches)  # ... and that chunk's largest micro-batch
         self.slots = peak_alive(schedule, grid.pp, grid.pp_rank, microbatches)
         dt = self.model.dtype
-        self.act_pool = (np.empty((self.slots, rows, self.in_width), dt) if grid.pp_rank
+        self.act_pool = (np.empty((self.slots, rows, *self.in_shape), dt) if grid.pp_rank
                          else None)
-        self.grad_buf = np.empty((rows, self.out_width), dt) if not grid.is_last_stage else None
+        self.grad_buf = (np.empty((rows, *self.out_shape), dt) if not grid.is_last_stage
+                         else None)
         self._sends: List[Tuple[MPI.Request, np.ndarray]] = []  # (request, its buffer)
         self._step: Optional[_Step] = None  # the step in progress
-        self._init_common()
+        self._init_common(clip_grad_norm, seed)
         self.peak_alive = 0  # micro-batches whose activations were held at once
         self.times["wait"] = 0.0  # blocked in recv_forward / recv_backward: the bubble
 
@@ -135,7 +142,7 @@ class PipelineTrainer(TrainerBase):
 
     # -- point-to-point verbs, named from this stage's side -------------------------------
     def recv_forward(self, k: int, rows: int) -> np.ndarray:
-        """The activation of micro-batch ``k`` from the previous stage, (rows, in_width)."""
+        """The activation of micro-batch ``k`` from the previous stage, (rows, *in_shape)."""
         buf = self.act_pool[k % self.slots, :rows]
         t0 = time.perf_counter()
         self.grid.pp_comm.Recv(buf, source=self.grid.prev_rank, tag=2 * k)
@@ -150,11 +157,11 @@ class PipelineTrainer(TrainerBase):
         self._sends.append((self.grid.pp_comm.Isend(buf, dest=dest, tag=tag), buf))
 
     def send_forward(self, k: int, y: np.ndarray) -> None:
-        """Send micro-batch ``k``'s output (rows, out_width) to the next stage."""
+        """Send micro-batch ``k``'s output (rows, *out_shape) to the next stage."""
         self._isend(y, self.grid.next_rank, 2 * k)
 
     def recv_backward(self, k: int, rows: int) -> np.ndarray:
-        """dL/d(output) of micro-batch ``k`` from the next stage, (rows, out_width)."""
+        """dL/d(output) of micro-batch ``k`` from the next stage, (rows, *out_shape)."""
         buf = self.grad_buf[:rows]
         t0 = time.perf_counter()
         self.grid.pp_comm.Recv(buf, source=self.grid.next_rank, tag=2 * k + 1)
@@ -162,7 +169,7 @@ class PipelineTrainer(TrainerBase):
         return buf
 
     def send_backward(self, k: int, dx: np.ndarray) -> None:
-        """Send dL/d(input) of micro-batch ``k`` (rows, in_width) to the previous stage."""
+        """Send dL/d(input) of micro-batch ``k`` (rows, *in_shape) to the previous stage."""
         self._isend(dx, self.grid.prev_rank, 2 * k + 1)
 
     # -- one micro-batch -------------------------------------------------------------------
@@ -170,8 +177,9 @@ class PipelineTrainer(TrainerBase):
         lo, hi = st.parts[k]
         x = st.x[lo:hi] if self.grid.is_first_stage else self.recv_forward(k, hi - lo)
         self.on_phase("computing")
+        ctx = Context(training=True, step=st.step, ids=st.ids[lo:hi], seed=self.seed)
         with np.errstate(over="ignore", invalid="ignore"):
-            out, saved = self.model.forward(x)
+            out, saved = self.model.forward(x, ctx)
             if self.grid.is_last_stage:
                 y = st.y[lo:hi]
                 loss_sum, dout = self.loss(out, self.task.targets(y, out.dtype), 1.0 / st.batch)
@@ -196,9 +204,10 @@ class PipelineTrainer(TrainerBase):
         self.on_phase("computing")
         first = self.grid.is_first_stage
         with np.errstate(over="ignore", invalid="ignore"):
-            # Micro-batch 0 overwrites the gradients, later ones add to them, in the
-            # same order under both schedules, so both give the same bits.
-            dx = self.model.backward(dy, saved, need_dx=not first, accumulate=k > 0)
+            # The step's first micro-batch overwrites the gradients, later ones add to
+            # them, in the same order under both schedules, so both give the same bits.
+            dx = self.model.backward(dy, saved, need_dx=not first,
+                                     accumulate=k > 0 or st.chunk > 0)
         if not first:
             self.send_backward(k, dx)
 
@@ -208,18 +217,23 @@ class PipelineTrainer(TrainerBase):
         g = self.grid
         t0 = time.perf_counter()
         ids, batch = self.sampler.local(step, g.dp_rank, g.dp)
-        st = _Step(batch, [rank_slice(len(ids), k, self.microbatches)
-                           for k in range(self.microbatches)])
+        st = _Step(step, batch, ids)
         self.on_phase("reading data")
-        if g.is_first_stage:  # (b, features), (b,)
+        if g.is_first_stage:  # (b, *features), (b, *targets)
             st.x, st.y = self.train.read(ids)
         elif g.is_last_stage:
-            st.y = self.train.read_labels(ids)  # (b,)
+            st.y = self.train.read_labels(ids)  # (b, *targets)
         t1 = time.perf_counter()
         self.metrics[:] = 0
         wait0 = self.times["wait"]
-        for op, k in schedule(self.schedule, g.pp, g.pp_rank, self.microbatches):
-            (self._forward if op == "F" else self._backward)(st, k)
+        for c in range(self.accumulate):  # chunk c: rows [a, b) of the replica's part
+            a, b = rank_slice(len(ids), c, self.accumulate)
+            st.chunk = c
+            st.parts = [(a + lo, a + hi) for lo, hi in
+                        (rank_slice(b - a, k, self.microbatches)
+                         for k in range(self.microbatches))]
+            for op, k in schedule(self.schedule, g.pp, g.pp_rank, self.microbatches):
+                (self._forward if op == "F" else self._backward)(st, k)
         MPI.Request.Waitall([r for r, _ in self._sends])
         self._sends.clear()
         t2 = time.perf_counter()
@@ -239,7 +253,7 @@ class PipelineTrainer(TrainerBase):
         self.on_phase("evaluation")
         lo, hi = rank_slice(len(self.val), g.dp_rank, g.dp)
         sums = np.zeros(1 + self.task.width)  # loss sum, task sums
-        buf = np.empty((min(chunk, max(hi - lo, 1)), self.in_width), self.model.dtype)
+        buf = np.empty((min(chunk, max(hi - lo, 1)), *self.in_shape), self.model.dtype)
         sending: List[Tuple[MPI.Request, np.ndarray]] = []
         for k, a in enumerate(range(lo, hi, chunk)):
             b = min(hi, a + chunk)
