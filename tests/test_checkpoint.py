@@ -20,7 +20,9 @@ def make_state(step=100, seed=0):
                  optimizer={"name": "adam", "steps": step, "lr": 0.001},
                  config={"hidden": [4], "lr": 0.001}, layout={"world_size": 4, "pp": 1, "dp": 4},
                  sampler={"seed": 0, "batch_size": 8, "samples": 96, "drop_last": False},
-                 rng={"sample_order": "default_rng([seed, epoch])"})
+                 rng={"sample_order": "default_rng([seed, epoch])"},
+                 model={"spec": "linear(4)", "input_shape": [3]},
+                 loop={"lr": 0.001, "best": 0.25, "best_step": 96, "bad_evals": 1})
 
 
 def test_round_trip(tmp_path):
@@ -28,6 +30,7 @@ def test_round_trip(tmp_path):
     path, nbytes = checkpoint.save(str(tmp_path), state)
     assert path == str(tmp_path / "ckpt-000000100.h5") and nbytes == os.path.getsize(path)
     got = checkpoint.load(path)
+    assert got.model == state.model and got.loop == state.loop
     for name in state.params:
         np.testing.assert_array_equal(got.params[name], state.params[name])
         assert got.params[name].dtype == np.float32
@@ -42,7 +45,7 @@ def test_round_trip(tmp_path):
 def test_the_file_is_plain_hdf5_with_the_documented_schema(tmp_path):
     path, _ = checkpoint.save(str(tmp_path), make_state())
     with h5py.File(path, "r") as f:
-        assert f.attrs["format"] == "mpitrain.checkpoint" and f.attrs["format_version"] == 2
+        assert f.attrs["format"] == "mpitrain.checkpoint" and f.attrs["format_version"] == 3
         assert sorted(f["params"]) == ["0.bias", "0.weight"]
         assert sorted(f["optimizer"]) == ["m", "v"]
         seen = []
@@ -132,11 +135,32 @@ def test_a_version_1_checkpoint_still_loads(tmp_path):
     path, _ = checkpoint.save(str(tmp_path), make_state())
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 1
-        del f.attrs["task"]  # version 1 had none
-        texts = [str(f.attrs[k]) for k in checkpoint.V1_JSON]
+        for key in ("task", "model", "loop"):  # version 1 had none
+            del f.attrs[key]
+        texts = [str(f.attrs[k]) for k in checkpoint.JSON_OF[1]]
         f.attrs["meta_crc32"] = zlib.crc32("\n".join(texts).encode()) & 0xFFFFFFFF
     assert checkpoint.load(path).step == 100 and checkpoint.load(path).task == {}
     json.dumps(checkpoint.load(path).config)
+
+
+def test_a_version_2_checkpoint_still_loads(tmp_path):
+    """Version 2 had no model nor loop attributes; its checksum covers what it had."""
+    import json
+    import zlib
+
+    path, _ = checkpoint.save(str(tmp_path), make_state())
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = 2
+        for key in ("model", "loop"):
+            del f.attrs[key]
+        attrs = {k: f.attrs[k] for k in checkpoint.SCALAR_ATTRS + checkpoint.JSON_OF[2]}
+        attrs = {k: (int(v) if k in ("format_version", "step", "epoch", "epoch_step")
+                     else str(v)) for k, v in attrs.items()}
+        text = json.dumps(attrs, sort_keys=True)
+        f.attrs["meta_crc32"] = zlib.crc32(text.encode()) & 0xFFFFFFFF
+    state = checkpoint.load(path)
+    assert state.step == 100 and state.model == {} and state.loop == {}
+    assert state.task == make_state().task
 
 
 def test_a_failed_write_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path):

@@ -73,7 +73,9 @@ def test_kill_during_a_checkpoint_write(small_data, tmp_path, reference):
     names = sorted(os.listdir(tmp_path))  # the run directory is the checkpoint directory
     assert names[0].startswith(".ckpt-000000020.h5.tmp-")
     # The killed job's lock stays (its flock went with the process): the relaunch takes it.
-    assert names[1:] == [".mpitrain.lock", "ckpt-000000010.h5", "metrics.jsonl", "run.jsonl"]
+    # best.h5: the best evaluation so far (each epoch's end, step 9 and 18), never pruned.
+    assert names[1:] == [".mpitrain.lock", "best.h5", "ckpt-000000010.h5", "metrics.jsonl",
+                         "run.jsonl"]
     assert checkpoint.load(str(tmp_path / "ckpt-000000010.h5")).step == 10
     again = train(4, small_data, tmp_path)
     assert again.returncode == 0, again.stderr
@@ -179,8 +181,8 @@ def test_resume_errors(small_data, tmp_path):
                              "overwrite them") == 1
     other = train(2, small_data, tmp_path, "--hidden", "8")
     assert other.returncode == 2
-    assert ("cannot resume: parameter '0.bias' is (16,) in the checkpoint and (8,) in this "
-            "model") in other.stderr
+    assert ("cannot resume: written for the model linear(16),relu,linear(3), this run's is "
+            "linear(8),relu,linear(3) (check --model or --hidden)") in other.stderr
     batch = train(2, small_data, tmp_path, "--batch-size", "32")
     assert batch.returncode == 2 and "written with --batch-size 64, this run has 32" in batch.stderr
     bad = tmp_path / "bad.h5"
@@ -259,9 +261,10 @@ def test_pipeline_checkpoints_resume_bitwise_and_in_another_layout(small_data, t
 
 @pytest.mark.parametrize("args,message", [
     (["--pp", "3"], "--pp 3: the 4 ranks do not split into 3 pipeline stages"),
-    (["--pp", "4", "--hidden", "8"], "--pp 4: more pipeline stages than the model's 2 Linear"),
+    (["--pp", "4", "--hidden", "8"], "--pp 4: more pipeline stages than the model's 2 layers with "
+                                     "parameters"),
     (["--pp", "2", "--stage-layers", "1,1"], "--stage-layers 1,1: expected 2 counts >= 1 "
-                                             "adding up to the model's 3 Linear layers"),
+                                             "adding up to the model's 3 layers with parameters"),
     (["--pp", "2", "--batch-size", "1"], "--batch-size 1 is smaller than the 2 data-parallel "
                                          "replicas"),
 ])

@@ -1,8 +1,8 @@
 """Crash-safe HDF5 checkpoints: one self-describing file per checkpoint.
 
-Schema (format ``mpitrain.checkpoint``, version 2)::
+Schema (format ``mpitrain.checkpoint``, version 3)::
 
-    ckpt-000000200.h5
+    ckpt-000000200.h5 (or best.h5: the best evaluation's state)
       attrs   format="mpitrain.checkpoint", format_version=2, mpitrain_version,
               step (steps done), epoch, epoch_step (steps done in that epoch),
               created (UTC, ISO 8601),
@@ -13,6 +13,11 @@ Schema (format ``mpitrain.checkpoint``, version 2)::
               optimizer   JSON: {"name", "steps", ...hyper-parameters}
               task        JSON: the task (classification and its classes, or regression
                           and its standardisation, or multilabel)
+              model       JSON: {"spec": the model as text, "input_shape": a sample's}
+                          (version 3; older files were MLPs of config's hidden)
+              loop        JSON: the training loop's state: the learning rate of the last
+                          step, the monitored metric's best value and step, evaluations
+                          without improvement, whether it stopped early (version 3)
               meta_crc32  CRC-32 of every attribute above: the JSON object
                           {name: value} of them all, keys sorted (version 1: of the
                           five JSON attributes alone, joined by newlines)
@@ -55,13 +60,15 @@ import numpy as np
 from ..runtime import EXIT_IO, MpitrainError
 
 __all__ = ["FORMAT", "VERSION", "State", "CheckpointError", "CheckpointWriteError", "save",
-           "load", "inspect", "crc32", "os_reason", "file_name", "host"]
+           "load", "inspect", "crc32", "os_reason", "file_name", "host", "BEST"]
 
-FORMAT, VERSION = "mpitrain.checkpoint", 2
+FORMAT, VERSION = "mpitrain.checkpoint", 3
 SCALAR_ATTRS = ("format", "format_version", "mpitrain_version", "step", "epoch", "epoch_step",
                 "created")
-JSON_ATTRS = ("config", "layout", "sampler", "rng", "optimizer", "task")
-V1_JSON = JSON_ATTRS[:5]  # version 1 had no task (it was always classification)
+JSON_ATTRS = ("config", "layout", "sampler", "rng", "optimizer", "task", "model", "loop")
+# The JSON attributes of each version: 1 had no task (it was always classification), 2 no
+# model nor loop (the model was the MLP of config's hidden).
+JSON_OF = {1: JSON_ATTRS[:5], 2: JSON_ATTRS[:6], 3: JSON_ATTRS}
 
 
 class CheckpointError(MpitrainError):
@@ -91,6 +98,8 @@ class State:
     rng: Dict[str, object] = field(default_factory=dict)
     mpitrain_version: str = ""
     task: Dict[str, object] = field(default_factory=dict)  # model.tasks.Task.describe()
+    model: Dict[str, object] = field(default_factory=dict)  # {"spec", "input_shape"}
+    loop: Dict[str, object] = field(default_factory=dict)  # the training loop's state
 
 
 def crc32(arr: np.ndarray) -> int:
@@ -103,9 +112,10 @@ def _meta_crc(texts: List[str]) -> int:
     return zlib.crc32("\n".join(texts).encode()) & 0xFFFFFFFF
 
 
-def _all_crc(attrs: Dict[str, object]) -> int:
-    """Version 2: every attribute (``SCALAR_ATTRS`` and ``JSON_ATTRS``), as one JSON text."""
-    text = json.dumps({k: attrs[k] for k in SCALAR_ATTRS + JSON_ATTRS}, sort_keys=True)
+def _all_crc(attrs: Dict[str, object], version: int = VERSION) -> int:
+    """Version 2 on: every attribute (``SCALAR_ATTRS`` and the version's JSON ones), as
+    one JSON text."""
+    text = json.dumps({k: attrs[k] for k in SCALAR_ATTRS + JSON_OF[version]}, sort_keys=True)
     return zlib.crc32(text.encode()) & 0xFFFFFFFF
 
 
@@ -150,6 +160,9 @@ def _consistent(state: "State") -> Optional[str]:
     return None
 
 
+BEST = "best.h5"  # the best evaluation's state: never pruned, never resumed from by 'auto'
+
+
 def file_name(step: int) -> str:
     """The checkpoint file of ``step``: ckpt-000000200.h5."""
     return f"ckpt-{step:09d}.h5"
@@ -166,9 +179,10 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save(directory: str, state: State, *,
+def save(directory: str, state: State, *, name: Optional[str] = None,
          die_midway: Optional[Callable[[], None]] = None) -> Tuple[str, int]:
-    """Write ``state`` as ``directory/ckpt-<step>.h5``, crash-safely; return (path, bytes).
+    """Write ``state`` as ``directory/ckpt-<step>.h5`` (or ``name``), crash-safely; return
+    (path, bytes).
 
     ``die_midway`` (fault injection) is called after half the datasets are
     written, before anything is renamed.
@@ -177,8 +191,9 @@ def save(directory: str, state: State, *,
 
     from .. import __version__
 
-    final = os.path.join(directory, file_name(state.step))
-    tmp = os.path.join(directory, f".{file_name(state.step)}.tmp-{host()}-{os.getpid()}")
+    name = name or file_name(state.step)
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, f".{name}.tmp-{host()}-{os.getpid()}")
     attrs: Dict[str, object] = {
         "format": FORMAT, "format_version": VERSION, "mpitrain_version": __version__,
         "step": int(state.step), "epoch": int(state.epoch), "epoch_step": int(state.epoch_step),
@@ -301,7 +316,7 @@ def _read(path: str, strict: bool):
             if version > VERSION:
                 raise CheckpointError(f"{path}: format version {version} is newer than "
                                       f"this mpitrain reads ({VERSION})")
-            json_attrs = JSON_ATTRS if version >= 2 else V1_JSON
+            json_attrs = JSON_OF.get(version, JSON_ATTRS)
             missing = [k for k in SCALAR_ATTRS + json_attrs + ("meta_crc32",)
                        if k not in f.attrs]
             if missing:
@@ -312,7 +327,7 @@ def _read(path: str, strict: bool):
                                                         "epoch_step")})
             attrs.update({k: str(f.attrs[k]) for k in json_attrs})
             texts = [attrs[key] for key in json_attrs]
-            crc = _all_crc(attrs) if version >= 2 else _meta_crc(texts)
+            crc = _all_crc(attrs, version) if version >= 2 else _meta_crc(texts)
             meta_ok = crc == int(f.attrs["meta_crc32"])
             rows.append(("metadata", (), "json", meta_ok))
             if strict and not meta_ok:
@@ -341,7 +356,8 @@ def _read(path: str, strict: bool):
                           config=meta["config"], layout=meta["layout"],
                           sampler=meta["sampler"], rng=meta["rng"],
                           mpitrain_version=attrs["mpitrain_version"],
-                          task=meta.get("task") or {})
+                          task=meta.get("task") or {}, model=meta.get("model") or {},
+                          loop=meta.get("loop") or {})
             why = _consistent(state) or _complete(state)
             rows.append(("consistency", (), "check", why is None))
             if why and strict:

@@ -36,6 +36,7 @@ class Checkpoints:
         self.faults = faults or Faults(None)
         self.written, self.seconds, self.last_bytes = 0, 0.0, 0
         self.lock: Optional[DirectoryLock] = None
+        self.loop: Dict[str, Any] = {}  # the resumed checkpoint's loop state, on every rank
 
     def open(self) -> List[str]:
         """Before anything is written (collective): make the directory if needed, take
@@ -132,7 +133,7 @@ class Checkpoints:
         steps it had done (0 without one)."""
         chosen: Dict[str, State] = {}  # rank 0's; trainer.restore sends it out
 
-        def choose() -> Optional[int]:
+        def choose() -> Optional[Tuple[int, Dict[str, Any]]]:
             state, path = self._choose(trainer)
             if state is None:
                 return None
@@ -144,11 +145,12 @@ class Checkpoints:
                      f"{was.get('dp')}), now {g.world.Get_size()} (pp {g.pp} x dp {g.dp}); "
                      f"{how}")
             chosen["state"] = state
-            return state.step
+            return state.step, state.loop
 
-        step = on_root(self.comm, choose)
-        if step is None:
+        got = on_root(self.comm, choose)
+        if got is None:
             return 0
+        step, self.loop = got
         trainer.restore(chosen.get("state"))
         return step
 
@@ -159,20 +161,29 @@ class Checkpoints:
         periodic = self.every and done % self.every == 0
         return bool(periodic or done == total or stopping)
 
-    def save(self, trainer, step: int) -> None:
-        """Write the checkpoint of ``step`` from rank 0 and prune old ones (collective)."""
+    def save(self, trainer, step: int, loop: Optional[Dict[str, Any]] = None, *,
+             periodic: bool = True, best: bool = False) -> None:
+        """Write the state after ``step`` from rank 0 (collective): as the checkpoint of
+        ``step`` (``periodic``; older ones pruned) and/or as best.h5 (``best``, never
+        pruned), one capture for both; ``loop``: the training loop's state."""
         t0 = time.perf_counter()
         state = trainer.capture(step, self.config)  # gathered on rank 0
 
         def write() -> Tuple[float, int]:
-            path, nbytes = checkpoint.save(self.directory, state,
-                                           die_midway=self.faults.in_checkpoint(step))
-            removed = store.prune(self.directory, self.keep_last, step)
-            seconds = time.perf_counter() - t0
-            self.say(f"checkpoint {path}: step {step}, {nbytes / 1e6:.1f} MB in "
-                     f"{seconds * 1e3:.0f} ms"
-                     + (f"; removed {len(removed)} older" if removed else ""))
-            return seconds, nbytes
+            state.loop = dict(loop or {})
+            nbytes = 0
+            if periodic:
+                path, nbytes = checkpoint.save(self.directory, state,
+                                               die_midway=self.faults.in_checkpoint(step))
+                removed = store.prune(self.directory, self.keep_last, step)
+                self.say(f"checkpoint {path}: step {step}, {nbytes / 1e6:.1f} MB in "
+                         f"{(time.perf_counter() - t0) * 1e3:.0f} ms"
+                         + (f"; removed {len(removed)} older" if removed else ""))
+            if best:
+                path, size = checkpoint.save(self.directory, state, name=checkpoint.BEST)
+                nbytes = nbytes or size
+                self.say(f"best checkpoint {path}: step {step} (the best evaluation so far)")
+            return time.perf_counter() - t0, nbytes
 
         seconds, nbytes = on_root(self.comm, write)
         self.written += 1

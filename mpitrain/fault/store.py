@@ -11,8 +11,8 @@ from .checkpoint import CheckpointError, State, host, load
 __all__ = ["NAME", "LEFTOVER", "listing", "newest_valid", "clean_leftovers", "prune"]
 
 NAME = re.compile(r"^ckpt-(\d{9})\.h5$")
-# .ckpt-000000020.h5.tmp-HOST-PID (version 1 wrote .tmp-PID)
-LEFTOVER = re.compile(r"^\.ckpt-\d{9}\.h5\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
+# .ckpt-000000020.h5.tmp-HOST-PID or .best.h5.tmp-HOST-PID (version 1 wrote .tmp-PID)
+LEFTOVER = re.compile(r"^\.(?:ckpt-\d{9}|best)\.h5\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 
 
 def _remove_quietly(path: str) -> None:

@@ -21,18 +21,19 @@ from ..data.checks import check_dataset
 from ..data.manifest import Manifest, read_manifest
 from ..data.sampler import Sampler
 from ..data.shards import Shards
-from ..model.layers import mlp
 from ..model.losses import make_loss
 from ..model.optim import make_optimizer
+from ..model.schedule import Schedule
 from ..model.sequential import Sequential
+from ..model.spec import SpecError, build as build_layers, canonical, mlp_spec
 from ..model.tasks import make_task
 from ..parallel.base import TrainerBase
 from ..parallel.data_parallel import Trainer
-from ..parallel.pipeline.partition import stage_ranges
+from ..parallel.pipeline.partition import shapes_along, stage_ranges
 from ..parallel.pipeline.stage import PipelineTrainer
 from ..runtime import ConfigError, MpitrainError, agreed, literal
 
-__all__ = ["build", "open_data"]
+__all__ = ["build", "open_data", "model_spec", "lr_schedule"]
 
 
 def open_data(cfg: Config, comm: MPI.Comm, replicas: int) -> Tuple[Manifest, Shards, Shards]:
@@ -94,17 +95,21 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / 1e3:,.1f} kB"
 
 
-def check_memory(cfg: Config, comm: MPI.Comm, layers, stages) -> None:
+def check_memory(cfg: Config, comm: MPI.Comm, layers, stages, shape) -> None:
     """Refuse, before anything is allocated, a model whose arrays cannot fit in this
     node's memory, naming what they would need (collective)."""
     itemsize = np.dtype(cfg.dtype).itemsize
-    counts = [sum(math.prod(shape) for layer in layers[a:b]
-                  for shape in layer.shapes().values()) for a, b in stages]
+    counts = [sum(math.prod(s) for layer in layers[a:b] for s in layer.shapes().values())
+              for a, b in stages]
     state = {"sgd": 0, "momentum": 1}.get(cfg.optimizer, 2)
     arrays = 3 + state  # parameters, gradients, the exchange buffer, the optimizer's state
-    widths = [layer.shapes()["weight"][0] for layer in layers if "weight" in layer.shapes()]
-    rows = -(-cfg.batch_size // max(1, comm.Get_size() // cfg.pp))
-    activations = 3 * rows * (sum(widths) + layers[0].shapes()["weight"][1]) * itemsize
+    along = shapes_along(layers, shape)
+    # A micro-batch's activations: what each layer keeps, and as much again in flight
+    # in backward; a pipeline stage may hold several micro-batches (counted as all).
+    rows = -(-cfg.batch_size // max(1, comm.Get_size() // cfg.pp) // cfg.accumulate)
+    per_sample = max(math.prod(along[a]) + sum(layers[i].activation_elems(along[i])
+                                               for i in range(a, b)) for a, b in stages)
+    activations = 2 * rows * per_sample * itemsize
     per_rank = max(counts) * itemsize * arrays + activations
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     here = node.Get_size()
@@ -119,12 +124,54 @@ def _fits(cfg: Config, counts, itemsize: int, arrays: int, per_rank: int, here: 
     if per_rank * here > have:
         what = f"{max(counts):,} parameters" + (" in the largest stage" if len(counts) > 1
                                                 else "")
+        model = "model" if cfg.model is not None else "hidden"
         raise ConfigError(
             f"the model does not fit in memory: {what} x {itemsize} bytes x {arrays} arrays "
             f"(parameters, gradients, the exchange buffer and {cfg.optimizer}'s state) and "
             f"the activations need {_size(per_rank)} per rank, {_size(per_rank * here)} for "
             f"the {here} ranks on this node, which has {_size(have)}: choose a smaller "
-            "{hidden} (or check the data's features and classes)", ["hidden"])
+            f"{{{model}}} or {{batch_size}}, or {{accumulate}} the batch in parts (or check "
+            "the data's features and classes)", [model, "batch_size", "accumulate"])
+
+
+def model_spec(cfg: Config, features, outputs: int) -> str:
+    """The run's model as text: ``cfg.model``, or the MLP ``cfg.hidden`` describes."""
+    if cfg.model is not None:
+        return cfg.model
+    return mlp_spec(cfg.hidden, outputs, cfg.activation, flatten=len(features) > 1,
+                    dropout=cfg.dropout)
+
+
+def make_layers(cfg: Config, features, outputs: int):
+    """(layers, canonical spec) of the run's model for samples of shape ``features``:
+    every shape checked, a mismatch a ConfigError naming the layer and both shapes."""
+    text = model_spec(cfg, features, outputs)
+    param = "model" if cfg.model is not None else "hidden"
+    try:
+        return build_layers(text, features, outputs), canonical(text)
+    except SpecError as exc:
+        raise ConfigError(f"{{{param}}} {literal(text)}: {literal(str(exc))}", [param],
+                          everywhere=True) from None
+
+
+def lr_schedule(cfg: Config, steps_per_epoch: int, total: int) -> Schedule:
+    """The learning rate of each step, as the options say."""
+    return Schedule(cfg.lr, cfg.lr_schedule, total=total, warmup=cfg.warmup_steps,
+                    lr_min=cfg.lr_min, step_every=cfg.lr_step_every or steps_per_epoch,
+                    gamma=cfg.lr_gamma)
+
+
+def _check_accumulate(cfg: Config, replicas: int) -> None:
+    """Each replica's part of a batch must give every micro-batch a sample."""
+    pieces = cfg.accumulate * (cfg.micro() if cfg.pipelined() else 1)
+    smallest = cfg.batch_size // replicas
+    if pieces > smallest:
+        what = ("{accumulate} %d x %d {microbatches}" % (cfg.accumulate, cfg.micro())
+                if cfg.pipelined() else "{accumulate} %d" % cfg.accumulate)
+        raise ConfigError(f"{what} cuts each replica's part of {{batch_size}} "
+                          f"{cfg.batch_size} ({smallest} samples for {replicas} replicas) "
+                          f"into {pieces} micro-batches: more than it has samples",
+                          ["accumulate", "batch_size"], everywhere=True)
 
 
 def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
@@ -132,10 +179,11 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
     grid = make_grid(comm, cfg.pp)
     m, train, val = open_data(cfg, comm, grid.dp)
     task, loss = agreed(comm, lambda: task_and_loss(cfg, m))
-    layers = mlp(int(np.prod(m.features)), cfg.hidden, task.outputs, cfg.activation)
-    stages = (stage_ranges(layers, cfg.pp, cfg.stage_layers) if cfg.pp > 1
-              else [(0, len(layers))])
-    check_memory(cfg, comm, layers, stages)
+    layers, spec = make_layers(cfg, m.features, task.outputs)
+    _check_accumulate(cfg, grid.dp)
+    stages = (stage_ranges(layers, cfg.pp, cfg.stage_layers, shape=m.features)
+              if cfg.pp > 1 else [(0, len(layers))])
+    check_memory(cfg, comm, layers, stages, m.features)
     chunks = cfg.shuffle == "chunks" or (cfg.shuffle == "auto" and train.chunked())
     window = train.chunk_bytes() * cfg.shuffle_window
     if chunks and window > cfg.cache_mb * 2 ** 20:
@@ -150,14 +198,18 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
     trainer: TrainerBase
     if cfg.pipelined():
         trainer = PipelineTrainer(layers, grid, loss, cfg.optimizer, opt_args, train, sampler,
-                                  microbatches=cfg.micro(), schedule=cfg.schedule,
-                                  allreduce=cfg.allreduce, val=val, grad_dtype=cfg.wire(),
-                                  dtype=cfg.dtype, seed=cfg.seed,
-                                  stage_layers=cfg.stage_layers, task=task)
+                                  shape=m.features, microbatches=cfg.micro(),
+                                  schedule=cfg.schedule, allreduce=cfg.allreduce, val=val,
+                                  grad_dtype=cfg.wire(), dtype=cfg.dtype, seed=cfg.seed,
+                                  stage_layers=cfg.stage_layers, task=task,
+                                  accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm)
     else:
         model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
         optimizer = make_optimizer(cfg.optimizer, model.params, model.grads, **opt_args)
         trainer = Trainer(model, loss, optimizer, train, sampler, comm, val, task=task,
                           allreduce=cfg.allreduce, bucket_mb=cfg.bucket_mb,
-                          overlap=cfg.overlap, progress=cfg.progress, grad_dtype=cfg.wire())
+                          overlap=cfg.overlap, progress=cfg.progress, grad_dtype=cfg.wire(),
+                          accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
+                          seed=cfg.seed)
+    trainer.spec = {"spec": spec, "input_shape": list(m.features)}
     return trainer, m

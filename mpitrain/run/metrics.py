@@ -30,6 +30,10 @@ def _fmt(record: Dict[str, Any], total: int, headline: str = "accuracy") -> str:
     if headline in record:
         line += f"  {name} {record[headline]:.3f}"
     line += f"  samples/s {record['samples_per_s']:,.0f}"
+    if "grad_norm" in record:
+        line += f"  grad_norm {record['grad_norm']:.3g}"
+        if record.get("clipped_steps"):
+            line += f" (clipped {record['clipped_steps']}x)"
     if "eta_s" in record:
         line += f"  ETA {eta(record['eta_s'])}"
     if "val_loss" in record:
@@ -178,8 +182,10 @@ def _task_text(task: Dict[str, Any]) -> str:
     return f"{task['name']}, targets of shape {tuple(task.get('shape') or [])}"
 
 
-def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str]) -> List[str]:
-    """The lines a run starts with: versions and threads, data, layout, model, length."""
+def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str],
+           schedule=None) -> List[str]:
+    """The lines a run starts with: versions and threads, data, layout, model, length;
+    ``schedule``: the learning rate's (a model.schedule.Schedule)."""
     from .. import __version__
     from ..runtime import library_version
     from ..threads import thread_report
@@ -196,18 +202,32 @@ def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str
                      f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "
                      f"{trainer.describe()}; each stage's gradients are exchanged after its "
                      "last backward pass")
-    lines.append(f"model {trainer.model}" + (" (stage 0)" if g.pp > 1 else ""))
+    spec = trainer.spec.get("spec")
+    if spec:
+        lines.append(f"model {spec}")
+    lines.append(f"layers {trainer.model}" + (" (stage 0)" if g.pp > 1 else ""))
+    lr = schedule.describe() if schedule is not None else f"lr {cfg.lr}"
+    accumulate = (f", in {cfg.accumulate} accumulated micro-batches" if cfg.accumulate > 1
+                  else "")
+    clip = (f", gradients clipped to norm {cfg.clip_grad_norm:g}"
+            if cfg.clip_grad_norm is not None else "")
     lines.append(f"{total} steps ({trainer.sampler.steps_per_epoch} per epoch), global batch "
-                 f"{cfg.batch_size} (about {cfg.batch_size // g.dp} per replica), "
-                 f"{cfg.optimizer} lr {cfg.lr}, allreduce {cfg.allreduce}")
+                 f"{cfg.batch_size} (about {cfg.batch_size // g.dp} per replica{accumulate}), "
+                 f"{cfg.optimizer} {lr}{clip}, allreduce {cfg.allreduce}")
+    if cfg.early_stop is not None:
+        lines.append(f"early stop: after {cfg.early_stop} evaluations without a better "
+                     f"{cfg.monitor}")
     return lines
 
 
 def summarize(meter: Meter, phases: Dict[str, float], checkpoints, record: Dict[str, Any], *,
-              wall: float, ranks: int, end: int, preempted: bool) -> Dict[str, Any]:
+              wall: float, ranks: int, end: int, preempted: bool,
+              early_stop: Optional[str] = None, best: Optional[Dict[str, Any]] = None,
+              clipped: Optional[int] = None) -> Dict[str, Any]:
     """The run's summary: ``phases`` the slowest rank's seconds in data, compute and
     exchange; ``checkpoints`` the run's ``fault.resume.Checkpoints``; ``record`` the
-    last logged step."""
+    last logged step; ``early_stop`` why it stopped early, ``best`` the monitored
+    metric's best, ``clipped`` the steps whose gradient was clipped."""
     busy = sum(phases.values()) or 1.0
     return {
         "steps": meter.total, "ranks": ranks, "start_step": meter.start, "end_step": end,
@@ -218,7 +238,18 @@ def summarize(meter: Meter, phases: Dict[str, float], checkpoints, record: Dict[
         **{f"share_{k}": v / busy for k, v in phases.items()},
         "checkpoints": checkpoints.written, "checkpoint_s": checkpoints.seconds,
         "checkpoint_bytes": checkpoints.last_bytes,
-        "share_checkpoint": checkpoints.seconds / wall if wall else 0.0}
+        "share_checkpoint": checkpoints.seconds / wall if wall else 0.0,
+        "early_stop": early_stop, "best": best, "clipped_steps": clipped}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (0 if unknown)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: kB
 
 
 def summary_line(summary: Dict[str, Any], headline: str = "accuracy") -> str:
@@ -230,6 +261,14 @@ def summary_line(summary: Dict[str, Any], headline: str = "accuracy") -> str:
             "the time" if summary.get("checkpoints") else "")
     loss = (f"{summary['final_loss']:.4f}" if summary.get("final_loss") is not None
             else "n/a")
+    if summary.get("peak_activation_bytes"):
+        ckpt += (f"; memory: {summary['peak_activation_bytes'] / 2 ** 20:,.3g} MiB of "
+                 f"activations kept for backward, {summary['peak_rss_bytes'] / 2 ** 20:,.0f} "
+                 "MiB peak per rank")
+    if summary.get("clipped_steps") is not None:
+        ckpt += f"; {summary['clipped_steps']} steps clipped"
+    if summary.get("early_stop"):
+        ckpt += f"; {summary['early_stop']}"
     return (f"done: steps {summary['start_step'] + 1}-{summary['end_step']} in "
             f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:,.0f} samples/s (after the "
             f"first), final loss {loss}{val}; step time: compute "

@@ -15,8 +15,9 @@ split, exactly (float64 sums over the ranks).
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from mpi4py import MPI
@@ -27,6 +28,7 @@ from ..data.manifest import read_manifest
 from ..data.shards import Shards
 from ..fault.checkpoint import State, load
 from ..model.layers import mlp
+from ..model.spec import SpecError, build as build_layers
 from ..model.losses import make_loss
 from ..model.sequential import Sequential
 from ..model.tasks import Classification, Task, make_task
@@ -40,22 +42,26 @@ TAG_ROWS = 32000  # point-to-point tag of the predictions sent to rank 0
 class Model:
     """A trained network and its task: ``model(x)`` predicts (see the module)."""
 
-    def __init__(self, network: Sequential, task: Task, state: State):
+    def __init__(self, network: Sequential, task: Task, state: State,
+                 input_shape: Sequence[int]):
         self.network, self.task, self.state = network, task, state
-        first = network.layers[0].shapes()["weight"]  # (out, in)
-        self.in_features = first[1]
+        self.input_shape = tuple(int(s) for s in input_shape)  # one sample's
 
-    def _outputs(self, x: np.ndarray) -> np.ndarray:
+    def outputs(self, x: np.ndarray) -> np.ndarray:
+        """The network's raw outputs (n, outputs) for inputs ``x`` (n, *input_shape), or
+        flattened samples (n, prod(input_shape))."""
         x = np.asarray(x)
-        flat = x.reshape(len(x), -1).astype(self.network.dtype, copy=False)
-        if flat.shape[1] != self.in_features:
-            raise MpitrainError(f"expected {self.in_features} features per sample, got "
-                                f"{flat.shape[1]} (inputs of shape {x.shape})")
-        return self.network(flat)
+        want = math.prod(self.input_shape)
+        if x.ndim < 1 or math.prod(x.shape[1:]) != want:
+            raise MpitrainError(f"expected samples of shape {self.input_shape} ({want} values "
+                                f"each), got inputs of shape {x.shape}")
+        # Samples in their shape, or flattened: the model sees them in their shape.
+        x = x.reshape(len(x), *self.input_shape).astype(self.network.dtype, copy=False)
+        return self.network(x)
 
     def predict(self, x: np.ndarray) -> Dict[str, np.ndarray]:
         """Everything a prediction holds for inputs ``x`` (n, *features), by name."""
-        return self.task.predict(self._outputs(x))
+        return self.task.predict(self.outputs(x))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The task's prediction: probabilities, or values in the targets' units."""
@@ -63,25 +69,43 @@ class Model:
         return got["probabilities"] if "probabilities" in got else got["value"]
 
 
-def load_model(path: str) -> Model:
-    """The model of checkpoint ``path``, ready for ``model(x)`` (no MPI needed)."""
-    state = load(path)
+def _layers_of(path: str, state: State):
+    """(layers, input shape) of a checkpoint: from its model record, or (before version
+    3) the MLP of its configuration."""
     cfg = state.config
     shapes = {n: a.shape for n, a in state.params.items()}
+    if state.model.get("spec"):
+        shape = tuple(state.model["input_shape"])
+        last = max(int(n.split(".")[0]) for n in shapes)
+        outputs = make_task(state.task).outputs if state.task else shapes[f"{last}.bias"][0]
+        try:
+            return build_layers(state.model["spec"], shape, outputs), shape
+        except SpecError as exc:
+            raise MpitrainError(f"{path}: its model {state.model['spec']!r} cannot be built: "
+                                f"{exc}") from None
     features = shapes["0.weight"][1]
     last = max(int(n.split(".")[0]) for n in shapes)
     outputs = shapes[f"{last}.weight"][0]
     layers = mlp(features, list(cfg.get("hidden", [])), outputs, cfg.get("activation", "relu"))
-    network = Sequential(layers, dtype=cfg.get("dtype", "float32"))
+    return layers, (features,)
+
+
+def load_model(path: str) -> Model:
+    """The model of checkpoint ``path``, ready for ``model(x)`` (no MPI needed)."""
+    state = load(path)
+    layers, shape = _layers_of(path, state)
+    network = Sequential(layers, dtype=next(iter(state.params.values())).dtype.name)
     mine = network.named_params()
     if set(mine) != set(state.params) or any(mine[n].shape != state.params[n].shape
                                               for n in mine):
-        raise MpitrainError(f"{path}: its parameters do not fit the model its configuration "
-                            f"describes (hidden {cfg.get('hidden')})")
+        what = state.model.get("spec") or f"hidden {state.config.get('hidden')}"
+        raise MpitrainError(f"{path}: its parameters do not fit the model it describes "
+                            f"({what})")
     for name, view in mine.items():
         view[...] = state.params[name]
-    task = make_task(state.task) if state.task else Classification(outputs)
-    return Model(network, task, state)
+    task = make_task(state.task) if state.task else Classification(network.layers[-1]
+                                                                   .out_features)
+    return Model(network, task, state, shape)
 
 
 def _rows_of(data: str, x_key: Optional[str], split: Optional[str]):
@@ -189,7 +213,7 @@ def evaluate(checkpoint: str, data: str, comm: MPI.Comm, split: str = "val",
     try:
         for a in range(lo, hi, block):
             x, y = shards.read_range(a, min(hi, a + block))
-            out = model.network(x)
+            out = model.outputs(x)
             sums[0] += loss(out, task.targets(y, out.dtype), 1.0)[0]
             sums[1:] += task.sums(out, y)
     finally:
