@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     t = sub.add_parser("train", help="train a model (data-parallel over all ranks)",
-                       description="Train an MLP data-parallel over all ranks. Keys may also "
-                                   "come from a TOML file (--config); flags override it.")
+                       description="Train a model (an MLP of --hidden, or --model) over all "
+                                   "ranks. Keys may also come from a TOML file (--config); "
+                                   "flags override it.")
     add_arguments(t)
 
     pr = sub.add_parser("prepare", help="write a sharded HDF5 dataset",
@@ -117,10 +118,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="run directories (their metrics.jsonl) or JSON-lines logs")
     pl.add_argument("--out", metavar="FILE.png", help="default: plot.png beside the first run")
 
-    b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline, train",
+    b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline, train, layers",
                        description="Benchmarks; each prints a table on rank 0 and can write JSON.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from .bench import allreduce, pipeline, train
+    from .bench import allreduce, layers, pipeline, train
 
     train.add_arguments(bsub.add_parser(
         "train", help="training samples/s at 1, 2, ... ranks; scaling; step time split",
@@ -131,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
     pipeline.add_arguments(bsub.add_parser(
         "pipeline", help="pipeline step time, bubble and activation memory by schedule",
         description=pipeline.__doc__.split("\n\n", 1)[1]))
+    layers.add_arguments(bsub.add_parser(
+        "layers", help="each layer's forward + backward time, beside PyTorch's",
+        description=layers.__doc__.split("\n\n", 1)[1]))
 
     sub.add_parser("info", help="print the MPI library, ranks, threads per rank and h5py build",
                    description="Print what this job runs on.")
@@ -191,6 +195,16 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"  layout {state.layout}")
     print(f"  sampler {state.sampler}")
     print(f"  optimizer {state.optimizer}")
+    if state.model:
+        print(f"  model {state.model.get('spec')} for samples of shape "
+              f"{tuple(state.model.get('input_shape') or ())}")
+    else:  # before format version 3: the MLP of the configuration
+        print(f"  model MLP, hidden {state.config.get('hidden')} "
+              f"{state.config.get('activation', 'relu')}")
+    if state.task:
+        print(f"  task {state.task}")
+    if state.loop:
+        print(f"  loop {state.loop}")
     width = max(len(r[0]) for r in rows)
     for name, shape, dtype, ok in rows:
         verdict = "ok" if ok else ("INCONSISTENT" if name == "consistency" else
@@ -213,6 +227,7 @@ def _info(comm) -> None:
     from mpi4py import MPI
 
     from . import __version__
+    from .malloc import malloc_report
     from .runtime import library_version
     from .threads import thread_report
 
@@ -233,6 +248,7 @@ def _info(comm) -> None:
             ("threads per rank", threads[0] if len(set(threads)) == 1
              else "; ".join(f"rank {r}: {t}" for r, t in enumerate(threads))),
             ("numpy", numpy.__version__),
+            ("malloc", malloc_report()),
             ("h5py", f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})"),
             ("h5py with MPI", "yes (mpio driver available)" if h5py.get_config().mpi
              else "no (serial h5py: shards are read per rank, checkpoints written by one rank)"),
@@ -286,10 +302,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "inspect":  # one print, one --export writer
             return on_root(comm, lambda: _inspect(args))
         elif args.command == "bench":
-            from .bench import allreduce, pipeline, train as train_bench
+            from .bench import allreduce, layers, pipeline, train as train_bench
 
-            {"allreduce": allreduce, "pipeline": pipeline,
-             "train": train_bench}[args.bench].run(args, comm)
+            {"allreduce": allreduce, "pipeline": pipeline, "train": train_bench,
+             "layers": layers}[args.bench].run(args, comm)
         elif args.command == "info":
             _info(comm)
         return 0

@@ -98,8 +98,15 @@ def test_info(tmp_path):
     assert result.returncode == 0, result.stderr
     per_rank = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores here, shared by 2 ranks
     for key in ("MPI library", "ranks             2 on 1 node",
-                f"threads per rank  {per_rank} (", "h5py", "h5py with MPI"):
+                f"threads per rank  {per_rank} (", "h5py", "h5py with MPI",
+                "malloc            glibc keeps freed memory"):
         assert key in result.stdout
+
+
+def test_info_names_the_malloc_setting_it_was_told():
+    result = run_mpi(1, ["-m", "mpitrain", "info"], env=clean_env(MPITRAIN_MALLOC="system"))
+    assert result.returncode == 0, result.stderr
+    assert "malloc            the system's defaults (MPITRAIN_MALLOC=system)" in result.stdout
 
 
 @pytest.mark.parametrize("n,env,expected", [
@@ -323,3 +330,17 @@ def test_helper_threads_that_call_mpi_need_thread_multiple(small_data):
     fine = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0",
                      "--progress", "none", "--hidden", "8", env=env, timeout=60)
     assert fine.returncode == 0, fine.stderr
+
+
+def test_bench_layers_table_and_json(tmp_path):
+    out = tmp_path / "layers.json"
+    result = run_mpi(1, ["-m", "mpitrain", "bench", "layers", "--layers", "conv2d,residual",
+                         "--repeats", "2", "--min-time", "0.001", "--no-torch", "--json", out])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("# layers, forward + backward, float32") == 1
+    records = json.loads(out.read_text())
+    assert [(r["layer"], r["shape"], r["torch_s"]) for r in records] == [
+        ("conv2d", [64, 16, 16, 16], None), ("residual", [128, 512], None)]
+    assert all(r["mpitrain_s"] > 0 for r in records)
+    bad = run_mpi(1, ["-m", "mpitrain", "bench", "layers", "--layers", "conv3d"])
+    assert bad.returncode == 2 and bad.stderr.count("--layers: unknown conv3d") == 1

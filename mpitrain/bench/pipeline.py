@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     base = dict(data=data, hidden=hidden, batch_size=args.batch_size, check_data="meta",
                 watchdog=0, optimizer="sgd", lr=0.01)
     out = print if comm.Get_rank() == 0 else (lambda *a, **k: None)
-    ref = _measure(Config(**base, pp=1, microbatches=1), comm, args.steps, args.warmup)
+    ref = _measure(Config(**base, pp=1), comm, args.steps, args.warmup)
     out(f"# pipeline, {size} ranks: pp={pp} x dp={size // pp} against pp=1 x dp={size}; "
         f"MLP {hidden}, global batch {args.batch_size}; median step of {args.steps}")
     out(f"# pp=1: {ref['step_s'] * 1e3:.2f} ms per step")
