@@ -29,6 +29,29 @@ def test_digits_example_reaches_a_good_accuracy(tmp_path):
     assert accuracy > 0.9  # 10 classes: chance is 0.1
 
 
+def test_digits_cnn_example_reaches_its_accuracy_at_4_ranks(tmp_path):
+    """The issue's bar, at the example's own settings: >= 0.985 on 360 validation images."""
+    pytest.importorskip("sklearn", reason="examples/digits_cnn.py needs scikit-learn")
+    result = run_mpi(4, [EXAMPLES / "digits_cnn.py", "--out", tmp_path / "d"], timeout=400)
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("digits_cnn:")]
+    accuracy = float(line.split("validation accuracy ")[1].split()[0])
+    best = float(line.split("the best, ")[1].split()[0])
+    reloaded = float(line.split("reloaded: ")[1].rstrip(")"))
+    assert accuracy >= 0.985 and best >= accuracy and reloaded == best, line
+
+
+def test_residual_regression_example_beats_ridge_near_the_noise_floor(tmp_path):
+    pytest.importorskip("sklearn", reason="examples/residual_regression.py needs scikit-learn")
+    result = run_mpi(2, [EXAMPLES / "residual_regression.py", "--out", tmp_path / "f"],
+                     timeout=400)
+    assert result.returncode == 0, result.stderr
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("friedman1:")]
+    ours = float(line.split("validation RMSE ")[1].split(",")[0])
+    ridge = float(line.split("same split: RMSE ")[1].split(",")[0])
+    assert 0.9 < ours < 1.3 and ridge > 2.0, line  # noise floor 1.0; a linear fit ~2.6
+
+
 @pytest.mark.parametrize("name,least_r2", [("diabetes", 0.4), ("linnerud", None)])
 def test_regression_examples_report_rmse_and_r2_beside_ridge(tmp_path, name, least_r2):
     pytest.importorskip("sklearn", reason=f"examples/{name}.py needs scikit-learn")
