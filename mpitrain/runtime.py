@@ -54,13 +54,13 @@ class ConfigError(MpitrainError):
     """
 
     def __init__(self, template: str, params: Optional[Iterable[str]] = None, *,
-                 everywhere: bool = False):
+                 everywhere: bool = False, code: int = 2):
         import string
 
         if params is None:  # every {field} of the template
             params = [f for _, f, _, _ in string.Formatter().parse(template) if f]
         self.template, self.params = template, tuple(dict.fromkeys(params))
-        super().__init__(self.render(lambda name: name), everywhere=everywhere)
+        super().__init__(self.render(lambda name: name), everywhere=everywhere, code=code)
 
     def render(self, name_of: Callable[[str], str]) -> str:
         """The message with each parameter named by ``name_of(parameter)``."""
@@ -142,7 +142,10 @@ def library_version() -> str:
     """The MPI library's name and version, on one line."""
     from mpi4py import MPI
 
-    return " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+    text = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
+    if text.startswith("Open MPI"):  # "Open MPI v5.0.11, package: ..., repo rev: ..."
+        return text.split(",")[0]
+    return text
 
 
 def drain_output(seconds: float = 2.0) -> None:
@@ -191,6 +194,19 @@ def quiet_barrier(comm, seconds: float = float("inf")) -> bool:
     return True
 
 
+_JOB: list = []  # the job's communicator after a healing (fault.elastic), newest last
+
+
+def set_job_comm(comm) -> None:
+    """The communicator an error ends from now on (a healed job's, not COMM_WORLD)."""
+    _JOB[:] = [comm]
+
+
+def job_comm(default):
+    """The communicator of the whole job: the healed one if any, else ``default``."""
+    return _JOB[-1] if _JOB else default
+
+
 def _abort(comm, code: int) -> int:
     """End every rank of the job with ``code`` (after the messages are out)."""
     if comm.Get_size() > 1:
@@ -218,7 +234,7 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None,
             raise
         from mpi4py import MPI
 
-        comm = comm if comm is not None else MPI.COMM_WORLD
+        comm = job_comm(comm if comm is not None else MPI.COMM_WORLD)
         code = exc.code if isinstance(exc.code, int) else EXIT_ERROR
         if not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr, flush=True)
@@ -230,7 +246,7 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None,
     except BaseException as exc:  # noqa: BLE001 - any error must end the job
         from mpi4py import MPI
 
-        comm = comm if comm is not None else MPI.COMM_WORLD
+        comm = job_comm(comm if comm is not None else MPI.COMM_WORLD)
         rank, size = comm.Get_rank(), comm.Get_size()
         where = f" (rank {rank} of {size})" if size > 1 else ""
         if isinstance(exc, MpitrainError):

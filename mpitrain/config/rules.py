@@ -59,6 +59,7 @@ BOUNDS = {
     "keep_last": (">=", 1, " (the newest checkpoint is always kept)"),
     "sigterm_grace": (">=", 0, " (0: never abort)"),
     "watchdog": (">=", 0, " (0 turns it off)"),
+    "max_failures": (">=", 1, ""),
 }
 MONITOR = re.compile(r"^val_[a-z][a-z0-9_]*$")
 
@@ -103,6 +104,16 @@ def validate(cfg: Config) -> None:
     if not MONITOR.match(cfg.monitor):
         raise bad("monitor", "a validation metric: val_loss, val_accuracy, val_rmse...")
     check_options(cfg.allreduce, cfg.progress, cfg.wire())
+    if cfg.on_failure != "abort" and cfg.pipelined():
+        raise ConfigError(f"{{on_failure}} {cfg.on_failure} with {{pp}} {cfg.pp}: not "
+                          "supported yet: a stage's state lives on its own ranks; healing "
+                          "needs it on a replica ({pp} 1, or --on-failure abort and a "
+                          "relaunch from the checkpoint)", ["on_failure", "pp"])
+    if cfg.on_failure != "abort" and cfg.allreduce == "shm":
+        raise ConfigError(f"{{on_failure}} {cfg.on_failure} with {{allreduce}} shm: not "
+                          "supported: a node's ranks share one copy of the parameters in an "
+                          "MPI window, and ULFM does not make windows fault tolerant (use "
+                          "{allreduce} mpi or ring)", ["on_failure", "allreduce"])
     if cfg.microbatches is not None and not 1 <= cfg.microbatches <= MAX_MICROBATCHES:
         raise bad("microbatches", f"a value in 1..{MAX_MICROBATCHES}")
     if cfg.stage_layers is not None and (not cfg.stage_layers or min(cfg.stage_layers) < 1):
@@ -157,7 +168,12 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
          ["ckpt_dir"]),
         ("fault", cfg.ckpt_dir is None and "ckpt-kill" in (cfg.fault or ""),
          "kills the writer of a checkpoint; no {ckpt_dir} is given", ["ckpt_dir"]),
+        ("fault", cfg.on_failure == "abort" and "heal-kill" in (cfg.fault or ""),
+         "kills a rank during a healing; {on_failure} is abort", ["on_failure"]),
     ]
+    rules.append(("max_failures", cfg.on_failure == "abort",
+                  "bounds the deaths a healing job survives; {on_failure} is abort",
+                  ["on_failure"]))
     for option in ("hidden", "activation", "dropout"):
         rules.append((option, cfg.model is not None,
                       "shapes the default MLP, and {model} is given: write it into the model",

@@ -17,6 +17,13 @@ class Faults:
     - ``term:rank=R:step=S``  rank R sends itself SIGTERM (pre-emption) as step S starts
     - ``ckpt-kill:step=S``    the rank writing the checkpoint of step S gets
       SIGKILL half-way through the file
+    - ``heal-kill:rank=R:healing=N``  rank R (of the healed communicator) sends
+      itself SIGKILL during the N-th healing of the job, as the state is handed
+      over (``--on-failure shrink|respawn``): a death during a recovery
+
+    A healed job starts again at the step the ranks agreed on: the drills up to
+    the next step have had their turn, and ``disarm_through`` drops them, so a
+    replacement (or a survivor renumbered by a shrink) does not meet them again.
 
     Any of them may add ``attempt=N``: only on the N-th launch of the job
     (``$MPITRAIN_ATTEMPT``, set by examples/relaunch.sh, or Slurm's
@@ -25,7 +32,7 @@ class Faults:
     """
 
     ACTIONS = {"kill": ("rank", "step"), "stop": ("rank", "step"), "term": ("rank", "step"),
-               "ckpt-kill": ("step",)}
+               "ckpt-kill": ("step",), "heal-kill": ("rank", "healing")}
     SIGNALS = {"kill": "SIGKILL", "stop": "SIGSTOP", "term": "SIGTERM"}
 
     def __init__(self, spec: Optional[str]):
@@ -69,6 +76,20 @@ class Faults:
                       f"{self.SIGNALS[action]} at step {step}", file=sys.stderr, flush=True)
                 sys.stdout.flush()
                 os.kill(os.getpid(), getattr(signal, self.SIGNALS[action]))
+
+    def disarm_through(self, step: int) -> None:
+        """Drop the drills planned for steps up to ``step`` (1-based): after a healing."""
+        self.plans = [(a, k) for a, k in self.plans if k.get("step", step + 1) > step]
+
+    def in_healing(self, rank: int, healing: int) -> None:
+        """SIGKILL ``rank`` if a drill plans it for the ``healing``-th healing."""
+        import signal
+
+        if any(a == "heal-kill" and k == {"rank": rank, "healing": healing}
+               for a, k in self.plans):
+            print(f"mpitrain: fault drill: rank {rank} sends itself SIGKILL during healing "
+                  f"{healing}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def in_checkpoint(self, step: int) -> Optional[Callable[[], None]]:
         """The fault to run half-way through writing the checkpoint of ``step``, if any."""

@@ -99,6 +99,20 @@ class Checkpoints:
                   for path in removed]
         return notes
 
+    def rebind(self, comm) -> List[str]:
+        """After a healing (local): go on with ``comm``; a new rank 0 takes the lock
+        (the kernel freed it with its dead holder) and removes an interrupted write."""
+        self.comm = comm
+        if self.directory is None or self.lock is not None or comm.Get_rank() != 0:
+            return []
+        lock = DirectoryLock(self.directory)
+        note = lock.acquire()
+        self.lock = lock
+        removed = store.clean_leftovers(self.directory)
+        return [n for n in [note] if n] + [
+            f"removed {path}: the leftover of an interrupted checkpoint write"
+            for path in removed]
+
     def close(self) -> None:
         """Let go of the directory's lock (local: safe on an error path too)."""
         if self.lock is not None:

@@ -57,6 +57,15 @@ class Watchdog:
         self._thread.join()
         self.comm.Free()
 
+    def abandon(self) -> None:
+        """Stop watching after a rank died (local): revoke the private communicator."""
+        self._stop.set()
+        self._thread.join()
+        try:
+            self.comm.Revoke()
+        except Exception:  # noqa: BLE001 - an MPI without ULFM has nothing to revoke
+            pass
+
     def _limit_now(self) -> float:
         slow = self.phase in ("starting", "checkpoint")  # data checks, checkpoint writes
         return self.limit * (self.factor if slow else 1.0)

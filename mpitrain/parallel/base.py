@@ -64,6 +64,11 @@ class TrainerBase:
         optimizer's arrays stay readable."""
         self.exchange.close()
 
+    def abandon(self) -> None:
+        """After a rank died (local): stop the helper threads and revoke the
+        communicators, so nothing waits on the dead rank; the arrays stay readable."""
+        self.exchange.abandon()
+
     def close_data(self) -> None:
         """Close the training and validation shard files."""
         self.train.close()
@@ -253,3 +258,25 @@ class TrainerBase:
                 flat[...] = buf
 
         self.exchange.write(write)
+
+    def take_over(self, source: int, old: Optional["TrainerBase"]) -> None:
+        """After a healing (collective over ``grid.dp_comm``): every replica takes the
+        parameters and optimizer state of replica ``source``, which copies them from
+        ``old`` (its trainer from before the failure) and broadcasts them."""
+        g, (flats, keys) = self.grid, self._flats()
+        mine = g.dp_rank == source
+        if mine:
+            assert old is not None, "the source of a take-over has the old state"
+            old_flats, old_keys = old._flats()
+            assert old_keys == keys, (old_keys, keys)
+        steps = g.dp_comm.bcast(old.optimizer.steps if mine else None, root=source)
+        self.optimizer.steps = steps
+
+        def write() -> None:
+            for k, flat in enumerate(flats):
+                if mine:
+                    flat[...] = old_flats[k]
+                g.dp_comm.Bcast(flat, root=source)
+
+        self.exchange.write(write)
+        self.clipped = g.dp_comm.bcast(old.clipped if mine else None, root=source)

@@ -105,6 +105,12 @@ class Trainer(TrainerBase):
         super().close()
         self.xbuf = self.exchange.buffer  # a private copy once the window is gone
 
+    def abandon(self) -> None:
+        """After a rank died (local): stop reading ahead, revoke, stop the threads."""
+        self.close_prefetch()
+        super().abandon()
+        self.close_data()
+
     def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
         """Run global step ``step`` (0-based); return (mean loss, the task's metrics of
         the batch, global batch).

@@ -13,13 +13,15 @@ from mpi4py import MPI
 
 from ..config import Config
 from ..fault.drills import Faults
+from ..fault.elastic import RankFailed, heal, is_failure, join, unsupported
 from ..fault.preemption import Preemption
 from ..fault.resume import Checkpoints
 from ..fault.watchdog import Watchdog
-from ..runtime import EXIT_PREEMPTED, ConfigError, literal, on_root
+from ..runtime import EXIT_ERROR, EXIT_PREEMPTED, ConfigError, literal, on_root, set_job_comm
 from .build import build, lr_schedule
 from .metrics import Meter, Reporter, banner, peak_rss, summarize, summary_line
 from .monitor import Monitor
+from .recovery import Carry, agree, describe
 from .rundir import open_run_dir
 
 __all__ = ["train"]
@@ -34,130 +36,271 @@ def _is_eval_step(cfg: Config, done: int, steps_per_epoch: int, total: int) -> b
 
 
 def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str, Any]:
-    """Train as ``cfg`` says on the ranks of ``comm``; return the summary (on every rank)."""
+    """Train as ``cfg`` says on the ranks of ``comm``; return the summary (on every rank).
+
+    With ``on_failure`` shrink or respawn, a rank's death sends the survivors
+    out of the loop (``RankFailed``), ``fault.elastic.heal`` gives them a
+    working communicator, and the loop starts again on it from the state of
+    the rank that got furthest (``run.recovery``); a replacement process joins
+    here.
+    """
+    carry = None
+    parent = MPI.Comm.Get_parent() if cfg.on_failure == "respawn" else MPI.COMM_NULL
+    if parent != MPI.COMM_NULL:  # a replacement for a dead rank: take its place
+        healed = join(parent)
+        comm = healed.comm
+        set_job_comm(comm)
+        carry = Carry(run_dir=healed.info["run_dir"],
+                      failures=healed.info["failures"] + len(healed.info["lost"]),
+                      healings=healed.info["healings"], healed=healed)
     faults = Faults(cfg.fault)
     if faults.ranks() and faults.ranks()[-1] >= comm.size:
         raise ConfigError(f"{{fault}} {literal(cfg.fault)}: names rank {faults.ranks()[-1]}, "
                           f"and the job has {comm.size} ranks", everywhere=True)
+    reason = unsupported(cfg.on_failure)
+    if reason:
+        raise ConfigError(f"{{on_failure}} {cfg.on_failure}: {reason}", ["on_failure"],
+                          everywhere=True)
     ckpts = Checkpoints(comm, cfg.ckpt_dir, every=cfg.ckpt_every, keep_last=cfg.keep_last,
                         resume=cfg.resume, config=cfg.to_dict(), faults=faults)
-    notes = ckpts.open()  # its lock first: a second job on the directory touches nothing
     try:
-        return _train(cfg, comm, out or sys.stdout, faults, ckpts, notes)
+        # Its lock first: a second job on the directory touches nothing.
+        notes = ckpts.rebind(comm) if carry else ckpts.open()
+        while True:
+            try:
+                return _train(cfg, comm, out or sys.stdout, faults, ckpts, notes, carry)
+            except RankFailed as failed:
+                carry = failed.carry
+                carry.healings += 1
+                healed = heal(comm, cfg.on_failure, also=failed.comms,
+                              info={"run_dir": carry.run_dir, "healings": carry.healings,
+                                    "failures": carry.failures})
+                comm = healed.comm
+                set_job_comm(comm)
+                carry.healed, carry.failures = healed, carry.failures + len(healed.dead)
+                if carry.failures > cfg.max_failures:
+                    raise ConfigError(f"{carry.failures} ranks died, more than "
+                                      f"{{max_failures}} {cfg.max_failures}: ending the job",
+                                      ["max_failures"], everywhere=True, code=EXIT_ERROR)
+                notes = ckpts.rebind(comm)
     finally:
         ckpts.close()
 
 
 def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Checkpoints,
-           notes) -> Dict[str, Any]:
-    # Watched from the start: a rank stuck reading the data or in start-up ends the job too.
-    dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
-    trainer, m = build(cfg, comm)
-    spe = trainer.sampler.steps_per_epoch
-    total = cfg.total_steps(spe)
-    lr_at = lr_schedule(cfg, spe, total)
-    has_val = trainer.val is not None and len(trainer.val) > 0
-    monitor = Monitor.for_task(cfg.monitor, trainer.task.goals, cfg.early_stop, has_val)
-    keep_best = bool(cfg.ckpt_dir and cfg.keep_best and has_val)
-    headline = trainer.task.headline
-    report = Reporter(comm.rank == 0, cfg.log, total, out,
-                      run_dir=open_run_dir(cfg.to_dict(), comm), quiet=cfg.quiet,
-                      headline=headline)
-    on_root(comm, report.open_logs)
-    for line in banner(cfg, trainer, m, comm.size, total, report.run_dir, lr_at) + notes:
-        report.say(line)
-    ckpts.say = report.say
-    start = ckpts.resume(trainer)
-    monitor.restore(ckpts.loop)
-    meter = Meter(start, total)
-    record: Dict[str, Any] = {}
-    preempted, signal_name, end, early = False, None, total, None
-    clipped_before = 0
-    t_start = time.perf_counter()
-    if start >= total:
-        report.say(f"nothing to do: the checkpoint is at step {start} of {total}", always=True)
-    elif monitor.exhausted():
-        end = start
-        report.say(f"nothing to do: the run stopped early at step {start}: "
-                   f"{monitor.reason()}", always=True)
-    else:
-        if dog:
-            trainer.on_phase = dog.set_phase
-        trainer.prefetch(start, total)
-        # Without a checkpoint directory there is nothing to stop at: signals keep their
-        # default effect (SIGTERM ends the rank at once; the launcher ends the job).
-        with Preemption(cfg.sigterm_grace, enabled=bool(cfg.ckpt_dir)) as preemption:
-            for step in range(start, total):
-                done = step + 1
+           notes, carry: Optional[Carry]) -> Dict[str, Any]:
+    run = _Run(cfg, comm, faults, ckpts, carry)
+    try:
+        return run.go(out, notes)
+    except MPI.Exception as exc:
+        if cfg.on_failure == "abort" or not is_failure(exc):
+            raise
+        raise run.leave(exc) from None
+
+
+class _Run:
+    """One pass of the loop on one communicator (the whole run, unless a rank dies).
+
+    Every attribute a healing needs is declared here: ``completed`` (steps
+    this rank's trainer applied), ``pending`` (the last step's record while
+    its evaluation and checkpoint are not done) and the loop's state.
+    """
+
+    def __init__(self, cfg: Config, comm: MPI.Comm, faults: Faults, ckpts: Checkpoints,
+                 carry: Optional[Carry]):
+        self.cfg, self.comm, self.faults, self.ckpts, self.carry = cfg, comm, faults, ckpts, carry
+        self.trainer = None
+        self.dog: Optional[Watchdog] = None
+        self.report: Optional[Reporter] = None
+        self.monitor: Optional[Monitor] = None
+        self.completed = carry.completed if carry else -1
+        self.pending: Optional[Dict[str, Any]] = None
+        self.evaluated = False  # the pending step's evaluation is done (and monitored)
+        self.clipped_before = 0
+        self.record: Dict[str, Any] = {}
+        self.phase = "starting"
+        self.run_dir = carry.run_dir if carry else None
+
+    def leave(self, exc: BaseException) -> RankFailed:
+        """A rank died: stop what runs locally and say what this rank carries out."""
+        if self.trainer is not None:
+            self.trainer.abandon()
+        if self.dog is not None:
+            self.dog.abandon()
+        if self.report is not None:
+            self.report.close()
+        if self.carry is not None and self.carry.trainer is not None:
+            carry = self.carry  # the hand-over was not agreed: the old state still counts
+        else:
+            carry = Carry(trainer=self.trainer, completed=self.completed,
+                          loop=self.loop_state(), run_dir=self.run_dir,
+                          failures=self.carry.failures if self.carry else 0,
+                          healings=self.carry.healings if self.carry else 0)
+        carry.noticed, carry.phase = time.perf_counter(), self.phase
+        failed = RankFailed(exc, self.phase)
+        failed.carry, failed.comms = carry, [self.comm]
+        return failed
+
+    def loop_state(self) -> Dict[str, Any]:
+        """The loop's state that a healed rank takes from the one that got furthest."""
+        return {"monitor": self.monitor.state() if self.monitor else {},
+                "clipped_before": self.clipped_before, "record": self.record,
+                "pending": self.pending, "evaluated": self.evaluated}
+
+    def go(self, out: TextIO, notes) -> Dict[str, Any]:
+        cfg, comm, ckpts, carry = self.cfg, self.comm, self.ckpts, self.carry
+        # Watched from the start: a rank stuck reading the data or in start-up ends the job.
+        dog = self.dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
+        if carry and cfg.check_data == "full":  # checked at the start; once is enough
+            cfg = cfg.replace(check_data="meta")
+        trainer, m = build(cfg, comm)
+        self.trainer = trainer
+        spe = trainer.sampler.steps_per_epoch
+        total = cfg.total_steps(spe)
+        lr_at = lr_schedule(cfg, spe, total)
+        has_val = trainer.val is not None and len(trainer.val) > 0
+        monitor = self.monitor = Monitor.for_task(cfg.monitor, trainer.task.goals,
+                                                  cfg.early_stop, has_val)
+        keep_best = bool(cfg.ckpt_dir and cfg.keep_best and has_val)
+        headline = trainer.task.headline
+        if self.run_dir is None:
+            self.run_dir = open_run_dir(cfg.to_dict(), comm)
+        report = self.report = Reporter(comm.rank == 0, cfg.log, total, out,
+                                        run_dir=self.run_dir, quiet=cfg.quiet,
+                                        headline=headline)
+        on_root(comm, report.open_logs)
+        ckpts.say = report.say
+        if carry is None:
+            for line in banner(cfg, trainer, m, comm.size, total, report.run_dir, lr_at) + notes:
+                report.say(line)
+            start = ckpts.resume(trainer)
+            monitor.restore(ckpts.loop)
+        else:
+            self.phase = "recovery"
+            self.faults.in_healing(comm.rank, carry.healings)
+            start, loop, source, behind = agree(trainer, comm, carry)
+            self.faults.disarm_through(start + 1)  # their turn has come (and gone)
+            carry.trainer = None  # agreed: the state before the failure is not needed now
+            self.completed = start
+            monitor.restore(loop["monitor"])
+            self.clipped_before, self.record = loop["clipped_before"], loop["record"]
+            self.pending, self.evaluated = loop["pending"], loop["evaluated"]
+            line, event = describe(carry.healed, cfg.on_failure, start, source, behind,
+                                   time.perf_counter() - (carry.noticed or time.perf_counter()))
+            report.event(line, event)
+            for line in notes:
+                report.say(line)
+        meter = Meter(start, total)
+        preempted, signal_name, end, early = False, None, total, None
+        t_start = time.perf_counter()
+
+        def after_step(done: int) -> bool:
+            """Log, evaluate and checkpoint the step just done (``self.pending``);
+            True if the run stops early here."""
+            nonlocal early
+            p = self.pending
+            evaluate = _is_eval_step(cfg, done, spe, total)
+            improved = False
+            if not self.evaluated and (done % cfg.log_every == 0 or evaluate or p["stopping"]):
+                self.phase = "evaluation"
+                record = {"step": done, "epoch": p["epoch"], "loss": p["loss"], **p["metrics"],
+                          "samples_per_s": meter.window(), "lr": p["lr"],
+                          "eta_s": meter.eta(done)}
+                if cfg.clip_grad_norm is not None:  # steps clipped since the last record
+                    record["clipped_steps"] = trainer.clipped - self.clipped_before
+                if evaluate:
+                    record.update({f"val_{k}": v for k, v in
+                                   (trainer.evaluate() or {}).items()})
+                    if monitor.name in record:
+                        improved = monitor.update(done, record)
+                report.step(record)
+                self.record = record
+                if cfg.clip_grad_norm is not None:
+                    self.clipped_before = trainer.clipped
+            self.evaluated = True
+            if monitor.exhausted():
+                early = monitor.reason()
+            periodic = ckpts.due(done, total, p["stopping"] or early is not None)
+            if periodic or (improved and keep_best):
+                self.phase = "checkpoint"
                 if dog:
-                    dog.beat(done)
-                faults.at_step(comm.rank, done)
-                lr = lr_at(step)  # a pure function of the step: a resume takes the same
-                trainer.set_lr(lr)
-                t0 = time.perf_counter()
-                loss, metrics, batch = trainer.step(step, stop=preemption.requested)
-                meter.add(step, batch, time.perf_counter() - t0)
-                stopping = trainer.stop_agreed
-                if stopping:
-                    preemption.finished = True  # the ranks agreed: no SIGTERM deadline now
-                epoch = trainer.sampler.locate(step)[0]
-                report.live_step({"step": done, "epoch": epoch, "loss": loss, **metrics,
-                                  "lr": lr, "eta_s": meter.eta(done),
-                                  "samples_per_s": batch / meter.last})
-                evaluate = _is_eval_step(cfg, done, spe, total)
-                improved = False
-                if done % cfg.log_every == 0 or evaluate or stopping:
-                    record = {"step": done, "epoch": epoch, "loss": loss, **metrics,
-                              "samples_per_s": meter.window(), "lr": lr,
-                              "eta_s": meter.eta(done)}
-                    if cfg.clip_grad_norm is not None:  # steps clipped since the last record
-                        record["clipped_steps"] = trainer.clipped - clipped_before
-                        clipped_before = trainer.clipped
-                    if evaluate:
-                        record.update({f"val_{k}": v for k, v in
-                                       (trainer.evaluate() or {}).items()})
-                        if monitor.name in record:
-                            improved = monitor.update(done, record)
-                    report.step(record)
-                if monitor.exhausted():
-                    early = monitor.reason()
-                periodic = ckpts.due(done, total, stopping or early is not None)
-                if periodic or (improved and keep_best):
+                    dog.set_phase("checkpoint")
+                ckpts.save(trainer, done, {"lr": p["lr"], **monitor.state()},
+                           periodic=periodic, best=improved and keep_best)
+            self.pending = None
+            return early is not None
+
+        if self.pending is not None:  # the healing came between a step and its checkpoint
+            after_step(start)
+        if start >= total:
+            report.say(f"nothing to do: the checkpoint is at step {start} of {total}",
+                       always=True)
+        elif monitor.exhausted():
+            end = start
+            report.say(f"nothing to do: the run stopped early at step {start}: "
+                       f"{monitor.reason()}", always=True)
+        else:
+            if dog:
+                trainer.on_phase = dog.set_phase
+            trainer.prefetch(start, total)
+            # Without a checkpoint directory there is nothing to stop at: signals keep
+            # their default effect (SIGTERM ends the rank at once; the launcher ends the job).
+            with Preemption(cfg.sigterm_grace, enabled=bool(cfg.ckpt_dir)) as preemption:
+                for step in range(start, total):
+                    done = step + 1
                     if dog:
-                        dog.set_phase("checkpoint")
-                    ckpts.save(trainer, done, {"lr": lr, **monitor.state()},
-                               periodic=periodic, best=improved and keep_best)
-                if early is not None:
-                    end = done
-                    break
-                if stopping and done < total:  # at the last step it is just done
-                    preempted, signal_name, end = True, preemption.signal, done
-                    break
-    # The one teardown, in one order.
-    trainer.close()
-    if dog:
-        dog.set_phase("finished")
-        dog.close()
-    # The slowest rank's phase times: the step is as slow as its slowest rank.
-    phases = np.array([trainer.times[k] for k in ("data", "compute", "exchange")])
-    comm.Allreduce(MPI.IN_PLACE, phases, op=MPI.MAX)
-    summary = summarize(meter, dict(zip(("data", "compute", "exchange"), phases)), ckpts,
-                        record, wall=time.perf_counter() - t_start, ranks=comm.size,
-                        end=end, preempted=preempted, early_stop=early,
-                        best=monitor.state() if monitor.best is not None else None,
-                        clipped=trainer.clipped if cfg.clip_grad_norm is not None else None)
-    # The most a rank kept for backward at once (one micro-batch's; a pipeline stage's
-    # micro-batches in flight).
-    summary["peak_activation_bytes"] = comm.allreduce(trainer.peak_activation_bytes,
-                                                      op=MPI.MAX)
-    summary["peak_rss_bytes"] = comm.allreduce(peak_rss(), op=MPI.MAX)
-    if end > start:
-        report.say(summary_line(summary, headline), always=True)
-    if preempted:
-        report.say(f"stopped at step {end} on {signal_name or 'a signal to another rank'}; "
-                   f"exit status {EXIT_PREEMPTED}: relaunch (resume auto, the default) to "
-                   "continue",
-                   always=True)
-    report.close()
-    trainer.close_data()
-    return summary
+                        dog.beat(done)
+                    self.faults.at_step(comm.rank, done)
+                    self.phase = "step"
+                    lr = lr_at(step)  # a pure function of the step: a resume takes the same
+                    trainer.set_lr(lr)
+                    t0 = time.perf_counter()
+                    loss, metrics, batch = trainer.step(step, stop=preemption.requested)
+                    # Applied: from here this rank's state is that of ``done`` steps.
+                    self.completed, self.evaluated = done, False
+                    meter.add(step, batch, time.perf_counter() - t0)
+                    stopping = trainer.stop_agreed
+                    if stopping:
+                        preemption.finished = True  # the ranks agreed: no SIGTERM deadline
+                    epoch = trainer.sampler.locate(step)[0]
+                    self.pending = {"epoch": epoch, "loss": loss, "metrics": metrics,
+                                    "lr": lr, "stopping": stopping}
+                    report.live_step({"step": done, "epoch": epoch, "loss": loss, **metrics,
+                                      "lr": lr, "eta_s": meter.eta(done),
+                                      "samples_per_s": batch / meter.last})
+                    if after_step(done):
+                        end = done
+                        break
+                    if stopping and done < total:  # at the last step it is just done
+                        preempted, signal_name, end = True, preemption.signal, done
+                        break
+        self.phase = "summary"
+        # The slowest rank's phase times: the step is as slow as its slowest rank.
+        phases = np.array([trainer.times[k] for k in ("data", "compute", "exchange")])
+        comm.Allreduce(MPI.IN_PLACE, phases, op=MPI.MAX)
+        # The most a rank kept for backward at once (one micro-batch's; a pipeline
+        # stage's micro-batches in flight), and its peak memory.
+        peaks = np.array([trainer.peak_activation_bytes, peak_rss()], np.int64)
+        comm.Allreduce(MPI.IN_PLACE, peaks, op=MPI.MAX)
+        # The one teardown, in one order.
+        trainer.close()
+        if dog:
+            dog.set_phase("finished")
+            dog.close()
+        summary = summarize(meter, dict(zip(("data", "compute", "exchange"), phases)), ckpts,
+                            self.record, wall=time.perf_counter() - t_start, ranks=comm.size,
+                            end=end, preempted=preempted, early_stop=early,
+                            best=monitor.state() if monitor.best is not None else None,
+                            clipped=trainer.clipped if cfg.clip_grad_norm is not None
+                            else None)
+        summary["peak_activation_bytes"], summary["peak_rss_bytes"] = map(int, peaks)
+        summary["failures"] = carry.failures if carry else 0
+        if end > start:
+            report.say(summary_line(summary, headline), always=True)
+        if preempted:
+            report.say(f"stopped at step {end} on {signal_name or 'a signal to another rank'}; "
+                       f"exit status {EXIT_PREEMPTED}: relaunch (resume auto, the default) to "
+                       "continue", always=True)
+        report.close()
+        trainer.close_data()
+        return summary

