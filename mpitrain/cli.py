@@ -10,7 +10,8 @@ import os
 import sys
 from typing import List, Optional
 
-from .runtime import EXIT_PREEMPTED, ConfigError, MpitrainError, agreed, on_root, run_or_abort
+from .runtime import (EXIT_PREEMPTED, ConfigError, MpitrainError, agreed, bound_finalize,
+                      job_comm, on_root, run_or_abort)
 from .threads import limit_threads
 
 __all__ = ["main"]
@@ -315,4 +316,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
         return exc.render(names["name_of"] or flag)
 
-    sys.exit(run_or_abort(run, comm, render=render))
+    code = run_or_abort(run, comm, render=render)
+    if job_comm(None) is not None:  # a healed job: see runtime.bound_finalize
+        bound_finalize(30)
+    sys.exit(code)

@@ -207,6 +207,17 @@ def job_comm(default):
     return _JOB[-1] if _JOB else default
 
 
+def bound_finalize(seconds: int) -> None:
+    """End this process with SIGALRM if it is still alive ``seconds`` from now: for
+    healed jobs, where Open MPI 5.0's ``MPI_Finalize`` can wait for ever on a process
+    that died during a hand-over after a replacement joined (the default action of
+    SIGALRM works where no Python code runs any more)."""
+    import signal
+
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(seconds)
+
+
 def _abort(comm, code: int) -> int:
     """End every rank of the job with ``code`` (after the messages are out)."""
     if comm.Get_size() > 1:

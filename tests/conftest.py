@@ -87,10 +87,11 @@ def scratch_dir() -> str:
     return _SCRATCH[0]
 
 
-def run_mpi(n: int, args, timeout: float = 120, env=None, cwd=None):
-    """Run ``mpiexec -n n python <args>`` (in a scratch directory unless ``cwd``);
-    a hang fails the test at ``timeout``."""
-    cmd = [mpiexec(), "-n", str(n), sys.executable, *map(str, args)]
+def run_mpi(n: int, args, timeout: float = 120, env=None, cwd=None, launcher=None):
+    """Run ``mpiexec -n n python <args>`` (in a scratch directory unless ``cwd``;
+    ``launcher``: another mpiexec command, e.g. ``ulfm_mpiexec()``); a hang fails the
+    test at ``timeout``."""
+    cmd = [*(launcher or [mpiexec()]), "-n", str(n), sys.executable, *map(str, args)]
     cwd = cwd or scratch_dir()
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,

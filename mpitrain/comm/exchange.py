@@ -317,7 +317,8 @@ class Exchange:
 
     def abandon(self) -> None:
         """After a rank died (local): revoke the communicator, so a sum in flight ends
-        with an error, and stop the helper thread.  The buffer stays readable."""
+        with an error, and stop the helper thread.  The buffer stays readable; the
+        communicator is the caller's to free (``fault.elastic.heal``)."""
         self.comm.Revoke()
         if self._worker is not None:
             self._jobs.put(None)

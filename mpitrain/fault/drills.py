@@ -17,9 +17,13 @@ class Faults:
     - ``term:rank=R:step=S``  rank R sends itself SIGTERM (pre-emption) as step S starts
     - ``ckpt-kill:step=S``    the rank writing the checkpoint of step S gets
       SIGKILL half-way through the file
-    - ``heal-kill:rank=R:healing=N``  rank R (of the healed communicator) sends
-      itself SIGKILL during the N-th healing of the job, as the state is handed
-      over (``--on-failure shrink|respawn``): a death during a recovery
+    - ``heal-kill:rank=R:healing=N``  rank R sends itself SIGKILL during the N-th
+      healing of the job, as the state is handed over (``--on-failure
+      shrink|respawn``): a death during a recovery
+
+    R is the rank at launch: after a shrink renumbers the survivors, a drill
+    still names the process the user meant (a replacement has the rank of the
+    process it replaced).
 
     A healed job starts again at the step the ranks agreed on: the drills up to
     the next step have had their turn, and ``disarm_through`` drops them, so a

@@ -37,7 +37,8 @@ from mpi4py import MPI
 
 from ..threads import THREAD_VARS
 
-__all__ = ["MODES", "Healed", "RankFailed", "heal", "is_failure", "join", "unsupported"]
+__all__ = ["MODES", "Healed", "RankFailed", "heal", "is_failure", "join", "launch_ranks",
+           "launch_rank", "unsupported"]
 
 MODES = ("abort", "shrink", "respawn")
 
@@ -74,15 +75,30 @@ def unsupported(mode: str) -> Optional[str]:
     return None
 
 
+_LAUNCH: List[int] = []  # this process's rank at launch (a replacement: the one it replaces)
+
+
+def launch_rank() -> int:
+    """This process's rank when the job was launched; a replacement has the rank of the
+    process it replaced, so messages name ranks as the user launched them."""
+    return _LAUNCH[0] if _LAUNCH else MPI.COMM_WORLD.Get_rank()
+
+
+def launch_ranks(comm: MPI.Comm) -> List[int]:
+    """Each rank's launch rank, in the order of ``comm`` (collective, small)."""
+    return comm.allgather(launch_rank())
+
+
 @dataclass
 class Healed:
     """The communicator after a healing, and what it cost."""
 
     comm: MPI.Intracomm
-    dead: List[int]  # ranks of the communicator before, that died
+    dead: List[int]  # the launch ranks of the processes that died
     seconds: float  # from the first revoke to the healed communicator
     spawned: int = 0  # replacements started
     rounds: int = 1  # healings needed (more when a rank died during one)
+    launch: List[int] = field(default_factory=list)  # each healed rank's launch rank
     info: Dict[str, Any] = field(default_factory=dict)  # what survivors told replacements
 
 
@@ -93,6 +109,19 @@ def _revoke(comms: Sequence[MPI.Comm]) -> None:
                 comm.Revoke()  # idempotent; interrupts every pending operation on it
             except MPI.Exception:
                 pass
+
+
+def _free(comms: Sequence[MPI.Comm]) -> None:
+    """Free communicators a healing left behind (revoked, or merely spent): a
+    communicator left alive that reaches a dead process, or another job's, makes
+    Open MPI's finalize wait for ever.  COMM_WORLD is not ours to free."""
+    for comm in comms:
+        if comm is not None and comm != MPI.COMM_NULL and comm != MPI.COMM_WORLD:
+            try:
+                comm.Free()
+            except MPI.Exception as exc:
+                if os.environ.get("MPITRAIN_DEBUG_FREE"):
+                    print("free failed:", exc, file=sys.stderr, flush=True)
 
 
 def _dead(before: MPI.Comm, after: MPI.Comm) -> List[int]:
@@ -113,17 +142,19 @@ def _spawn_info() -> MPI.Info:
     as the rank it replaces did (a BLAS on 2 threads may round otherwise than on 1)."""
     info = MPI.Info.Create()
     env = [f"{v}={os.environ[v]}" for v in THREAD_VARS if v in os.environ]
-    if env:
-        info.Set("env", "\n".join(env))
+    if env:  # Open MPI 5 (PMIx) calls the key PMIX_ENVAR; 4.x called it env
+        info.Set("PMIX_ENVAR" if MPI.Get_version() >= (3, 1) else "env", "\n".join(env))
     return info
 
 
-def heal(comm: MPI.Intracomm, mode: str, also: Sequence[MPI.Comm] = (),
+def heal(comm: MPI.Intracomm, mode: str, launch: Sequence[int], also: Sequence[MPI.Comm] = (),
          info: Optional[Dict[str, Any]] = None) -> Healed:
     """Survivors (collective over them): revoke ``comm`` and ``also``, shrink, and with
-    ``respawn`` put a new process in each dead rank's place; retried while ranks die."""
+    ``respawn`` put a new process in each dead rank's place; retried while ranks die.
+    ``launch``: the launch rank of each rank of ``comm``."""
     t0 = time.perf_counter()
     _revoke([comm, *also])
+    _free(also)
     size, lost, rounds = comm.Get_size(), [], 0
     # Ranks of the original communicator, in the order of the current one.
     place = list(range(size))
@@ -133,27 +164,32 @@ def heal(comm: MPI.Intracomm, mode: str, also: Sequence[MPI.Comm] = (),
         try:
             survivors = comm.Shrink()
             gone = _dead(comm, survivors)
-            lost += [place[r] for r in gone]
+            lost += [launch[place[r]] for r in gone]
             place = [p for r, p in enumerate(place) if r not in gone]
+            _free([comm])
             comm = survivors
             if mode == "shrink":
+                table = launch_ranks(survivors)
                 survivors.Agree(1)  # every survivor got here: the shrink is final
                 return Healed(survivors, sorted(lost), time.perf_counter() - t0,
-                              rounds=rounds)
+                              rounds=rounds, launch=table)
             missing = sorted(set(range(size)) - set(place))
             inter = survivors.Spawn(sys.executable, args=command_line(),
                                     maxprocs=len(missing), info=_spawn_info())
             made.append(inter)
             merged = inter.Merge(high=False)  # survivors first, then the newcomers
             made.append(merged)
-            told = {"missing": missing, "size": size, "lost": sorted(lost), **(info or {})}
+            told = {"missing": missing, "size": size, "dead": sorted(lost),
+                    "launch": [launch[p] for p in missing], **(info or {})}
             merged.bcast(told, root=0)  # small metadata: who takes which place
             mine = place[survivors.Get_rank()]
             healed = merged.Split(0, key=mine)
+            table = launch_ranks(healed)
             healed.Agree(1)
             inter.Disconnect()
+            _free([merged, survivors])
             return Healed(healed, sorted(lost), time.perf_counter() - t0,
-                          spawned=len(missing), rounds=rounds, info=told)
+                          spawned=len(missing), rounds=rounds, info=told, launch=table)
         except MPI.Exception as exc:
             if not is_failure(exc):
                 raise
@@ -170,13 +206,17 @@ def join(parent: MPI.Intercomm) -> Healed:
     try:
         merged = parent.Merge(high=True)
         told = merged.bcast(None, root=0)
-        mine = told["missing"][MPI.COMM_WORLD.Get_rank()]
+        me = MPI.COMM_WORLD.Get_rank()
+        mine = told["missing"][me]
+        _LAUNCH[:] = [told["launch"][me]]
         healed = merged.Split(0, key=mine)
+        table = launch_ranks(healed)
         healed.Agree(1)
         parent.Disconnect()
+        _free([merged])
     except MPI.Exception:
         sys.stderr.write("mpitrain: a replacement rank could not join the job; it ends\n")
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)  # a plain exit is not seen as a failure
         raise
-    return Healed(healed, told["lost"], time.perf_counter() - t0, info=told)
+    return Healed(healed, told["dead"], time.perf_counter() - t0, info=told, launch=table)

@@ -13,7 +13,8 @@ from mpi4py import MPI
 
 from ..config import Config
 from ..fault.drills import Faults
-from ..fault.elastic import RankFailed, heal, is_failure, join, unsupported
+from ..fault.elastic import (RankFailed, heal, is_failure, join, launch_rank, launch_ranks,
+                             unsupported)
 from ..fault.preemption import Preemption
 from ..fault.resume import Checkpoints
 from ..fault.watchdog import Watchdog
@@ -50,9 +51,10 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
         healed = join(parent)
         comm = healed.comm
         set_job_comm(comm)
-        carry = Carry(run_dir=healed.info["run_dir"],
-                      failures=healed.info["failures"] + len(healed.info["lost"]),
-                      healings=healed.info["healings"], healed=healed)
+        told, launch = healed.info, healed.launch
+        carry = Carry(run_dir=told["run_dir"], failures=told["failures"] + len(told["dead"]),
+                      healings=told["healings"], lost=told["lost"] + told["dead"],
+                      healed=healed)
     faults = Faults(cfg.fault)
     if faults.ranks() and faults.ranks()[-1] >= comm.size:
         raise ConfigError(f"{{fault}} {literal(cfg.fault)}: names rank {faults.ranks()[-1]}, "
@@ -61,6 +63,8 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
     if reason:
         raise ConfigError(f"{{on_failure}} {cfg.on_failure}: {reason}", ["on_failure"],
                           everywhere=True)
+    if carry is None and cfg.on_failure != "abort":
+        launch = launch_ranks(comm)  # each rank's launch rank: who died, in the messages
     ckpts = Checkpoints(comm, cfg.ckpt_dir, every=cfg.ckpt_every, keep_last=cfg.keep_last,
                         resume=cfg.resume, config=cfg.to_dict(), faults=faults)
     try:
@@ -72,12 +76,13 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
             except RankFailed as failed:
                 carry = failed.carry
                 carry.healings += 1
-                healed = heal(comm, cfg.on_failure, also=failed.comms,
+                healed = heal(comm, cfg.on_failure, launch, also=failed.comms,
                               info={"run_dir": carry.run_dir, "healings": carry.healings,
-                                    "failures": carry.failures})
-                comm = healed.comm
+                                    "failures": carry.failures, "lost": carry.lost})
+                comm, launch = healed.comm, healed.launch
                 set_job_comm(comm)
                 carry.healed, carry.failures = healed, carry.failures + len(healed.dead)
+                carry.lost = carry.lost + healed.dead
                 if carry.failures > cfg.max_failures:
                     raise ConfigError(f"{carry.failures} ranks died, more than "
                                       f"{{max_failures}} {cfg.max_failures}: ending the job",
@@ -123,10 +128,13 @@ class _Run:
 
     def leave(self, exc: BaseException) -> RankFailed:
         """A rank died: stop what runs locally and say what this rank carries out."""
+        comms = []  # its private communicators: revoked and freed by the healing
         if self.trainer is not None:
             self.trainer.abandon()
+            comms.append(self.trainer.exchange.comm)
         if self.dog is not None:
             self.dog.abandon()
+            comms.append(self.dog.comm)
         if self.report is not None:
             self.report.close()
         if self.carry is not None and self.carry.trainer is not None:
@@ -136,9 +144,11 @@ class _Run:
                           loop=self.loop_state(), run_dir=self.run_dir,
                           failures=self.carry.failures if self.carry else 0,
                           healings=self.carry.healings if self.carry else 0)
-        carry.noticed, carry.phase = time.perf_counter(), self.phase
+        if not carry.noticed:  # a death during a healing counts from the first notice
+            carry.noticed = time.perf_counter()
+        carry.phase = self.phase
         failed = RankFailed(exc, self.phase)
-        failed.carry, failed.comms = carry, [self.comm]
+        failed.carry, failed.comms = carry, comms
         return failed
 
     def loop_state(self) -> Dict[str, Any]:
@@ -177,7 +187,7 @@ class _Run:
             monitor.restore(ckpts.loop)
         else:
             self.phase = "recovery"
-            self.faults.in_healing(comm.rank, carry.healings)
+            self.faults.in_healing(launch_rank(), carry.healings)
             start, loop, source, behind = agree(trainer, comm, carry)
             self.faults.disarm_through(start + 1)  # their turn has come (and gone)
             carry.trainer = None  # agreed: the state before the failure is not needed now
@@ -185,9 +195,13 @@ class _Run:
             monitor.restore(loop["monitor"])
             self.clipped_before, self.record = loop["clipped_before"], loop["record"]
             self.pending, self.evaluated = loop["pending"], loop["evaluated"]
-            line, event = describe(carry.healed, cfg.on_failure, start, source, behind,
-                                   time.perf_counter() - (carry.noticed or time.perf_counter()))
+            # From the first survivor's notice of the death to the state handed over.
+            took = comm.allreduce(time.perf_counter() - carry.noticed if carry.noticed
+                                  else 0.0, op=MPI.MAX)
+            line, event = describe(carry, comm.size, cfg.on_failure, start, source, behind,
+                                   took)
             report.event(line, event)
+            carry.lost, carry.noticed = [], 0.0
             for line in notes:
                 report.say(line)
         meter = Meter(start, total)
@@ -250,7 +264,7 @@ class _Run:
                     done = step + 1
                     if dog:
                         dog.beat(done)
-                    self.faults.at_step(comm.rank, done)
+                    self.faults.at_step(launch_rank(), done)
                     self.phase = "step"
                     lr = lr_at(step)  # a pure function of the step: a resume takes the same
                     trainer.set_lr(lr)

@@ -41,6 +41,7 @@ class Carry:
     run_dir: Optional[str] = None
     failures: int = 0  # ranks lost so far in this job
     healings: int = 0  # healings so far in this job
+    lost: List[int] = field(default_factory=list)  # launch ranks dead since the hand-over
     healed: Optional[Healed] = None  # the last healing
     noticed: float = 0.0  # perf_counter() when this rank saw the failure
     phase: str = ""  # what it was doing
@@ -60,18 +61,17 @@ def agree(trainer: TrainerBase, comm: MPI.Intracomm,
     return completed, loop, source, behind
 
 
-def describe(healed: Healed, mode: str, at_step: int, source: int, behind: List[int],
-             seconds: float) -> Tuple[str, Dict[str, Any]]:
-    """The log line and the metrics.jsonl record of one healing."""
-    dead = ", ".join(map(str, healed.dead))
-    ranks = healed.comm.Get_size()
-    how = (f"respawned {'it' if len(healed.dead) == 1 else 'them'}" if mode == "respawn"
+def describe(carry: Carry, ranks: int, mode: str, at_step: int, source: int,
+             behind: List[int], seconds: float) -> Tuple[str, Dict[str, Any]]:
+    """The log line and the metrics.jsonl record of one healing (``carry.lost``: the
+    launch ranks of the processes that died)."""
+    dead = ", ".join(map(str, carry.lost))
+    how = (f"respawned {'it' if len(carry.lost) == 1 else 'them'}" if mode == "respawn"
            else f"shrank to {ranks} ranks")
-    line = (f"rank{'s' * (len(healed.dead) > 1)} {dead} died at step {at_step + 1}: {how} "
-            f"in {seconds:.2f} s and continued from step {at_step} (rank {source}'s state"
-            + (f"; ranks {behind} were one step behind and took it" if behind and
-               len(behind) < ranks else "") + ")")
-    record = {"event": "recovery", "mode": mode, "dead": healed.dead, "at_step": at_step,
+    line = (f"rank{'s' * (len(carry.lost) > 1)} {dead} died at step {at_step + 1}: {how} "
+            f"in {seconds:.2f} s and went on from step {at_step + 1} with rank {source}'s "
+            "state" + (f" (ranks {behind} were a step behind)" if behind else ""))
+    record = {"event": "recovery", "mode": mode, "dead": list(carry.lost), "at_step": at_step,
               "ranks": ranks, "seconds": round(seconds, 4), "source": source,
-              "rounds": healed.rounds, "time": time.time()}
+              "behind": behind, "healings": carry.healings, "time": time.time()}
     return line, record
