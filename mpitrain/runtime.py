@@ -216,6 +216,13 @@ def bound_finalize(seconds: int) -> None:
 
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(seconds)
+    comm = job_comm(None)
+    if comm is not None:  # no communicator reaching a replacement is left for finalize
+        try:
+            comm.Barrier()
+            comm.Free()
+        except Exception:  # noqa: BLE001 - a rank died at the very end: finalize decides
+            pass
 
 
 def _abort(comm, code: int) -> int:

@@ -64,6 +64,18 @@ def clean_env(**extra) -> dict:
     return env
 
 
+def signal_launcher(proc, sig) -> None:
+    """Send ``sig`` to the launcher ``proc`` runs, as a scheduler would.  PyPI's Open MPI
+    ``mpiexec`` is a small wrapper that starts ``prterun`` and does not forward
+    signals: the signal goes to that ``prterun`` (README: Open MPI)."""
+    target = proc.pid
+    if mpi_flavour() == "openmpi":  # called once the job runs: prterun is there by then
+        kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        pids = kids.read_text().split() if kids.exists() else []
+        target = int(pids[0]) if pids else proc.pid
+    os.kill(target, sig)
+
+
 def ulfm_mpiexec() -> list:
     """``mpiexec --with-ft ulfm`` of Open MPI, or skip: MPICH has no ULFM here.  With
     ``MPITRAIN_ULFM_TESTS=require`` (CI's Open MPI pass) a skip is a failure."""

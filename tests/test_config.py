@@ -85,6 +85,16 @@ def test_a_resume_file_is_not_looked_for_by_every_rank(tmp_path):
     (dict(seed=-1), "seed: expected a value >= 0, got -1"),
     (dict(batch_size="64"), "batch_size: expected a value of type int, got '64'"),
     (dict(allreduce="mpi", grad_dtype="bfloat16"), "grad_dtype bfloat16 needs allreduce ring"),
+    (dict(on_failure="retry"), "on_failure: expected one of abort, shrink, respawn, got 'retry'"),
+    (dict(on_failure="shrink", allreduce="shm"), "on_failure shrink with allreduce shm: not "
+     "supported: a node's ranks share one copy of the parameters in an MPI window"),
+    (dict(on_failure="respawn", pp=2, hidden=[8, 8]), "on_failure respawn with pp 2: not "
+     "supported yet: a stage's state lives on its own ranks"),
+    (dict(max_failures=2), "max_failures 2 does not apply: it bounds the deaths a healing "
+     "job survives; on_failure is abort"),
+    (dict(on_failure="shrink", max_failures=0), "max_failures: expected a value >= 1, got 0"),
+    (dict(fault="heal-kill:rank=1:healing=1"), "fault 'heal-kill:rank=1:healing=1' does not "
+     "apply: it kills a rank during a healing; on_failure is abort"),
 ])
 def test_a_config_built_in_code_is_validated_with_the_parameter_named(kwargs, message):
     with pytest.raises(ConfigError) as info:

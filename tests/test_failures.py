@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import clean_env, final, mpiexec, run_train, same_bits, scratch_dir, without
+from conftest import (clean_env, final, mpiexec, run_train, same_bits, scratch_dir,
+                      signal_launcher, without)
 from mpitrain.fault import checkpoint, store
 
 STEPS = 60
@@ -142,7 +143,7 @@ def test_preemption_signal_through_mpiexec(small_data, tmp_path, signame):
     try:
         for line in proc.stdout:  # wait until training is under way
             if line.startswith("step ") and "/100000" in line:
-                proc.send_signal(getattr(signal, signame))
+                signal_launcher(proc, getattr(signal, signame))
                 break
         out, err = proc.communicate(timeout=60)
     finally:
@@ -286,7 +287,7 @@ def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_dat
         for line in proc.stderr:  # rank 1 has stopped itself
             if "fault drill: rank 1 sends itself SIGSTOP at step 10" in line:
                 t0 = time.monotonic()
-                proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to the ranks
+                signal_launcher(proc, signal.SIGTERM)  # mpiexec forwards it to the ranks
                 break
         out, err = proc.communicate(timeout=60)
     finally:
@@ -310,7 +311,7 @@ def test_without_a_checkpoint_directory_a_signal_just_ends_the_job(small_data):
     try:
         for line in proc.stdout:
             if line.startswith("step ") and "/100000" in line:
-                proc.send_signal(signal.SIGTERM)
+                signal_launcher(proc, signal.SIGTERM)
                 sent = True
                 break
         out, err = proc.communicate(timeout=60)

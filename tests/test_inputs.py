@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import clean_env, mpiexec, run_mpi, run_train, scratch_dir
+from conftest import clean_env, mpiexec, run_mpi, run_train, scratch_dir, signal_launcher
 from mpitrain.fault import checkpoint, store
 
 ARGS = ["--hidden", "16", "--batch-size", "64", "--log-every", "5", "--optimizer", "adam",
@@ -45,7 +45,7 @@ def test_a_second_job_on_a_checkpoint_directory_is_refused_and_touches_nothing(s
         assert f"pid {holder['pid']}, since {holder['since']}" in second.stderr
         os.kill(holder["pid"], 0)  # alive: the named holder is the running job
         assert sorted(os.listdir(ckpt)) == before
-        first.send_signal(signal.SIGUSR1)  # the first job checkpoints and stops
+        signal_launcher(first, signal.SIGUSR1)  # the first job checkpoints and stops
         out, err = first.communicate(timeout=60)
     finally:
         first.kill()

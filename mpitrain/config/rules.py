@@ -107,7 +107,7 @@ def validate(cfg: Config) -> None:
     if cfg.on_failure != "abort" and cfg.pipelined():
         raise ConfigError(f"{{on_failure}} {cfg.on_failure} with {{pp}} {cfg.pp}: not "
                           "supported yet: a stage's state lives on its own ranks; healing "
-                          "needs it on a replica ({pp} 1, or --on-failure abort and a "
+                          "needs it on a replica ({pp} 1, or {on_failure} abort and a "
                           "relaunch from the checkpoint)", ["on_failure", "pp"])
     if cfg.on_failure != "abort" and cfg.allreduce == "shm":
         raise ConfigError(f"{{on_failure}} {cfg.on_failure} with {{allreduce}} shm: not "

@@ -9,6 +9,18 @@ from ..runtime import MpitrainError
 
 __all__ = ["Faults"]
 
+def _log_drill(action: str, rank: int, step: int) -> None:
+    """Append the drill and its wall time to ``$MPITRAIN_DRILL_LOG`` (bench recovery)."""
+    import json
+    import time
+
+    path = os.environ.get("MPITRAIN_DRILL_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"action": action, "rank": rank, "step": step,
+                                "time": time.time()}) + "\n")
+
+
 class Faults:
     """Planned failures, from the ``fault`` option: comma-separated ``ACTION:KEY=VALUE...``.
 
@@ -79,6 +91,7 @@ class Faults:
                 print(f"mpitrain: fault drill: rank {rank} sends itself "
                       f"{self.SIGNALS[action]} at step {step}", file=sys.stderr, flush=True)
                 sys.stdout.flush()
+                _log_drill(action, rank, step)
                 os.kill(os.getpid(), getattr(signal, self.SIGNALS[action]))
 
     def disarm_through(self, step: int) -> None:

@@ -103,6 +103,10 @@ class Watchdog:
         else:  # a collector normally ends the job first; this is the fallback
             time.sleep(self.grace * 5)
             reports = {self.rank: me}
+            if self.rank == 1 and 0 in reports:
+                # Rank 0 answered: it prints and aborts.  Open MPI's abort takes seconds to
+                # end the job; wait for it rather than print the message a second time.
+                time.sleep(self.grace * 5 + 5)
         silent = [r for r in range(self.size) if r not in reports]
         steps = sorted({int(r[1]) for r in reports.values()})
         waiting: Dict[str, List[int]] = {}

@@ -219,7 +219,7 @@ class _Run:
                 self.phase = "evaluation"
                 record = {"step": done, "epoch": p["epoch"], "loss": p["loss"], **p["metrics"],
                           "samples_per_s": meter.window(), "lr": p["lr"],
-                          "eta_s": meter.eta(done)}
+                          "eta_s": meter.eta(done), "time": round(time.time(), 3)}
                 if cfg.clip_grad_norm is not None:  # steps clipped since the last record
                     record["clipped_steps"] = trainer.clipped - self.clipped_before
                 if evaluate:
