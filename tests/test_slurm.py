@@ -234,3 +234,25 @@ def test_a_missing_python_is_said_with_its_own_status(slurm, small_data, tmp_pat
     assert job.state == "FAILED" and job.exit_code == 69, f"{job}\n{job.output}"
     assert ("train.sbatch: cannot run mpitrain: found /nonexistent/python3, which cannot "
             "import mpitrain; looked at MPITRAIN_PYTHON (/nonexistent/python3)") in job.output
+
+
+@pytest.mark.timeout(SETUP_BUDGET + 200)
+def test_train_elastic_sbatch_heals_a_killed_rank(slurm, small_data, tmp_path,
+                                                    record_property):
+    """slurm/train-elastic.sbatch (Open MPI's mpiexec --with-ft ulfm in the allocation):
+    rank 1 is killed at step 20, a replacement takes its place, the job completes with
+    the bits of the same script's uninterrupted run."""
+    from conftest import ulfm_mpiexec
+
+    ulfm_mpiexec()  # Open MPI, or skip (CI's Open MPI pass requires it)
+    whole = slurm.submit("slurm/train-elastic.sbatch",
+                         ["--data", small_data, "--ckpt-dir", tmp_path / "whole", *ARGS],
+                         timeout=150)
+    ok(whole)
+    healed = slurm.submit("slurm/train-elastic.sbatch",
+                          ["--data", small_data, "--ckpt-dir", tmp_path / "healed", *ARGS,
+                           "--fault", "kill:rank=1:step=20"], timeout=150)
+    ok(healed)
+    assert "rank 1 died at step 20: respawned it in" in healed.output
+    assert same_bits(final(tmp_path / "healed"), final(tmp_path / "whole"))
+    took(record_property, "train-elastic.sbatch healed", healed.seconds)
