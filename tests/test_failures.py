@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import (clean_env, final, mpiexec, run_train, same_bits, scratch_dir,
-                      signal_launcher, without)
+                      signal_launcher, skip_if_launcher_detaches, without)
 from mpitrain.fault import checkpoint, store
 
 STEPS = 60
@@ -135,6 +135,7 @@ def test_preemption_signal_to_one_rank_checkpoints_everyone_at_the_same_step(
 @pytest.mark.parametrize("signame", ["SIGUSR1", "SIGTERM"])
 def test_preemption_signal_through_mpiexec(small_data, tmp_path, signame):
     """The launcher forwards the signal; the job checkpoints, exits 75, and resumes exactly."""
+    skip_if_launcher_detaches()
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
            small_data, "--ckpt-dir", str(tmp_path), *ARGS, "--log-every", "1",
            "--steps", "100000", "--ckpt-every", "0"]
@@ -302,6 +303,7 @@ def test_sigterm_to_a_job_stuck_in_a_collective_aborts_after_the_grace(small_dat
 def test_without_a_checkpoint_directory_a_signal_just_ends_the_job(small_data):
     """Nothing to checkpoint to: SIGTERM keeps its default effect (the ranks end at once,
     by the signal), never a checkpoint and exit 75."""
+    skip_if_launcher_detaches()
     args = without(ARGS, "--ckpt-every")
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
            small_data, *args, "--steps", "100000", "--log-every", "1"]

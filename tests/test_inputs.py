@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from conftest import clean_env, mpiexec, run_mpi, run_train, scratch_dir, signal_launcher
+from conftest import (clean_env, mpiexec, run_mpi, run_train, scratch_dir, signal_launcher,
+                      skip_if_launcher_detaches)
 from mpitrain.fault import checkpoint, store
 
 ARGS = ["--hidden", "16", "--batch-size", "64", "--log-every", "5", "--optimizer", "adam",
@@ -27,6 +28,7 @@ def one_error(result, text, status=2):
 
 def test_a_second_job_on_a_checkpoint_directory_is_refused_and_touches_nothing(small_data,
                                                                               tmp_path):
+    skip_if_launcher_detaches()
     ckpt = tmp_path / "ckpt"
     cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "mpitrain", "train", "--data",
            small_data, "--ckpt-dir", str(ckpt), *ARGS, "--steps", "100000", "--ckpt-every",

@@ -100,13 +100,15 @@ class Watchdog:
                     reports[int(got[0])] = got
                 else:
                     time.sleep(0.01)
-        else:  # a collector normally ends the job first; this is the fallback
-            time.sleep(self.grace * 5)
-            reports = {self.rank: me}
             if self.rank == 1 and 0 in reports:
-                # Rank 0 answered: it prints and aborts.  Open MPI's abort takes seconds to
+                # Rank 0 answered: it prints and aborts (a rank stopped and woken by the
+                # launcher's SIGCONT gets here too).  Open MPI's abort takes seconds to
                 # end the job; wait for it rather than print the message a second time.
                 time.sleep(self.grace * 5 + 5)
+        else:  # a collector normally ends the job first; this is the fallback (Open MPI's
+            # abort of a job with a stopped rank took more than 10 s here: wait well past it)
+            time.sleep(self.grace * 5 + 30)
+            reports = {self.rank: me}
         silent = [r for r in range(self.size) if r not in reports]
         steps = sorted({int(r[1]) for r in reports.values()})
         waiting: Dict[str, List[int]] = {}
