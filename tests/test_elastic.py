@@ -124,6 +124,15 @@ def test_a_death_during_the_healing(small_data, tmp_path, uninterrupted):
                                    atol=1e-4)
 
 
+def test_a_death_as_the_first_step_starts(small_data, tmp_path, uninterrupted):
+    """Before any step: the state handed over is the initial one (respawn: the same bits)."""
+    result = heal_run(3, small_data, tmp_path, "--on-failure", "respawn", "--fault",
+                      "kill:rank=2:step=1")
+    assert result.returncode == 0, result.stderr
+    assert same_bits(final(tmp_path), uninterrupted(3)[0])
+    assert [e["at_step"] for e in recoveries(tmp_path)] == [0]
+
+
 def test_more_deaths_than_allowed_end_the_job(small_data, tmp_path):
     result = heal_run(3, small_data, tmp_path, "--on-failure", "shrink", "--max-failures",
                       "1", "--fault", "kill:rank=1:step=5,kill:rank=0:step=10")

@@ -185,16 +185,21 @@ class _Run:
                 report.say(line)
             start = ckpts.resume(trainer)
             monitor.restore(ckpts.loop)
+            self.completed = start  # the trainer holds the state of ``start`` steps now
         else:
             self.phase = "recovery"
             self.faults.in_healing(launch_rank(), carry.healings)
             start, loop, source, behind = agree(trainer, comm, carry)
-            self.faults.disarm_through(start + 1)  # their turn has come (and gone)
             carry.trainer = None  # agreed: the state before the failure is not needed now
+            if start < 0:  # a rank died during start-up: start up again
+                start = ckpts.resume(trainer)
+                monitor.restore(ckpts.loop)
+            else:
+                monitor.restore(loop["monitor"])
+                self.clipped_before, self.record = loop["clipped_before"], loop["record"]
+                self.pending, self.evaluated = loop["pending"], loop["evaluated"]
+            self.faults.disarm_through(start + 1)  # their turn has come (and gone)
             self.completed = start
-            monitor.restore(loop["monitor"])
-            self.clipped_before, self.record = loop["clipped_before"], loop["record"]
-            self.pending, self.evaluated = loop["pending"], loop["evaluated"]
             # From the first survivor's notice of the death to the state handed over.
             took = comm.allreduce(time.perf_counter() - carry.noticed if carry.noticed
                                   else 0.0, op=MPI.MAX)

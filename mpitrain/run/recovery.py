@@ -50,10 +50,14 @@ class Carry:
 def agree(trainer: TrainerBase, comm: MPI.Intracomm,
           carry: Carry) -> Tuple[int, Dict[str, Any], int, List[int]]:
     """Hand every rank the state of the rank that applied the most steps (collective);
-    return (steps completed, the loop's state, the source rank, ranks that were behind)."""
+    return (steps completed, the loop's state, the source rank, ranks that were behind).
+    Steps completed is -1 if no rank held a state yet (a death during start-up)."""
     completed, minus_source = comm.allreduce((carry.completed, -comm.Get_rank()), op=MPI.MAX)
     source = -minus_source
     behind = [r for r, c in enumerate(comm.allgather(carry.completed)) if 0 <= c < completed]
+    if completed < 0:  # a death before any rank held a state (start-up): start again
+        comm.Agree(1)
+        return completed, {}, source, behind
     mine = comm.Get_rank() == source
     trainer.take_over(source, carry.trainer if mine else None)
     loop = comm.bcast(carry.loop if mine else None, root=source)
