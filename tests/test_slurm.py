@@ -244,14 +244,18 @@ def test_train_elastic_sbatch_heals_a_killed_rank(slurm, small_data, tmp_path,
     the bits of the same script's uninterrupted run."""
     from conftest import ulfm_mpiexec
 
+    import sys
+
     ulfm_mpiexec()  # Open MPI, or skip (CI's Open MPI pass requires it)
+    # This venv (Open MPI's), not the checkout's .venv that the script would pick by default.
+    env = slurm.env(MPITRAIN_VENV=sys.prefix)
     whole = slurm.submit("slurm/train-elastic.sbatch",
                          ["--data", small_data, "--ckpt-dir", tmp_path / "whole", *ARGS],
-                         timeout=150)
+                         timeout=150, env=env)
     ok(whole)
     healed = slurm.submit("slurm/train-elastic.sbatch",
                           ["--data", small_data, "--ckpt-dir", tmp_path / "healed", *ARGS,
-                           "--fault", "kill:rank=1:step=20"], timeout=150)
+                           "--fault", "kill:rank=1:step=20"], timeout=150, env=env)
     ok(healed)
     assert "rank 1 died at step 20: respawned it in" in healed.output
     assert same_bits(final(tmp_path / "healed"), final(tmp_path / "whole"))
