@@ -207,11 +207,12 @@ def job_comm(default):
     return _JOB[-1] if _JOB else default
 
 
-def bound_finalize(seconds: int) -> None:
+def bound_finalize(seconds: int, code: int = 0) -> None:
     """End this process with SIGALRM if it is still alive ``seconds`` from now: for
     healed jobs, where Open MPI 5.0's ``MPI_Finalize`` can wait for ever on a process
     that died during a hand-over after a replacement joined (the default action of
-    SIGALRM works where no Python code runs any more)."""
+    SIGALRM works where no Python code runs any more).  A non-zero ``code``: the job ends
+    with that error; every rank leaves with it, without ``MPI_Finalize``."""
     import signal
 
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -223,6 +224,12 @@ def bound_finalize(seconds: int) -> None:
             comm.Free()
         except Exception:  # noqa: BLE001 - a rank died at the very end: finalize decides
             pass
+    if code:  # an agreed error: every rank is past the barrier; leave without finalize
+        import os
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _abort(comm, code: int) -> int:

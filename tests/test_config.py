@@ -88,8 +88,8 @@ def test_a_resume_file_is_not_looked_for_by_every_rank(tmp_path):
     (dict(on_failure="retry"), "on_failure: expected one of abort, shrink, respawn, got 'retry'"),
     (dict(on_failure="shrink", allreduce="shm"), "on_failure shrink with allreduce shm: not "
      "supported: a node's ranks share one copy of the parameters in an MPI window"),
-    (dict(on_failure="respawn", pp=2, hidden=[8, 8]), "on_failure respawn with pp 2: not "
-     "supported yet: a stage's state lives on its own ranks"),
+    (dict(on_failure="shrink", pp=2, hidden=[8, 8]), "on_failure shrink with pp 2: not "
+     "supported: the survivors no longer form pp stages of equal size"),
     (dict(max_failures=2), "max_failures 2 does not apply: it bounds the deaths a healing "
      "job survives; on_failure is abort"),
     (dict(on_failure="shrink", max_failures=0), "max_failures: expected a value >= 1, got 0"),

@@ -133,6 +133,40 @@ def test_a_death_as_the_first_step_starts(small_data, tmp_path, uninterrupted):
     assert [e["at_step"] for e in recoveries(tmp_path)] == [0]
 
 
+PIPE = ["--pp", "2", "--microbatches", "2"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_whole(small_data, tmp_path_factory):
+    """The pp 2 x dp 2 run that never failed: its final checkpoint."""
+    ckpt = tmp_path_factory.mktemp("pipeline-whole")
+    result = heal_run(4, small_data, ckpt, "--on-failure", "respawn", *PIPE)
+    assert result.returncode == 0, result.stderr
+    return final(ckpt)
+
+
+@pytest.mark.parametrize("seed", [0, 9, 16])
+def test_a_pipeline_heals_from_a_replica(small_data, tmp_path, pipeline_whole, seed):
+    """pp 2 x dp 2: a dead rank's stage has another replica; the stages that had applied
+    the step undo it, the replacement takes its stage's state: the same bits."""
+    rank, step = drill(4, seed)
+    if seed == 0:
+        rank = 0  # stage 0's first replica, and the writer of logs and checkpoints
+    result = heal_run(4, small_data, tmp_path, "--on-failure", "respawn", *PIPE,
+                      "--fault", f"kill:rank={rank}:step={step}")
+    assert result.returncode == 0, result.stderr
+    assert f"rank {rank} died at step {step}: respawned it in" in result.stdout
+    assert same_bits(final(tmp_path), pipeline_whole)
+
+
+def test_a_pipeline_stage_without_a_replica_ends_the_job(small_data, tmp_path):
+    result = heal_run(2, small_data, tmp_path, "--on-failure", "respawn", *PIPE, "--fault",
+                      "kill:rank=1:step=5")
+    assert result.returncode == 1
+    assert result.stderr.count("pipeline stage(s) [1] lost every replica: healing needs "
+                               "another replica of each stage") == 1
+
+
 def test_more_deaths_than_allowed_end_the_job(small_data, tmp_path):
     result = heal_run(3, small_data, tmp_path, "--on-failure", "shrink", "--max-failures",
                       "1", "--fault", "kill:rank=1:step=5,kill:rank=0:step=10")

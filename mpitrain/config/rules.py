@@ -104,11 +104,10 @@ def validate(cfg: Config) -> None:
     if not MONITOR.match(cfg.monitor):
         raise bad("monitor", "a validation metric: val_loss, val_accuracy, val_rmse...")
     check_options(cfg.allreduce, cfg.progress, cfg.wire())
-    if cfg.on_failure != "abort" and cfg.pipelined():
-        raise ConfigError(f"{{on_failure}} {cfg.on_failure} with {{pp}} {cfg.pp}: not "
-                          "supported yet: a stage's state lives on its own ranks; healing "
-                          "needs it on a replica ({pp} 1, or {on_failure} abort and a "
-                          "relaunch from the checkpoint)", ["on_failure", "pp"])
+    if cfg.on_failure == "shrink" and cfg.pipelined():
+        raise ConfigError(f"{{on_failure}} shrink with {{pp}} {cfg.pp}: not supported: the "
+                          "survivors no longer form pp stages of equal size ({on_failure} "
+                          "respawn keeps the layout)", ["on_failure", "pp"])
     if cfg.on_failure != "abort" and cfg.allreduce == "shm":
         raise ConfigError(f"{{on_failure}} {cfg.on_failure} with {{allreduce}} shm: not "
                           "supported: a node's ranks share one copy of the parameters in an "

@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from mpi4py import MPI
 
@@ -99,6 +99,7 @@ class Healed:
     spawned: int = 0  # replacements started
     rounds: int = 1  # healings needed (more when a rank died during one)
     launch: List[int] = field(default_factory=list)  # each healed rank's launch rank
+    refused: Optional[str] = None  # why the job cannot go on (``check``), or None
     info: Dict[str, Any] = field(default_factory=dict)  # what survivors told replacements
 
 
@@ -148,10 +149,13 @@ def _spawn_info() -> MPI.Info:
 
 
 def heal(comm: MPI.Intracomm, mode: str, launch: Sequence[int], also: Sequence[MPI.Comm] = (),
-         info: Optional[Dict[str, Any]] = None) -> Healed:
+         info: Optional[Dict[str, Any]] = None,
+         check: Optional[Callable[[List[int]], Optional[str]]] = None) -> Healed:
     """Survivors (collective over them): revoke ``comm`` and ``also``, shrink, and with
     ``respawn`` put a new process in each dead rank's place; retried while ranks die.
-    ``launch``: the launch rank of each rank of ``comm``."""
+    ``launch``: the launch rank of each rank of ``comm``.  ``check(dead launch ranks)``
+    says why the job cannot go on without them, or None; if it says so, nothing is
+    spawned and ``Healed.refused`` holds the reason (the survivors end the job)."""
     t0 = time.perf_counter()
     _revoke([comm, *also])
     _free(also)
@@ -173,6 +177,12 @@ def heal(comm: MPI.Intracomm, mode: str, launch: Sequence[int], also: Sequence[M
                 survivors.Agree(1)  # every survivor got here: the shrink is final
                 return Healed(survivors, sorted(lost), time.perf_counter() - t0,
                               rounds=rounds, launch=table)
+            why = check(sorted(lost)) if check else None
+            if why:
+                table = launch_ranks(survivors)
+                survivors.Agree(1)
+                return Healed(survivors, sorted(lost), time.perf_counter() - t0,
+                              rounds=rounds, launch=table, refused=why)
             missing = sorted(set(range(size)) - set(place))
             inter = survivors.Spawn(sys.executable, args=command_line(),
                                     maxprocs=len(missing), info=_spawn_info())

@@ -54,6 +54,10 @@ class TrainerBase:
         self.stop_agreed = False  # set by step(): some rank was asked to stop
         self.on_phase: Callable[[str], None] = lambda phase: None  # for the watchdog
         self.peak_activation_bytes = 0  # saved for backward at once (measured by pipelines)
+        # With a healing pipeline: the state before the last update, so a step applied by
+        # some stages only can be undone (run.recovery); (arrays, optimizer steps, clipped).
+        self.keep_before_update = False
+        self._before: Optional[Tuple[List[np.ndarray], int, int]] = None
 
     # -- life cycle ------------------------------------------------------------------------
     def prefetch(self, start: int, stop: int) -> None:
@@ -110,6 +114,9 @@ class TrainerBase:
         metrics = self.task.summarize(np.asarray(sums[2:], np.float64), batch)
         if self.clip_grad_norm is not None:
             metrics.update(self._clip(self.clip_grad_norm))
+        if self.keep_before_update:  # a healing may have to undo this step (pipelines)
+            flats, _ = self._flats()
+            self._before = ([f.copy() for f in flats], self.optimizer.steps, self.clipped)
         self.exchange.update(self.optimizer)
         t0, t1, t2, t3 = t
         self.times["data"] += t1 - t0
@@ -258,6 +265,15 @@ class TrainerBase:
                 flat[...] = buf
 
         self.exchange.write(write)
+
+    def roll_back(self) -> None:
+        """Undo the last update (local): the state before it, kept by ``_conclude``."""
+        flats, _ = self._flats()
+        arrays, steps, clipped = self._before
+        for flat, kept in zip(flats, arrays):
+            flat[...] = kept
+        self.optimizer.steps, self.clipped = steps, clipped
+        self._before = None
 
     def take_over(self, source: int, old: Optional["TrainerBase"]) -> None:
         """After a healing (collective over ``grid.dp_comm``): every replica takes the

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, TextIO
 import numpy as np
 from mpi4py import MPI
 
+from ..comm.topology import grid_coords, grid_rank
 from ..config import Config
 from ..fault.drills import Faults
 from ..fault.elastic import (RankFailed, heal, is_failure, join, launch_rank, launch_ranks,
@@ -78,9 +79,13 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
                 carry.healings += 1
                 healed = heal(comm, cfg.on_failure, launch, also=failed.comms,
                               info={"run_dir": carry.run_dir, "healings": carry.healings,
-                                    "failures": carry.failures, "lost": carry.lost})
+                                    "failures": carry.failures, "lost": carry.lost},
+                              check=lambda dead: _orphaned(cfg, comm.size, carry.lost + dead))
                 comm, launch = healed.comm, healed.launch
                 set_job_comm(comm)
+                if healed.refused:
+                    raise ConfigError(healed.refused, ["on_failure"], everywhere=True,
+                                      code=EXIT_ERROR)
                 carry.healed, carry.failures = healed, carry.failures + len(healed.dead)
                 carry.lost = carry.lost + healed.dead
                 if carry.failures > cfg.max_failures:
@@ -90,6 +95,22 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
                 notes = ckpts.rebind(comm)
     finally:
         ckpts.close()
+
+
+def _orphaned(cfg: Config, size: int, dead) -> Optional[str]:
+    """Why a pipeline cannot heal without the ranks ``dead`` (launch ranks): a stage
+    lost every replica, so nobody holds its state; None if each stage kept one."""
+    if not cfg.pipelined():
+        return None
+    dp = size // cfg.pp
+    stages = {grid_coords(r, cfg.pp, dp)[0] for r in dead}
+    gone = sorted(s for s in stages if all(grid_rank(s, d, cfg.pp, dp) in dead
+                                             for d in range(dp)))
+    if not gone:
+        return None
+    return (f"pipeline stage(s) {gone} lost every replica: healing needs another replica "
+            "of each stage to take the state from (more ranks per stage, or {on_failure} "
+            "abort and a relaunch from the checkpoint)")
 
 
 def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Checkpoints,
@@ -164,6 +185,8 @@ class _Run:
         if carry and cfg.check_data == "full":  # checked at the start; once is enough
             cfg = cfg.replace(check_data="meta")
         trainer, m = build(cfg, comm)
+        # A healing pipeline may have to undo a step some stages applied (run.recovery).
+        trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
         self.trainer = trainer
         spe = trainer.sampler.steps_per_epoch
         total = cfg.total_steps(spe)

@@ -27,6 +27,7 @@ from mpi4py import MPI
 
 from ..fault.elastic import Healed
 from ..parallel.base import TrainerBase
+from ..runtime import EXIT_ERROR, ConfigError
 
 __all__ = ["Carry", "agree", "describe"]
 
@@ -49,20 +50,43 @@ class Carry:
 
 def agree(trainer: TrainerBase, comm: MPI.Intracomm,
           carry: Carry) -> Tuple[int, Dict[str, Any], int, List[int]]:
-    """Hand every rank the state of the rank that applied the most steps (collective);
-    return (steps completed, the loop's state, the source rank, ranks that were behind).
-    Steps completed is -1 if no rank held a state yet (a death during start-up)."""
-    completed, minus_source = comm.allreduce((carry.completed, -comm.Get_rank()), op=MPI.MAX)
-    source = -minus_source
-    behind = [r for r, c in enumerate(comm.allgather(carry.completed)) if 0 <= c < completed]
-    if completed < 0:  # a death before any rank held a state (start-up): start again
+    """Bring every rank to one state (collective); return (steps completed, the loop's
+    state, the rank it came from, the ranks that moved).  Steps completed is -1 if no
+    rank held a state yet (a death during start-up).
+
+    Data parallelism goes forward to the rank that applied the most steps.  A
+    pipeline goes back: its update of step k follows a world-wide sum, yet a stage
+    whose ranks all missed it cannot be brought forward, so ranks that applied
+    step k undo it (``TrainerBase.roll_back``) and step k runs again.  Within each
+    stage the lowest replica holding that state hands it to the others.
+    """
+    g = trainer.grid
+    done = comm.allgather(carry.completed)  # every rank's steps applied (-1: none)
+    held = [c for c in done if c >= 0]
+    if not held:  # a death before any rank held a state (start-up): start again
         comm.Agree(1)
-        return completed, {}, source, behind
-    mine = comm.Get_rank() == source
-    trainer.take_over(source, carry.trainer if mine else None)
-    loop = comm.bcast(carry.loop if mine else None, root=source)
+        return -1, {}, 0, []
+    back = trainer.keep_before_update
+    target = min(held) if back else max(held)
+    moved = [r for r, c in enumerate(done) if c >= 0 and c != target]
+    if back and carry.completed > target:
+        carry.trainer.roll_back()
+        carry.completed = target
+    have = g.dp_comm.allgather(carry.completed == target)
+    orphans = comm.allreduce([g.pp_rank] if g.dp_rank == 0 and not any(have) else [],
+                             op=MPI.SUM)
+    if orphans:
+        raise ConfigError(f"pipeline stage(s) {sorted(orphans)} lost every replica: healing "
+                          "needs another replica of each stage to take the state from (more "
+                          "ranks per stage, or {on_failure} abort and a relaunch from the "
+                          "checkpoint)", ["on_failure"], everywhere=True, code=EXIT_ERROR)
+    source = have.index(True)  # this stage's replica to take the state from
+    trainer.take_over(source, carry.trainer if g.dp_rank == source else None)
+    loop_source = done.index(target)  # the lowest rank whose loop is at that step
+    loop = comm.bcast(carry.loop if comm.Get_rank() == loop_source else None,
+                      root=loop_source)
     comm.Agree(1)  # a failure during the hand-over raises here, on every rank
-    return completed, loop, source, behind
+    return target, loop, loop_source, moved
 
 
 def describe(carry: Carry, ranks: int, mode: str, at_step: int, source: int,
@@ -74,7 +98,7 @@ def describe(carry: Carry, ranks: int, mode: str, at_step: int, source: int,
            else f"shrank to {ranks} ranks")
     line = (f"rank{'s' * (len(carry.lost) > 1)} {dead} died at step {at_step + 1}: {how} "
             f"in {seconds:.2f} s and went on from step {at_step + 1} with rank {source}'s "
-            "state" + (f" (ranks {behind} were a step behind)" if behind else ""))
+            "state" + (f" (ranks {behind} were a step apart)" if behind else ""))
     record = {"event": "recovery", "mode": mode, "dead": list(carry.lost), "at_step": at_step,
               "ranks": ranks, "seconds": round(seconds, 4), "source": source,
               "behind": behind, "healings": carry.healings, "time": time.time()}
