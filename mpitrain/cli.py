@@ -323,7 +323,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         code = run_or_abort(run, comm, render=render)
     except SystemExit as exc:  # an error every rank agreed on: all exit with its status
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     if job_comm(None) is not None:  # a healed job: see runtime.bound_finalize
         bound_finalize(30, code)
     sys.exit(code)
