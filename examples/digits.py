@@ -33,6 +33,21 @@ def write_and_index(out: str) -> None:
     index_files([os.path.join(out, "digits.h5")], "images", "labels", out, val_fraction=0.2)
 
 
+def prepare_on_root(comm, out: str, script: str) -> None:
+    """Rank 0 writes and indexes the digits into ``out`` unless they are there (collective)."""
+    from mpitrain.runtime import on_root
+
+    def prepare() -> None:
+        if not os.path.exists(os.path.join(out, "manifest.json")):
+            try:
+                write_and_index(out)
+            except ImportError:
+                raise mpitrain.MpitrainError(f"{script} needs scikit-learn: pip install "
+                                             "scikit-learn") from None
+
+    on_root(comm, prepare)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=30)
@@ -41,17 +56,7 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     out = args.out or os.path.join(tempfile.gettempdir(), f"mpitrain-digits-{os.getuid()}")
 
-    def prepare() -> None:
-        if not os.path.exists(os.path.join(out, "manifest.json")):
-            try:
-                write_and_index(out)
-            except ImportError:
-                raise mpitrain.MpitrainError("examples/digits.py needs scikit-learn: pip "
-                                             "install scikit-learn") from None
-
-    from mpitrain.runtime import on_root
-
-    on_root(comm, prepare)
+    prepare_on_root(comm, out, "examples/digits.py")
     cfg = mpitrain.Config(data=out, hidden=[64, 64], batch_size=64, epochs=args.epochs,
                           optimizer="adam", lr=3e-3, log_every=50, eval_every=0,
                           run_dir=os.path.join(out, "run"))

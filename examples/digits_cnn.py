@@ -21,7 +21,7 @@ import mpitrain  # first: sets BLAS threads per rank
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import write_and_index  # noqa: E402 - the same files, indexed the same way
+from digits import prepare_on_root  # noqa: E402 - the same files, indexed the same way
 
 MODEL = ("conv2d(32,3,padding=1),relu,conv2d(64,3,padding=1),relu,maxpool2d(2),flatten,"
          "linear(128),relu,dropout(0.5),linear(10)")
@@ -36,23 +36,15 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     out = args.out or os.path.join(tempfile.gettempdir(), f"mpitrain-digits-{os.getuid()}")
 
-    def prepare() -> None:
-        if not os.path.exists(os.path.join(out, "manifest.json")):
-            try:
-                write_and_index(out)
-            except ImportError:
-                raise mpitrain.MpitrainError("examples/digits_cnn.py needs scikit-learn: pip "
-                                             "install scikit-learn") from None
-
-    from mpitrain.runtime import on_root
-
-    on_root(comm, prepare)
+    prepare_on_root(comm, out, "examples/digits_cnn.py")
     run = os.path.join(out, "run-cnn")
 
     def fresh() -> None:  # each launch trains from scratch
         import shutil
 
         shutil.rmtree(run, ignore_errors=True)
+
+    from mpitrain.runtime import on_root
 
     on_root(comm, fresh)
     cfg = mpitrain.Config(data=out, model=MODEL, batch_size=64, epochs=args.epochs,

@@ -315,16 +315,17 @@ class Exchange:
         if self.exact is not None and self.size > 1:
             self.comm.Allreduce(MPI.IN_PLACE, self.buffer[self.exact], op=MPI.SUM)
 
-    def abandon(self) -> None:
+    def abandon(self) -> List[MPI.Comm]:
         """After a rank died (local): revoke the communicator, so a sum in flight ends
-        with an error, and stop the helper thread.  The buffer stays readable; the
-        communicator is the caller's to free (``fault.elastic.heal``)."""
+        with an error, and stop the helper thread.  The buffer stays readable; returns
+        the communicator, for the healing to free (``fault.elastic.heal``)."""
         self.comm.Revoke()
         if self._worker is not None:
             self._jobs.put(None)
             self._worker.join()
             self._worker = None
         self._requests.clear()
+        return [self.comm]
 
     def close(self) -> None:
         """Stop the helper thread, move the adopted arrays out of shared memory (they

@@ -57,14 +57,12 @@ class Watchdog:
         self._thread.join()
         self.comm.Free()
 
-    def abandon(self) -> None:
-        """Stop watching after a rank died (local): revoke the private communicator."""
+    def abandon(self) -> list:
+        """Stop watching after a rank died (local); returns the private communicator,
+        for the healing to revoke and free."""
         self._stop.set()
         self._thread.join()
-        try:
-            self.comm.Revoke()
-        except Exception:  # noqa: BLE001 - an MPI without ULFM has nothing to revoke
-            pass
+        return [self.comm]
 
     def _limit_now(self) -> float:
         slow = self.phase in ("starting", "checkpoint")  # data checks, checkpoint writes

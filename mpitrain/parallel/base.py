@@ -68,10 +68,13 @@ class TrainerBase:
         optimizer's arrays stay readable."""
         self.exchange.close()
 
-    def abandon(self) -> None:
-        """After a rank died (local): stop the helper threads and revoke the
-        communicators, so nothing waits on the dead rank; the arrays stay readable."""
-        self.exchange.abandon()
+    def abandon(self) -> List[MPI.Comm]:
+        """After a rank died (local): stop the helper threads, revoke the exchange and
+        close the data; the arrays stay readable.  Returns this trainer's own
+        communicators, which the healing revokes and frees."""
+        comms = self.exchange.abandon()
+        self.close_data()
+        return comms
 
     def close_data(self) -> None:
         """Close the training and validation shard files."""

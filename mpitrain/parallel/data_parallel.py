@@ -20,7 +20,7 @@ rank sees the same loss (and stops together if it is not finite).
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -105,11 +105,10 @@ class Trainer(TrainerBase):
         super().close()
         self.xbuf = self.exchange.buffer  # a private copy once the window is gone
 
-    def abandon(self) -> None:
-        """After a rank died (local): stop reading ahead, revoke, stop the threads."""
+    def abandon(self) -> List[MPI.Comm]:
+        """After a rank died (local): stop reading ahead, then as every trainer."""
         self.close_prefetch()
-        super().abandon()
-        self.close_data()
+        return super().abandon()
 
     def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
         """Run global step ``step`` (0-based); return (mean loss, the task's metrics of

@@ -54,8 +54,7 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
         set_job_comm(comm)
         told, launch = healed.info, healed.launch
         carry = Carry(run_dir=told["run_dir"], failures=told["failures"] + len(told["dead"]),
-                      healings=told["healings"], lost=told["lost"] + told["dead"],
-                      healed=healed)
+                      healings=told["healings"], lost=told["lost"] + told["dead"])
     faults = Faults(cfg.fault)
     if faults.ranks() and faults.ranks()[-1] >= comm.size:
         raise ConfigError(f"{{fault}} {literal(cfg.fault)}: names rank {faults.ranks()[-1]}, "
@@ -86,7 +85,7 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
                 if healed.refused:
                     raise ConfigError(healed.refused, ["on_failure"], everywhere=True,
                                       code=EXIT_ERROR)
-                carry.healed, carry.failures = healed, carry.failures + len(healed.dead)
+                carry.failures += len(healed.dead)
                 carry.lost = carry.lost + healed.dead
                 if carry.failures > cfg.max_failures:
                     raise ConfigError(f"{carry.failures} ranks died, more than "
@@ -149,13 +148,11 @@ class _Run:
 
     def leave(self, exc: BaseException) -> RankFailed:
         """A rank died: stop what runs locally and say what this rank carries out."""
-        comms = []  # its private communicators: revoked and freed by the healing
+        comms = []  # the trainer's and the watchdog's: revoked and freed by the healing
         if self.trainer is not None:
-            self.trainer.abandon()
-            comms.append(self.trainer.exchange.comm)
+            comms += self.trainer.abandon()
         if self.dog is not None:
-            self.dog.abandon()
-            comms.append(self.dog.comm)
+            comms += self.dog.abandon()
         if self.report is not None:
             self.report.close()
         if self.carry is not None and self.carry.trainer is not None:

@@ -127,6 +127,9 @@ class Reporter:
         if not self.quiet:
             self._clear_live()
             print(_fmt(record, self.total, self.headline), file=self.out, flush=True)
+        self._log(record)
+
+    def _log(self, record: Dict[str, Any]) -> None:
         for log in self.logs:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -136,9 +139,7 @@ class Reporter:
         the job (a healing), not a step."""
         self.say(line, always=True)
         if self.enabled:
-            for log in self.logs:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+            self._log(record)
 
     def close(self) -> None:
         """Close the live line and the log files."""

@@ -25,7 +25,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from mpi4py import MPI
 
-from ..fault.elastic import Healed
 from ..parallel.base import TrainerBase
 from ..runtime import EXIT_ERROR, ConfigError
 
@@ -43,7 +42,6 @@ class Carry:
     failures: int = 0  # ranks lost so far in this job
     healings: int = 0  # healings so far in this job
     lost: List[int] = field(default_factory=list)  # launch ranks dead since the hand-over
-    healed: Optional[Healed] = None  # the last healing
     noticed: float = 0.0  # perf_counter() when this rank saw the failure
     phase: str = ""  # what it was doing
 

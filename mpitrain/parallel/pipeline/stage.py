@@ -126,16 +126,11 @@ class PipelineTrainer(TrainerBase):
         self.peak_alive = 0  # micro-batches whose activations were held at once
         self.times["wait"] = 0.0  # blocked in recv_forward / recv_backward: the bubble
 
-    def abandon(self) -> None:
-        """After a rank died (local): revoke the stage's communicators, forget the sends."""
-        super().abandon()
-        for comm in (self.grid.pp_comm, self.grid.dp_comm):
-            try:
-                comm.Revoke()
-            except MPI.Exception:
-                pass
+    def abandon(self) -> List[MPI.Comm]:
+        """After a rank died (local): forget the sends; the grid's communicators join
+        the exchange's, for the healing to revoke and free."""
         self._sends.clear()
-        self.close_data()
+        return super().abandon() + [self.grid.pp_comm, self.grid.dp_comm]
 
     def close(self) -> None:
         """Free the exchange and the grid's communicators (collective)."""
