@@ -29,6 +29,9 @@ from ..model.optim import OPTIMIZERS
 from ..model.schedule import SCHEDULES as LR_SCHEDULES
 from ..model.sequential import DTYPES
 from ..parallel.pipeline.schedules import SCHEDULES
+from ..parallel.speed import BALANCE
+
+STRATEGIES = ("allreduce", "ps")  # run.build picks the trainer of each
 
 __all__ = ["Config", "CHOICES"]
 
@@ -46,6 +49,8 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "shuffle": ("auto", "global", "chunks"),
     "lr_schedule": LR_SCHEDULES,
     "on_failure": ON_FAILURE,
+    "strategy": STRATEGIES,
+    "balance": BALANCE,
 }
 
 
@@ -104,6 +109,17 @@ class Config:
     weight_decay: float = _opt(0.0, "L2 penalty (decoupled for adamw)")
     seed: int = _opt(0, "seed of initialisation, sample order and synthetic data")
     # Parallelism
+    strategy: str = _opt("allreduce", "how the gradients are combined: allreduce (every rank "
+                                      "sums them) or ps (a parameter server: the first "
+                                      "--servers ranks hold the parameters, the others compute)")
+    servers: int = _opt(1, "with --strategy ps: how many ranks serve (each a slice of the "
+                           "parameters and its optimizer state)")
+    staleness: int = _opt(0, "with --strategy ps: how many steps a worker may run ahead of the "
+                             "slowest (0: synchronous; S >= 1: stale-synchronous parallel)")
+    balance: str = _opt("none", "split each global batch evenly (none) or in proportion to the "
+                                "ranks' measured speed (speed), for persistent stragglers")
+    balance_every: int = _opt(20, "with --balance speed: agree on the ranks' speeds every N "
+                                  "steps")
     allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, mpitrain's ring, "
                                  "or shm (ranks on a node add from each other's memory)")
     bucket_mb: float = _opt(2.0, "exchange the gradients in buckets of about this many MiB "
@@ -145,7 +161,8 @@ class Config:
                                 "rank")
     fault: Optional[str] = _opt(None, "inject failures for drills, comma-separated: "
                                       "kill|stop|term:rank=R:step=S, ckpt-kill:step=S, "
-                                      "heal-kill:rank=R:healing=N")
+                                      "heal-kill:rank=R:healing=N, slow:rank=R:factor=F, "
+                                      "jitter:prob=P:factor=F")
     # Output
     run_dir: Optional[str] = _opt(None, "this run's directory: metrics.jsonl is appended there "
                                         "(default: --ckpt-dir if given, else runs/DATE-TIME)")
@@ -179,6 +196,10 @@ class Config:
         if self.microbatches is not None:
             return self.microbatches
         return 1 if self.pp == 1 else 2 * self.pp
+
+    def ps(self) -> bool:
+        """Whether the parameter-server trainer runs."""
+        return self.strategy == "ps"
 
     def pipelined(self) -> bool:
         """Whether the pipeline trainer runs."""

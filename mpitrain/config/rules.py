@@ -60,6 +60,7 @@ BOUNDS = {
     "sigterm_grace": (">=", 0, " (0: never abort)"),
     "watchdog": (">=", 0, " (0 turns it off)"),
     "max_failures": (">=", 1, ""),
+    "servers": (">=", 1, ""), "staleness": (">=", 0, ""), "balance_every": (">=", 1, ""),
 }
 MONITOR = re.compile(r"^val_[a-z][a-z0-9_]*$")
 
@@ -113,6 +114,7 @@ def validate(cfg: Config) -> None:
                           "supported: a node's ranks share one copy of the parameters in an "
                           "MPI window, and ULFM does not make windows fault tolerant (use "
                           "{allreduce} mpi or ring)", ["on_failure", "allreduce"])
+    _check_strategy(cfg)
     if cfg.microbatches is not None and not 1 <= cfg.microbatches <= MAX_MICROBATCHES:
         raise bad("microbatches", f"a value in 1..{MAX_MICROBATCHES}")
     if cfg.stage_layers is not None and (not cfg.stage_layers or min(cfg.stage_layers) < 1):
@@ -122,6 +124,30 @@ def validate(cfg: Config) -> None:
     except MpitrainError as exc:
         raise ConfigError("{fault}: " + literal(str(exc)), ["fault"]) from None
     refuse_what_does_not_apply(cfg)
+
+
+def _check_strategy(cfg: Config) -> None:
+    """What the parameter server and speed-balanced batches cannot be combined with."""
+    if cfg.ps() and cfg.pp > 1:
+        raise ConfigError(f"{{strategy}} ps with {{pp}} {cfg.pp}: not supported: a server "
+                          "holds a slice of the whole model, and pipeline stages exchange "
+                          "their gradients by all-reduce among replicas (use {strategy} "
+                          "allreduce)", ["strategy", "pp"])
+    if cfg.ps() and cfg.on_failure != "abort":
+        raise ConfigError(f"{{on_failure}} {cfg.on_failure} with {{strategy}} ps: not "
+                          "supported: a server's slice of the parameters and its optimizer "
+                          "state exist on no other rank, so a dead server cannot be replaced "
+                          "without a checkpoint (use {on_failure} abort and relaunch: the run "
+                          "resumes from --ckpt-dir)", ["on_failure", "strategy"])
+    if cfg.balance == "speed" and cfg.staleness > 0:
+        raise ConfigError(f"{{balance}} speed with {{staleness}} {cfg.staleness}: the speed "
+                          "split is for synchronous steps; stale-synchronous workers already "
+                          "run at their own pace (use one or the other)",
+                          ["balance", "staleness"])
+    if cfg.balance == "speed" and cfg.pipelined():
+        raise ConfigError(f"{{balance}} speed with {{pp}} {cfg.pp}: not supported: a "
+                          "pipeline's stages must see the same micro-batches",
+                          ["balance", "pp"])
 
 
 def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
@@ -173,6 +199,17 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
     rules.append(("max_failures", cfg.on_failure == "abort",
                   "bounds the deaths a healing job survives; {on_failure} is abort",
                   ["on_failure"]))
+    for option in ("servers", "staleness"):
+        rules.append((option, not cfg.ps(),
+                      "applies to the parameter server; this run's {strategy} is "
+                      + cfg.strategy, ["strategy"]))
+    for option in ("allreduce", "progress", "grad_dtype"):
+        rules.append((option, cfg.ps(),
+                      "chooses how all-reduce sums the gradients; with {strategy} ps the "
+                      "servers sum the workers' pushes", ["strategy"]))
+    rules.append(("balance_every", cfg.balance != "speed",
+                  "spaces the speed measurements of {balance} speed; this run's {balance} is "
+                  + cfg.balance, ["balance"]))
     for option in ("hidden", "activation", "dropout"):
         rules.append((option, cfg.model is not None,
                       "shapes the default MLP, and {model} is given: write it into the model",

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class Prefetcher:
 
     def __init__(self, shards: Shards, sampler: Sampler, rank: int, size: int,
                  start: int, stop: int, depth: Optional[int] = None,
-                 max_bytes: int = 64 << 20):
+                 max_bytes: int = 64 << 20, shares: Optional[Sequence[int]] = None):
         import collections
         import threading
 
@@ -46,6 +46,7 @@ class Prefetcher:
         self._stopped = False
         self._next, self._end = start, stop  # the step get() must be asked for next
         self._args = (shards, sampler, rank, size, start, stop)
+        self._shares = None if shares is None else list(shares)  # uneven parts (speed)
         self._thread = threading.Thread(target=self._read, name="mpitrain-prefetch",
                                         daemon=True)
         self._thread.start()
@@ -61,7 +62,7 @@ class Prefetcher:
                 room = self.depth - len(self._ready)
             for k in range(step, min(stop, step + room)):
                 try:
-                    ids, batch = sampler.local(k, rank, size)
+                    ids, batch = sampler.local(k, rank, size, self._shares)
                     item = (k, ids, *shards.read(ids), batch, None)
                 except BaseException as exc:  # noqa: BLE001 - raised in the main thread
                     item = (k, None, None, None, 0, exc)

@@ -92,8 +92,17 @@ class Sampler:
         ids = self.order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
         return ids if self.blocks is None else np.sort(ids)
 
-    def local(self, step: int, rank: int, size: int) -> Tuple[np.ndarray, int]:
-        """(ids this rank reads at ``step``, the global batch size of the step)."""
+    def local(self, step: int, rank: int, size: int,
+              shares: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, int]:
+        """(ids this rank reads at ``step``, the global batch size of the step).
+
+        ``shares``: the ranks' parts of a full batch, when they are uneven (speed-
+        balanced, ``parallel.speed``); a smaller batch is cut at the same proportions.
+        """
         ids = self.batch(step)
-        lo, hi = rank_slice(len(ids), rank, size)
+        if shares is None:
+            lo, hi = rank_slice(len(ids), rank, size)
+        else:
+            total, before = sum(shares), sum(shares[:rank])
+            lo, hi = len(ids) * before // total, len(ids) * (before + shares[rank]) // total
         return ids[lo:hi], len(ids)

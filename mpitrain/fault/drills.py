@@ -32,6 +32,16 @@ class Faults:
     - ``heal-kill:rank=R:healing=N``  rank R sends itself SIGKILL during the N-th
       healing of the job, as the state is handed over (``--on-failure
       shrink|respawn``): a death during a recovery
+    - ``slow:rank=R:factor=F``  rank R takes F times its compute time every step
+      (a persistent straggler: an older node, a busy neighbour)
+    - ``jitter:prob=P:factor=F``  each rank's step is, with probability P, F times
+      its compute time (transient stragglers: OS noise, I/O stalls); whether rank r
+      is slowed at step k is drawn from ``default_rng([seed, step, r])``, so a
+      run repeats
+
+    Both stragglers sleep the difference before the step computes ((F - 1) times
+    the rank's compute time of its previous step), so the effect is measurable on
+    any machine and the other ranks wait for this rank's gradients.
 
     R is the rank at launch: after a shrink renumbers the survivors, a drill
     still names the process the user meant (a replacement has the rank of the
@@ -48,7 +58,9 @@ class Faults:
     """
 
     ACTIONS = {"kill": ("rank", "step"), "stop": ("rank", "step"), "term": ("rank", "step"),
-               "ckpt-kill": ("step",), "heal-kill": ("rank", "healing")}
+               "ckpt-kill": ("step",), "heal-kill": ("rank", "healing"),
+               "slow": ("rank", "factor"), "jitter": ("prob", "factor")}
+    FLOATS = ("prob", "factor")  # the other keys are integers
     SIGNALS = {"kill": "SIGKILL", "stop": "SIGSTOP", "term": "SIGTERM"}
 
     def __init__(self, spec: Optional[str]):
@@ -59,13 +71,18 @@ class Faults:
                 raise MpitrainError(f"unknown action {action!r} in {part!r} "
                                     f"(known: {', '.join(self.ACTIONS)})")
             try:
-                keys = {k: int(v) for k, v in (p.split("=", 1) for p in pairs)}
+                keys = {k: float(v) if k in self.FLOATS else int(v)
+                        for k, v in (p.split("=", 1) for p in pairs)}
             except ValueError:
-                raise MpitrainError(f"expected KEY=INTEGER pairs in {part!r}") from None
+                raise MpitrainError(f"expected KEY=NUMBER pairs (rank, step, healing and "
+                                    f"attempt integers) in {part!r}") from None
             if set(keys) - {"attempt"} != set(self.ACTIONS[action]):
                 raise MpitrainError(f"{action} takes "
                                     f"{', '.join(self.ACTIONS[action])} (and optionally "
                                     f"attempt), got {part!r}")
+            if keys.get("factor", 1.0) < 1 or not 0 <= keys.get("prob", 0.0) <= 1:
+                raise MpitrainError(f"{action} needs factor >= 1 and prob in [0, 1], got "
+                                    f"{part!r}")
             if keys.pop("attempt", self.attempt) == self.attempt:
                 self.plans.append((action, keys))
 
@@ -93,6 +110,24 @@ class Faults:
                 sys.stdout.flush()
                 _log_drill(action, rank, step)
                 os.kill(os.getpid(), getattr(signal, self.SIGNALS[action]))
+
+    def delay(self, rank: int, step: int, compute: float, seed: int = 0) -> float:
+        """Seconds ``rank`` sleeps before computing (1-based) ``step``, whose previous
+        step computed for ``compute`` seconds: the stragglers planned for it, or 0."""
+        extra = 0.0
+        for action, keys in self.plans:
+            if action == "slow" and keys["rank"] == rank:
+                extra += (keys["factor"] - 1) * compute
+            elif action == "jitter" and keys["prob"] > 0:
+                import numpy as np
+
+                if np.random.default_rng([seed, step, rank]).random() < keys["prob"]:
+                    extra += (keys["factor"] - 1) * compute
+        return extra
+
+    def stragglers(self) -> bool:
+        """Whether a slow or jitter drill is planned."""
+        return any(a in ("slow", "jitter") for a, _ in self.plans)
 
     def disarm_through(self, step: int) -> None:
         """Drop the drills planned for steps up to ``step`` (1-based): after a healing."""

@@ -23,6 +23,7 @@ from mpi4py import MPI
 
 from ..fault.checkpoint import State
 from ..runtime import MpitrainError
+from .speed import SpeedBalancer
 
 __all__ = ["TrainerBase"]
 
@@ -58,6 +59,14 @@ class TrainerBase:
         # some stages only can be undone (run.recovery); (arrays, optimizer steps, clipped).
         self.keep_before_update = False
         self._before: Optional[Tuple[List[np.ndarray], int, int]] = None
+        # Straggler drills (fault.drills): seconds to sleep before computing a step,
+        # from (1-based step, the previous step's compute seconds); set by the loop.
+        self.slowdown: Callable[[int, float], float] = lambda step, seconds: 0.0
+        self._last_compute = 0.0
+        # Speed-balanced batches (parallel.speed), set by run.build; its changes are
+        # reported through ``on_event(line, record)``, set by the loop.
+        self.balancer: Optional[SpeedBalancer] = None
+        self.on_event: Callable[[str, Dict[str, Any]], None] = lambda line, record: None
 
     # -- life cycle ------------------------------------------------------------------------
     def prefetch(self, start: int, stop: int) -> None:
@@ -85,6 +94,41 @@ class TrainerBase:
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next update (a schedule sets it before each step)."""
         self.optimizer.lr = lr
+
+    # -- stragglers and speed ---------------------------------------------------------------
+    def _straggle(self, step: int) -> float:
+        """Sleep what a straggler drill plans before computing ``step`` (0-based); return
+        the seconds slept."""
+        extra = self.slowdown(step + 1, self._last_compute)
+        if extra > 0:
+            time.sleep(extra)
+        return max(0.0, extra)
+
+    def _observe(self, step: int, seconds: float, samples: int, slept: float = 0.0) -> None:
+        """Record this rank's compute time of ``step`` (``slept``: the drill's part of
+        it); with speed-balanced batches, agree on a new split every so often
+        (collective)."""
+        self._last_compute = seconds - slept
+        if self.balancer is None:
+            return
+        new = self.balancer.observe(seconds, samples)
+        if new is not None:
+            self.on_event(f"step {step + 1}: each global batch is now split {new} among the "
+                          "ranks, in proportion to their measured speed (--balance speed)",
+                          {"event": "balance", "step": step + 1, "shares": new})
+            self._restart_prefetch(step + 1)
+
+    def _restart_prefetch(self, start: int) -> None:
+        """Read ahead again from ``start`` (the split changed), if this trainer reads ahead."""
+
+    def shares(self) -> Optional[List[int]]:
+        """The ranks' parts of a full batch when they are uneven (speed), else None."""
+        return None if self.balancer is None else self.balancer.shares
+
+    def extras(self, steps: int) -> Dict[str, Any]:
+        """What this strategy adds to the run's summary, over ``steps`` steps
+        (collective)."""
+        return {}
 
     # -- the end of a step -----------------------------------------------------------------
     def check_replicas(self) -> None:
@@ -189,19 +233,43 @@ class TrainerBase:
             params.update(self.named(got[0], names))
             for key, buf in zip(keys, got[1:]):
                 opt_state[key].update(self.named(buf, names))
+        return self._state(step, config, params, opt_state)
+
+    def _state(self, step: int, config: Dict[str, Any], params: Dict[str, np.ndarray],
+               opt_state: Dict[str, Dict[str, np.ndarray]]) -> State:
+        """The checkpoint state of ``step`` steps from the gathered arrays (rank 0)."""
+        g = self.grid
         epoch, epoch_step = self.sampler.locate(step)
         opt, s = self.optimizer, self.sampler
+        layout: Dict[str, Any] = {"world_size": g.world.Get_size(), "pp": g.pp, "dp": g.dp}
+        if self.shares() is not None:
+            layout["shares"] = list(self.shares())
+        layout.update(self.layout_extra())
         return State(
             step=step, epoch=epoch, epoch_step=epoch_step, params=params,
             optimizer_state=opt_state,
             optimizer={"name": self.optimizer.name, "steps": opt.steps, **opt.hyper()},
-            config=config, layout={"world_size": g.world.Get_size(), "pp": g.pp, "dp": g.dp},
+            config=config, layout=layout,
             sampler=s.meta(), task=self.task.describe(), model=dict(self.spec),
             rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
                                  f"({s.n}), cut into batches of {s.batch_size}",
                  "init": "numpy.random.default_rng([seed, layer index]) per layer",
                  "dropout": "a hash of (seed, step, global sample id, layer, unit)",
                  "stateful_generators": {}})
+
+    def layout_extra(self) -> Dict[str, Any]:
+        """What a checkpoint's layout records beyond the grid (the strategy's)."""
+        return {}
+
+    def _restore_shares(self, state: Optional[State]) -> None:
+        """Take the checkpoint's speed split, if this run balances by speed and the split
+        fits (the same ranks and batch); else keep the even start (collective)."""
+        shares = self.grid.world.bcast(state.layout.get("shares") if state is not None
+                                       else None, root=0)
+        b = self.balancer
+        if b is not None and shares and len(shares) == len(b.shares) and \
+                sum(shares) == b.batch_size:
+            b.shares = list(shares)
 
     def mismatch(self, state: State, config: Dict[str, Any]) -> Optional[str]:
         """Why ``state`` cannot continue this run, or None: a ConfigError template
@@ -268,6 +336,7 @@ class TrainerBase:
                 flat[...] = buf
 
         self.exchange.write(write)
+        self._restore_shares(state)
 
     def roll_back(self) -> None:
         """Undo the last update (local): the state before it, kept by ``_conclude``."""

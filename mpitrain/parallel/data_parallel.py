@@ -86,12 +86,19 @@ class Trainer(TrainerBase):
         self.exchange.adopt(model, optimizer)
         self.xbuf = self.exchange.buffer
         self._prefetch: Optional[Prefetcher] = None
+        self._stop = 0  # the step the read-ahead ends at
         self._init_common(clip_grad_norm, seed)
 
     def prefetch(self, start: int, stop: int) -> None:
         """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""
         self.close_prefetch()
-        self._prefetch = Prefetcher(self.train, self.sampler, self.rank, self.size, start, stop)
+        self._stop = stop
+        self._prefetch = Prefetcher(self.train, self.sampler, self.rank, self.size, start, stop,
+                                    shares=self.shares())
+
+    def _restart_prefetch(self, start: int) -> None:
+        if self._prefetch is not None and start < self._stop:
+            self.prefetch(start, self._stop)
 
     def close_prefetch(self) -> None:
         """Stop reading ahead."""
@@ -121,10 +128,11 @@ class Trainer(TrainerBase):
         if self._prefetch is not None:
             ids, x, y, batch = self._prefetch.get(step)  # read while the last step computed
         else:
-            ids, batch = self.sampler.local(step, self.rank, self.size)
+            ids, batch = self.sampler.local(step, self.rank, self.size, self.shares())
             x, y = self.train.read(ids)  # (b, *features), (b, *targets)
         t1 = time.perf_counter()
         self.on_phase("computing")
+        slept = self._straggle(step)  # a drill's straggler: late before anything is final
         metrics = self.xbuf[self.metrics]  # (2 + task.width,): loss sum, stop, task sums
         metrics[:] = 0
         # K micro-batches, one after the other: the first writes the gradients, the
@@ -149,8 +157,10 @@ class Trainer(TrainerBase):
         t2 = time.perf_counter()
         self.on_phase("exchange")
         self.exchange.wait()  # only what backward did not hide
-        return self._conclude(step, batch, self.xbuf[self.metrics],
-                              (t0, t1, t2, time.perf_counter()))
+        out = self._conclude(step, batch, self.xbuf[self.metrics],
+                             (t0, t1, t2, time.perf_counter()))
+        self._observe(step, t2 - t1, len(ids), slept)
+        return out
 
     def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
         """{"loss": mean loss, task metrics...} on the validation split, each rank a

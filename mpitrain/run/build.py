@@ -31,6 +31,8 @@ from ..parallel.base import TrainerBase
 from ..parallel.data_parallel import Trainer
 from ..parallel.pipeline.partition import shapes_along, stage_ranges
 from ..parallel.pipeline.stage import PipelineTrainer
+from ..parallel.ps.trainer import PSTrainer
+from ..parallel.speed import SpeedBalancer
 from ..runtime import ConfigError, MpitrainError, agreed, literal
 
 __all__ = ["build", "open_data", "model_spec", "lr_schedule"]
@@ -176,11 +178,17 @@ def _check_accumulate(cfg: Config, replicas: int) -> None:
 
 def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
     """Check the data and make the grid, model, optimizer and trainer (collective)."""
+    if cfg.ps() and cfg.servers >= comm.Get_size():
+        raise ConfigError(f"{{servers}} {cfg.servers} with {comm.Get_size()} ranks leaves no "
+                          "worker: the parameter server needs at least one rank that "
+                          f"computes (at most {comm.Get_size() - 1} servers)", ["servers"],
+                          everywhere=True)
     grid = make_grid(comm, cfg.pp)
-    m, train, val = open_data(cfg, comm, grid.dp)
+    replicas = comm.Get_size() - cfg.servers if cfg.ps() else grid.dp
+    m, train, val = open_data(cfg, comm, replicas)
     task, loss = agreed(comm, lambda: task_and_loss(cfg, m))
     layers, spec = make_layers(cfg, m.features, task.outputs)
-    _check_accumulate(cfg, grid.dp)
+    _check_accumulate(cfg, replicas)
     stages = (stage_ranges(layers, cfg.pp, cfg.stage_layers, shape=m.features)
               if cfg.pp > 1 else [(0, len(layers))])
     check_memory(cfg, comm, layers, stages, m.features)
@@ -203,6 +211,13 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
                                   grad_dtype=cfg.wire(), dtype=cfg.dtype, seed=cfg.seed,
                                   stage_layers=cfg.stage_layers, task=task,
                                   accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm)
+    elif cfg.ps():
+        model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
+        trainer = PSTrainer(model, loss, cfg.optimizer, opt_args, train, sampler, comm, val,
+                            task=task, servers=cfg.servers, staleness=cfg.staleness,
+                            bucket_mb=cfg.bucket_mb, overlap=cfg.overlap,
+                            accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
+                            seed=cfg.seed)
     else:
         model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
         optimizer = make_optimizer(cfg.optimizer, model.params, model.grads, **opt_args)
@@ -212,4 +227,7 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
                           accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
                           seed=cfg.seed)
     trainer.spec = {"spec": spec, "input_shape": list(m.features)}
+    if cfg.balance == "speed":  # the servers of a parameter server take no share
+        computes = not (cfg.ps() and comm.Get_rank() < cfg.servers)
+        trainer.balancer = SpeedBalancer(comm, cfg.batch_size, cfg.balance_every, computes)
     return trainer, m

@@ -184,6 +184,9 @@ class _Run:
         trainer, m = build(cfg, comm)
         # A healing pipeline may have to undo a step some stages applied (run.recovery).
         trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
+        if self.faults.stragglers():
+            trainer.slowdown = lambda step, seconds: self.faults.delay(launch_rank(), step,
+                                                                       seconds, cfg.seed)
         self.trainer = trainer
         spe = trainer.sampler.steps_per_epoch
         total = cfg.total_steps(spe)
@@ -200,6 +203,7 @@ class _Run:
                                         headline=headline)
         on_root(comm, report.open_logs)
         ckpts.say = report.say
+        trainer.on_event = report.event
         if carry is None:
             for line in banner(cfg, trainer, m, comm.size, total, report.run_dir, lr_at) + notes:
                 report.say(line)
@@ -321,6 +325,7 @@ class _Run:
         # stage's micro-batches in flight), and its peak memory.
         peaks = np.array([trainer.peak_activation_bytes, peak_rss()], np.int64)
         comm.Allreduce(MPI.IN_PLACE, peaks, op=MPI.MAX)
+        extras = trainer.extras(max(0, self.completed - start))
         # The one teardown, in one order.
         trainer.close()
         if dog:
@@ -334,6 +339,7 @@ class _Run:
                             else None)
         summary["peak_activation_bytes"], summary["peak_rss_bytes"] = map(int, peaks)
         summary["failures"] = carry.failures if carry else 0
+        summary.update(extras)
         if end > start:
             report.say(summary_line(summary, headline), always=True)
         if preempted:

@@ -212,6 +212,14 @@ def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str
                      f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "
                      f"{trainer.describe()}; each stage's gradients are exchanged after its "
                      "last backward pass")
+    if cfg.ps():
+        how = ("synchronous" if cfg.staleness == 0 else
+               f"stale-synchronous, workers at most {cfg.staleness} steps ahead of the slowest")
+        lines.append(f"parameter server: {cfg.servers} server(s) (ranks 0-{cfg.servers - 1}), "
+                     f"{ranks - cfg.servers} workers, {how}")
+    if cfg.balance == "speed":
+        lines.append(f"batches split by the ranks' speed, measured every {cfg.balance_every} "
+                     "steps")
     spec = trainer.spec.get("spec")
     if spec:
         lines.append(f"model {spec}")
@@ -221,9 +229,12 @@ def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str
                   else "")
     clip = (f", gradients clipped to norm {cfg.clip_grad_norm:g}"
             if cfg.clip_grad_norm is not None else "")
+    parts = ranks - cfg.servers if cfg.ps() else g.dp
+    sync = "parameter server" if cfg.ps() else f"allreduce {cfg.allreduce}"
     lines.append(f"{total} steps ({trainer.sampler.steps_per_epoch} per epoch), global batch "
-                 f"{cfg.batch_size} (about {cfg.batch_size // g.dp} per replica{accumulate}), "
-                 f"{cfg.optimizer} {lr}{clip}, allreduce {cfg.allreduce}")
+                 f"{cfg.batch_size} (about {cfg.batch_size // parts} per "
+                 f"{'worker' if cfg.ps() else 'replica'}{accumulate}), "
+                 f"{cfg.optimizer} {lr}{clip}, {sync}")
     if cfg.early_stop is not None:
         lines.append(f"early stop: after {cfg.early_stop} evaluations without a better "
                      f"{cfg.monitor}")

@@ -1,0 +1,338 @@
+"""The parameter-server trainer: the first ``servers`` ranks serve, the others compute.
+
+One step, as the loop sees it (``step(c)`` on every rank)::
+
+    worker: read its part of batch c; forward; backward, pushing each chunk as it is
+            final; push the metrics; pull until version >= c + 1 - S
+    server: receive clock c's pushes; sum them in worker order; one optimizer step
+            on its slice; answer the step's pulls
+
+With ``staleness`` 0 every rank leaves step ``c`` with the parameters after
+``c + 1`` updates, as all-reduce training does.  With S >= 1 a worker may run
+up to S steps ahead of the slowest; evaluation and checkpoints gather the
+newest parameters first (collectives), so they see the same state as a
+synchronous run at that step would hold on the servers.
+
+A stop request (pre-emption) of clock c is known to every rank at the end of
+step ``c + S``, so all ranks stop there together.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+from mpi4py import MPI
+
+from ...balance import bounds, rank_slice
+from ...comm.exchange import plan_buckets
+from ...comm.topology import make_grid
+from ...data.prefetch import Prefetcher
+from ...data.sampler import Sampler
+from ...data.shards import Shards
+from ...fault.checkpoint import State
+from ...model.layers import Context, saved_bytes
+from ...model.optim import make_optimizer
+from ...model.sequential import Sequential
+from ...model.tasks import Task
+from ...runtime import MpitrainError
+from ..base import TrainerBase
+from .server import Server
+from .shard import ServerShard
+from .worker import Worker
+
+__all__ = ["PSTrainer"]
+
+
+class _NoExchange:
+    """The parameter server has no all-reduce exchange: nothing to close or revoke."""
+
+    def close(self) -> None:
+        """Nothing to free."""
+
+    def abandon(self) -> List[MPI.Comm]:
+        """Nothing to revoke."""
+        return []
+
+
+class PSTrainer(TrainerBase):
+    """Parameter-server training of ``model`` on the ranks of ``comm``: ranks
+    0..``servers - 1`` serve, each a balanced contiguous slice of the parameters
+    and its ``optimizer`` state; the others are workers, each computing its part
+    of every global batch.  ``staleness``: how many steps a worker may run ahead
+    of the slowest (0: synchronous).  ``bucket_mb``: the size of a pushed chunk;
+    ``overlap``: push each chunk as soon as backward has made it final.
+    """
+
+    def __init__(self, model: Sequential, loss, optimizer: str, opt_args: Dict[str, Any],
+                 train: Shards, sampler: Sampler, comm: MPI.Comm,
+                 val: Optional[Shards] = None, *, task: Task, servers: int = 1,
+                 staleness: int = 0, bucket_mb: float = 2.0, overlap: bool = True,
+                 accumulate: int = 1, clip_grad_norm: Optional[float] = None, seed: int = 0):
+        size = comm.Get_size()
+        if not 1 <= servers < size:
+            raise ValueError(f"servers must be in 1..{size - 1} for {size} ranks, got {servers}")
+        self.model, self.loss, self.task, self.comm = model, loss, task, comm
+        self.train, self.val, self.sampler = train, val, sampler
+        self.servers, self.staleness, self.accumulate = servers, staleness, accumulate
+        self.rank, self.size = comm.Get_rank(), size
+        self.workers = size - servers
+        self.is_server = self.rank < servers
+        self.grid = make_grid(comm, 1)
+        self.shapes = dict(model.shapes)
+        self.stage_names = [list(model.shapes)]
+        self.exchange = _NoExchange()
+        n, width = model.size, 2 + task.width
+        cuts = bounds(n, servers)
+        slices = [(cuts[s], cuts[s + 1]) for s in range(servers)]
+        chunks = sorted(((s, lo + a, lo + b) for s, (lo, hi) in enumerate(slices)
+                         for a, b in plan_buckets(hi - lo, bucket_mb * 2 ** 20,
+                                                  model.dtype.itemsize) if hi > lo),
+                        key=lambda c: -c[1])
+        self.overlap = overlap  # without it the same chunks go after backward
+        self.check_replicas()  # every rank starts from the same parameters
+        self.peers = comm.Split(0 if self.is_server else 1, self.rank)
+        self.lo, self.hi = slices[self.rank] if self.is_server else (0, 0)
+        self.counts = [hi - lo for lo, hi in slices] + [0] * self.workers
+        self.displs = [lo for lo, _ in slices] + [n] * self.workers
+        self.server: Optional[Server] = None
+        self.worker: Optional[Worker] = None
+        if self.is_server:
+            shard = ServerShard(model.params[self.lo:self.hi], optimizer, width=width,
+                                depth=staleness + 1, **opt_args)
+            self.optimizer = shard.optimizer
+            mine = [(lo, hi) for s, lo, hi in chunks if s == self.rank]
+            self.server = Server(comm, self.peers, shard, self.lo, mine, staleness, servers,
+                                 clip_grad_norm)
+        else:
+            # An optimizer over nothing: its name, state keys and step count, for checkpoints.
+            self.optimizer = make_optimizer(optimizer, model.params[:0], model.grads[:0],
+                                            **opt_args)
+            self.worker = Worker(comm, model.params, model.grads, chunks, slices, width)
+        self._prefetch: Optional[Prefetcher] = None
+        self._started = False
+        self._stop = 0
+        self.gaps: List[int] = []  # each step's staleness on this worker: step - version used
+        self._init_common(clip_grad_norm, seed)
+
+    # -- life cycle ------------------------------------------------------------------------
+    def _start(self, step: int) -> None:
+        """Start the message loop at ``step`` (the parameters hold version ``step``)."""
+        if self.server is not None:
+            self.server.start(step)
+        else:
+            self.worker.versions = [step] * self.servers
+        self._started = True
+
+    def prefetch(self, start: int, stop: int) -> None:
+        """Start at ``start``; a worker reads the batches of steps up to ``stop - 1``
+        ahead."""
+        if not self._started:
+            self._start(start)
+        self._stop = stop
+        self._restart_prefetch(start)
+
+    def _restart_prefetch(self, start: int) -> None:
+        if self.worker is None or start >= self._stop:
+            return
+        self.close_prefetch()
+        rank, size = self._part()
+        self._prefetch = Prefetcher(self.train, self.sampler, rank, size, start, self._stop,
+                                    shares=self.shares())
+
+    def _part(self) -> Tuple[int, int]:
+        """(this worker's part, parts) of each batch: by worker, or by world rank with
+        speed-balanced shares (the servers' being 0)."""
+        if self.balancer is not None:
+            return self.rank, self.size
+        return self.rank - self.servers, self.workers
+
+    def close_prefetch(self) -> None:
+        """Stop reading ahead."""
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def close(self) -> None:
+        """Stop the message loop and read-ahead; every rank then holds the final
+        parameters (collective)."""
+        self.close_prefetch()
+        (self.server or self.worker).close()
+        self.gather_params()
+        self.peers.Free()
+
+    def abandon(self) -> List[MPI.Comm]:
+        """After a rank died (local): the parameter server does not heal (refused when
+        configured); stop reading ahead and close the data."""
+        self.close_prefetch()
+        self.close_data()
+        return []
+
+    def gather_params(self) -> None:
+        """Give every rank the servers' newest parameters (collective)."""
+        self.comm.Allgatherv(MPI.IN_PLACE, [self.model.params, (self.counts, self.displs)])
+        version = self.server_version()
+        if self.worker is not None:
+            self.worker.versions = [version] * self.servers
+
+    def server_version(self) -> int:
+        """The servers' version: updates applied (every rank alike; collective)."""
+        mine = self.server.shard.version if self.server is not None else -1
+        return self.comm.allreduce(mine, op=MPI.MAX)
+
+    # -- one step --------------------------------------------------------------------------
+    def _batch(self, step: int) -> int:
+        """The global batch size of ``step``: the sampler's, without drawing the order."""
+        s = self.sampler
+        _, k = s.locate(step)
+        return s.batch_size if s.drop_last else min(s.batch_size, s.n - k * s.batch_size)
+
+    def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
+        """Run global step ``step``; return (mean loss, the task's metrics, global batch):
+        on a worker those of the newest clock its pull brought (``step - S`` or later)."""
+        if not self._started:
+            self._start(step)
+        if self.server is not None:
+            return self._serve(step, stop)
+        return self._work(step, stop)
+
+    def _serve(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
+        t0 = time.perf_counter()
+        self.on_phase("exchange")
+        sums = self.server.step(step, self.optimizer.lr, stop)
+        batch = self._batch(step)
+        loss = float(sums[0]) / batch
+        if self.rank == 0 and not math.isfinite(loss):
+            epoch, _ = self.sampler.locate(step)
+            raise MpitrainError(f"loss is {loss} at step {step + 1} (epoch {epoch}); "
+                                f"try a lower lr (now {self.optimizer.lr})")
+        metrics = self.task.summarize(sums[2:], batch)
+        if self.clip_grad_norm is not None:
+            metrics.update({"grad_norm": self.server.last_norm, "clipped": self.server.clipped})
+            self.clipped += int(self.server.clipped)
+        first = self.server.first_stop
+        self.stop_agreed = first >= 0 and step >= first + self.staleness
+        self.times["exchange"] += time.perf_counter() - t0
+        if self.balancer is not None:
+            self._observe(step, 0.0, 0)
+        return loss, metrics, batch
+
+    def _work(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
+        t0 = time.perf_counter()
+        if self._prefetch is not None:
+            ids, x, y, batch = self._prefetch.get(step)
+        else:
+            ids, batch = self.sampler.local(step, *self._part(), self.shares())
+            x, y = self.train.read(ids)  # (b, *features), (b, *targets)
+        t1 = time.perf_counter()
+        self.on_phase("computing")
+        slept = self._straggle(step)
+        w = self.worker
+        self.gaps.append(step - min(w.versions))
+        metrics = w.metrics  # (2 + task.width,) float64: loss sum, stop, task sums
+        metrics[:] = 0
+        count = max(1, min(self.accumulate, len(ids)))
+        parts = [rank_slice(len(ids), k, count) for k in range(count)]
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
+            for k, (lo, hi) in enumerate(parts):
+                ctx = Context(training=True, step=step, ids=ids[lo:hi], seed=self.seed)
+                out, saved = self.model.forward(x[lo:hi], ctx)
+                self.peak_activation_bytes = max(self.peak_activation_bytes, saved_bytes(saved))
+                y_k = y[lo:hi]
+                loss_sum, dout = self.loss(out, self.task.targets(y_k, out.dtype), 1.0 / batch)
+                metrics[0] += loss_sum
+                metrics[2:] += self.task.sums(out, y_k)
+                last = k == len(parts) - 1
+                final = w.ready if last and self.overlap else None
+                self.model.backward(dout, saved, accumulate=k > 0, final_from=final)
+        metrics[1] = 1.0 if stop else 0.0
+        t2 = time.perf_counter()
+        self.on_phase("exchange")
+        w.push()
+        info = w.pull(step, step + 1 - self.staleness)[0]
+        t3 = time.perf_counter()
+        first, clock = int(info[1]), int(info[2])
+        self.stop_agreed = first >= 0 and step >= first + self.staleness
+        known = self._batch(clock) if clock >= 0 else batch
+        loss = float(info[3]) / known if clock >= 0 else float("nan")
+        task_metrics = self.task.summarize(info[5:], known) if clock >= 0 else {}
+        self.times["data"] += t1 - t0
+        self.times["compute"] += t2 - t1
+        self.times["exchange"] += t3 - t2
+        self._observe(step, t2 - t1, len(ids), slept)
+        return loss, task_metrics, batch
+
+    # -- evaluation and checkpoints --------------------------------------------------------
+    def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
+        """{"loss": ..., task metrics} on the validation split with the servers' newest
+        parameters, every rank a slice (collective); None without one."""
+        if self.val is None or len(self.val) == 0:
+            return None
+        self.on_phase("evaluation")
+        self.gather_params()
+        lo, hi = rank_slice(len(self.val), self.rank, self.size)
+        sums = np.zeros(1 + self.task.width)
+        for a in range(lo, hi, chunk):
+            x, y = self.val.read_range(a, min(hi, a + chunk))
+            out = self.model(x)
+            sums[0] += self.loss(out, self.task.targets(y, out.dtype), 1.0)[0]
+            sums[1:] += self.task.sums(out, y)
+        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        return self._evaluated(sums, len(self.val))
+
+    def layout_extra(self) -> Dict[str, Any]:
+        """The strategy, for the checkpoint's layout."""
+        return {"strategy": "ps", "servers": self.servers, "staleness": self.staleness}
+
+    def capture(self, step: int, config: Dict[str, Any]) -> Optional[State]:
+        """The state after ``step`` steps, gathered on rank 0 (collective): the servers'
+        slices of the parameters and of the optimizer state, in the usual format."""
+        self.gather_params()
+        state = self.optimizer.state()
+        full = {}
+        for key in sorted(state):
+            buf = np.empty(self.model.size, self.model.dtype) if self.rank == 0 else None
+            self.comm.Gatherv(state[key], [buf, (self.counts, self.displs)]
+                              if self.rank == 0 else None, root=0)
+            full[key] = buf
+        if self.rank != 0:
+            return None
+        params = self.named(self.model.params.copy())
+        opt_state = {k: self.named(v) for k, v in full.items()}
+        return self._state(step, config, params, opt_state)
+
+    def restore(self, state: Optional[State]) -> None:
+        """Load ``state`` (on rank 0) everywhere: the parameters to every rank, each
+        server its slice of the optimizer state (collective)."""
+        steps = int(state.optimizer["steps"]) if self.rank == 0 else None
+        self.optimizer.steps = self.comm.bcast(steps, root=0)
+        if self.rank == 0:
+            for name, view in self.named(self.model.params).items():
+                view[...] = state.params[name]
+        self.comm.Bcast(self.model.params, root=0)
+        mine = self.optimizer.state()
+        for key in sorted(mine):
+            full = None
+            if self.rank == 0:
+                full = np.empty(self.model.size, self.model.dtype)
+                for name, view in self.named(full).items():
+                    view[...] = state.optimizer_state[key][name]
+            self.comm.Scatterv([full, (self.counts, self.displs)]
+                               if self.rank == 0 else None, mine[key], root=0)
+        self._restore_shares(state)
+
+    def extras(self, steps: int) -> Dict[str, Any]:
+        """Messages and bytes sent per step (all ranks), and the workers' staleness
+        (collective)."""
+        sent = np.array((self.server or self.worker).sent, np.float64)
+        self.comm.Allreduce(MPI.IN_PLACE, sent, op=MPI.SUM)
+        gaps = np.array([max(self.gaps, default=0), sum(self.gaps), len(self.gaps)],
+                        np.float64)
+        most = self.comm.allreduce(gaps[0], op=MPI.MAX)
+        total = self.comm.allreduce(gaps[1], op=MPI.SUM)
+        count = self.comm.allreduce(gaps[2], op=MPI.SUM)
+        steps = max(1, steps)
+        return {"strategy": "ps", "servers": self.servers, "staleness": self.staleness,
+                "messages_per_step": sent[0] / steps, "bytes_per_step": sent[1] / steps,
+                "staleness_max": int(most), "staleness_mean": total / max(1.0, count)}
