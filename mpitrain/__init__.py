@@ -38,6 +38,8 @@ _API = {
     "RingAllreduce": "comm.ring", "ring_allreduce": "comm.ring",
     "ShmAllreduce": "comm.shm",
     "Trainer": "parallel.data_parallel", "PipelineTrainer": "parallel.pipeline.stage",
+    "PSTrainer": "parallel.ps.trainer", "ParameterServer": "parallel.ps.shard",
+    "DistributedTrainer": "run.distributed",
     "build": "run.build", "train": "run.loop", "load_model": "run.predict",
     "Watchdog": "fault.watchdog",
     "State": "fault.checkpoint", "load_checkpoint": ("fault.checkpoint", "load"),

@@ -120,10 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", metavar="FILE.png", help="default: plot.png beside the first run")
 
     b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline, train, layers, "
-                                     "recovery",
+                                     "recovery, stragglers",
                        description="Benchmarks; each prints a table on rank 0 and can write JSON.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from .bench import allreduce, layers, pipeline, recovery, train
+    from .bench import allreduce, layers, pipeline, recovery, stragglers, train
 
     train.add_arguments(bsub.add_parser(
         "train", help="training samples/s at 1, 2, ... ranks; scaling; step time split",
@@ -140,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     recovery.add_arguments(bsub.add_parser(
         "recovery", help="time from a rank's death to the next step (shrink, respawn)",
         description=recovery.__doc__.split("\n\n", 1)[1]))
+
+    stragglers.add_arguments(bsub.add_parser(
+        "stragglers", help="all-reduce, speed-balanced batches and the parameter server "
+                           "with slow and jittery ranks",
+        description=stragglers.__doc__.split("\n\n", 1)[1]))
 
     sub.add_parser("info", help="print the MPI library, ranks, threads per rank and h5py build",
                    description="Print what this job runs on.")
@@ -307,10 +312,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "inspect":  # one print, one --export writer
             return on_root(comm, lambda: _inspect(args))
         elif args.command == "bench":
-            from .bench import allreduce, layers, pipeline, recovery, train as train_bench
+            from .bench import allreduce, layers, pipeline, recovery, stragglers
+            from .bench import train as train_bench
 
             {"allreduce": allreduce, "pipeline": pipeline, "train": train_bench,
-             "layers": layers, "recovery": recovery}[args.bench].run(args, comm)
+             "layers": layers, "recovery": recovery,
+             "stragglers": stragglers}[args.bench].run(args, comm)
         elif args.command == "info":
             _info(comm)
         return 0

@@ -23,12 +23,13 @@ from mpi4py import MPI
 
 from ..fault.checkpoint import State
 from ..runtime import MpitrainError
+from .compute import Computing
 from .speed import SpeedBalancer
 
 __all__ = ["TrainerBase"]
 
 
-class TrainerBase:
+class TrainerBase(Computing):
     """Checkpoint state across stages and replicas, and the end of a step.
 
     Subclasses set ``grid`` (a comm.topology.Grid), ``model`` (this rank's
@@ -59,10 +60,12 @@ class TrainerBase:
         # some stages only can be undone (run.recovery); (arrays, optimizer steps, clipped).
         self.keep_before_update = False
         self._before: Optional[Tuple[List[np.ndarray], int, int]] = None
-        # Straggler drills (fault.drills): seconds to sleep before computing a step,
-        # from (1-based step, the previous step's compute seconds); set by the loop.
+        # Straggler drills (fault.drills): seconds to sleep before a forward or backward
+        # pass, from (1-based step, that pass's seconds in the previous step); set by the
+        # loop.  Sleeping before each pass, not once, keeps a slow rank's buckets as late
+        # as a slow processor would make them.
         self.slowdown: Callable[[int, float], float] = lambda step, seconds: 0.0
-        self._last_compute = 0.0
+        self._last_pass = {"forward": 0.0, "backward": 0.0}  # per micro-batch, no sleep
         # Speed-balanced batches (parallel.speed), set by run.build; its changes are
         # reported through ``on_event(line, record)``, set by the loop.
         self.balancer: Optional[SpeedBalancer] = None
@@ -94,41 +97,6 @@ class TrainerBase:
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next update (a schedule sets it before each step)."""
         self.optimizer.lr = lr
-
-    # -- stragglers and speed ---------------------------------------------------------------
-    def _straggle(self, step: int) -> float:
-        """Sleep what a straggler drill plans before computing ``step`` (0-based); return
-        the seconds slept."""
-        extra = self.slowdown(step + 1, self._last_compute)
-        if extra > 0:
-            time.sleep(extra)
-        return max(0.0, extra)
-
-    def _observe(self, step: int, seconds: float, samples: int, slept: float = 0.0) -> None:
-        """Record this rank's compute time of ``step`` (``slept``: the drill's part of
-        it); with speed-balanced batches, agree on a new split every so often
-        (collective)."""
-        self._last_compute = seconds - slept
-        if self.balancer is None:
-            return
-        new = self.balancer.observe(seconds, samples)
-        if new is not None:
-            self.on_event(f"step {step + 1}: each global batch is now split {new} among the "
-                          "ranks, in proportion to their measured speed (--balance speed)",
-                          {"event": "balance", "step": step + 1, "shares": new})
-            self._restart_prefetch(step + 1)
-
-    def _restart_prefetch(self, start: int) -> None:
-        """Read ahead again from ``start`` (the split changed), if this trainer reads ahead."""
-
-    def shares(self) -> Optional[List[int]]:
-        """The ranks' parts of a full batch when they are uneven (speed), else None."""
-        return None if self.balancer is None else self.balancer.shares
-
-    def extras(self, steps: int) -> Dict[str, Any]:
-        """What this strategy adds to the run's summary, over ``steps`` steps
-        (collective)."""
-        return {}
 
     # -- the end of a step -----------------------------------------------------------------
     def check_replicas(self) -> None:

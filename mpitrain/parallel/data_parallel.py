@@ -31,7 +31,6 @@ from ..comm.topology import make_grid
 from ..data.prefetch import Prefetcher
 from ..data.sampler import Sampler
 from ..data.shards import Shards
-from ..model.layers import Context, saved_bytes
 from ..model.optim import Optimizer
 from ..model.sequential import Sequential
 from ..model.tasks import Classification, Task
@@ -132,34 +131,16 @@ class Trainer(TrainerBase):
             x, y = self.train.read(ids)  # (b, *features), (b, *targets)
         t1 = time.perf_counter()
         self.on_phase("computing")
-        slept = self._straggle(step)  # a drill's straggler: late before anything is final
         metrics = self.xbuf[self.metrics]  # (2 + task.width,): loss sum, stop, task sums
-        metrics[:] = 0
-        # K micro-batches, one after the other: the first writes the gradients, the
-        # others add to them, and only the last reports what is final to the exchange.
-        count = max(1, min(self.accumulate, len(ids)))
-        parts = [rank_slice(len(ids), k, count) for k in range(count)]
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
-            for k, (lo, hi) in enumerate(parts):
-                ctx = Context(training=True, step=step, ids=ids[lo:hi], seed=self.seed)
-                out, saved = self.model.forward(x[lo:hi], ctx)  # (b / K, outputs)
-                self.peak_activation_bytes = max(self.peak_activation_bytes,
-                                                 saved_bytes(saved))
-                y_k = y[lo:hi]
-                loss_sum, dout = self.loss(out, self.task.targets(y_k, out.dtype), 1.0 / batch)
-                metrics[0] += loss_sum
-                metrics[2:] += self.task.sums(out, y_k)
-                # Reporting what is final even without overlap keeps both paths' bits equal.
-                last = k == len(parts) - 1
-                self.model.backward(dout, saved, accumulate=k > 0,
-                                    final_from=self.exchange.ready if last else None)
-            metrics[1] = 1.0 if stop else 0.0
+        # Reporting what is final even without overlap keeps both paths' bits equal.
+        self._compute(step, ids, x, y, batch, metrics, self.exchange.ready)
+        metrics[1] = 1.0 if stop else 0.0
         t2 = time.perf_counter()
         self.on_phase("exchange")
         self.exchange.wait()  # only what backward did not hide
         out = self._conclude(step, batch, self.xbuf[self.metrics],
                              (t0, t1, t2, time.perf_counter()))
-        self._observe(step, t2 - t1, len(ids), slept)
+        self._observe(step, t2 - t1, len(ids))
         return out
 
     def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:

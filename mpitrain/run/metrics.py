@@ -290,6 +290,10 @@ def summary_line(summary: Dict[str, Any], headline: str = "accuracy") -> str:
         ckpt += f"; {summary['clipped_steps']} steps clipped"
     if summary.get("early_stop"):
         ckpt += f"; {summary['early_stop']}"
+    if summary.get("strategy") == "ps":
+        ckpt += (f"; parameter server: {summary['messages_per_step']:,.0f} messages and "
+                 f"{summary['bytes_per_step'] / 1e6:,.2f} MB per step, staleness at most "
+                 f"{summary['staleness_max']} (mean {summary['staleness_mean']:.2f})")
     return (f"done: steps {summary['start_step'] + 1}-{summary['end_step']} in "
             f"{summary['wall_s']:.1f} s, {summary['samples_per_s']:,.0f} samples/s (after the "
             f"first), final loss {loss}{val}; step time: compute "

@@ -32,7 +32,6 @@ from ...data.prefetch import Prefetcher
 from ...data.sampler import Sampler
 from ...data.shards import Shards
 from ...fault.checkpoint import State
-from ...model.layers import Context, saved_bytes
 from ...model.optim import make_optimizer
 from ...model.sequential import Sequential
 from ...model.tasks import Task
@@ -227,25 +226,10 @@ class PSTrainer(TrainerBase):
             x, y = self.train.read(ids)  # (b, *features), (b, *targets)
         t1 = time.perf_counter()
         self.on_phase("computing")
-        slept = self._straggle(step)
         w = self.worker
         self.gaps.append(step - min(w.versions))
         metrics = w.metrics  # (2 + task.width,) float64: loss sum, stop, task sums
-        metrics[:] = 0
-        count = max(1, min(self.accumulate, len(ids)))
-        parts = [rank_slice(len(ids), k, count) for k in range(count)]
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
-            for k, (lo, hi) in enumerate(parts):
-                ctx = Context(training=True, step=step, ids=ids[lo:hi], seed=self.seed)
-                out, saved = self.model.forward(x[lo:hi], ctx)
-                self.peak_activation_bytes = max(self.peak_activation_bytes, saved_bytes(saved))
-                y_k = y[lo:hi]
-                loss_sum, dout = self.loss(out, self.task.targets(y_k, out.dtype), 1.0 / batch)
-                metrics[0] += loss_sum
-                metrics[2:] += self.task.sums(out, y_k)
-                last = k == len(parts) - 1
-                final = w.ready if last and self.overlap else None
-                self.model.backward(dout, saved, accumulate=k > 0, final_from=final)
+        self._compute(step, ids, x, y, batch, metrics, w.ready if self.overlap else None)
         metrics[1] = 1.0 if stop else 0.0
         t2 = time.perf_counter()
         self.on_phase("exchange")
@@ -260,7 +244,7 @@ class PSTrainer(TrainerBase):
         self.times["data"] += t1 - t0
         self.times["compute"] += t2 - t1
         self.times["exchange"] += t3 - t2
-        self._observe(step, t2 - t1, len(ids), slept)
+        self._observe(step, t2 - t1, len(ids))
         return loss, task_metrics, batch
 
     # -- evaluation and checkpoints --------------------------------------------------------

@@ -1,0 +1,91 @@
+"""A rank's part of a step: forward and backward in micro-batches, straggler drills, and
+the speed measurements that balance the batch."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..balance import rank_slice
+from ..model.layers import Context, saved_bytes
+
+__all__ = ["Computing"]
+
+
+class Computing:
+    """What a trainer computes on its rank; ``TrainerBase`` holds it (see there for the
+    attributes: ``model``, ``loss``, ``task``, ``accumulate``, ``seed``, ``slowdown``,
+    ``balancer``, ``on_event``)."""
+
+    def _compute(self, step: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray, batch: int,
+                 metrics: np.ndarray, final: Optional[Callable[[int], None]]) -> float:
+        """Forward and backward of this rank's part of a batch of ``batch`` samples (global
+        ``ids``, rows ``x``, targets ``y``) into the model's gradients, adding the loss
+        sum to ``metrics[0]`` and the task's sums to ``metrics[2:]`` (zeroed first);
+        return the seconds a straggler drill slept.
+
+        In ``accumulate`` micro-batches, one after the other: the first writes the
+        gradients, the others add to them, and only the last reports to ``final``
+        what backward has made final.
+        """
+        metrics[:] = 0
+        count = max(1, min(self.accumulate, len(ids)))
+        parts = [rank_slice(len(ids), k, count) for k in range(count)]
+        took = {"forward": 0.0, "backward": 0.0}
+        slept = 0.0
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
+            for k, (lo, hi) in enumerate(parts):
+                slept += self._straggle(step, "forward")
+                t0 = time.perf_counter()
+                ctx = Context(training=True, step=step, ids=ids[lo:hi], seed=self.seed)
+                out, saved = self.model.forward(x[lo:hi], ctx)  # (b / K, outputs)
+                self.peak_activation_bytes = max(self.peak_activation_bytes,
+                                                 saved_bytes(saved))
+                y_k = y[lo:hi]
+                loss_sum, dout = self.loss(out, self.task.targets(y_k, out.dtype), 1.0 / batch)
+                metrics[0] += loss_sum
+                metrics[2:] += self.task.sums(out, y_k)
+                t1 = time.perf_counter()
+                slept += self._straggle(step, "backward")
+                t2 = time.perf_counter()
+                last = k == len(parts) - 1
+                self.model.backward(dout, saved, accumulate=k > 0,
+                                    final_from=final if last else None)
+                took["forward"] += t1 - t0
+                took["backward"] += time.perf_counter() - t2
+        self._last_pass = {key: value / count for key, value in took.items()}
+        return slept
+
+    def _straggle(self, step: int, phase: str) -> float:
+        """Sleep what a straggler drill plans before a ``phase`` (forward, backward) pass
+        of ``step`` (0-based); return the seconds slept."""
+        extra = self.slowdown(step + 1, self._last_pass[phase])
+        if extra > 0:
+            time.sleep(extra)
+        return max(0.0, extra)
+
+    def _observe(self, step: int, seconds: float, samples: int) -> None:
+        """With speed-balanced batches: record this rank's compute time of ``step`` (a
+        drill's sleep included) and agree on a new split every so often (collective)."""
+        if self.balancer is None:
+            return
+        new = self.balancer.observe(seconds, samples)
+        if new is not None:
+            self.on_event(f"step {step + 1}: each global batch is now split {new} among the "
+                          "ranks, in proportion to their measured speed (--balance speed)",
+                          {"event": "balance", "step": step + 1, "shares": new})
+            self._restart_prefetch(step + 1)
+
+    def _restart_prefetch(self, start: int) -> None:
+        """Read ahead again from ``start`` (the split changed), if this trainer reads ahead."""
+
+    def shares(self) -> Optional[List[int]]:
+        """The ranks' parts of a full batch when they are uneven (speed), else None."""
+        return None if self.balancer is None else self.balancer.shares
+
+    def extras(self, steps: int) -> Dict[str, Any]:
+        """What this strategy adds to the run's summary, over ``steps`` steps
+        (collective)."""
+        return {}
+
