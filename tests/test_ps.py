@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import final, run_train, same_bits
+from conftest import final, run_mpi, run_train, same_bits
 from mpitrain.fault import store
 
 ARGS = ["--hidden", "16", "--batch-size", "60", "--steps", "24", "--ckpt-every", "0",
@@ -153,3 +153,23 @@ def test_parameter_server_option_errors(small_data, tmp_path, n, args, message):
     assert message in result.stderr, result.stderr
     assert result.stderr.count("mpitrain: error") == 1
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_bench_stragglers_table_and_json(small_data, tmp_path):
+    out = tmp_path / "stragglers.json"
+    result = run_mpi(3, ["-m", "mpitrain", "bench", "stragglers", "--data", small_data,
+                         "--accuracy-data", small_data, "--hidden", "16", "--batch", "30",
+                         "--repeats", "2", "--steps", "4", "--warmup", "2", "--epochs", "1",
+                         "--variants", "allreduce,allreduce-speed,ps-ssp1",
+                         "--json", str(out)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads(out.read_text())
+    speed = [r for r in records if "samples_per_s" in r]
+    assert {(r["variant"], r["scenario"]) for r in speed} == {
+        (v, s) for v in ("allreduce", "allreduce-speed", "ps-ssp1")
+        for s in ("none", "slow", "jitter")}
+    assert all(r["min"] <= r["samples_per_s"] <= r["max"] for r in speed)
+    assert all(r["vs_allreduce"] == 1.0 for r in speed if r["variant"] == "allreduce")
+    accuracy = [r for r in records if "val_accuracy" in r]
+    assert len(accuracy) == 9 and all(0 <= r["val_accuracy"] <= 1 for r in accuracy)
+    assert "ps-ssp1" in result.stdout and "validation accuracy" in result.stdout
