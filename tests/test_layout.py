@@ -4,6 +4,8 @@ Every ``import`` of every module is read (with ast, nothing is run) and
 checked against the layers of the architecture::
 
     cli -> bench  ->  run  ->  config  ->  parallel  ->  comm | model | data | fault  ->  runtime
+
+and ``testing`` (test beds) stands apart, on ``runtime`` at most.
 """
 import ast
 from pathlib import Path
@@ -22,6 +24,7 @@ LAYERS = {
     "model": 1, "data": 1, "comm": 1, "fault": 1,
     "parallel": 2, "config": 3, "run": 4,
     "bench": 5, "cli": 6, "__main__": 7, "__init__": 7,
+    "testing": 7,  # test beds for developers and the tests: standalone
 }
 # Parts of the same layer that must not know each other.
 FORBIDDEN = {
@@ -29,6 +32,8 @@ FORBIDDEN = {
     "comm": {"model", "data", "fault"},  # buffers only, no models
     "data": {"model", "comm", "fault"},
     "fault": {"model", "comm", "data"},
+    # runtime at most: usable without numpy, MPI or the rest of the package
+    "testing": set(LAYERS) - {"runtime", "testing"} | {"mpi4py"},
 }
 
 

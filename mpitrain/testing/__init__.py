@@ -1,0 +1,1 @@
+"""Test beds: ``netcluster``, several emulated nodes on one machine (standard library only)."""

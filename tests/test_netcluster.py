@@ -1,0 +1,160 @@
+"""Emulated nodes (mpitrain.testing.netcluster): MPICH sees two nodes, the bytes between them
+cross the shaped links (and only those between them), nothing is left behind, the command
+line works.  Root only (tests/netcluster_fixture.py); CI requires them."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import clean_env, mpiexec
+from netcluster_fixture import TIMEOUT, netcluster, prefix, require_netcluster, traces  # noqa: F401
+from mpitrain.testing.netcluster import Cluster
+
+SIZE = 8 << 20  # bytes of the all-reduce: about 70 ms each way at 1 Gbit/s
+RATE = 1e9  # the fixture's links, bit/s
+
+JOB = textwrap.dedent("""\
+    import json, socket, sys, time
+    import numpy as np
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    comm.Allreduce(MPI.IN_PLACE, np.ones(1))  # connections up before the clock starts
+    n = int(sys.argv[1]) // 8
+    buf = np.arange(n, dtype=np.float64) + comm.rank
+    comm.Barrier()
+    t = time.perf_counter()
+    comm.Allreduce(MPI.IN_PLACE, buf)
+    t = comm.allreduce(time.perf_counter() - t, op=MPI.MAX)
+    want = np.arange(n, dtype=np.float64) * comm.size + comm.size * (comm.size - 1) / 2
+    ranks = comm.gather({"node_size": node.size, "host": socket.gethostname(),
+                         "ok": bool(np.array_equal(buf, want))})
+    if comm.rank == 0:
+        print("RESULT " + json.dumps({"size": comm.size, "seconds": t, "ranks": ranks}))
+""")
+
+
+@pytest.fixture(scope="module")
+def job_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("netcluster") / "job.py"
+    path.write_text(JOB)
+    return str(path)
+
+
+def allreduce(cluster, job_file, ranks_per_node, nodes=None) -> dict:
+    """Run JOB (an all-reduce of SIZE bytes) on the cluster; its rank 0's RESULT."""
+    done = cluster.mpiexec(ranks_per_node, [sys.executable, job_file, str(SIZE)],
+                           env=clean_env(), timeout=TIMEOUT, nodes=nodes, launcher=mpiexec())
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, done.stdout + done.stderr
+    return json.loads(line[len("RESULT "):])
+
+
+def grown(before, after) -> dict:
+    """Bytes each link carried between two ``link_bytes()``, by node: (sent, received)."""
+    return {name: (after[name].sent - before[name].sent,
+                   after[name].received - before[name].received) for name in after}
+
+
+@pytest.mark.timeout(120)
+def test_two_nodes_of_two_ranks_are_two_nodes_to_mpich(netcluster, job_file):
+    result = allreduce(netcluster, job_file, 2)
+    hosts = [r["host"] for r in result["ranks"]]
+    names = [n.name for n in netcluster.nodes]
+    assert result["size"] == 4
+    assert [r["node_size"] for r in result["ranks"]] == [2, 2, 2, 2], result
+    assert hosts == [names[0], names[0], names[1], names[1]], result
+    assert all(r["ok"] for r in result["ranks"]), f"wrong sums: {result}"
+
+
+@pytest.mark.timeout(120)
+def test_the_bytes_between_nodes_cross_the_shaped_links(netcluster, job_file):
+    """An all-reduce of S bytes over two nodes must move at least S bytes each way between
+    them; the qdiscs count them (a bypass, e.g. shared memory between the namespaces,
+    leaves them near zero), and the link's rate bounds the time from below."""
+    before = netcluster.link_bytes()
+    result = allreduce(netcluster, job_file, 2)
+    moved = grown(before, netcluster.link_bytes())
+    for name, (sent, received) in moved.items():
+        assert sent >= SIZE and received >= SIZE, (
+            f"{name}'s link carried {sent} bytes out and {received} in, fewer than the "
+            f"{SIZE} that must cross each way: the traffic bypassed the link ({moved})")
+    floor = SIZE * 8 / RATE
+    assert result["seconds"] >= 0.9 * floor, (
+        f"{SIZE} bytes each way took {result['seconds']:.3f} s, faster than the link's "
+        f"{floor:.3f} s: not shaped")
+
+
+@pytest.mark.timeout(120)
+def test_ranks_of_one_node_leave_the_links_idle(netcluster, job_file):
+    """Within a node MPICH uses shared memory: the links see (almost) nothing, which is
+    also what the check above would see if inter-node traffic bypassed them."""
+    before = netcluster.link_bytes()
+    result = allreduce(netcluster, job_file, 2, nodes=1)
+    moved = grown(before, netcluster.link_bytes())
+    assert result["size"] == 2 and all(r["ok"] for r in result["ranks"]), result
+    assert all(s < SIZE / 100 and r < SIZE / 100 for s, r in moved.values()), moved
+
+
+@pytest.mark.timeout(120)
+def test_nothing_is_left_after_a_run_that_raised():
+    require_netcluster()
+    cluster = Cluster(nodes=2, prefix=prefix("lk"))
+    with pytest.raises(RuntimeError, match="inside the cluster"):
+        with cluster:
+            assert traces(cluster.prefix) and cluster.leftovers()  # what the checks look for
+            done = cluster.mpiexec(1, [sys.executable, "-c", "import sys; sys.exit(3)"],
+                                   env=clean_env(), timeout=TIMEOUT, launcher=mpiexec())
+            assert done.returncode != 0
+            raise RuntimeError("failed inside the cluster")
+    assert cluster.leftovers() == []
+    assert traces(cluster.prefix) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_job_is_killed_at_its_timeout_and_nothing_is_left():
+    require_netcluster()
+    cluster = Cluster(nodes=2, prefix=prefix("hg"))
+    marker = f"hung job of {cluster.prefix}"
+    with pytest.raises(subprocess.TimeoutExpired):
+        with cluster:
+            cluster.mpiexec(2, [sys.executable, "-c", f"import time; time.sleep(60)  # {marker}"],
+                            env=clean_env(), timeout=5, launcher=mpiexec())
+    assert cluster.leftovers() == []
+    assert traces(cluster.prefix) == []
+    ranks = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    assert ranks == "", f"ranks still running: {ranks}"
+
+
+@pytest.mark.timeout(120)
+def test_the_command_line_up_status_run_down():
+    require_netcluster()
+    name = prefix("cl")
+    cli = [sys.executable, "-m", "mpitrain.testing.netcluster"]
+
+    def command(*args):
+        done = subprocess.run([*cli, *args, "--name", name] if args[0] != "run" else
+                              [*cli, "run", "--name", name, *args[1:]],
+                              capture_output=True, text=True, timeout=TIMEOUT, env=clean_env())
+        assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    try:
+        up = command("up", "--nodes", "2", "--rate", "100mbit")
+        assert f"{name}-n1" in up and "10.77.0.2" in up, up
+        gather = ("from mpi4py import MPI; import socket; c = MPI.COMM_WORLD; "
+                  "h = c.gather(socket.gethostname()); c.rank or print('HOSTS', *h)")
+        out = command("run", "--", mpiexec(), "-n", "2", sys.executable, "-c", gather)
+        assert f"HOSTS {name}-n0 {name}-n1" in out, out
+        status = command("status")
+        rows = [line.split() for line in status.splitlines() if line.startswith(f"{name}-n")]
+        assert [r[1] for r in rows] == ["10.77.0.1", "10.77.0.2"], status
+        assert all(int(r[2]) > 0 and int(r[3]) > 0 for r in rows), status
+        command("down")
+        assert Cluster(prefix=name).leftovers() == [] and traces(name) == []
+    finally:
+        Cluster(prefix=name).down()
