@@ -4,9 +4,11 @@ Training throughput at 1, 2, ... ranks (sub-communicators of this job,
 the other ranks idle and asleep), measured interleaved in one run: global
 samples/s, scaling efficiency (samples/s at p / (p x samples/s at 1)), and
 the step time split into compute, exposed exchange (not hidden by overlap)
-and data (waiting for the reader).  The model and batch default to the
-reference: MLP 784-1024-1024-10, 128 samples per rank, SGD, one BLAS thread
-per rank.
+and data (waiting for the reader).  Beside each rank count, the ceiling:
+that many independent one-rank trainers running at once, with no exchange
+(what the machine can do), and every figure as a share of it.  The model
+and batch default to the reference: MLP 784-1024-1024-10, 128 samples per
+rank, SGD, one BLAS thread per rank.
 """
 from __future__ import annotations
 
@@ -115,6 +117,17 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     for _ in range(args.repeats):  # interleaved: every setting sees the same noise
         for n in counts:
             sub = subs[n]
+            for label, data in datasets:  # the ceiling: n one-rank trainers at once
+                cfg = Config(data=data, hidden=hidden, batch_size=args.batch_per_rank,
+                             optimizer="sgd", lr=0.01, check_data="meta", watchdog=0)
+                if sub != MPI.COMM_NULL:
+                    sub.Barrier()  # started together, each on its own
+                    alone = _sample(cfg, MPI.COMM_SELF, args.steps, args.warmup)
+                    total = sub.allreduce(alone["samples_per_s"], op=MPI.SUM)
+                    if rank == 0:
+                        samples.setdefault((n, "ceiling", label), []).append(
+                            {"samples_per_s": total})
+                quiet_barrier(comm)
             for name, (label, data) in [(v, d) for v in variants for d in datasets]:
                 extra = dict(VARIANTS[name])
                 if args.bucket_mb is not None:
@@ -141,7 +154,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     records: List[Dict[str, object]] = []
     if rank == 0:
         out(f"# {'ranks':>5} {'variant':<15} {'samples/s':>10} {'range':>17} {'efficiency':>10}"
-            f" {'compute':>8} {'exchange':>8} {'data':>6}")
+            f" {'ceiling':>9} {'of ceiling':>10} {'compute':>8} {'exchange':>8} {'data':>6}")
         for name, (label, _) in [(v, d) for v in variants for d in datasets]:
             base = statistics.median(s["samples_per_s"]
                                      for s in samples[(counts[0], name, label)])
@@ -151,18 +164,28 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                 got = samples[(n, name, label)]
                 sps = [s["samples_per_s"] for s in got]
                 med = {k: statistics.median(s[k] for s in got) for k in got[0]}
+                ceiling = statistics.median(s["samples_per_s"]
+                                            for s in samples[(n, "ceiling", label)])
                 rec = {"ranks": n, "variant": name, **med,
                        "samples_per_s_min": min(sps), "samples_per_s_max": max(sps),
-                       "efficiency": med["samples_per_s"] / (n * base)}
+                       "efficiency": med["samples_per_s"] / (n * base),
+                       "ceiling_samples_per_s": ceiling,
+                       "of_ceiling": med["samples_per_s"] / ceiling,
+                       "of_ceiling_min": min(sps) / ceiling,
+                       "oversubscribed": n > (os.cpu_count() or n)}
                 if len(datasets) > 1:
                     rec["data"] = label
                 records.append(rec)
-                out(f"  {n:>5} {shown:<15} {med['samples_per_s']:>10,.0f} "
+                mark = "*" if rec["oversubscribed"] else " "
+                out(f"  {n:>4}{mark} {shown:<15} {med['samples_per_s']:>10,.0f} "
                     f"{min(sps):>8,.0f}-{max(sps):<8,.0f} {rec['efficiency']:>10.2f} "
+                    f"{ceiling:>9,.0f} {rec['of_ceiling']:>10.2f} "
                     f"{med['share_compute']:>8.1%} {med['share_exchange']:>8.1%} "
                     f"{med['share_data']:>6.1%}", flush=True)
         out("# efficiency = samples/s at p / (p x samples/s at the first rank count); "
-            "exchange: the part not hidden behind backward")
+            "ceiling: p independent one-rank trainers at once (no exchange), the most p "
+            "ranks can do here; of ceiling = samples/s / ceiling; exchange: the part not "
+            "hidden behind backward; * oversubscribed (more ranks than cores)")
     if args.json and rank == 0:
         write_json(args.json, records)
     return records
