@@ -120,10 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", metavar="FILE.png", help="default: plot.png beside the first run")
 
     b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline, train, layers, "
-                                     "recovery, stragglers",
+                                     "recovery, stragglers, model",
                        description="Benchmarks; each prints a table on rank 0 and can write JSON.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from .bench import allreduce, layers, pipeline, recovery, stragglers, train
+    from .bench import allreduce, layers, model, pipeline, recovery, stragglers, train
 
     train.add_arguments(bsub.add_parser(
         "train", help="training samples/s at 1, 2, ... ranks; scaling; step time split",
@@ -145,6 +145,10 @@ def _parser() -> argparse.ArgumentParser:
         "stragglers", help="all-reduce, speed-balanced batches and the parameter server "
                            "with slow and jittery ranks",
         description=stragglers.__doc__.split("\n\n", 1)[1]))
+
+    model.add_arguments(bsub.add_parser(
+        "model", help="the all-reduce cost model: fit to measurements, project to 1,024 ranks",
+        description=model.__doc__.split("\n\n", 1)[1]))
 
     sub.add_parser("info", help="print the MPI library, ranks, threads per rank and h5py build",
                    description="Print what this job runs on.")
@@ -312,12 +316,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         elif args.command == "inspect":  # one print, one --export writer
             return on_root(comm, lambda: _inspect(args))
         elif args.command == "bench":
-            from .bench import allreduce, layers, pipeline, recovery, stragglers
+            from .bench import allreduce, layers, model, pipeline, recovery, stragglers
             from .bench import train as train_bench
 
             {"allreduce": allreduce, "pipeline": pipeline, "train": train_bench,
              "layers": layers, "recovery": recovery,
-             "stragglers": stragglers}[args.bench].run(args, comm)
+             "stragglers": stragglers, "model": model}[args.bench].run(args, comm)
         elif args.command == "info":
             _info(comm)
         return 0

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "mpitrain"
 # from its own part.  (config sits above parallel: it takes each choice list from
 # the module that owns it.)
 LAYERS = {
-    "runtime": 0, "threads": 0, "balance": 0, "malloc": 0,
+    "runtime": 0, "threads": 0, "balance": 0, "malloc": 0, "timeline": 0,
     "model": 1, "data": 1, "comm": 1, "fault": 1,
     "parallel": 2, "config": 3, "run": 4,
     "bench": 5, "cli": 6, "__main__": 7, "__init__": 7,

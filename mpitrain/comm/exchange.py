@@ -47,6 +47,8 @@ from mpi4py import MPI
 
 from ..runtime import ConfigError, require_thread_multiple
 from .codecs import missing
+from ..timeline import span
+from .polling import wait_yielding
 from .ring import RingAllreduce
 from .shm import NodeSharedModel, ShmAllreduce
 
@@ -72,6 +74,10 @@ class MPIAllreduce:
         self.comm.Allreduce(MPI.IN_PLACE, buffer, op=MPI.SUM)
 
     reduce = __call__  # nobody reads the buffer afterwards: nothing to fence
+
+    def persistent(self, buffer: np.ndarray) -> MPI.Prequest:
+        """A persistent in-place sum of ``buffer`` (MPI-4 ``Allreduce_init``; collective)."""
+        return self.comm.Allreduce_init(MPI.IN_PLACE, buffer, op=MPI.SUM)
 
     def fence(self) -> None:
         """Nothing to wait for: the sum is complete when the call returns."""
@@ -184,6 +190,13 @@ class Exchange:
         # Each bucket's sum; with shm peers may still read the buffer after it: one fence
         # in ``wait`` ends every bucket's reads.
         self._sum = self._reduce_scatter if self.sharded else self.blocking.reduce
+        # MPI's sums of the buckets, as persistent requests (made once, started each
+        # step, waited for without spinning: ``comm.polling``); the blocking path too, so
+        # overlap changes no bit.
+        self._persistent = {}
+        if algorithm == "mpi" and self.size > 1 and progress == "thread":
+            self._persistent = {(lo, hi): self.blocking.persistent(self.buffer[lo:hi])
+                                for lo, hi in self.buckets}
         self._adopted: Optional[Tuple[object, object]] = None  # (model, optimizer)
         self._requests: List[MPI.Request] = []
         self._next = 0  # buckets started so far
@@ -259,11 +272,21 @@ class Exchange:
                 return
             try:
                 if self._error is None:
-                    self._sum(self.buffer[job[0]:job[1]])
+                    self._bucket(job)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 self._error = exc
             finally:
                 self._jobs.task_done()
+
+    def _bucket(self, job: Tuple[int, int]) -> None:
+        """Sum bucket ``job`` = (lo, hi), blocking."""
+        with span("allreduce", "exchange", lo=job[0], hi=job[1]):
+            request = self._persistent.get(job)
+            if request is None:
+                self._sum(self.buffer[job[0]:job[1]])
+            else:
+                request.Start()
+                wait_yielding(request)
 
     def start(self, lo: int, hi: int) -> None:
         """Begin summing ``buffer[lo:hi]`` (blocking unless overlapped)."""
@@ -275,7 +298,7 @@ class Exchange:
             self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.buffer[lo:hi],
                                                        op=MPI.SUM))
         else:  # no helper thread, no requests: the sum runs here, blocking
-            self._sum(self.buffer[lo:hi])
+            self._bucket((lo, hi))
 
     def ready(self, offset: int) -> None:
         """Everything from ``offset`` on is final: start the buckets that lie there."""
@@ -320,6 +343,7 @@ class Exchange:
         with an error, and stop the helper thread.  The buffer stays readable; returns
         the communicator, for the healing to free (``fault.elastic.heal``)."""
         self.comm.Revoke()
+        self._persistent = {}  # on a revoked communicator: freed with it
         if self._worker is not None:
             self._jobs.put(None)
             self._worker.join()
@@ -334,6 +358,9 @@ class Exchange:
             self._jobs.put(None)
             self._worker.join()
             self._worker = None
+        for request in self._persistent.values():
+            request.Free()
+        self._persistent = {}
         self.memory.release()
         if self.owns_buffer:  # the window is freed below: keep a private copy
             self.buffer = self.buffer.copy()

@@ -34,6 +34,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..runtime import MpitrainError
+from .polling import wait_yielding
 
 __all__ = ["ShmAllreduce", "NodeSharedModel"]
 
@@ -86,7 +87,7 @@ class ShmAllreduce:
         windows = [self.win, *self._windows]
         for win in windows:  # MPI_Win_sync: this rank's stores reach the window
             win.Sync()
-        self.node.Barrier()
+        wait_yielding(self.node.Ibarrier())  # a spinning barrier takes a computing core
         for win in windows:  # ... and the other ranks' stores are seen here
             win.Sync()
 

@@ -120,6 +120,10 @@ class Config:
                                 "ranks' measured speed (speed), for persistent stragglers")
     balance_every: int = _opt(20, "with --balance speed: agree on the ranks' speeds every N "
                                   "steps")
+    reproducible: bool = _opt(False, "bit-identical results at any number of ranks: each "
+                                     "global batch in --groups fixed groups, summed exactly")
+    groups: int = _opt(12, "with --reproducible: the fixed groups of each global batch (12 "
+                           "serves 1, 2, 3, 4, 6 and 12 ranks evenly)")
     allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, mpitrain's ring, "
                                  "or shm (ranks on a node add from each other's memory)")
     bucket_mb: float = _opt(2.0, "exchange the gradients in buckets of about this many MiB "
@@ -168,6 +172,11 @@ class Config:
                                         "(default: --ckpt-dir if given, else runs/DATE-TIME)")
     quiet: bool = _opt(False, "no progress lines (errors and the summary still print)")
     log: Optional[str] = _opt(None, "append one JSON object per logged step to this file")
+    timeline: Optional[str] = _opt(None, "write a timeline of the steps to this JSON file "
+                                         "(Chrome trace events: open it in Perfetto or "
+                                         "chrome://tracing)")
+    timeline_steps: Optional[str] = _opt(None, "with --timeline: record only steps A to B "
+                                               "(1-based, inclusive), e.g. 100:110")
     log_every: int = _opt(10, "print and log every N steps")
     eval_every: Optional[int] = _opt(None, "evaluate on the validation split every N steps "
                                            "(default: each epoch's end; 0: only at the end)")
@@ -200,6 +209,13 @@ class Config:
     def ps(self) -> bool:
         """Whether the parameter-server trainer runs."""
         return self.strategy == "ps"
+
+    def timeline_window(self) -> Optional[Tuple[int, int]]:
+        """The steps --timeline records, (first, last), or None for all."""
+        if self.timeline_steps is None:
+            return None
+        a, b = self.timeline_steps.split(":")
+        return int(a), int(b)
 
     def pipelined(self) -> bool:
         """Whether the pipeline trainer runs."""

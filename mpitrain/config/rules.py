@@ -60,7 +60,7 @@ BOUNDS = {
     "sigterm_grace": (">=", 0, " (0: never abort)"),
     "watchdog": (">=", 0, " (0 turns it off)"),
     "max_failures": (">=", 1, ""),
-    "servers": (">=", 1, ""), "staleness": (">=", 0, ""), "balance_every": (">=", 1, ""),
+    "servers": (">=", 1, ""), "groups": (">=", 1, ""), "staleness": (">=", 0, ""), "balance_every": (">=", 1, ""),
 }
 MONITOR = re.compile(r"^val_[a-z][a-z0-9_]*$")
 
@@ -83,7 +83,7 @@ def validate(cfg: Config) -> None:
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise bad(name, "one of " + ", ".join(choices))
-    for name in ("data", "ckpt_dir", "run_dir", "log", "resume", "fault", "model"):
+    for name in ("data", "ckpt_dir", "run_dir", "log", "resume", "fault", "model", "timeline"):
         if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
             raise bad(name, "a path or value (leave it out for the default)")
     for name, (op, bound, note) in BOUNDS.items():
@@ -115,6 +115,11 @@ def validate(cfg: Config) -> None:
                           "MPI window, and ULFM does not make windows fault tolerant (use "
                           "{allreduce} mpi or ring)", ["on_failure", "allreduce"])
     _check_strategy(cfg)
+    if cfg.timeline_steps is not None and not (
+            re.fullmatch(r"\d+:\d+", cfg.timeline_steps)
+            and 1 <= int(cfg.timeline_steps.split(":")[0]) <= int(cfg.timeline_steps.split(":")[1])):
+        raise bad("timeline_steps", "FIRST:LAST, two step numbers with 1 <= FIRST <= LAST, e.g. "
+                                    "100:110")
     if cfg.microbatches is not None and not 1 <= cfg.microbatches <= MAX_MICROBATCHES:
         raise bad("microbatches", f"a value in 1..{MAX_MICROBATCHES}")
     if cfg.stage_layers is not None and (not cfg.stage_layers or min(cfg.stage_layers) < 1):
@@ -127,7 +132,23 @@ def validate(cfg: Config) -> None:
 
 
 def _check_strategy(cfg: Config) -> None:
-    """What the parameter server and speed-balanced batches cannot be combined with."""
+    """What the parameter server, speed-balanced batches and --reproducible cannot be
+    combined with."""
+    if cfg.reproducible:
+        for ok, what in ((cfg.allreduce != "shm", "{allreduce} shm: its shared buffers hold "
+                          "the model's floats, and the exact sum adds integers (use {allreduce} "
+                          "mpi or ring)"),
+                         (cfg.grad_dtype == "full", "{grad_dtype} " + cfg.grad_dtype + ": a "
+                          "16-bit wire rounds the gradients by how they are split"),
+                         (not cfg.ps(), "{strategy} ps: its servers add pushes in float"),
+                         (cfg.balance == "none", "{balance} speed: the groups are fixed, not "
+                          "cut by speed"),
+                         (not cfg.pipelined(), f"{{pp}} {cfg.pp}: not supported yet (the "
+                          "pipeline's micro-batches are not the fixed groups)")):
+            if not ok:
+                named = [n for n in ("allreduce", "grad_dtype", "strategy", "balance", "pp")
+                         if "{" + n + "}" in what]
+                raise ConfigError("{reproducible} with " + what, ["reproducible", *named])
     if cfg.ps() and cfg.pp > 1:
         raise ConfigError(f"{{strategy}} ps with {{pp}} {cfg.pp}: not supported: a server "
                           "holds a slice of the whole model, and pipeline stages exchange "
@@ -207,6 +228,10 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
         rules.append((option, cfg.ps(),
                       "chooses how all-reduce sums the gradients; with {strategy} ps the "
                       "servers sum the workers' pushes", ["strategy"]))
+    rules.append(("groups", not cfg.reproducible,
+                  "cuts the batches of {reproducible}, which is off", ["reproducible"]))
+    rules.append(("timeline_steps", cfg.timeline is None,
+                  "is the window of {timeline}, and none is asked for", ["timeline"]))
     rules.append(("balance_every", cfg.balance != "speed",
                   "spaces the speed measurements of {balance} speed; this run's {balance} is "
                   + cfg.balance, ["balance"]))

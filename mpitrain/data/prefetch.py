@@ -31,7 +31,8 @@ class Prefetcher:
 
     def __init__(self, shards: Shards, sampler: Sampler, rank: int, size: int,
                  start: int, stop: int, depth: Optional[int] = None,
-                 max_bytes: int = 64 << 20, shares: Optional[Sequence[int]] = None):
+                 max_bytes: int = 64 << 20, shares: Optional[Sequence[int]] = None,
+                 groups: Optional[int] = None):
         import collections
         import threading
 
@@ -47,6 +48,7 @@ class Prefetcher:
         self._next, self._end = start, stop  # the step get() must be asked for next
         self._args = (shards, sampler, rank, size, start, stop)
         self._shares = None if shares is None else list(shares)  # uneven parts (speed)
+        self._groups = groups  # fixed groups (reproducible)
         self._thread = threading.Thread(target=self._read, name="mpitrain-prefetch",
                                         daemon=True)
         self._thread.start()
@@ -62,7 +64,7 @@ class Prefetcher:
                 room = self.depth - len(self._ready)
             for k in range(step, min(stop, step + room)):
                 try:
-                    ids, batch = sampler.local(k, rank, size, self._shares)
+                    ids, batch = sampler.local(k, rank, size, self._shares, self._groups)
                     item = (k, ids, *shards.read(ids), batch, None)
                 except BaseException as exc:  # noqa: BLE001 - raised in the main thread
                     item = (k, None, None, None, 0, exc)

@@ -93,14 +93,20 @@ class Sampler:
         return ids if self.blocks is None else np.sort(ids)
 
     def local(self, step: int, rank: int, size: int,
-              shares: Optional[Sequence[int]] = None) -> Tuple[np.ndarray, int]:
+              shares: Optional[Sequence[int]] = None,
+              groups: Optional[int] = None) -> Tuple[np.ndarray, int]:
         """(ids this rank reads at ``step``, the global batch size of the step).
 
         ``shares``: the ranks' parts of a full batch, when they are uneven (speed-
         balanced, ``parallel.speed``); a smaller batch is cut at the same proportions.
+        ``groups``: each batch is cut into that many fixed groups (``rank_slice``) and
+        the rank takes its ``rank_slice`` of the groups (``--reproducible``).
         """
         ids = self.batch(step)
-        if shares is None:
+        if groups is not None:
+            first, last = rank_slice(groups, rank, size)
+            lo, hi = len(ids) * first // groups, len(ids) * last // groups
+        elif shares is None:
             lo, hi = rank_slice(len(ids), rank, size)
         else:
             total, before = sum(shares), sum(shares[:rank])

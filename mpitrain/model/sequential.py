@@ -13,6 +13,7 @@ import numpy as np
 
 from .blocks import Residual
 from .layers import EVAL, Context, Layer, Linear
+from ..timeline import span
 
 __all__ = ["Sequential", "DTYPES"]
 
@@ -98,8 +99,9 @@ class Sequential:
         """Apply the layers to ``x`` (n, *shape): (output (n, out), what backward needs);
         ``ctx`` says whether it trains (dropout) and which samples these are."""
         saved = []
-        for layer in self.layers:
-            x, keep = layer.forward(x, ctx)
+        for i, layer in zip(self.index, self.layers):
+            with span(f"forward {i}: {type(layer).__name__}", "layer"):
+                x, keep = layer.forward(x, ctx)
             saved.append(keep)
         return x, saved
 
@@ -122,8 +124,9 @@ class Sequential:
                 start = self.slices[f"{self.index[k]}.weight"].start
                 kw["rows_done"] = lambda r, start=start, width=layer.in_features: final_from(
                     start + r * width)
-            dy = layer.backward(dy, saved[k], need_dx=need_dx or k > 0,
-                                accumulate=accumulate, **kw)
+            with span(f"backward {self.index[k]}: {type(layer).__name__}", "layer"):
+                dy = layer.backward(dy, saved[k], need_dx=need_dx or k > 0,
+                                    accumulate=accumulate, **kw)
             names = [f"{self.index[k]}.{key}" for key in layer.shapes()]
             if final_from is not None and names and not isinstance(layer, Linear):
                 final_from(self.slices[names[0]].start)  # the whole layer is final

@@ -23,6 +23,7 @@ from mpi4py import MPI
 
 from ..fault.checkpoint import State
 from ..runtime import MpitrainError
+from ..timeline import span
 from .compute import Computing
 from .speed import SpeedBalancer
 
@@ -132,7 +133,8 @@ class TrainerBase(Computing):
         if self.keep_before_update:  # a healing may have to undo this step (pipelines)
             flats, _ = self._flats()
             self._before = ([f.copy() for f in flats], self.optimizer.steps, self.clipped)
-        self.exchange.update(self.optimizer)
+        with span("optimizer", "update"):
+            self.exchange.update(self.optimizer)
         t0, t1, t2, t3 = t
         self.times["data"] += t1 - t0
         self.times["compute"] += (t2 - t1 - idle) + (time.perf_counter() - t3)

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..balance import rank_slice
 from ..model.layers import Context, saved_bytes
+from ..timeline import span
 
 __all__ = ["Computing"]
 
@@ -19,7 +20,8 @@ class Computing:
     ``balancer``, ``on_event``)."""
 
     def _compute(self, step: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray, batch: int,
-                 metrics: np.ndarray, final: Optional[Callable[[int], None]]) -> float:
+                 metrics: np.ndarray, final: Optional[Callable[[int], None]],
+                 pieces: Optional[int] = None) -> float:
         """Forward and backward of this rank's part of a batch of ``batch`` samples (global
         ``ids``, rows ``x``, targets ``y``) into the model's gradients, adding the loss
         sum to ``metrics[0]`` and the task's sums to ``metrics[2:]`` (zeroed first);
@@ -27,10 +29,11 @@ class Computing:
 
         In ``accumulate`` micro-batches, one after the other: the first writes the
         gradients, the others add to them, and only the last reports to ``final``
-        what backward has made final.
+        what backward has made final.  ``pieces``: micro-batches instead of
+        ``accumulate``.
         """
         metrics[:] = 0
-        count = max(1, min(self.accumulate, len(ids)))
+        count = max(1, min(self.accumulate if pieces is None else pieces, len(ids)))
         parts = [rank_slice(len(ids), k, count) for k in range(count)]
         took = {"forward": 0.0, "backward": 0.0}
         slept = 0.0
@@ -39,7 +42,8 @@ class Computing:
                 slept += self._straggle(step, "forward")
                 t0 = time.perf_counter()
                 ctx = Context(training=True, step=step, ids=ids[lo:hi], seed=self.seed)
-                out, saved = self.model.forward(x[lo:hi], ctx)  # (b / K, outputs)
+                with span("forward", "compute", samples=hi - lo):
+                    out, saved = self.model.forward(x[lo:hi], ctx)  # (b / K, outputs)
                 self.peak_activation_bytes = max(self.peak_activation_bytes,
                                                  saved_bytes(saved))
                 y_k = y[lo:hi]
@@ -50,8 +54,9 @@ class Computing:
                 slept += self._straggle(step, "backward")
                 t2 = time.perf_counter()
                 last = k == len(parts) - 1
-                self.model.backward(dout, saved, accumulate=k > 0,
-                                    final_from=final if last else None)
+                with span("backward", "compute", samples=hi - lo):
+                    self.model.backward(dout, saved, accumulate=k > 0,
+                                        final_from=final if last else None)
                 took["forward"] += t1 - t0
                 took["backward"] += time.perf_counter() - t2
         self._last_pass = {key: value / count for key, value in took.items()}

@@ -34,7 +34,9 @@ from ..data.shards import Shards
 from ..model.optim import Optimizer
 from ..model.sequential import Sequential
 from ..model.tasks import Classification, Task
+from ..timeline import span
 from .base import TrainerBase
+from .reproducible import GroupedSteps
 
 __all__ = ["Trainer"]
 
@@ -55,7 +57,8 @@ class Trainer(TrainerBase):
                  task: Optional[Task] = None, allreduce: str = "mpi", bucket_mb: float = 2.0,
                  overlap: bool = True, progress: str = "thread",
                  grad_dtype: Optional[str] = None, accumulate: int = 1,
-                 clip_grad_norm: Optional[float] = None, seed: int = 0):
+                 clip_grad_norm: Optional[float] = None, seed: int = 0,
+                 groups: Optional[int] = None):
         self.model, self.loss, self.optimizer, self.comm = model, loss, optimizer, comm
         self.accumulate = accumulate
         if task is None:
@@ -87,13 +90,16 @@ class Trainer(TrainerBase):
         self._prefetch: Optional[Prefetcher] = None
         self._stop = 0  # the step the read-ahead ends at
         self._init_common(clip_grad_norm, seed)
+        # --reproducible: fixed groups summed exactly (parallel.reproducible).
+        self.groups = groups
+        self.grouped = GroupedSteps(self, groups) if groups else None
 
     def prefetch(self, start: int, stop: int) -> None:
         """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""
         self.close_prefetch()
         self._stop = stop
         self._prefetch = Prefetcher(self.train, self.sampler, self.rank, self.size, start, stop,
-                                    shares=self.shares())
+                                    shares=self.shares(), groups=self.groups)
 
     def _restart_prefetch(self, start: int) -> None:
         if self._prefetch is not None and start < self._stop:
@@ -123,12 +129,15 @@ class Trainer(TrainerBase):
         ``stop`` says this rank was asked to stop; afterwards ``stop_agreed``
         tells every rank alike whether any rank was.
         """
+        if self.grouped is not None:
+            return self.grouped.step(step, stop)
         t0 = time.perf_counter()
-        if self._prefetch is not None:
-            ids, x, y, batch = self._prefetch.get(step)  # read while the last step computed
-        else:
-            ids, batch = self.sampler.local(step, self.rank, self.size, self.shares())
-            x, y = self.train.read(ids)  # (b, *features), (b, *targets)
+        with span("data", "data"):
+            if self._prefetch is not None:
+                ids, x, y, batch = self._prefetch.get(step)  # read while the last step computed
+            else:
+                ids, batch = self.sampler.local(step, self.rank, self.size, self.shares())
+                x, y = self.train.read(ids)  # (b, *features), (b, *targets)
         t1 = time.perf_counter()
         self.on_phase("computing")
         metrics = self.xbuf[self.metrics]  # (2 + task.width,): loss sum, stop, task sums
@@ -137,7 +146,8 @@ class Trainer(TrainerBase):
         metrics[1] = 1.0 if stop else 0.0
         t2 = time.perf_counter()
         self.on_phase("exchange")
-        self.exchange.wait()  # only what backward did not hide
+        with span("exchange wait", "exchange"):
+            self.exchange.wait()  # only what backward did not hide
         out = self._conclude(step, batch, self.xbuf[self.metrics],
                              (t0, t1, t2, time.perf_counter()))
         self._observe(step, t2 - t1, len(ids))
@@ -146,6 +156,8 @@ class Trainer(TrainerBase):
     def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
         """{"loss": mean loss, task metrics...} on the validation split, each rank a
         slice, summed exactly in float64 (collective); None without one."""
+        if self.grouped is not None:
+            return self.grouped.evaluate()
         if self.val is None or len(self.val) == 0:
             return None
         self.on_phase("evaluation")

@@ -183,6 +183,11 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
                           "worker: the parameter server needs at least one rank that "
                           f"computes (at most {comm.Get_size() - 1} servers)", ["servers"],
                           everywhere=True)
+    if cfg.reproducible and not comm.Get_size() <= cfg.groups <= cfg.batch_size:
+        raise ConfigError(f"{{groups}} {cfg.groups} with {comm.Get_size()} ranks and "
+                          f"{{batch_size}} {cfg.batch_size}: each rank needs a group and each "
+                          "group a sample (ranks <= groups <= batch size)",
+                          ["groups", "batch_size"], everywhere=True)
     grid = make_grid(comm, cfg.pp)
     replicas = comm.Get_size() - cfg.servers if cfg.ps() else grid.dp
     m, train, val = open_data(cfg, comm, replicas)
@@ -225,7 +230,7 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
                           allreduce=cfg.allreduce, bucket_mb=cfg.bucket_mb,
                           overlap=cfg.overlap, progress=cfg.progress, grad_dtype=cfg.wire(),
                           accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
-                          seed=cfg.seed)
+                          seed=cfg.seed, groups=cfg.groups if cfg.reproducible else None)
     trainer.spec = {"spec": spec, "input_shape": list(m.features)}
     if cfg.balance == "speed":  # the servers of a parameter server take no share
         computes = not (cfg.ps() and comm.Get_rank() < cfg.servers)

@@ -20,6 +20,7 @@ from ..fault.preemption import Preemption
 from ..fault.resume import Checkpoints
 from ..fault.watchdog import Watchdog
 from ..runtime import EXIT_ERROR, EXIT_PREEMPTED, ConfigError, literal, on_root, set_job_comm
+from ..timeline import RECORDER, span
 from .build import build, lr_schedule
 from .metrics import Meter, Reporter, banner, peak_rss, summarize, summary_line
 from .monitor import Monitor
@@ -198,6 +199,8 @@ class _Run:
         headline = trainer.task.headline
         if self.run_dir is None:
             self.run_dir = open_run_dir(cfg.to_dict(), comm)
+        if cfg.timeline:
+            RECORDER.start(comm, cfg.timeline_window())
         report = self.report = Reporter(comm.rank == 0, cfg.log, total, out,
                                         run_dir=self.run_dir, quiet=cfg.quiet,
                                         headline=headline)
@@ -213,7 +216,9 @@ class _Run:
         else:
             self.phase = "recovery"
             self.faults.in_healing(launch_rank(), carry.healings)
-            start, loop, source, behind = agree(trainer, comm, carry)
+            RECORDER.at_step(carry.completed + 1)
+            with span("recovery", "fault", on_failure=cfg.on_failure):
+                start, loop, source, behind = agree(trainer, comm, carry)
             carry.trainer = None  # agreed: the state before the failure is not needed now
             if start < 0:  # a rank died during start-up: start up again
                 start = ckpts.resume(trainer)
@@ -252,8 +257,9 @@ class _Run:
                 if cfg.clip_grad_norm is not None:  # steps clipped since the last record
                     record["clipped_steps"] = trainer.clipped - self.clipped_before
                 if evaluate:
-                    record.update({f"val_{k}": v for k, v in
-                                   (trainer.evaluate() or {}).items()})
+                    with span("evaluation", "evaluation", step=done):
+                        record.update({f"val_{k}": v for k, v in
+                                       (trainer.evaluate() or {}).items()})
                     if monitor.name in record:
                         improved = monitor.update(done, record)
                 report.step(record)
@@ -268,8 +274,9 @@ class _Run:
                 self.phase = "checkpoint"
                 if dog:
                     dog.set_phase("checkpoint")
-                ckpts.save(trainer, done, {"lr": p["lr"], **monitor.state()},
-                           periodic=periodic, best=improved and keep_best)
+                with span("checkpoint", "fault", step=done):
+                    ckpts.save(trainer, done, {"lr": p["lr"], **monitor.state()},
+                               periodic=periodic, best=improved and keep_best)
             self.pending = None
             return early is not None
 
@@ -298,7 +305,9 @@ class _Run:
                     lr = lr_at(step)  # a pure function of the step: a resume takes the same
                     trainer.set_lr(lr)
                     t0 = time.perf_counter()
-                    loss, metrics, batch = trainer.step(step, stop=preemption.requested)
+                    RECORDER.at_step(done)
+                    with span(f"step {done}", "step"):
+                        loss, metrics, batch = trainer.step(step, stop=preemption.requested)
                     # Applied: from here this rank's state is that of ``done`` steps.
                     self.completed, self.evaluated = done, False
                     meter.add(step, batch, time.perf_counter() - t0)
@@ -342,6 +351,12 @@ class _Run:
         summary.update(extras)
         if end > start:
             report.say(summary_line(summary, headline), always=True)
+        if cfg.timeline:
+            RECORDER.at_step(0)
+            events = RECORDER.write(comm, cfg.timeline, {"ranks": comm.size,
+                                                         "steps": cfg.timeline_steps or "all"})
+            report.say(f"timeline: {events} events of {comm.size} ranks in {cfg.timeline} "
+                       "(open it in Perfetto or chrome://tracing)", always=True)
         if preempted:
             report.say(f"stopped at step {end} on {signal_name or 'a signal to another rank'}; "
                        f"exit status {EXIT_PREEMPTED}: relaunch (resume auto, the default) to "

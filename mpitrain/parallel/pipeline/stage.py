@@ -38,6 +38,7 @@ from ...model.optim import make_optimizer
 from ...model.sequential import Sequential
 from ...model.tasks import Classification, Task
 from ...runtime import ConfigError, agreed
+from ...timeline import span
 from ..base import TrainerBase
 from .partition import shapes_along, stage_ranges
 from .schedules import MAX_MICROBATCHES, SCHEDULES, peak_alive, schedule
@@ -151,7 +152,8 @@ class PipelineTrainer(TrainerBase):
         """The activation of micro-batch ``k`` from the previous stage, (rows, *in_shape)."""
         buf = self.act_pool[k % self.slots, :rows]
         t0 = time.perf_counter()
-        self.grid.pp_comm.Recv(buf, source=self.grid.prev_rank, tag=2 * k)
+        with span("recv forward", "pipeline", microbatch=k):
+            self.grid.pp_comm.Recv(buf, source=self.grid.prev_rank, tag=2 * k)
         self.times["wait"] += time.perf_counter() - t0
         return buf
 
@@ -164,19 +166,22 @@ class PipelineTrainer(TrainerBase):
 
     def send_forward(self, k: int, y: np.ndarray) -> None:
         """Send micro-batch ``k``'s output (rows, *out_shape) to the next stage."""
-        self._isend(y, self.grid.next_rank, 2 * k)
+        with span("send forward", "pipeline", microbatch=k):
+            self._isend(y, self.grid.next_rank, 2 * k)
 
     def recv_backward(self, k: int, rows: int) -> np.ndarray:
         """dL/d(output) of micro-batch ``k`` from the next stage, (rows, *out_shape)."""
         buf = self.grad_buf[:rows]
         t0 = time.perf_counter()
-        self.grid.pp_comm.Recv(buf, source=self.grid.next_rank, tag=2 * k + 1)
+        with span("recv backward", "pipeline", microbatch=k):
+            self.grid.pp_comm.Recv(buf, source=self.grid.next_rank, tag=2 * k + 1)
         self.times["wait"] += time.perf_counter() - t0
         return buf
 
     def send_backward(self, k: int, dx: np.ndarray) -> None:
         """Send dL/d(input) of micro-batch ``k`` (rows, *in_shape) to the previous stage."""
-        self._isend(dx, self.grid.prev_rank, 2 * k + 1)
+        with span("send backward", "pipeline", microbatch=k):
+            self._isend(dx, self.grid.prev_rank, 2 * k + 1)
 
     # -- one micro-batch -------------------------------------------------------------------
     def _forward(self, st: _Step, k: int) -> None:

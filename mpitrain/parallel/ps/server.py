@@ -9,6 +9,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import TAG_INFO, TAG_METRICS, TAG_PARAMS, TAG_PULL, TAG_PUSH
+from ...timeline import span
 from .shard import ServerShard
 
 __all__ = ["Server", "wait_yielding"]
@@ -144,7 +145,8 @@ class Server:
         MPI.Request.Waitall(self._sends)  # the answers read the parameters about to change
         self._sends.clear()
         self._info_copies.clear()
-        self.shard.step(lr)
+        with span("optimizer", "update", clock=clock):
+            self.shard.step(lr)
         if sums[1] > 0 and self.first_stop < 0:
             self.first_stop = clock
         self._info[:] = [self.shard.version, self.first_stop, clock, *sums]

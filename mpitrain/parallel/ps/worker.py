@@ -7,6 +7,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import TAG_INFO, TAG_METRICS, TAG_PARAMS, TAG_PULL, TAG_PUSH
+from ...timeline import span
 from .server import wait_yielding
 
 __all__ = ["Worker"]
@@ -65,7 +66,8 @@ class Worker:
             requests.append(self.comm.Isend(self._ask, dest=s, tag=TAG_PULL))
         self.sent[0] += len(self.slices)
         self.sent[1] += self._ask.nbytes * len(self.slices)
-        wait_yielding(requests + self._pushes)  # the pushes too: grads is written next
+        with span("pull", "exchange", step=step, need=need):
+            wait_yielding(requests + self._pushes)  # the pushes too: grads is written next
         self._pushes.clear()
         self.versions = [int(info[0]) for info in self.infos]
         return self.infos

@@ -1,0 +1,95 @@
+"""Bit-identical training at any number of ranks (``--reproducible``).
+
+Each global batch is cut into ``G`` fixed groups (``rank_slice`` of the
+batch); rank r of p computes groups ``rank_slice(G, r, p)``, each on its own
+with the same shapes whatever rank holds it, so each group's gradient has
+the same bits at any rank count.  The groups' gradients are then summed
+exactly (``comm.exact``: fixed-point integers, added in any order), and the
+groups' loss and metric sums gathered and added in group order.  The
+optimizer then sees the same summed gradient, bit for bit, at 1, 2, 3 or 4
+ranks; so does evaluation, over fixed chunks of the validation split.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+from mpi4py import MPI
+
+from ..balance import bounds, rank_slice
+from ..comm.exact import ExactSum
+from ..timeline import span
+
+__all__ = ["GroupedSteps", "EVAL_CHUNK"]
+
+EVAL_CHUNK = 1024  # validation rows per fixed chunk
+
+
+def _gathered_sums(comm: MPI.Comm, rows: np.ndarray, total: int) -> np.ndarray:
+    """Every rank's ``rows`` (its consecutive groups' or chunks' float64 vectors, in
+    order), gathered everywhere and added column by column in order with fsum."""
+    width = rows.shape[1]
+    counts = comm.allgather(rows.size)
+    every = np.empty((total, width))
+    comm.Allgatherv(np.ascontiguousarray(rows), [every, (counts, [sum(counts[:k]) for k in
+                                                                  range(len(counts))])])
+    return np.array([math.fsum(every[:, j]) for j in range(width)])
+
+
+class GroupedSteps:
+    """The grouped step and evaluation of a data-parallel ``trainer``, with ``groups``
+    groups per batch."""
+
+    def __init__(self, trainer, groups: int):
+        self.trainer, self.groups = trainer, groups
+        self.comm = trainer.comm
+        self.exact = ExactSum(self.comm, trainer.model.size, groups)
+
+    def step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
+        """One step of ``trainer`` (see ``Trainer.step``), bit-identical at any rank count."""
+        tr, comm = self.trainer, self.comm
+        t0 = time.perf_counter()
+        with span("data", "data"):
+            if tr._prefetch is not None:
+                ids, x, y, batch = tr._prefetch.get(step)
+            else:
+                ids, batch = tr.sampler.local(step, tr.rank, tr.size, groups=self.groups)
+                x, y = tr.train.read(ids)
+        t1 = time.perf_counter()
+        tr.on_phase("computing")
+        first, last = rank_slice(self.groups, tr.rank, tr.size)
+        cuts = bounds(batch, self.groups)
+        rows = np.zeros((last - first, 2 + tr.task.width))  # each group's metric sums
+        for g in range(first, last):
+            lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
+            if hi > lo:
+                tr._compute(step, ids[lo:hi], x[lo:hi], y[lo:hi], batch, rows[g - first],
+                            None, pieces=1)
+                self.exact.add(tr.model.grads)
+        if stop and last > first:
+            rows[0, 1] = 1.0
+        t2 = time.perf_counter()
+        tr.on_phase("exchange")
+        with span("exact sum", "exchange", groups=last - first):
+            self.exact.finish(tr.model.grads)
+            sums = _gathered_sums(comm, rows, self.groups)
+        return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
+
+    def evaluate(self) -> Optional[Dict[str, object]]:
+        """Evaluation over fixed chunks of ``EVAL_CHUNK`` rows, summed in chunk order."""
+        tr = self.trainer
+        if tr.val is None or len(tr.val) == 0:
+            return None
+        tr.on_phase("evaluation")
+        n = len(tr.val)
+        chunks = -(-n // EVAL_CHUNK)
+        first, last = rank_slice(chunks, tr.rank, tr.size)
+        rows = np.zeros((last - first, 1 + tr.task.width))
+        for c in range(first, last):
+            x, y = tr.val.read_range(c * EVAL_CHUNK, min(n, (c + 1) * EVAL_CHUNK))
+            out = tr.model(x)
+            rows[c - first, 0] = tr.loss(out, tr.task.targets(y, out.dtype), 1.0)[0]
+            rows[c - first, 1:] = tr.task.sums(out, y)
+        return tr._evaluated(_gathered_sums(self.comm, rows, chunks), n)
