@@ -38,6 +38,7 @@ VARIANTS = {
     "ring-nooverlap": dict(allreduce="ring", overlap=False, bucket_mb=0),
     "ring-fp16": dict(allreduce="ring", overlap=True, grad_dtype="float16"),
     "ring-bf16": dict(allreduce="ring", overlap=True, grad_dtype="bfloat16"),
+    "reproducible": dict(allreduce="mpi", reproducible=True),
 }
 
 
