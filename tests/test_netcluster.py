@@ -158,3 +158,31 @@ def test_the_command_line_up_status_run_down():
         assert Cluster(prefix=name).leftovers() == [] and traces(name) == []
     finally:
         Cluster(prefix=name).down()
+
+
+@pytest.mark.timeout(300)
+def test_training_across_nodes_is_bit_identical_across_algorithms(netcluster, small_data,
+                                                                   tmp_path):
+    """Across two emulated nodes: at 1 rank per node mpi, ring and the hierarchical shm
+    all-reduce add the same two numbers (the same bits); at 2 ranks per node, where their
+    sum orders differ, --reproducible makes mpi and ring agree bit for bit, and the link
+    carried the gradients."""
+    from conftest import final, same_bits
+
+    def train(ppn, *extra):
+        ckpt = tmp_path / "-".join([str(ppn), *extra]).replace("--", "")
+        done = netcluster.mpiexec(ppn, [sys.executable, "-m", "mpitrain", "train", "--data",
+                                        small_data, "--hidden", "32", "--steps", "12",
+                                        "--batch-size", "48", "--quiet", "--ckpt-dir",
+                                        str(ckpt), "--run-dir", str(ckpt), *extra],
+                                  env=clean_env(), timeout=TIMEOUT, launcher=mpiexec())
+        assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+        return final(ckpt)
+
+    before = netcluster.link_bytes()
+    mpi = train(1)
+    assert all(sent > 0 for sent, _ in grown(before, netcluster.link_bytes()).values())
+    assert same_bits(train(1, "--allreduce", "ring"), mpi)
+    assert same_bits(train(1, "--allreduce", "shm"), mpi)
+    assert same_bits(train(2, "--reproducible", "--allreduce", "ring"),
+                     train(2, "--reproducible"))

@@ -7,7 +7,7 @@ turned into fixed-point integers with one scale every rank agrees on, the
 integers are added (here, then by MPI's ``Allreduce`` on int64, whose sum is
 exact whatever the algorithm), and the total turned back into floats once::
 
-    scale  = 2**(61 - ceil(log2(G * max |g|)))     agreed: an Allreduce of max |g|
+    scale  = 2**(61 - ceil(log2(G * max |g|)))     per tensor, agreed: an Allreduce
     q_k    = rint(g_k * scale)                      int64, |q_k| <= 2**61 / G
     sum    = (sum over groups and ranks of q_k) / scale
 
@@ -21,7 +21,7 @@ over each group's gradient and an int64 (twice as wide) all-reduce.
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -38,8 +38,12 @@ class ExactSum:
     which bounds the sum.
     """
 
-    def __init__(self, comm: MPI.Comm, count: int, groups: int):
+    def __init__(self, comm: MPI.Comm, count: int, groups: int,
+                 segments: Optional[Sequence[Tuple[int, int]]] = None):
         self.comm, self.count, self.groups = comm, count, groups
+        # One scale per segment (a parameter tensor): each tensor's rounding then depends
+        # on that tensor alone, whatever else the buffer holds (a pipeline stage's).
+        self.segments = list(segments or [(0, count)])
         self.acc = np.zeros(count, np.int64)
         self._pool: List[np.ndarray] = []  # the groups' gradients, reused step after step
         self._kept: List[np.ndarray] = []
@@ -54,33 +58,43 @@ class ExactSum:
         kept[...] = grads
         self._kept.append(kept)
 
+    def _scales(self) -> np.ndarray:
+        """Each segment's scale, agreed by every rank (collective)."""
+        most = np.zeros(len(self.segments))
+        for g in self._kept:
+            for k, (a, b) in enumerate(self.segments):
+                if b > a:
+                    most[k] = max(most[k], float(np.max(np.abs(g[a:b]))))
+        self.comm.Allreduce(MPI.IN_PLACE, most, op=MPI.MAX)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            exponent = np.where(most > 0, np.ceil(np.log2(self.groups * most)), 0.0)
+        return np.where(np.isfinite(exponent), np.exp2(61.0 - exponent), np.nan)
+
     def finish(self, out: np.ndarray) -> None:
         """Write the exact sum of every group added on every rank into ``out`` and start
         the next step (collective)."""
-        most = max((float(np.max(np.abs(g))) if g.size else 0.0 for g in self._kept),
-                   default=0.0)
-        most = self.comm.allreduce(most, op=MPI.MAX)
-        if not math.isfinite(most):  # a diverged step: the caller's loss check stops it
+        scales = self._scales()
+        if not np.all(np.isfinite(scales)):  # a diverged step: the loss check stops it
             out[...] = np.nan
             self._kept.clear()
             return
-        exponent = math.ceil(math.log2(self.groups * most)) if most > 0 else 0
-        scale = 2.0 ** (61 - exponent)
         acc = self.acc
         acc[...] = 0
-        for g in self._kept:
-            for a in range(0, self.count, CHUNK):
-                b = min(self.count, a + CHUNK)
-                t, it = self._tmp[:b - a], self._itmp[:b - a]
-                np.multiply(g[a:b], scale, out=t)  # exact: a power of two
-                np.rint(t, out=t)
-                it[...] = t
-                acc[a:b] += it
+        for (lo, hi), scale in zip(self.segments, scales):
+            for g in self._kept:
+                for a in range(lo, hi, CHUNK):
+                    b = min(hi, a + CHUNK)
+                    t, it = self._tmp[:b - a], self._itmp[:b - a]
+                    np.multiply(g[a:b], scale, out=t)  # exact: a power of two
+                    np.rint(t, out=t)
+                    it[...] = t
+                    acc[a:b] += it
         self._kept.clear()
         if self.comm.Get_size() > 1:
             self.comm.Allreduce(MPI.IN_PLACE, acc, op=MPI.SUM)
-        for a in range(0, self.count, CHUNK):
-            b = min(self.count, a + CHUNK)
-            t = self._tmp[:b - a]
-            t[...] = acc[a:b]  # rounded to 53 bits: the same integer, the same float
-            out[a:b] = t / scale
+        for (lo, hi), scale in zip(self.segments, scales):
+            for a in range(lo, hi, CHUNK):
+                b = min(hi, a + CHUNK)
+                t = self._tmp[:b - a]
+                t[...] = acc[a:b]  # rounded to 53 bits: the same integer, the same float
+                out[a:b] = t / scale

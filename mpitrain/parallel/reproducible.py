@@ -45,7 +45,8 @@ class GroupedSteps:
     def __init__(self, trainer, groups: int):
         self.trainer, self.groups = trainer, groups
         self.comm = trainer.comm
-        self.exact = ExactSum(self.comm, trainer.model.size, groups)
+        tensors = [(sl.start, sl.stop) for sl in trainer.model.slices.values()]
+        self.exact = ExactSum(self.comm, trainer.model.size, groups, tensors)
 
     def step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         """One step of ``trainer`` (see ``Trainer.step``), bit-identical at any rank count."""
