@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -46,6 +45,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 from mpitrain.testing.host import (NetclusterError, as_host, cmdline, communicate,
                                    default_mpiexec, kill_all, missing, namespaces, netns_inode,
                                    processes, qdisc_sent, root_links, sh, tool)
+from mpitrain.threads import child_env
 
 __all__ = ["Cluster", "Node", "Link", "NetclusterError", "missing", "main"]
 
@@ -254,12 +254,13 @@ exec {ip} netns exec "$node" {unshare} --uts /bin/sh -c \\
     def run(self, cmd: Sequence[str], env: Optional[Dict[str, str]] = None,
             timeout: Optional[float] = None, capture: bool = True) -> subprocess.CompletedProcess:
         """Run ``cmd`` in node 0 (its namespace and hostname) with ``env`` (default: this
-        process's) and ``job_env()``; at ``timeout`` every job in the nodes is killed and
-        ``subprocess.TimeoutExpired`` raised."""
+        process's, without the thread counts importing mpitrain set) and ``job_env()``; at
+        ``timeout`` every job in the nodes is killed and ``subprocess.TimeoutExpired``
+        raised."""
         node = self.nodes[0].name
         full = [tool("ip"), "netns", "exec", node, *as_host(node), *map(str, cmd)]
-        return communicate(full, cmd, {**(os.environ if env is None else env), **self.job_env()},
-                           timeout, capture, abort=self.kill_jobs)
+        return communicate(full, cmd, {**(child_env() if env is None else env),
+                                       **self.job_env()}, timeout, capture, abort=self.kill_jobs)
 
     def mpiexec(self, ranks_per_node: int, args: Sequence[str],
                 env: Optional[Dict[str, str]] = None, timeout: float = 60,

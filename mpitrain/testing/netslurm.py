@@ -45,6 +45,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 from mpitrain.testing.host import (NETNS_RUN, NetclusterError, as_host, communicate,
                                    search_path, sh, start_daemon, tool, until, which)
 from mpitrain.testing.netcluster import NETNS_ETC, Cluster, command_line, missing
+from mpitrain.threads import child_env
 
 __all__ = ["SlurmCluster", "missing_slurm", "munge_key", "munge_works", "main"]
 
@@ -207,10 +208,11 @@ MaxTime=INFINITE State=UP OverSubscribe=YES
     # -- commands -------------------------------------------------------------------------
     def env(self, base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
         """The environment of Slurm commands and (sbatch passes it on) of their jobs:
-        ``base`` (default: this process's) without an enclosing job's or launcher's
-        variables, with this cluster's SLURM_CONF, this Python's directory first on PATH
-        and the netcluster's ``link_env()``."""
-        env = {k: v for k, v in (os.environ if base is None else base).items()
+        ``base`` (default: this process's, without the thread counts importing mpitrain
+        set: each rank chooses its own) without an enclosing job's or launcher's variables,
+        with this cluster's SLURM_CONF, this Python's directory first on PATH and the
+        netcluster's ``link_env()``."""
+        env = {k: v for k, v in (child_env() if base is None else base).items()
                if not k.startswith(JOB_VARS)}
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent),
                                        search_path(env.get("PATH", ""))])
