@@ -52,7 +52,8 @@ def require_netcluster() -> None:
     sweep()
 
 
-TAGS = ("nc", "lk", "hg", "cl")  # the prefixes' tags these tests use
+TAGS = ("nc", "lk", "hg", "cl", "sl", "sd", "sc")  # the prefixes' tags these tests use
+# (test_netcluster.py, and test_netslurm.py: sl, sd, sc)
 
 
 def prefix(tag: str) -> str:
@@ -87,6 +88,12 @@ def traces(name: str) -> list:
     found += [f"process {line}" for line in
               out("pgrep", "-af", f"{name}-n[0-9]|mpitrain-netcluster/{name}/").splitlines()]
     return found
+
+
+def grown(before: dict, after: dict) -> dict:
+    """Bytes each link carried between two ``link_bytes()``, by node: (sent, received)."""
+    return {name: (after[name].sent - before[name].sent,
+                   after[name].received - before[name].received) for name in after}
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +39,8 @@ from typing import Dict, Iterable, Optional, Sequence
 import pytest
 
 from conftest import ROOT, clean_env
+from mpitrain.testing.host import search_path, start_daemon, tail, until, which
+from mpitrain.testing.netslurm import PLUGINS, munge_key, munge_works
 
 START_TIMEOUT = 30  # each daemon, until it answers
 # What a test's own time limit must leave for this fixture's set-up, when
@@ -53,7 +54,6 @@ REQUEUE_HOLD = 10
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                 "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
-SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
 POLL = 0.2  # seconds between two looks at a job's state (always under a deadline)
 
 
@@ -68,22 +68,6 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
-def _path() -> str:
-    parts = os.environ.get("PATH", "").split(os.pathsep)
-    return os.pathsep.join(parts + [p for p in SBIN if p not in parts])
-
-
-def _which(name: str) -> Optional[str]:
-    return shutil.which(name, path=_path())
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +77,7 @@ def _free_port() -> int:
 def require_slurm() -> None:
     """Skip (or fail, when required) unless Slurm's daemons, tools and munge are installed."""
     missing = [name for name in ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "munge")
-               if not _which(name)]
+               if not which(name)]
     if missing:
         unavailable(f"Slurm is not installed ({', '.join(missing)} not found); install it "
                     "first, e.g. apt-get install slurm-wlm munge (the tests install nothing)")
@@ -137,7 +121,7 @@ class SlurmCluster:
         env = {k: v for k, v in clean_env().items() if not k.startswith(("SLURM_", "SBATCH_",
                                                                           "SRUN_", "SALLOC_"))}
         env["SLURM_CONF"] = str(self.conf)
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), _path()])
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), search_path()])
         env.update(extra)
         return env
 
@@ -145,8 +129,7 @@ class SlurmCluster:
             env: Optional[dict] = None, cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
         """A Slurm command (run in ``cwd``, default the checkout), bounded in time."""
         try:
-            done = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                                  env=env or self.env(), cwd=str(cwd or ROOT))
+            done = self.execute(list(cmd), timeout, env or self.env(), cwd or ROOT)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{shlex.join(cmd)} did not answer within {timeout} s") from None
         if check and done.returncode != 0:
@@ -154,24 +137,20 @@ class SlurmCluster:
                                f"{done.stderr.strip() or done.stdout.strip()}")
         return done
 
+    def execute(self, cmd: Sequence[str], timeout: float, env: dict,
+                cwd: Path) -> subprocess.CompletedProcess:
+        """Where the Slurm commands run: on this host (output captured)."""
+        return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                              env=env, cwd=str(cwd))
+
     # -- start and stop -------------------------------------------------------------------
     def _until(self, what: str, ok, timeout: float = START_TIMEOUT, log: Optional[Path] = None):
         """Poll ``ok()`` until it is true, for at most ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if ok():
-                    return
-            except (RuntimeError, OSError, subprocess.SubprocessError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} within {timeout} s"
-                                   + (f"; {log.name}:\n{_tail(log)}" if log else ""))
-            time.sleep(POLL)
+        until(what, ok, timeout, log, POLL)
 
     def _node_line(self) -> str:
         """The node as ``slurmd -C`` sees it (CPUs, sockets, cores, memory)."""
-        seen = subprocess.run([_which("slurmd"), "-C"], capture_output=True, text=True,
+        seen = subprocess.run([which("slurmd"), "-C"], capture_output=True, text=True,
                               timeout=30).stdout
         words = next((line.split() for line in seen.splitlines()
                       if line.startswith("NodeName=")), [])
@@ -207,22 +186,10 @@ SlurmctldLogFile={b}/log/slurmctld.log
 SlurmdLogFile={b}/log/slurmd.log
 SlurmctldPidFile={b}/run/slurmctld.pid
 SlurmdPidFile={b}/run/slurmd.pid
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SelectType=select/cons_tres
-# CPUs, not cores, as the unit: 2 tasks fit on a node of 1 core x 2 threads too.
-SelectTypeParameters=CR_CPU
-MpiDefault=none
-ReturnToService=2
-# Job ids that no earlier test cluster on this host used: MPICH names its
+{PLUGINS}# Job ids that no earlier test cluster on this host used: MPICH names its
 # shared-memory segment after the Slurm job and step id, and a segment left
 # in /dev/shm by a killed job would break MPI_Init in a new job of that id.
 FirstJobId={random.randrange(1_000_000, 60_000_000)}
-# Look at pending jobs every second (defaults: 60 s and 30 s), so that a job
-# whose requeue hold has passed starts at once.
-SchedulerParameters=sched_interval=1,bf_interval=1
 {self._node_line()}
 PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
@@ -230,43 +197,26 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
     def _daemon(self, name: str, cmd: Sequence[str], pid_file: Path) -> None:
         """Start a daemon that forks into the background and writes ``pid_file``."""
         self.started.append((name, pid_file))
-        log = self.logs / f"{name}.start.log"
-        with open(log, "w") as out:  # a file, not a pipe a daemon might keep open
-            code = subprocess.run(list(cmd), stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=START_TIMEOUT,
-                                  env=self.env()).returncode
-        if code != 0:
-            raise RuntimeError(f"{shlex.join(cmd)} failed (exit {code}): {_tail(log)}")
+        start_daemon(cmd, self.logs / f"{name}.start.log", self.env(), START_TIMEOUT)
 
     def start(self) -> None:
         t0 = time.monotonic()
         self.write_conf()
         key = self.base / "munge" / "munge.key"
-        if _which("mungekey"):
-            self.run(_which("mungekey"), "--create", f"--keyfile={key}", env=os.environ.copy())
-        else:  # munge < 0.5.14: any 1024 random bytes make a key
-            key.write_bytes(os.urandom(1024))
-        os.chmod(key, 0o600)
+        munge_key(key)
         munged = self.run_dir / "munged.pid"
-        self._daemon("munged", [_which("munged"), "--force", f"--socket={self.munge_socket}",
+        self._daemon("munged", [which("munged"), "--force", f"--socket={self.munge_socket}",
                                 f"--key-file={key}", f"--pid-file={munged}",
                                 f"--log-file={self.logs / 'munged.log'}",
                                 f"--seed-file={self.base / 'munge' / 'seed'}"], munged)
-
-        def munge_works():
-            cred = self.run(_which("munge"), "-n", f"--socket={self.munge_socket}").stdout
-            back = subprocess.run([_which("unmunge"), f"--socket={self.munge_socket}"],
-                                  input=cred, capture_output=True, text=True, timeout=10)
-            return back.returncode == 0 and "Success" in back.stdout
-
-        self._until("munge -n | unmunge did not say Success", munge_works,
-                    log=self.logs / "munged.log")
-        self._daemon("slurmctld", [_which("slurmctld"), "-c", "-f", str(self.conf)],
+        self._until("munge -n | unmunge did not say Success",
+                    lambda: munge_works(self.munge_socket), log=self.logs / "munged.log")
+        self._daemon("slurmctld", [which("slurmctld"), "-c", "-f", str(self.conf)],
                      self.run_dir / "slurmctld.pid")
         self._until("slurmctld did not answer scontrol ping",
                     lambda: "is UP" in self.run("scontrol", "ping", timeout=10).stdout,
                     log=self.logs / "slurmctld.log")
-        self._daemon("slurmd", [_which("slurmd"), "-N", self.host, "-f", str(self.conf)],
+        self._daemon("slurmd", [which("slurmd"), "-N", self.host, "-f", str(self.conf)],
                      self.run_dir / "slurmd.pid")
         self._until(f"node {self.host} did not become idle",
                     lambda: self.run("sinfo", "-h", "-n", self.host, "-o", "%T",
@@ -299,7 +249,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         self.started.clear()
 
     # -- jobs -----------------------------------------------------------------------------
-    def sbatch(self, script: str, args: Iterable = (), ntasks: int = 2,
+    def sbatch(self, script: str, args: Iterable = (), ntasks: Optional[int] = 2,
                sbatch_args: Sequence[str] = (), env: Optional[dict] = None,
                output: Optional[Path] = None, time_limit: str = "10",
                cwd: Optional[Path] = None) -> str:
@@ -308,9 +258,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
 
         The job runs this Python's venv (first on PATH) and this checkout
         (PYTHONPATH), unless ``env`` says otherwise. Its output goes to ``output``
-        (default: a file in this cluster's log directory)."""
+        (default: a file in this cluster's log directory). ``ntasks=None`` gives no
+        ``--ntasks`` (``sbatch_args`` say it, e.g. ``-N 2 --ntasks-per-node=1``)."""
         output = output or self.logs / "job-%j.out"
-        cmd = ["sbatch", "--parsable", f"--ntasks={ntasks}", f"--time={time_limit}",
+        tasks = [f"--ntasks={ntasks}"] if ntasks is not None else []
+        cmd = ["sbatch", "--parsable", *tasks, f"--time={time_limit}",
                f"--output={output}", "--export=ALL", *sbatch_args, str(ROOT / script),
                *map(str, args)]
         done = self.run(*cmd, env=env or self.env(), timeout=30, cwd=cwd)
@@ -346,10 +298,10 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         pytest.fail(f"job {job_id} was still {state or 'unknown'} (reason "
                     f"{info.get('Reason')}) after {timeout:.0f} s: cancelled it.\n"
                     f"output so far:\n{job.output[-4000:]}\n"
-                    f"slurmctld.log:\n{_tail(self.logs / 'slurmctld.log')}", pytrace=False)
+                    f"slurmctld.log:\n{tail(self.logs / 'slurmctld.log')}", pytrace=False)
 
-    def submit(self, script: str, args: Iterable = (), ntasks: int = 2, timeout: float = 120,
-               **kw) -> Job:
+    def submit(self, script: str, args: Iterable = (), ntasks: Optional[int] = 2,
+               timeout: float = 120, **kw) -> Job:
         """sbatch, then wait (bounded; a job still running at ``timeout`` is cancelled)."""
         t0 = time.monotonic()
         return self.wait(self.sbatch(script, args, ntasks=ntasks, **kw), timeout, since=t0)
@@ -384,6 +336,26 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
             if env.get("SLURM_JOB_ID") == job_id and python and rank.isdigit():
                 ranks[int(rank)] = int(entry.name)
         return ranks
+
+
+def ok(job: Job) -> None:
+    """Assert that ``job`` completed with exit status 0 (else show its output's end)."""
+    assert job.state == "COMPLETED" and job.exit_code == 0, f"{job}\n{job.output[-3000:]}"
+
+
+def took(record_property, flow: str, seconds: float) -> None:
+    """Report how long a Slurm flow took (printed; and a property in --junitxml)."""
+    record_property(f"seconds {flow}", round(seconds, 1))
+    print(f"slurm flow: {flow}: {seconds:.1f} s")
+
+
+def launched_by(output: str) -> str:
+    """Which launcher started the ranks, from the thread line of the run's header."""
+    if "(SLURM_STEP_TASKS_PER_NODE)" in output:
+        return "srun"
+    if "(MPI_LOCALNRANKS)" in output:
+        return "mpiexec"
+    return "unknown"
 
 
 def _is(pid: int, name: str) -> bool:

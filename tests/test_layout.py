@@ -5,7 +5,7 @@ checked against the layers of the architecture::
 
     cli -> bench  ->  run  ->  config  ->  parallel  ->  comm | model | data | fault  ->  runtime
 
-and ``testing`` (test beds) stands apart, on ``runtime`` at most.
+and ``testing`` (test beds) stands apart, on ``runtime`` and ``threads`` at most.
 """
 import ast
 from pathlib import Path
@@ -32,8 +32,9 @@ FORBIDDEN = {
     "comm": {"model", "data", "fault"},  # buffers only, no models
     "data": {"model", "comm", "fault"},
     "fault": {"model", "comm", "data"},
-    # runtime at most: usable without numpy, MPI or the rest of the package
-    "testing": set(LAYERS) - {"runtime", "testing"} | {"mpi4py"},
+    # runtime and threads at most (standard library only): usable without numpy, MPI or the
+    # rest of the package; threads for the environment a launched job should get
+    "testing": set(LAYERS) - {"runtime", "threads", "testing"} | {"mpi4py"},
 }
 
 

@@ -9,7 +9,8 @@ import textwrap
 import pytest
 
 from conftest import clean_env, mpiexec
-from netcluster_fixture import TIMEOUT, netcluster, prefix, require_netcluster, traces  # noqa: F401
+from netcluster_fixture import (TIMEOUT, grown, netcluster, prefix,  # noqa: F401 (fixture)
+                                require_netcluster, traces)
 from mpitrain.testing.netcluster import Cluster
 
 SIZE = 8 << 20  # bytes of the all-reduce: about 70 ms each way at 1 Gbit/s
@@ -52,12 +53,6 @@ def allreduce(cluster, job_file, ranks_per_node, nodes=None) -> dict:
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, done.stdout + done.stderr
     return json.loads(line[len("RESULT "):])
-
-
-def grown(before, after) -> dict:
-    """Bytes each link carried between two ``link_bytes()``, by node: (sent, received)."""
-    return {name: (after[name].sent - before[name].sent,
-                   after[name].received - before[name].received) for name in after}
 
 
 @pytest.mark.timeout(120)

@@ -17,23 +17,13 @@ import pytest
 
 from mpitrain.fault import store
 from conftest import final, same_bits, without
-from slurm_cluster import SETUP_BUDGET, pending, signal_state, slurm  # noqa: F401 (fixture)
+from slurm_cluster import (SETUP_BUDGET, launched_by, ok, pending, signal_state,  # noqa: F401
+                           slurm, took)
 
 STEPS = 60
 ARGS = ["--hidden", "16", "--batch-size", "64", "--steps", str(STEPS), "--ckpt-every", "10",
         "--log-every", "5", "--optimizer", "adam", "--lr", "0.01"]
 
-
-
-
-def took(record_property, flow, seconds):
-    """Report how long a Slurm flow took (printed; and a property in --junitxml)."""
-    record_property(f"seconds {flow}", round(seconds, 1))
-    print(f"slurm flow: {flow}: {seconds:.1f} s")
-
-
-def ok(job):
-    assert job.state == "COMPLETED" and job.exit_code == 0, f"{job}\n{job.output[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +34,6 @@ def reference(slurm, small_data, tmp_path_factory):
                        ["--data", small_data, "--ckpt-dir", ckpt, *ARGS], timeout=120)
     ok(job)
     return job, final(ckpt)
-
-
-def launched_by(output):
-    """Which launcher started the ranks, from the thread line of the run's header."""
-    if "(SLURM_STEP_TASKS_PER_NODE)" in output:
-        return "srun"
-    if "(MPI_LOCALNRANKS)" in output:
-        return "mpiexec"
-    return "unknown"
 
 
 @pytest.mark.timeout(SETUP_BUDGET + 150)

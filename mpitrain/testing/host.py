@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 TOOLS = ("ip", "tc", "unshare")
 SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
@@ -26,14 +26,20 @@ class NetclusterError(RuntimeError):
     """A cluster that cannot be built, found or removed, with the reason."""
 
 
-def _path() -> str:
-    parts = os.environ.get("PATH", "").split(os.pathsep)
+def search_path(path: Optional[str] = None) -> str:
+    """``path`` (default: this process's PATH) with the sbin directories it lacks appended."""
+    parts = (os.environ.get("PATH", "") if path is None else path).split(os.pathsep)
     return os.pathsep.join(parts + [p for p in SBIN if p not in parts])
+
+
+def which(name: str) -> Optional[str]:
+    """The absolute path of the program ``name`` on PATH or in an sbin directory, or None."""
+    return shutil.which(name, path=search_path())
 
 
 def tool(name: str) -> str:
     """The absolute path of ``name`` (``ip``, ``tc``, ``unshare``), sbin directories included."""
-    found = shutil.which(name, path=_path())
+    found = which(name)
     if not found:
         raise NetclusterError(f"{name} not found (Debian: apt-get install iproute2 util-linux)")
     return found
@@ -45,7 +51,7 @@ def missing() -> Optional[str]:
         return "network namespaces need Linux"
     if os.geteuid() != 0:
         return "network namespaces need root"
-    absent = [name for name in TOOLS if not shutil.which(name, path=_path())]
+    absent = [name for name in TOOLS if not which(name)]
     if absent:
         return f"{', '.join(absent)} not found (Debian: apt-get install iproute2 util-linux)"
     return None
@@ -60,6 +66,13 @@ def default_mpiexec() -> str:
     return found
 
 
+def as_host(name: str) -> List[str]:
+    """The start of a command line that runs the rest under hostname ``name``, in a UTS
+    namespace of its own (``unshare --uts``)."""
+    return [tool("unshare"), "--uts", "/bin/sh", "-c",
+            'echo "$0" > /proc/sys/kernel/hostname && exec "$@"', name]
+
+
 def sh(*cmd, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
     """Run ``cmd`` (its first word a tool's name), output captured; raise if it fails."""
     cmd = [tool(str(cmd[0])), *map(str, cmd[1:])]
@@ -68,6 +81,67 @@ def sh(*cmd, check: bool = True, timeout: float = 30) -> subprocess.CompletedPro
         raise NetclusterError(f"{shlex.join(cmd)} failed (exit {done.returncode}): "
                               f"{done.stderr.strip() or done.stdout.strip()}")
     return done
+
+
+def communicate(full: Sequence[str], cmd: Sequence[str], env: Dict[str, str],
+                timeout: Optional[float], capture: bool = True, cwd: Optional[str] = None,
+                abort: Optional[Callable[[], None]] = None) -> subprocess.CompletedProcess:
+    """Run ``full`` (reported as ``cmd``) in a session of its own; at ``timeout`` or an
+    interrupt call ``abort()``, kill the session's processes, then raise (a timeout as
+    ``subprocess.TimeoutExpired`` of ``cmd``, with the output so far)."""
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(list(full), env=env, stdout=pipe, stderr=pipe, text=True, cwd=cwd,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # a timeout, ^C: nothing may stay behind
+        if abort is not None:
+            abort()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        out, err = proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(list(cmd), timeout, out, err) from None
+        raise
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+
+
+def start_daemon(cmd: Sequence[str], log: Path, env: Dict[str, str],
+                 timeout: float = 30) -> None:
+    """Run ``cmd``, a daemon that forks into the background, its output to the file ``log``
+    (not a pipe, which the daemon might keep open); raise if it fails, with the log's end."""
+    with open(log, "w") as out:
+        code = subprocess.run(list(cmd), stdin=subprocess.DEVNULL, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=timeout, env=env).returncode
+    if code != 0:
+        raise NetclusterError(f"{shlex.join(cmd)} failed (exit {code}): {tail(log)}")
+
+
+def until(what: str, ok: Callable[[], bool], timeout: float, log: Optional[Path] = None,
+          poll: float = 0.2) -> None:
+    """Poll ``ok()`` (errors count as not yet) until it is true; raise ``what`` after
+    ``timeout`` seconds, with the end of ``log``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ok():
+                return
+        except (RuntimeError, OSError, subprocess.SubprocessError):
+            pass
+        if time.monotonic() > deadline:
+            raise NetclusterError(f"{what} within {timeout:.0f} s"
+                                  + (f"; {log.name}:\n{tail(log)}" if log else ""))
+        time.sleep(poll)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of the text file ``path`` ('(no log)' if it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def namespaces(pattern: str) -> List[str]:

@@ -25,8 +25,9 @@ the namespaces too, bypassing the links; without ``FI_TCP_IFACE`` libfabric some
 ``-ppn K`` for K per node).
 
 The state lives in ``/run/mpitrain-netcluster/PREFIX/`` (``state.json``, the launcher
-script, the hosts file).  Namespaces outlive their processes: ``down`` kills every process
-in them first, then deletes them (which deletes their links), and is safe to repeat.
+script, the hosts file; ``mpitrain.testing.netslurm`` adds its Slurm there).  Namespaces
+outlive their processes: ``down`` kills every process in them (and any naming a file of the
+state directory) first, then deletes them (which deletes their links), and is safe to repeat.
 
 Standard library only, so it runs without numpy, MPI or the rest of mpitrain.
 """
@@ -34,17 +35,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
-from mpitrain.testing.host import (NetclusterError, cmdline, default_mpiexec,
-                                   kill_all, missing, namespaces, netns_inode, processes,
-                                   qdisc_sent, root_links, sh, tool)
+from mpitrain.testing.host import (NetclusterError, as_host, cmdline, communicate,
+                                   default_mpiexec, kill_all, missing, namespaces, netns_inode,
+                                   processes, qdisc_sent, root_links, sh, tool)
+from mpitrain.threads import child_env
 
 __all__ = ["Cluster", "Node", "Link", "NetclusterError", "missing", "main"]
 
@@ -224,9 +225,10 @@ exec {ip} netns exec "$node" {unshare} --uts /bin/sh -c \\
         return [p for p in [self.state_dir, *etc] if p.exists()]
 
     def _pids(self) -> List[int]:
-        """Processes in this cluster's namespaces, or naming its launcher (mpiexec, proxies)."""
+        """Processes in this cluster's namespaces, or naming a file of its state directory
+        (mpiexec and its proxies name the launcher; a Slurm daemon its slurm.conf)."""
         inodes = self._inodes | {netns_inode(ns) for ns in self._namespaces()}
-        return processes(inodes - {None}, str(self.launcher))
+        return processes(inodes - {None}, f"{self.state_dir}/")
 
     def leftovers(self) -> List[str]:
         """What of this cluster exists: namespaces, links, processes, files ([] once down)."""
@@ -240,34 +242,25 @@ exec {ip} netns exec "$node" {unshare} --uts /bin/sh -c \\
         kill_all(self._pids)
 
     # -- jobs -----------------------------------------------------------------------------
+    def link_env(self) -> Dict[str, str]:
+        """What MPICH needs to send between nodes over the links: ofi's tcp on ``iface``."""
+        return {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": self.iface}
+
     def job_env(self) -> Dict[str, str]:
         """What a job needs: MPICH over TCP on the links, Hydra's launcher and host file."""
-        return {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": self.iface,
-                "HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": str(self.launcher),
-                "HYDRA_HOST_FILE": str(self.hostfile)}
+        return {**self.link_env(), "HYDRA_LAUNCHER": "ssh",
+                "HYDRA_LAUNCHER_EXEC": str(self.launcher), "HYDRA_HOST_FILE": str(self.hostfile)}
 
     def run(self, cmd: Sequence[str], env: Optional[Dict[str, str]] = None,
             timeout: Optional[float] = None, capture: bool = True) -> subprocess.CompletedProcess:
         """Run ``cmd`` in node 0 (its namespace and hostname) with ``env`` (default: this
-        process's) and ``job_env()``; at ``timeout`` every job in the nodes is killed and
-        ``subprocess.TimeoutExpired`` raised."""
+        process's, without the thread counts importing mpitrain set) and ``job_env()``; at
+        ``timeout`` every job in the nodes is killed and ``subprocess.TimeoutExpired``
+        raised."""
         node = self.nodes[0].name
-        full = [tool("ip"), "netns", "exec", node, tool("unshare"), "--uts", "/bin/sh", "-c",
-                'echo "$0" > /proc/sys/kernel/hostname && exec "$@"', node, *map(str, cmd)]
-        pipe = subprocess.PIPE if capture else None
-        proc = subprocess.Popen(full, env={**(os.environ if env is None else env),
-                                           **self.job_env()},
-                                stdout=pipe, stderr=pipe, text=True, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except BaseException as exc:  # a timeout, ^C: nothing may stay behind
-            self.kill_jobs()
-            proc.kill()
-            out, err = proc.communicate()
-            if isinstance(exc, subprocess.TimeoutExpired):
-                raise subprocess.TimeoutExpired(list(cmd), timeout, out, err) from None
-            raise
-        return subprocess.CompletedProcess(list(cmd), proc.returncode, out, err)
+        full = [tool("ip"), "netns", "exec", node, *as_host(node), *map(str, cmd)]
+        return communicate(full, cmd, {**(child_env() if env is None else env),
+                                       **self.job_env()}, timeout, capture, abort=self.kill_jobs)
 
     def mpiexec(self, ranks_per_node: int, args: Sequence[str],
                 env: Optional[Dict[str, str]] = None, timeout: float = 60,
@@ -300,11 +293,15 @@ exec {ip} netns exec "$node" {unshare} --uts /bin/sh -c \\
         return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line: ``up``, ``run -- CMD``, ``status``, ``down`` (see the module doc)."""
-    usage = "\n\n".join(__doc__.split("\n\n")[1:3]).replace("::", ":")
-    parser = argparse.ArgumentParser(prog="python -m mpitrain.testing.netcluster",
-                                     description=usage,
+def command_line(prog: str, doc: str, argv: Optional[Sequence[str]],
+                 build: Callable[[argparse.Namespace], Any], attach: Callable[[str], Any],
+                 run_help: str, more: Optional[Callable[[argparse.ArgumentParser], None]] = None
+                 ) -> int:
+    """``up``, ``run -- CMD``, ``status``, ``down`` of ``prog`` (usage: ``doc``'s second and
+    third paragraphs): ``build(args)`` describes what ``up`` builds, ``attach(name)`` finds
+    what it built (each with ``up``, ``run``, ``status``); ``more(up)`` adds options to up."""
+    usage = "\n\n".join(doc.split("\n\n")[1:3]).replace("::", ":")
+    parser = argparse.ArgumentParser(prog=prog, description=usage,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build the cluster")
@@ -313,7 +310,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     up.add_argument("--subnet", default="10.77.0", help="node I gets SUBNET.(I+1)")
     up.add_argument("--burst", default="64kb", help="tbf burst (default 64kb)")
     up.add_argument("--latency", default="50ms", help="tbf latency (default 50ms)")
-    run = sub.add_parser("run", help="run a command in node 0 with the job environment")
+    if more is not None:
+        more(up)
+    run = sub.add_parser("run", help=run_help)
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     sub.add_parser("status", help="nodes, addresses, bytes per link")
     sub.add_parser("down", help="remove everything")
@@ -322,27 +321,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
-            cluster = Cluster(args.nodes, args.rate, args.name, args.subnet, args.burst,
-                              args.latency).up()
-            print(cluster.status())
+            print(build(args).up().status())
         elif args.command == "run":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
             if not cmd:
                 parser.error("run: give the command after --")
-            return Cluster.attach(args.name).run(cmd, capture=False).returncode
+            return attach(args.name).run(cmd, timeout=None, capture=False).returncode
         elif args.command == "status":
-            print(Cluster.attach(args.name).status())
+            print(attach(args.name).status())
         else:  # down: also a half-built or unrecorded cluster, found by its names
             try:
                 cluster = Cluster.attach(args.name)
             except NetclusterError:
                 cluster = Cluster(prefix=args.name)
-            cluster.down()
+            cluster.down()  # everything of a netslurm too: its daemons run in the nodes
             print(f"cluster {args.name}: removed")
     except NetclusterError as exc:
-        print(f"netcluster: {exc}", file=sys.stderr)
+        print(f"{prog.split('.')[-1]}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: ``up``, ``run -- CMD``, ``status``, ``down`` (see the module doc)."""
+    return command_line("python -m mpitrain.testing.netcluster", __doc__, argv,
+                        lambda a: Cluster(a.nodes, a.rate, a.name, a.subnet, a.burst, a.latency),
+                        Cluster.attach, "run a command in node 0 with the job environment")
 
 
 if __name__ == "__main__":
