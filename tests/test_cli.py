@@ -238,6 +238,13 @@ def test_bench_train_json(tmp_path, small_data):
     for (n, v), r in by.items():  # samples/s at p / (p x samples/s at 1)
         assert r["efficiency"] == pytest.approx(
             r["samples_per_s"] / (n * by[1, v]["samples_per_s"]))
+    for n in (1, 2):  # one ceiling per rank count, shared by the variants
+        ceilings = {by[n, v]["ceiling_samples_per_s"] for v in ("mpi", "ring-bf16", "shm")}
+        assert len(ceilings) == 1 and ceilings.pop() > 0
+    for r in records:
+        assert r["of_ceiling"] == pytest.approx(r["samples_per_s"] / r["ceiling_samples_per_s"])
+        assert r["of_ceiling_min"] <= r["of_ceiling"] and r["oversubscribed"] is False
+    assert "ceiling" in result.stdout and "of ceiling" in result.stdout
 
 
 def test_ddp_peer_benchmark(tmp_path, small_data):

@@ -120,16 +120,28 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
         for n in counts:
             sub = subs[n]
             for label, data in datasets:  # the ceiling: n one-rank trainers at once
-                cfg = Config(data=data, hidden=hidden, batch_size=args.batch_per_rank,
-                             optimizer="sgd", lr=0.01, check_data="meta", watchdog=0)
+                error = None
                 if sub != MPI.COMM_NULL:
-                    sub.Barrier()  # started together, each on its own
-                    alone = _sample(cfg, MPI.COMM_SELF, args.steps, args.warmup)
-                    total = sub.allreduce(alone["samples_per_s"], op=MPI.SUM)
-                    if rank == 0:
+                    try:
+                        cfg = Config(data=data, hidden=hidden, batch_size=args.batch_per_rank,
+                                     optimizer="sgd", lr=0.01, check_data="meta", watchdog=0)
+                        sub.Barrier()  # started together, each on its own
+                        alone = _sample(cfg, MPI.COMM_SELF, args.steps, args.warmup)
+                        got = {"samples_per_s": alone["samples_per_s"]}
+                    except MpitrainError as exc:  # each rank alone: agreed below
+                        got = {"samples_per_s": 0.0}
+                        error = (exc.render(_bench_name) if isinstance(exc, ConfigError)
+                                 else str(exc))
+                    total = sub.allreduce(got["samples_per_s"], op=MPI.SUM)
+                    errors = sub.allgather(error)
+                    error = next((e for e in errors if e), None)
+                    if rank == 0 and error is None:
                         samples.setdefault((n, "ceiling", label), []).append(
                             {"samples_per_s": total})
-                quiet_barrier(comm)
+                quiet_barrier(comm)  # idle ranks sleep, so they take no core
+                error = comm.bcast(error, root=0)  # rank 0 is in every sub-communicator
+                if error:
+                    raise MpitrainError(error, everywhere=True)
             for name, (label, data) in [(v, d) for v in variants for d in datasets]:
                 extra = dict(VARIANTS[name])
                 if args.bucket_mb is not None:
