@@ -293,7 +293,8 @@ class Exchange:
         if self.size == 1:
             return
         if self._worker is not None:
-            self._jobs.put((lo, hi))
+            with span("bucket ready", "exchange", lo=lo, hi=hi):  # handed to the thread
+                self._jobs.put((lo, hi))
         elif self.overlap and self.algorithm == "mpi" and self.progress in ("test", "none"):
             self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.buffer[lo:hi],
                                                        op=MPI.SUM))
