@@ -120,5 +120,5 @@ def test_distributed_trainer_trains_arrays_on_the_ranks():
     assert result.returncode == 0, result.stderr[-3000:]
     acc = float(result.stdout.split("ACC ")[1].split()[0])
     assert acc > 0.85, result.stdout
-    assert "0.weight" in result.stdout or "weight" in result.stdout
+    assert "['0.bias', '0.weight', '2.bias', '2.weight']" in result.stdout, result.stdout
     assert "ERR num_workers 5 + servers 1 needs 6 ranks, and this job has 3" in result.stdout

@@ -11,13 +11,22 @@ nothing when none can: the test comes straight back.
 from __future__ import annotations
 
 import os
+import time
+from typing import List, Union
 
 from mpi4py import MPI
 
 __all__ = ["wait_yielding"]
 
 
-def wait_yielding(request: MPI.Request) -> None:
-    """Wait for ``request``, yielding the core between tests."""
-    while not request.Test():
-        os.sched_yield()
+def wait_yielding(requests: Union[MPI.Request, List[MPI.Request]], nap: float = 0.0) -> None:
+    """Wait for ``requests`` (one or a list), yielding the core between tests; with
+    ``nap`` > 0, sleeping that many seconds instead (a rank that may wait long, a
+    parameter server, gives its core away for good while it waits)."""
+    done = requests.Test if isinstance(requests, MPI.Request) else (
+        lambda: MPI.Request.Testall(requests))
+    while not done():
+        if nap > 0:
+            time.sleep(nap)
+        else:
+            os.sched_yield()

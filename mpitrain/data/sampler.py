@@ -86,6 +86,12 @@ class Sampler:
         """(epoch, step within the epoch) of global step ``step``."""
         return divmod(step, self.steps_per_epoch)
 
+    def size(self, step: int) -> int:
+        """The global batch size of ``step``, without drawing the order."""
+        _, k = self.locate(step)
+        return self.batch_size if self.drop_last else min(self.batch_size,
+                                                           self.n - k * self.batch_size)
+
     def batch(self, step: int) -> np.ndarray:
         """Global sample ids of global step ``step``, in batch order (sorted, chunk-aware)."""
         epoch, k = self.locate(step)

@@ -28,13 +28,14 @@ EVAL_CHUNK = 1024  # validation rows per fixed chunk
 
 
 def _gathered_sums(comm: MPI.Comm, rows: np.ndarray, total: int) -> np.ndarray:
-    """Every rank's ``rows`` (its consecutive groups' or chunks' float64 vectors, in
-    order), gathered everywhere and added column by column in order with fsum."""
+    """Every rank's ``rows`` (its ``rank_slice`` of ``total`` groups' or chunks' float64
+    vectors, in order), gathered everywhere and added column by column in order with
+    fsum."""
     width = rows.shape[1]
-    counts = comm.allgather(rows.size)
+    cuts = [c * width for c in bounds(total, comm.Get_size())]  # where each rank's rows go
+    counts = [b - a for a, b in zip(cuts, cuts[1:])]
     every = np.empty((total, width))
-    comm.Allgatherv(np.ascontiguousarray(rows), [every, (counts, [sum(counts[:k]) for k in
-                                                                  range(len(counts))])])
+    comm.Allgatherv(np.ascontiguousarray(rows), [every, (counts, cuts[:-1])])
     return np.array([math.fsum(every[:, j]) for j in range(width)])
 
 

@@ -12,17 +12,11 @@ from . import TAG_INFO, TAG_METRICS, TAG_PARAMS, TAG_PULL, TAG_PUSH
 from ...timeline import span
 from .shard import ServerShard
 
-__all__ = ["Server", "wait_yielding"]
+__all__ = ["Server", "IDLE_SLEEP"]
 
-IDLE_SLEEP = 5e-5  # s: an idle rank sleeps between polls, leaving its core to the workers
-
-
-def wait_yielding(requests: List[MPI.Request]) -> None:
-    """Wait for ``requests``, sleeping between polls: a spinning wait would take a core
-    from the ranks that compute (a server, or a worker waiting for a slower one, on a
-    machine with fewer cores than ranks)."""
-    while not MPI.Request.Testall(requests):
-        time.sleep(IDLE_SLEEP)
+# s: a waiting server or worker sleeps between polls: a spinning wait would take a core
+# from the ranks that compute (on a machine with fewer cores than ranks).
+IDLE_SLEEP = 5e-5
 
 
 class Server:

@@ -110,7 +110,7 @@ class PSTrainer(TrainerBase):
                                             **opt_args)
             self.worker = Worker(comm, model.params, model.grads, chunks, slices, width)
         self._prefetch: Optional[Prefetcher] = None
-        self._started = False
+        self.done: Optional[int] = None  # steps done (every rank alike), once started
         self._stop = 0
         self.gaps: List[int] = []  # each step's staleness on this worker: step - version used
         self._init_common(clip_grad_norm, seed)
@@ -122,12 +122,12 @@ class PSTrainer(TrainerBase):
             self.server.start(step)
         else:
             self.worker.versions = [step] * self.servers
-        self._started = True
+        self.done = step
 
     def prefetch(self, start: int, stop: int) -> None:
         """Start at ``start``; a worker reads the batches of steps up to ``stop - 1``
         ahead."""
-        if not self._started:
+        if self.done is None:
             self._start(start)
         self._stop = stop
         self._restart_prefetch(start)
@@ -171,36 +171,26 @@ class PSTrainer(TrainerBase):
     def gather_params(self) -> None:
         """Give every rank the servers' newest parameters (collective)."""
         self.comm.Allgatherv(MPI.IN_PLACE, [self.model.params, (self.counts, self.displs)])
-        version = self.server_version()
-        if self.worker is not None:
-            self.worker.versions = [version] * self.servers
-
-    def server_version(self) -> int:
-        """The servers' version: updates applied (every rank alike; collective)."""
-        mine = self.server.shard.version if self.server is not None else -1
-        return self.comm.allreduce(mine, op=MPI.MAX)
+        if self.worker is not None and self.done is not None:
+            # Between steps every server has applied every step done: their version.
+            self.worker.versions = [self.done] * self.servers
 
     # -- one step --------------------------------------------------------------------------
-    def _batch(self, step: int) -> int:
-        """The global batch size of ``step``: the sampler's, without drawing the order."""
-        s = self.sampler
-        _, k = s.locate(step)
-        return s.batch_size if s.drop_last else min(s.batch_size, s.n - k * s.batch_size)
 
     def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
         """Run global step ``step``; return (mean loss, the task's metrics, global batch):
         on a worker those of the newest clock its pull brought (``step - S`` or later)."""
-        if not self._started:
+        if self.done is None:
             self._start(step)
-        if self.server is not None:
-            return self._serve(step, stop)
-        return self._work(step, stop)
+        out = self._serve(step, stop) if self.server is not None else self._work(step, stop)
+        self.done = step + 1
+        return out
 
     def _serve(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         t0 = time.perf_counter()
         self.on_phase("exchange")
         sums = self.server.step(step, self.optimizer.lr, stop)
-        batch = self._batch(step)
+        batch = self.sampler.size(step)
         loss = float(sums[0]) / batch
         if self.rank == 0 and not math.isfinite(loss):
             epoch, _ = self.sampler.locate(step)
@@ -238,7 +228,7 @@ class PSTrainer(TrainerBase):
         t3 = time.perf_counter()
         first, clock = int(info[1]), int(info[2])
         self.stop_agreed = first >= 0 and step >= first + self.staleness
-        known = self._batch(clock) if clock >= 0 else batch
+        known = self.sampler.size(clock) if clock >= 0 else batch
         loss = float(info[3]) / known if clock >= 0 else float("nan")
         task_metrics = self.task.summarize(info[5:], known) if clock >= 0 else {}
         self.times["data"] += t1 - t0
@@ -309,13 +299,13 @@ class PSTrainer(TrainerBase):
     def extras(self, steps: int) -> Dict[str, Any]:
         """Messages and bytes sent per step (all ranks), and the workers' staleness
         (collective)."""
-        sent = np.array((self.server or self.worker).sent, np.float64)
-        self.comm.Allreduce(MPI.IN_PLACE, sent, op=MPI.SUM)
-        gaps = np.array([max(self.gaps, default=0), sum(self.gaps), len(self.gaps)],
-                        np.float64)
-        most = self.comm.allreduce(gaps[0], op=MPI.MAX)
-        total = self.comm.allreduce(gaps[1], op=MPI.SUM)
-        count = self.comm.allreduce(gaps[2], op=MPI.SUM)
+        # [messages, bytes, largest gap, gaps' sum, gaps] of every rank, in one collective.
+        mine = np.array([*(self.server or self.worker).sent, max(self.gaps, default=0),
+                         sum(self.gaps), len(self.gaps)], np.float64)
+        every = np.empty((self.size, mine.size))
+        self.comm.Allgather(mine, every)
+        sent = every[:, :2].sum(axis=0)
+        most, total, count = every[:, 2].max(), every[:, 3].sum(), every[:, 4].sum()
         steps = max(1, steps)
         return {"strategy": "ps", "servers": self.servers, "staleness": self.staleness,
                 "messages_per_step": sent[0] / steps, "bytes_per_step": sent[1] / steps,

@@ -8,7 +8,8 @@ from mpi4py import MPI
 
 from . import TAG_INFO, TAG_METRICS, TAG_PARAMS, TAG_PULL, TAG_PUSH
 from ...timeline import span
-from .server import wait_yielding
+from ...comm.polling import wait_yielding
+from .server import IDLE_SLEEP
 
 __all__ = ["Worker"]
 
@@ -67,7 +68,8 @@ class Worker:
         self.sent[0] += len(self.slices)
         self.sent[1] += self._ask.nbytes * len(self.slices)
         with span("pull", "exchange", step=step, need=need):
-            wait_yielding(requests + self._pushes)  # the pushes too: grads is written next
+            # The pushes too: grads is written next.
+            wait_yielding(requests + self._pushes, nap=IDLE_SLEEP)
         self._pushes.clear()
         self.versions = [int(info[0]) for info in self.infos]
         return self.infos
