@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 
 __all__ = ["MpitrainError", "ConfigError", "literal", "agreed", "on_root", "quiet_barrier",
            "require_thread_multiple",
-           "run_or_abort", "library_version", "drain_output",
+           "run_or_abort", "leaving", "library_version", "drain_output",
            "EXIT_OK", "EXIT_ERROR", "EXIT_BAD_INPUT", "EXIT_WATCHDOG", "EXIT_IO", "EXIT_PREEMPTED",
            "EXIT_TERMINATED"]
 
@@ -180,6 +180,22 @@ def drain_output(seconds: float = 2.0) -> None:
             time.sleep(0.005)
 
 
+def leaving() -> None:
+    """From here this rank leaves with a status every rank agreed on: ignore SIGTERM.
+
+    ``srun --kill-on-bad-exit=1`` signals the tasks still alive as soon as the
+    first one exits non-zero.  A rank dying of that SIGTERM (143) a few
+    milliseconds before its own exit would turn an agreed 75 (pre-empted:
+    requeue) or 2 (bad input: do not relaunch) into a failure that the
+    requeue script relaunches.  Only the main thread can change a handler.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def quiet_barrier(comm, seconds: float = float("inf")) -> bool:
     """A barrier that sleeps while it waits (idle ranks leave the cores to busy ones)
     and gives up after ``seconds``; True if every rank arrived."""
@@ -277,6 +293,7 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None,
         if isinstance(exc, MpitrainError):
             text = render(exc) if render and isinstance(exc, ConfigError) else str(exc)
             if exc.everywhere:
+                leaving()  # every rank exits with exc.code: a SIGTERM must not change it
                 if rank == 0:
                     print(f"mpitrain: error: {text}", file=sys.stderr, flush=True)
                 # Every rank should be here (the error was agreed); should one

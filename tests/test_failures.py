@@ -323,3 +323,41 @@ def test_without_a_checkpoint_directory_a_signal_just_ends_the_job(small_data):
     # mpiexec reports the ranks' end by SIGTERM as status 15 (143 from a shell)
     assert proc.returncode in (15, 143, -15), (proc.returncode, err[-2000:])
     assert "stopped at step" not in out and "done: steps" not in out
+
+
+LEAVING = {
+    # The pre-emption: the signal is recorded, the ranks agree, the block ends; then
+    # srun --kill-on-bad-exit=1 signals this rank because another already exited 75.
+    "preempted": """
+with Preemption(10.0) as preemption:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert preemption.requested
+    preemption.agree()
+os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(75)
+""",
+    # An agreed error (bad input): rank 0 has printed it and left with 2.
+    "agreed error": """
+def fail():
+    raise MpitrainError("shard 3 has 780 features, expected 784", everywhere=True)
+try:
+    run_or_abort(fail)
+except SystemExit as exc:
+    os.kill(os.getpid(), signal.SIGTERM)
+    sys.exit(exc.code)
+""",
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case,status", [("preempted", 75), ("agreed error", 2)])
+def test_a_sigterm_after_the_ranks_agreed_to_leave_keeps_the_agreed_status(case, status):
+    """srun --kill-on-bad-exit=1 sends SIGTERM to the tasks still alive when the first
+    exits non-zero: a rank must still leave with the agreed status, not die by the signal
+    (143), or the requeue script relaunches a pre-empted job instead of requeueing it."""
+    code = ("import os, signal, sys\n"
+            "from mpitrain.fault.preemption import Preemption\n"
+            "from mpitrain.runtime import MpitrainError, run_or_abort\n" + LEAVING[case])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=clean_env(), cwd=scratch_dir(), timeout=50)
+    assert proc.returncode == status, (proc.returncode, proc.stderr[-2000:])

@@ -139,7 +139,10 @@ def test_requeue_sbatch_preempted_on_the_second_node_requeues_and_resumes(
     script requeues the job, which runs again on both nodes and resumes."""
     out, job = requeue_drill(netslurm, small_data, tmp_path, "term", record_property,
                              "pre-empted on node 1, requeued")
+    # Both tasks leave with 75, whichever exits first: srun's SIGTERM to the other
+    # (--kill-on-bad-exit=1) must not end it by the signal.
     assert f"srun: error: {names(netslurm)[1]}: task 1: Exited with exit code 75" in out, out
+    assert ": Terminated" not in out and ": Killed" not in out, out
     assert "requeue 0 attempt 1: exit 75" in out
     assert "train-requeue: pre-empted; requeueing to resume from the checkpoint" in out
     assert job.restarts == 1 and job.info["NumNodes"] == "2", job

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Dict, Optional, Tuple
 
-from ..runtime import EXIT_TERMINATED, drain_output
+from ..runtime import EXIT_TERMINATED, drain_output, leaving
 
 __all__ = ["Preemption"]
 
@@ -31,6 +31,7 @@ class Preemption:
         self.signal: Optional[str] = None
         self.grace, self.enabled = sigterm_grace, enabled
         self.finished = False  # set by the trainer once it stopped (or completed)
+        self.agreed = False  # set by agree(): every rank stops at this step
         self._old: Dict[int, object] = {}
         self._pipe: Optional[Tuple[int, int]] = None
         self._timer = None
@@ -86,6 +87,10 @@ class Preemption:
         # anyway (it sent the SIGTERM): each stuck rank exits by itself.
         os._exit(EXIT_TERMINATED)
 
+    def agree(self) -> None:
+        """Every rank agreed to stop at this step: no SIGTERM deadline, no SIGTERM after."""
+        self.finished = self.agreed = True
+
     def __exit__(self, *exc) -> None:
         import signal
 
@@ -101,6 +106,8 @@ class Preemption:
             self._pipe = None
         for num, old in self._old.items():
             signal.signal(num, old)
+        if self.agreed:
+            leaving()
 
     @property
     def requested(self) -> bool:

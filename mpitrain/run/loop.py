@@ -313,7 +313,7 @@ class _Run:
                     meter.add(step, batch, time.perf_counter() - t0)
                     stopping = trainer.stop_agreed
                     if stopping:
-                        preemption.finished = True  # the ranks agreed: no SIGTERM deadline
+                        preemption.agree()  # no SIGTERM deadline, none until the exit
                     epoch = trainer.sampler.locate(step)[0]
                     self.pending = {"epoch": epoch, "loss": loss, "metrics": metrics,
                                     "lr": lr, "stopping": stopping}
