@@ -34,12 +34,31 @@ def test_the_same_bits_with_ring_and_mpi_and_without_accumulation(small_data, tm
     assert same_bits(base, ring) and same_bits(base, acc)
 
 
-def test_a_checkpoint_resumes_at_another_rank_count_bit_identically(small_data, tmp_path):
+@pytest.mark.parametrize("extra, schedule", [
+    (("--optimizer", "sgd"), "1f1b"),
+    (("--optimizer", "adam", "--lr", "0.01", "--accumulate", "2"), "1f1b"),
+    (("--optimizer", "momentum", "--dropout", "0.2", "--clip-grad-norm", "0.5"), "gpipe")])
+def test_the_same_bits_in_pipeline_layouts(small_data, tmp_path, extra, schedule):
+    """One rank, 2 stages, 3 stages, 2 stages x 2 replicas: the pipeline's micro-batches
+    are the fixed groups, each stage's part of a group's gradient goes into the exact sum."""
+    first, line = trained(1, small_data, tmp_path / "one", *extra)
+    for n, pp in ((2, 2), (3, 3), (4, 2)):
+        state, other = trained(n, small_data, tmp_path / f"{n}-{pp}", "--pp", str(pp),
+                               "--schedule", schedule, *extra)
+        assert same_bits(state, first), f"{n} ranks in {pp} stages differ from 1 rank"
+        assert other == line, (n, pp, other, line)
+
+
+@pytest.mark.parametrize("before, after", [((2,), (3,)), ((4, "--pp", "2"), (3, "--pp", "3")),
+                                           ((2, "--pp", "2"), (1,))])
+def test_a_checkpoint_resumes_at_another_rank_count_bit_identically(small_data, tmp_path,
+                                                                    before, after):
     reference, _ = trained(1, small_data, tmp_path / "one")
     half = [a if a != "20" else "10" for a in ARGS]
-    r = run_train(2, "--data", small_data, "--ckpt-dir", str(tmp_path / "moved"), *half)
+    r = run_train(before[0], "--data", small_data, "--ckpt-dir", str(tmp_path / "moved"),
+                  *half, *before[1:])
     assert r.returncode == 0, r.stderr[-2000:]
-    resumed, _ = trained(3, small_data, tmp_path / "moved")
+    resumed, _ = trained(after[0], small_data, tmp_path / "moved", *after[1:])
     assert same_bits(resumed, reference)
 
 
@@ -57,7 +76,9 @@ def test_without_it_rank_counts_differ(small_data, tmp_path):
 @pytest.mark.parametrize("n, args, message", [
     (2, ["--allreduce", "shm"], "--reproducible with --allreduce shm"),
     (2, ["--grad-dtype", "bfloat16", "--allreduce", "ring"], "a 16-bit wire"),
-    (4, ["--pp", "2"], "--reproducible with --pp 2: not supported yet"),
+    (4, ["--pp", "2", "--microbatches", "4"], "--reproducible with --microbatches 4: a "
+     "pipeline's micro-batches are the fixed groups (set --groups)"),
+    (4, ["--pp", "2", "--groups", "1"], "--groups 1 with 2 replicas (4 ranks / --pp 2)"),
     (3, ["--groups", "2"], "--groups 2 with 3 ranks"),
 ])
 def test_reproducible_option_errors(small_data, tmp_path, n, args, message):

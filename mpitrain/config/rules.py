@@ -143,10 +143,11 @@ def _check_strategy(cfg: Config) -> None:
                          (not cfg.ps(), "{strategy} ps: its servers add pushes in float"),
                          (cfg.balance == "none", "{balance} speed: the groups are fixed, not "
                           "cut by speed"),
-                         (not cfg.pipelined(), f"{{pp}} {cfg.pp}: not supported yet (the "
-                          "pipeline's micro-batches are not the fixed groups)")):
+                         (cfg.microbatches is None, f"{{microbatches}} {cfg.microbatches}: "
+                          "a pipeline's micro-batches are the fixed groups (set {groups})")):
             if not ok:
-                named = [n for n in ("allreduce", "grad_dtype", "strategy", "balance", "pp")
+                named = [n for n in ("allreduce", "grad_dtype", "strategy", "balance",
+                                     "microbatches", "groups")
                          if "{" + n + "}" in what]
                 raise ConfigError("{reproducible} with " + what, ["reproducible", *named])
     if cfg.ps() and cfg.pp > 1:

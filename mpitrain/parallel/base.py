@@ -25,6 +25,7 @@ from ..fault.checkpoint import State
 from ..runtime import MpitrainError
 from ..timeline import span
 from .compute import Computing
+from .reproducible import norm_sq_by_tensor
 from .speed import SpeedBalancer
 
 __all__ = ["TrainerBase"]
@@ -48,7 +49,9 @@ class TrainerBase(Computing):
 
     TAG_STATE = 31000  # point-to-point tag of the checkpoint gather and restore, on grid.world
 
-    def _init_common(self, clip_grad_norm: Optional[float] = None, seed: int = 0) -> None:
+    def _init_common(self, clip_grad_norm: Optional[float] = None, seed: int = 0,
+                     groups: Optional[int] = None) -> None:
+        self.groups = groups  # --reproducible: the fixed groups of each batch (else None)
         self.spec: Dict[str, Any] = {}  # {"spec": model text, "input_shape": [...]}
         self.clip_grad_norm = clip_grad_norm  # None: no clipping
         self.seed = seed  # dropout's draws are keyed to it (model.blocks.Dropout)
@@ -144,6 +147,15 @@ class TrainerBase(Computing):
     def grad_norm(self) -> float:
         """The global L2 norm of the summed gradient (after the exchange), the same bits on
         every rank: each stage's squared norm, added over the stages in stage order."""
+        if self.groups:  # each tensor's, added exactly: the same bits in any layout
+            mine = norm_sq_by_tensor(self.model.grads,
+                                     [(sl.start, sl.stop) for sl in self.model.slices.values()])
+            if self.grid.pp > 1:
+                counts = [len(names) for names in self.stage_names]
+                every = np.empty(sum(counts))
+                self.grid.pp_comm.Allgatherv(mine, [every, counts])
+                mine = every
+            return math.sqrt(math.fsum(mine))
         mine = self.exchange.norm_sq(self.model.size)
         if self.grid.pp == 1:
             return math.sqrt(mine)

@@ -89,9 +89,8 @@ class Trainer(TrainerBase):
         self.xbuf = self.exchange.buffer
         self._prefetch: Optional[Prefetcher] = None
         self._stop = 0  # the step the read-ahead ends at
-        self._init_common(clip_grad_norm, seed)
+        self._init_common(clip_grad_norm, seed, groups)
         # --reproducible: fixed groups summed exactly (parallel.reproducible).
-        self.groups = groups
         self.grouped = GroupedSteps(self, groups) if groups else None
 
     def prefetch(self, start: int, stop: int) -> None:

@@ -22,12 +22,12 @@ from ..balance import bounds, rank_slice
 from ..comm.exact import ExactSum
 from ..timeline import span
 
-__all__ = ["GroupedSteps", "EVAL_CHUNK"]
+__all__ = ["GroupedSteps", "EVAL_CHUNK", "gathered_sums", "norm_sq_by_tensor"]
 
 EVAL_CHUNK = 1024  # validation rows per fixed chunk
 
 
-def _gathered_sums(comm: MPI.Comm, rows: np.ndarray, total: int) -> np.ndarray:
+def gathered_sums(comm: MPI.Comm, rows: np.ndarray, total: int) -> np.ndarray:
     """Every rank's ``rows`` (its ``rank_slice`` of ``total`` groups' or chunks' float64
     vectors, in order), gathered everywhere and added column by column in order with
     fsum."""
@@ -37,6 +37,21 @@ def _gathered_sums(comm: MPI.Comm, rows: np.ndarray, total: int) -> np.ndarray:
     every = np.empty((total, width))
     comm.Allgatherv(np.ascontiguousarray(rows), [every, (counts, cuts[:-1])])
     return np.array([math.fsum(every[:, j]) for j in range(width)])
+
+
+def norm_sq_by_tensor(grads: np.ndarray, segments) -> np.ndarray:
+    """Each tensor's squared L2 norm in float64, added block by block from the tensor's
+    start through one scratch buffer: the same bits whichever stage's buffer holds it
+    (numpy's pairwise sum, no BLAS threads)."""
+    block = 1 << 16
+    scratch = np.empty(min(block, max([b - a for a, b in segments] + [1])))
+    out = np.zeros(len(segments))
+    for k, (a, b) in enumerate(segments):
+        for lo in range(a, b, block):
+            t = scratch[:min(b, lo + block) - lo]
+            np.multiply(grads[lo:lo + len(t)], grads[lo:lo + len(t)], out=t, dtype=np.float64)
+            out[k] += float(t.sum())
+    return out
 
 
 class GroupedSteps:
@@ -77,7 +92,7 @@ class GroupedSteps:
         tr.on_phase("exchange")
         with span("exact sum", "exchange", groups=last - first):
             self.exact.finish(tr.model.grads)
-            sums = _gathered_sums(comm, rows, self.groups)
+            sums = gathered_sums(comm, rows, self.groups)
         return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
 
     def evaluate(self) -> Optional[Dict[str, object]]:
@@ -95,4 +110,4 @@ class GroupedSteps:
             out = tr.model(x)
             rows[c - first, 0] = tr.loss(out, tr.task.targets(y, out.dtype), 1.0)[0]
             rows[c - first, 1:] = tr.task.sums(out, y)
-        return tr._evaluated(_gathered_sums(self.comm, rows, chunks), n)
+        return tr._evaluated(gathered_sums(self.comm, rows, chunks), n)

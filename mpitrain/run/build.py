@@ -183,12 +183,14 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
                           "worker: the parameter server needs at least one rank that "
                           f"computes (at most {comm.Get_size() - 1} servers)", ["servers"],
                           everywhere=True)
-    if cfg.reproducible and not comm.Get_size() <= cfg.groups <= cfg.batch_size:
-        raise ConfigError(f"{{groups}} {cfg.groups} with {comm.Get_size()} ranks and "
-                          f"{{batch_size}} {cfg.batch_size}: each rank needs a group and each "
-                          "group a sample (ranks <= groups <= batch size)",
-                          ["groups", "batch_size"], everywhere=True)
     grid = make_grid(comm, cfg.pp)
+    if cfg.reproducible and not grid.dp <= cfg.groups <= cfg.batch_size:
+        who = (f"{grid.dp} replicas ({comm.Get_size()} ranks / {{pp}} {cfg.pp})"
+               if cfg.pp > 1 else f"{comm.Get_size()} ranks")
+        raise ConfigError(f"{{groups}} {cfg.groups} with {who} and {{batch_size}} "
+                          f"{cfg.batch_size}: each replica needs a group and each group a "
+                          "sample (replicas <= groups <= batch size)",
+                          ["groups", "batch_size", "pp"], everywhere=True)
     replicas = comm.Get_size() - cfg.servers if cfg.ps() else grid.dp
     m, train, val = open_data(cfg, comm, replicas)
     task, loss = agreed(comm, lambda: task_and_loss(cfg, m))
@@ -215,7 +217,8 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
                                   schedule=cfg.schedule, allreduce=cfg.allreduce, val=val,
                                   grad_dtype=cfg.wire(), dtype=cfg.dtype, seed=cfg.seed,
                                   stage_layers=cfg.stage_layers, task=task,
-                                  accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm)
+                                  accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
+                                  groups=cfg.groups if cfg.reproducible else None)
     elif cfg.ps():
         model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
         trainer = PSTrainer(model, loss, cfg.optimizer, opt_args, train, sampler, comm, val,

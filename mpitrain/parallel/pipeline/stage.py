@@ -12,6 +12,9 @@ same ``Exchange`` the data-parallel trainer uses.  With ``accumulate`` K the
 replica's part is first cut into K chunks, run one after the other, each its
 M micro-batches through the schedule: a stage holds one chunk's activations
 at a time, and the gradients add up over all K x M micro-batches.
+With ``groups`` (``--reproducible``) the micro-batches are the replica's fixed
+groups (``parallel.reproducible``): each group's stage gradient goes into an
+exact sum over the replicas, so the stages end with the bits of any other layout.
 
 Point-to-point verbs are named from the stage's side, as in Megatron-LM:
 ``recv_forward``, ``send_forward``, ``recv_backward``, ``send_backward``.
@@ -28,7 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from mpi4py import MPI
 
-from ...balance import rank_slice
+from ...balance import bounds, rank_slice
+from ...comm.exact import ExactSum
 from ...comm.exchange import Exchange
 from ...comm.topology import Grid
 from ...data.sampler import Sampler
@@ -40,6 +44,7 @@ from ...model.tasks import Classification, Task
 from ...runtime import ConfigError, agreed
 from ...timeline import span
 from ..base import TrainerBase
+from ..reproducible import EVAL_CHUNK, gathered_sums
 from .partition import shapes_along, stage_ranges
 from .schedules import MAX_MICROBATCHES, SCHEDULES, peak_alive, schedule
 
@@ -54,6 +59,8 @@ class _Step:
     batch: int  # the global batch
     ids: np.ndarray  # (b,) the replica's global sample ids (dropout draws by them)
     parts: List[Tuple[int, int]] = field(default_factory=list)  # micro-batch k of the chunk
+    rows: Optional[np.ndarray] = None  # with groups: (k, 2 + width) metric sums per group
+    backwards: int = 0  # with groups: backward passes still to run this step
     chunk: int = 0  # which of the ``accumulate`` chunks runs
     x: Optional[np.ndarray] = None  # (b, *features): the first stage's rows
     y: Optional[np.ndarray] = None  # (b,): the last stage's labels
@@ -75,7 +82,8 @@ class PipelineTrainer(TrainerBase):
                  allreduce: str = "mpi", val: Optional[Shards] = None, dtype="float32",
                  seed: int = 0, stage_layers: Optional[Sequence[int]] = None,
                  grad_dtype: Optional[str] = None, task: Optional[Task] = None,
-                 accumulate: int = 1, clip_grad_norm: Optional[float] = None):
+                 accumulate: int = 1, clip_grad_norm: Optional[float] = None,
+                 groups: Optional[int] = None):
         if schedule not in SCHEDULES:
             raise ConfigError(f"{{schedule}}: expected one of {', '.join(SCHEDULES)}, got "
                               f"{schedule!r}", ["schedule"])
@@ -87,6 +95,7 @@ class PipelineTrainer(TrainerBase):
         self.task = task or Classification(along[-1][0])
         self.train, self.val = train, val
         self.microbatches, self.schedule, self.accumulate = microbatches, schedule, accumulate
+        self.groups = groups
         self.ranges = stage_ranges(layers, grid.pp, stage_layers, shape=shape)
         a, b = self.ranges[grid.pp_rank]
         self.model = Sequential(layers[a:b], dtype=dtype, seed=seed, index=range(a, b))
@@ -115,7 +124,12 @@ class PipelineTrainer(TrainerBase):
         per_replica = -(-sampler.batch_size // grid.dp)  # ceil: the largest replica part
         per_chunk = -(-per_replica // accumulate)  # ... its largest chunk
         rows = -(-per_chunk // microbatches)  # ... and that chunk's largest micro-batch
-        self.slots = peak_alive(schedule, grid.pp, grid.pp_rank, microbatches)
+        most = microbatches  # micro-batches in a chunk, at most
+        if groups:  # a micro-batch is a group; a chunk has up to ceil(ceil(G / dp) / K)
+            rows, most = -(-sampler.batch_size // groups), -(-(-(-groups // grid.dp)) // accumulate)
+            self.exact = ExactSum(grid.dp_comm, self.model.size, groups,
+                                  [(sl.start, sl.stop) for sl in self.model.slices.values()])
+        self.slots = peak_alive(schedule, grid.pp, grid.pp_rank, most)
         dt = self.model.dtype
         self.act_pool = (np.empty((self.slots, rows, *self.in_shape), dt) if grid.pp_rank
                          else None)
@@ -123,7 +137,7 @@ class PipelineTrainer(TrainerBase):
                          else None)
         self._sends: List[Tuple[MPI.Request, np.ndarray]] = []  # (request, its buffer)
         self._step: Optional[_Step] = None  # the step in progress
-        self._init_common(clip_grad_norm, seed)
+        self._init_common(clip_grad_norm, seed, groups)
         self.peak_alive = 0  # micro-batches whose activations were held at once
         self.times["wait"] = 0.0  # blocked in recv_forward / recv_backward: the bubble
 
@@ -186,6 +200,8 @@ class PipelineTrainer(TrainerBase):
     # -- one micro-batch -------------------------------------------------------------------
     def _forward(self, st: _Step, k: int) -> None:
         lo, hi = st.parts[k]
+        if hi == lo and st.rows is not None:  # an empty group (a short last batch): no
+            return  # stage sends or computes (a plain empty micro-batch still overwrites)
         x = st.x[lo:hi] if self.grid.is_first_stage else self.recv_forward(k, hi - lo)
         self.on_phase("computing")
         ctx = Context(training=True, step=st.step, ids=st.ids[lo:hi], seed=self.seed)
@@ -194,8 +210,9 @@ class PipelineTrainer(TrainerBase):
             if self.grid.is_last_stage:
                 y = st.y[lo:hi]
                 loss_sum, dout = self.loss(out, self.task.targets(y, out.dtype), 1.0 / st.batch)
-                self.metrics[0] += loss_sum
-                self.metrics[2:] += self.task.sums(out, y)
+                into = self.metrics if st.rows is None else st.rows[k]
+                into[0] += loss_sum
+                into[2:] += self.task.sums(out, y)
                 saved = (saved, dout)
             else:
                 self.send_forward(k, out)
@@ -206,6 +223,8 @@ class PipelineTrainer(TrainerBase):
 
     def _backward(self, st: _Step, k: int) -> None:
         lo, hi = st.parts[k]
+        if hi == lo and st.rows is not None:
+            return
         saved = st.alive.pop(k)
         st.held -= saved_bytes(saved)
         if self.grid.is_last_stage:
@@ -218,7 +237,10 @@ class PipelineTrainer(TrainerBase):
             # The step's first micro-batch overwrites the gradients, later ones add to
             # them, in the same order under both schedules, so both give the same bits.
             dx = self.model.backward(dy, saved, need_dx=not first,
-                                     accumulate=k > 0 or st.chunk > 0)
+                                     accumulate=st.rows is None and (k > 0 or st.chunk > 0))
+        if st.rows is not None:  # a group's gradient, for the exact sum
+            st.backwards -= 1  # the last one is not written again before the sum: no copy
+            self.exact.add(self.model.grads, keep=st.backwards > 0)
         if not first:
             self.send_backward(k, dx)
 
@@ -227,8 +249,14 @@ class PipelineTrainer(TrainerBase):
         the batch, global batch)."""
         g = self.grid
         t0 = time.perf_counter()
-        ids, batch = self.sampler.local(step, g.dp_rank, g.dp)
+        ids, batch = self.sampler.local(step, g.dp_rank, g.dp, groups=self.groups)
         st = _Step(step, batch, ids)
+        if self.groups:  # this replica's groups, as rows of ``ids``
+            first, last = rank_slice(self.groups, g.dp_rank, g.dp)
+            cuts = [c - bounds(batch, self.groups)[first] for c in bounds(batch, self.groups)]
+            groups = [(cuts[k], cuts[k + 1]) for k in range(first, last)]
+            rows = np.zeros((last - first, len(self.metrics)))
+            st.backwards = sum(1 for lo, hi in groups if hi > lo)
         self.on_phase("reading data")
         if g.is_first_stage:  # (b, *features), (b, *targets)
             st.x, st.y = self.train.read(ids)
@@ -238,20 +266,32 @@ class PipelineTrainer(TrainerBase):
         self.metrics[:] = 0
         wait0 = self.times["wait"]
         for c in range(self.accumulate):  # chunk c: rows [a, b) of the replica's part
-            a, b = rank_slice(len(ids), c, self.accumulate)
             st.chunk = c
-            st.parts = [(a + lo, a + hi) for lo, hi in
-                        (rank_slice(b - a, k, self.microbatches)
-                         for k in range(self.microbatches))]
-            for op, k in schedule(self.schedule, g.pp, g.pp_rank, self.microbatches):
+            if self.groups:  # the chunk's micro-batches are its groups
+                a, b = rank_slice(len(groups), c, self.accumulate)
+                st.parts, st.rows = groups[a:b], rows[a:b]
+            else:
+                a, b = rank_slice(len(ids), c, self.accumulate)
+                st.parts = [(a + lo, a + hi) for lo, hi in
+                            (rank_slice(b - a, k, self.microbatches)
+                             for k in range(self.microbatches))]
+            for op, k in schedule(self.schedule, g.pp, g.pp_rank, len(st.parts)):
                 (self._forward if op == "F" else self._backward)(st, k)
         MPI.Request.Waitall([r for r, _ in self._sends])
         self._sends.clear()
         t2 = time.perf_counter()
         self.on_phase("exchange")
-        self.exchange.wait()
-        self.metrics[1] = 1.0 if stop else 0.0
-        g.world.Allreduce(MPI.IN_PLACE, self.metrics, op=MPI.SUM)
+        if self.groups:
+            rows[0, 1] = 1.0 if stop else 0.0
+            with span("exact sum", "exchange", groups=len(groups)):
+                self.exact.finish(self.model.grads)
+                # Only the last stage has loss and task sums; the others add zeros (exact).
+                self.metrics[:] = gathered_sums(g.dp_comm, rows, self.groups)
+                g.pp_comm.Allreduce(MPI.IN_PLACE, self.metrics, op=MPI.SUM)
+        else:
+            self.exchange.wait()
+            self.metrics[1] = 1.0 if stop else 0.0
+            g.world.Allreduce(MPI.IN_PLACE, self.metrics, op=MPI.SUM)
         return self._conclude(step, batch, self.metrics, (t0, t1, t2, time.perf_counter()),
                               self.times["wait"] - wait0)
 
@@ -260,14 +300,20 @@ class PipelineTrainer(TrainerBase):
         pipeline (collective); None without one."""
         if self.val is None or len(self.val) == 0:
             return None
-        g = self.grid
+        g, n = self.grid, len(self.val)
         self.on_phase("evaluation")
-        lo, hi = rank_slice(len(self.val), g.dp_rank, g.dp)
-        sums = np.zeros(1 + self.task.width)  # loss sum, task sums
-        buf = np.empty((min(chunk, max(hi - lo, 1)), *self.in_shape), self.model.dtype)
+        if self.groups:  # fixed chunks, summed in chunk order: any layout's bits
+            chunk, count = EVAL_CHUNK, -(-n // EVAL_CHUNK)
+            first, last = rank_slice(count, g.dp_rank, g.dp)
+            parts = [(c * chunk, min(n, (c + 1) * chunk)) for c in range(first, last)]
+        else:
+            lo, hi = rank_slice(n, g.dp_rank, g.dp)
+            parts = [(a, min(hi, a + chunk)) for a in range(lo, hi, chunk)]
+        rows = np.zeros((len(parts), 1 + self.task.width))  # loss sum, task sums per chunk
+        buf = np.empty((max([b - a for a, b in parts] + [1]), *self.in_shape),
+                       self.model.dtype)
         sending: List[Tuple[MPI.Request, np.ndarray]] = []
-        for k, a in enumerate(range(lo, hi, chunk)):
-            b = min(hi, a + chunk)
+        for k, (a, b) in enumerate(parts):
             ids = np.arange(a, b)
             if g.is_first_stage:
                 x, y = self.val.read(ids)
@@ -278,12 +324,19 @@ class PipelineTrainer(TrainerBase):
             if g.is_last_stage:
                 if not g.is_first_stage:
                     y = self.val.read_labels(ids)
-                sums[0] += self.loss(out, self.task.targets(y, out.dtype), 1.0)[0]
-                sums[1:] += self.task.sums(out, y)
+                rows[k, 0] = self.loss(out, self.task.targets(y, out.dtype), 1.0)[0]
+                rows[k, 1:] = self.task.sums(out, y)
             else:
                 MPI.Request.Waitall([r for r, _ in sending])  # one chunk in flight at a time
                 out = np.ascontiguousarray(out)
                 sending = [(g.pp_comm.Isend(out, dest=g.next_rank, tag=2 * k), out)]
         MPI.Request.Waitall([r for r, _ in sending])
-        g.world.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # only last stages hold sums
-        return self._evaluated(sums, len(self.val))
+        if self.groups:  # only last stages hold sums: the others add zeros (exact)
+            sums = gathered_sums(g.dp_comm, rows, count)
+            g.pp_comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
+        else:
+            sums = np.zeros(1 + self.task.width)
+            for row in rows:  # chunk by chunk, as they came
+                sums += row
+            g.world.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)  # only last stages hold sums
+        return self._evaluated(sums, n)
