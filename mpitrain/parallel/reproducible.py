@@ -79,13 +79,18 @@ class GroupedSteps:
         first, last = rank_slice(self.groups, tr.rank, tr.size)
         cuts = bounds(batch, self.groups)
         rows = np.zeros((last - first, 2 + tr.task.width))  # each group's metric sums
-        for g in range(first, last):
+        home = tr.model.grads  # the exchange's buffer, which the optimizer reads
+        todo = [g for g in range(first, last) if cuts[g + 1] > cuts[g]]
+        for g in todo:
             lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
-            if hi > lo:
-                tr._compute(step, ids[lo:hi], x[lo:hi], y[lo:hi], batch, rows[g - first],
-                            None, pieces=1)
-                # The last group's gradient is not written again before the sum: no copy.
-                self.exact.add(tr.model.grads, keep=g < last - 1)
+            # Each group's gradient in a buffer of its own; the last one's in ``home``,
+            # where the sum goes (it is read before it is written): nothing is copied.
+            into = home if g == todo[-1] else self.exact.scratch()
+            tr.model.bind_grads(into)
+            tr._compute(step, ids[lo:hi], x[lo:hi], y[lo:hi], batch, rows[g - first],
+                        None, pieces=1)
+            self.exact.add(into)
+        tr.model.bind_grads(home)
         if stop and last > first:
             rows[0, 1] = 1.0
         t2 = time.perf_counter()

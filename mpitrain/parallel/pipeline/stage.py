@@ -233,14 +233,18 @@ class PipelineTrainer(TrainerBase):
             dy = self.recv_backward(k, hi - lo)
         self.on_phase("computing")
         first = self.grid.is_first_stage
+        if st.rows is not None:  # each group's gradient in a buffer of its own, the
+            st.backwards -= 1  # last one's where the sum goes (see GroupedSteps.step)
+            into = self.exchange.buffer[:self.model.size] if st.backwards == 0 else \
+                self.exact.scratch()
+            self.model.bind_grads(into)
         with np.errstate(over="ignore", invalid="ignore"):
             # The step's first micro-batch overwrites the gradients, later ones add to
             # them, in the same order under both schedules, so both give the same bits.
             dx = self.model.backward(dy, saved, need_dx=not first,
                                      accumulate=st.rows is None and (k > 0 or st.chunk > 0))
-        if st.rows is not None:  # a group's gradient, for the exact sum
-            st.backwards -= 1  # the last one is not written again before the sum: no copy
-            self.exact.add(self.model.grads, keep=st.backwards > 0)
+        if st.rows is not None:
+            self.exact.add(into)
         if not first:
             self.send_backward(k, dx)
 
@@ -282,6 +286,7 @@ class PipelineTrainer(TrainerBase):
         t2 = time.perf_counter()
         self.on_phase("exchange")
         if self.groups:
+            self.model.bind_grads(self.exchange.buffer[:self.model.size])
             rows[0, 1] = 1.0 if stop else 0.0
             with span("exact sum", "exchange", groups=len(groups)):
                 self.exact.finish(self.model.grads)
