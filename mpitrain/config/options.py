@@ -121,7 +121,7 @@ class Config:
     balance_every: int = _opt(20, "with --balance speed: agree on the ranks' speeds every N "
                                   "steps")
     reproducible: bool = _opt(False, "bit-identical results at any number of ranks: each "
-                                     "global batch in --groups fixed groups, summed exactly")
+                                     "global batch in --groups fixed groups, added in group order")
     groups: int = _opt(12, "with --reproducible: the fixed groups of each global batch (12 "
                            "serves 1, 2, 3, 4, 6 and 12 ranks evenly)")
     allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, mpitrain's ring, "

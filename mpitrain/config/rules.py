@@ -135,11 +135,12 @@ def _check_strategy(cfg: Config) -> None:
     """What the parameter server, speed-balanced batches and --reproducible cannot be
     combined with."""
     if cfg.reproducible:
-        for ok, what in ((cfg.allreduce != "shm", "{allreduce} shm: its shared buffers hold "
-                          "the model's floats, and the exact sum adds integers (use {allreduce} "
-                          "mpi or ring)"),
-                         (cfg.grad_dtype == "full", "{grad_dtype} " + cfg.grad_dtype + ": a "
-                          "16-bit wire rounds the gradients by how they are split"),
+        for ok, what in ((cfg.allreduce != "shm", "{allreduce} shm: the ranks of a node share "
+                          "one gradient buffer, and the groups are added rank after rank in "
+                          "buffers of their own (use {allreduce} mpi or ring)"),
+                         (cfg.grad_dtype == "full", "{grad_dtype} " + cfg.grad_dtype + ": the "
+                          "groups' sum travels in the model's dtype; a 16-bit wire would round "
+                          "it by how the groups are split"),
                          (not cfg.ps(), "{strategy} ps: its servers add pushes in float"),
                          (cfg.balance == "none", "{balance} speed: the groups are fixed, not "
                           "cut by speed"),

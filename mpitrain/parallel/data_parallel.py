@@ -90,7 +90,7 @@ class Trainer(TrainerBase):
         self._prefetch: Optional[Prefetcher] = None
         self._stop = 0  # the step the read-ahead ends at
         self._init_common(clip_grad_norm, seed, groups)
-        # --reproducible: fixed groups summed exactly (parallel.reproducible).
+        # --reproducible: fixed groups added in group order (parallel.reproducible).
         self.grouped = GroupedSteps(self, groups) if groups else None
 
     def prefetch(self, start: int, stop: int) -> None:

@@ -3,9 +3,9 @@
 Each global batch is cut into ``G`` fixed groups (``rank_slice`` of the
 batch); rank r of p computes groups ``rank_slice(G, r, p)``, each on its own
 with the same shapes whatever rank holds it, so each group's gradient has
-the same bits at any rank count.  The groups' gradients are then summed
-exactly (``comm.exact``: fixed-point integers, added in any order), and the
-groups' loss and metric sums gathered and added in group order.  The
+the same bits at any rank count.  The groups' gradients are then added in
+group order (``comm.ordered``: a chain through the ranks), and the groups'
+loss and metric sums gathered and added in group order.  The
 optimizer then sees the same summed gradient, bit for bit, at 1, 2, 3 or 4
 ranks; so does evaluation, over fixed chunks of the validation split.
 """
@@ -19,7 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..balance import bounds, rank_slice
-from ..comm.exact import ExactSum
+from ..comm.ordered import OrderedSum
 from ..timeline import span
 
 __all__ = ["GroupedSteps", "EVAL_CHUNK", "gathered_sums", "norm_sq_by_tensor"]
@@ -61,8 +61,7 @@ class GroupedSteps:
     def __init__(self, trainer, groups: int):
         self.trainer, self.groups = trainer, groups
         self.comm = trainer.comm
-        tensors = [(sl.start, sl.stop) for sl in trainer.model.slices.values()]
-        self.exact = ExactSum(self.comm, trainer.model.size, groups, tensors)
+        self.sum = OrderedSum(self.comm, trainer.model.size, trainer.model.dtype)
 
     def step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         """One step of ``trainer`` (see ``Trainer.step``), bit-identical at any rank count."""
@@ -80,23 +79,28 @@ class GroupedSteps:
         cuts = bounds(batch, self.groups)
         rows = np.zeros((last - first, 2 + tr.task.width))  # each group's metric sums
         home = tr.model.grads  # the exchange's buffer, which the optimizer reads
-        todo = [g for g in range(first, last) if cuts[g + 1] > cuts[g]]
-        for g in todo:
+        self.sum.start(cuts, first, last)
+        added = False
+        for g in range(first, last):
             lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
-            # Each group's gradient in a buffer of its own; the last one's in ``home``,
-            # where the sum goes (it is read before it is written): nothing is copied.
-            into = home if g == todo[-1] else self.exact.scratch()
+            if hi == lo:
+                continue
+            # The leading rank's backward adds the groups up in order (as --accumulate);
+            # the others compute each group into a buffer of its own, for the chain.
+            into = home if self.sum.leads else self.sum.scratch()
             tr.model.bind_grads(into)
             tr._compute(step, ids[lo:hi], x[lo:hi], y[lo:hi], batch, rows[g - first],
-                        None, pieces=1)
-            self.exact.add(into)
+                        None, pieces=1, add=added and self.sum.leads)
+            added = True
+            if not self.sum.leads:
+                self.sum.add(into)
         tr.model.bind_grads(home)
         if stop and last > first:
             rows[0, 1] = 1.0
         t2 = time.perf_counter()
         tr.on_phase("exchange")
-        with span("exact sum", "exchange", groups=last - first):
-            self.exact.finish(tr.model.grads)
+        with span("ordered sum", "exchange", groups=last - first):
+            self.sum.finish(tr.model.grads)
             sums = gathered_sums(comm, rows, self.groups)
         return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
 

@@ -13,8 +13,8 @@ replica's part is first cut into K chunks, run one after the other, each its
 M micro-batches through the schedule: a stage holds one chunk's activations
 at a time, and the gradients add up over all K x M micro-batches.
 With ``groups`` (``--reproducible``) the micro-batches are the replica's fixed
-groups (``parallel.reproducible``): each group's stage gradient goes into an
-exact sum over the replicas, so the stages end with the bits of any other layout.
+groups (``parallel.reproducible``), added in group order over the replicas
+(``comm.ordered``), so the stages end with the bits of any other layout.
 
 Point-to-point verbs are named from the stage's side, as in Megatron-LM:
 ``recv_forward``, ``send_forward``, ``recv_backward``, ``send_backward``.
@@ -32,7 +32,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ...balance import bounds, rank_slice
-from ...comm.exact import ExactSum
+from ...comm.ordered import OrderedSum
 from ...comm.exchange import Exchange
 from ...comm.topology import Grid
 from ...data.sampler import Sampler
@@ -60,7 +60,7 @@ class _Step:
     ids: np.ndarray  # (b,) the replica's global sample ids (dropout draws by them)
     parts: List[Tuple[int, int]] = field(default_factory=list)  # micro-batch k of the chunk
     rows: Optional[np.ndarray] = None  # with groups: (k, 2 + width) metric sums per group
-    backwards: int = 0  # with groups: backward passes still to run this step
+    added: bool = False  # with groups: a group's gradient is in the buffer
     chunk: int = 0  # which of the ``accumulate`` chunks runs
     x: Optional[np.ndarray] = None  # (b, *features): the first stage's rows
     y: Optional[np.ndarray] = None  # (b,): the last stage's labels
@@ -127,8 +127,7 @@ class PipelineTrainer(TrainerBase):
         most = microbatches  # micro-batches in a chunk, at most
         if groups:  # a micro-batch is a group; a chunk has up to ceil(ceil(G / dp) / K)
             rows, most = -(-sampler.batch_size // groups), -(-(-(-groups // grid.dp)) // accumulate)
-            self.exact = ExactSum(grid.dp_comm, self.model.size, groups,
-                                  [(sl.start, sl.stop) for sl in self.model.slices.values()])
+            self.sum = OrderedSum(grid.dp_comm, self.model.size, self.model.dtype)
         self.slots = peak_alive(schedule, grid.pp, grid.pp_rank, most)
         dt = self.model.dtype
         self.act_pool = (np.empty((self.slots, rows, *self.in_shape), dt) if grid.pp_rank
@@ -233,18 +232,17 @@ class PipelineTrainer(TrainerBase):
             dy = self.recv_backward(k, hi - lo)
         self.on_phase("computing")
         first = self.grid.is_first_stage
-        if st.rows is not None:  # each group's gradient in a buffer of its own, the
-            st.backwards -= 1  # last one's where the sum goes (see GroupedSteps.step)
-            into = self.exchange.buffer[:self.model.size] if st.backwards == 0 else \
-                self.exact.scratch()
-            self.model.bind_grads(into)
+        add = k > 0 or st.chunk > 0
+        if st.rows is not None:  # a group: see GroupedSteps.step
+            add, st.added = st.added and self.sum.leads, True
+            if not self.sum.leads:
+                self.model.bind_grads(self.sum.scratch())
         with np.errstate(over="ignore", invalid="ignore"):
             # The step's first micro-batch overwrites the gradients, later ones add to
             # them, in the same order under both schedules, so both give the same bits.
-            dx = self.model.backward(dy, saved, need_dx=not first,
-                                     accumulate=st.rows is None and (k > 0 or st.chunk > 0))
-        if st.rows is not None:
-            self.exact.add(into)
+            dx = self.model.backward(dy, saved, need_dx=not first, accumulate=add)
+        if st.rows is not None and not self.sum.leads:
+            self.sum.add(self.model.grads)
         if not first:
             self.send_backward(k, dx)
 
@@ -260,7 +258,7 @@ class PipelineTrainer(TrainerBase):
             cuts = [c - bounds(batch, self.groups)[first] for c in bounds(batch, self.groups)]
             groups = [(cuts[k], cuts[k + 1]) for k in range(first, last)]
             rows = np.zeros((last - first, len(self.metrics)))
-            st.backwards = sum(1 for lo, hi in groups if hi > lo)
+            self.sum.start(bounds(batch, self.groups), first, last)
         self.on_phase("reading data")
         if g.is_first_stage:  # (b, *features), (b, *targets)
             st.x, st.y = self.train.read(ids)
@@ -288,8 +286,8 @@ class PipelineTrainer(TrainerBase):
         if self.groups:
             self.model.bind_grads(self.exchange.buffer[:self.model.size])
             rows[0, 1] = 1.0 if stop else 0.0
-            with span("exact sum", "exchange", groups=len(groups)):
-                self.exact.finish(self.model.grads)
+            with span("ordered sum", "exchange", groups=len(groups)):
+                self.sum.finish(self.model.grads)
                 # Only the last stage has loss and task sums; the others add zeros (exact).
                 self.metrics[:] = gathered_sums(g.dp_comm, rows, self.groups)
                 g.pp_comm.Allreduce(MPI.IN_PLACE, self.metrics, op=MPI.SUM)

@@ -1,0 +1,97 @@
+"""A sum of the groups' gradients in one fixed order, whatever rank holds which group.
+
+A float sum's bits depend on its order, and the order of a gradient sum
+changes with the number of ranks (how a batch is split, how MPI pairs the
+ranks).  So ``--reproducible`` fixes the order: the groups' gradients are
+added left to right, in group order, on any number of ranks::
+
+    S = (...((g_0 + g_1) + g_2) + ...) + g_{G-1}          G fixed groups
+
+Rank r holds the contiguous groups [f_r, l_r).  The first rank with a
+non-empty group *leads*: its backward passes add each group into the
+gradient buffer as ``--accumulate`` does (``buffer = g_f``, then ``buffer +=
+g``: exactly the additions above, for free).  Every later rank computes each
+group into a buffer of its own, receives the sum of the groups before its
+own from the rank before it, adds its groups to it one by one, and sends it
+on; the last rank broadcasts the total.  The chain runs chunk by chunk, so
+rank r + 1 adds chunk c while rank r sends chunk c + 1::
+
+    rank 0 (leads)    g_0 .. g_3 accumulated by backward  --S_4-->
+    rank 1            S_4 + g_4 + g_5 + g_6 + g_7          --S_8-->
+    rank 2            S_8 + g_8 + ... + g_11 = S           Bcast(S, root=2)
+
+On one rank this is exactly ``--accumulate G``.  The cost on more ranks:
+each link carries the buffer once and the broadcast once, not overlapped
+with backward; the ranks but the leader add their groups (one float pass a
+group).  A group's gradient must have the same bits whatever rank computes
+it: the trainers compute each group on its own, with the same shapes.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+__all__ = ["OrderedSum", "TAG_ORDERED"]
+
+CHUNK_BYTES = 1 << 20  # a message of the chain: the receiver adds it while the next travels
+TAG_ORDERED = 32000  # point-to-point tag of the chain, on its communicator
+
+
+class OrderedSum:
+    """One step's fixed-order sum over ``comm`` of the groups each rank computed.
+
+    ``cuts``: the G + 1 cut points of the step's batch into groups (so every
+    rank knows which groups are empty), ``first``/``last``: this rank's groups.
+    Use: ``leads`` tells whether backward accumulates into the gradient buffer;
+    if not, compute each non-empty group into ``scratch()`` and ``add`` it; then
+    ``finish(buffer)`` (collective).
+    """
+
+    def __init__(self, comm: MPI.Comm, count: int, dtype=np.float32):
+        self.comm, self.count, self.dtype = comm, count, np.dtype(dtype)
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self._pool: List[np.ndarray] = []  # the groups' gradients, reused step after step
+        self._kept: List[np.ndarray] = []
+        self.chunk = max(1, CHUNK_BYTES // self.dtype.itemsize)
+        self.start([0, 1], 0, 1)
+
+    def start(self, cuts: Sequence[int], first: int, last: int) -> None:
+        """Begin a step whose groups are cut at ``cuts``; this rank holds [first, last)."""
+        self._kept.clear()
+        self.before = cuts[first] > 0  # a non-empty group precedes this rank's groups
+        self.mine = cuts[last] > cuts[first]  # this rank has a non-empty group
+        self.leads = not self.before  # backward adds this rank's groups into the buffer
+
+    def scratch(self) -> np.ndarray:
+        """A (count,) buffer to compute one group's gradient into, then ``add`` it."""
+        if len(self._pool) == len(self._kept):
+            self._pool.append(np.zeros(self.count, self.dtype))
+        return self._pool[len(self._kept)]
+
+    def add(self, grads: np.ndarray) -> None:
+        """The next non-empty group's gradient (a ``scratch`` buffer), in group order."""
+        self._kept.append(grads)
+
+    def finish(self, buffer: np.ndarray) -> None:
+        """Write the sum of every rank's groups, in group order, into ``buffer``
+        (collective).  A leader's ``buffer`` already holds its groups' sum."""
+        if self.leads and not self.mine:
+            buffer[...] = 0  # nothing so far: the next rank leads after this one
+        if self.size > 1:
+            # The rank after this one receives only if something precedes its groups.
+            sends = self.rank < self.size - 1 and (self.before or self.mine)
+            sending: List[MPI.Request] = []
+            for a in range(0, self.count, self.chunk):
+                b = min(self.count, a + self.chunk)
+                if self.before:
+                    self.comm.Recv(buffer[a:b], source=self.rank - 1, tag=TAG_ORDERED)
+                    for g in self._kept:  # left to right: (S + g_f) + g_f+1 ...
+                        buffer[a:b] += g[a:b]
+                if sends:
+                    sending.append(self.comm.Isend(buffer[a:b], dest=self.rank + 1,
+                                                   tag=TAG_ORDERED))
+            MPI.Request.Waitall(sending)
+            self.comm.Bcast(buffer, root=self.size - 1)
+        self._kept.clear()

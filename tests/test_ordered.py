@@ -1,0 +1,59 @@
+"""comm.ordered.OrderedSum on real MPI jobs: the chain through the ranks gives the bits of
+one rank's left-to-right sum, for any split of the groups, empty groups included."""
+import pytest
+
+from conftest import run_mpi
+
+CODE = r"""
+import sys
+import numpy as np
+from mpi4py import MPI
+from mpitrain.balance import bounds, rank_slice
+from mpitrain.comm.ordered import OrderedSum
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+count = 300_001  # more than one chunk of the chain, not a multiple of it
+
+def group(g):  # a group's gradient: values over many binades, keyed to the group alone
+    rng = np.random.default_rng([7, g])
+    return (rng.standard_normal(count) * 2.0 ** rng.integers(-30, 0, count)).astype(np.float32)
+
+bad = 0
+for sizes in ([5, 3, 7, 2, 4, 6, 1, 8, 2, 3, 5, 4], [0, 0, 0, 4, 0, 2, 3, 0, 0, 1, 0, 0],
+              [0] * 11 + [9]):
+    cuts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    G = len(sizes)
+    expect = None  # one rank's sum, left to right over the non-empty groups
+    for g in range(G):
+        if sizes[g]:
+            expect = group(g) if expect is None else expect + group(g)
+    s = OrderedSum(comm, count)
+    first, last = rank_slice(G, rank, size)
+    s.start(cuts, first, last)
+    home = np.full(count, np.nan, np.float32)  # what a leader's backward writes into
+    added = False
+    for g in range(first, last):
+        if not sizes[g]:
+            continue
+        if s.leads:
+            home[...] = group(g) if not added else home + group(g)
+            added = True
+        else:
+            into = s.scratch()
+            into[...] = group(g)
+            s.add(into)
+    s.finish(home)
+    bad += not np.array_equal(home.view(np.uint32), expect.view(np.uint32))
+total = comm.allreduce(bad)
+if rank == 0:
+    print("mismatches", total)
+sys.exit(1 if total else 0)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_the_chain_gives_one_ranks_bits(n):
+    r = run_mpi(n, ["-c", CODE], timeout=100)
+    assert r.returncode == 0 and "mismatches 0" in r.stdout, r.stdout + r.stderr[-2000:]
