@@ -1,7 +1,8 @@
 """mpitrain: data-parallel and pipeline training of numpy models over MPI.
 
 Importing mpitrain limits BLAS/OpenMP threads to the cores available per
-rank (unless the user set them), so import it before numpy, and has glibc's
+rank (unless the user set them), so import it before numpy, asks Open MPI's
+waits to yield the core (before MPI is initialised), and has glibc's
 malloc keep freed memory for the next step (``malloc.py``).  The public
 objects below are loaded on first use::
 
@@ -14,9 +15,10 @@ The subpackages show the architecture, dependencies pointing one way::
     run (build, loop, metrics) -> parallel (trainers) -> comm, model, data, fault -> runtime
 """
 from .malloc import keep_freed_memory
-from .threads import limit_threads
+from .threads import limit_threads, yield_when_idle
 
 limit_threads()
+yield_when_idle()
 keep_freed_memory()
 
 __version__ = "0.2.0"

@@ -127,6 +127,18 @@ def test_threads_per_rank(n, env, expected):
     assert result.stdout.split("\n")[:n] == [f"{omp} {blas}"] * n
 
 
+@pytest.mark.parametrize("given,expected", [(None, "1"), ("0", "0")])
+def test_importing_mpitrain_asks_open_mpi_to_yield_unless_the_user_chose(given, expected):
+    script = "import os, mpitrain; print(os.environ['OMPI_MCA_mpi_yield_when_idle'])"
+    env = clean_env()
+    env.pop("OMPI_MCA_mpi_yield_when_idle", None)
+    if given is not None:
+        env["OMPI_MCA_mpi_yield_when_idle"] = given
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0 and result.stdout.split() == [expected], result.stderr
+
+
 @pytest.mark.parametrize("first", ["numpy", "mpitrain"])
 def test_the_loaded_blas_runs_the_threads_per_rank_whatever_was_imported_first(first):
     """numpy imported before mpitrain has read the environment already: mpitrain then
@@ -244,6 +256,10 @@ def test_bench_train_json(tmp_path, small_data):
     for r in records:
         assert r["of_ceiling"] == pytest.approx(r["samples_per_s"] / r["ceiling_samples_per_s"])
         assert r["of_ceiling_min"] <= r["of_ceiling"] and r["oversubscribed"] is False
+        assert len(r["of_ceiling_each"]) == 2  # one per repeat, each against its own ceiling
+        assert r["of_ceiling_worst"] == min(r["of_ceiling_each"])
+        assert r["of_lockstep"] == pytest.approx(r["samples_per_s"] / r["lockstep_samples_per_s"])
+        assert len(r["of_lockstep_each"]) == 2
     assert "ceiling" in result.stdout and "of ceiling" in result.stdout
 
 

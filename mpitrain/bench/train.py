@@ -1,12 +1,17 @@
 """$ mpirun -n 2 python -m mpitrain bench train [--variants mpi,ring] [--json out.json]
 
 Training throughput at 1, 2, ... ranks (sub-communicators of this job,
-the other ranks idle and asleep), measured interleaved in one run: global
-samples/s, scaling efficiency (samples/s at p / (p x samples/s at 1)), and
-the step time split into compute, exposed exchange (not hidden by overlap)
-and data (waiting for the reader).  Beside each rank count, the ceiling:
-that many independent one-rank trainers running at once, with no exchange
-(what the machine can do), and every figure as a share of it.  The model
+the other ranks idle and asleep): global samples/s, scaling efficiency
+(samples/s at p / (p x samples/s at 1)), and the step time split into
+compute, exposed exchange (not hidden by overlap) and data (waiting for the
+reader).  Beside each rank count, two peers: the ceiling, that many
+independent one-rank trainers running at once, with no exchange (what the
+machine can do), and lockstep, the same trainers waiting for each other
+after every step (what a synchronous step can do: the slowest rank sets the
+pace of each step); every figure also as a share of both.  All settings of a
+rank count are built once and take turns, ``--block`` steps each, so slow
+drifts of the machine's speed hit them alike; each repeat's figure is paired
+with the peers' figures of the same repeat (the worst pair is shown).  The model
 and batch default to the reference: MLP 784-1024-1024-10, 128 samples per
 rank, SGD, one BLAS thread per rank.
 """
@@ -16,7 +21,7 @@ import argparse
 import os
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -27,6 +32,7 @@ from ..runtime import ConfigError, MpitrainError
 from .common import quiet_barrier, write_json
 
 # name -> Config overrides
+CEILINGS = ("ceiling", "lockstep")  # the peers measured beside the variants
 VARIANTS = {
     "mpi": dict(allreduce="mpi", overlap=True, progress="thread"),
     "mpi-test": dict(allreduce="mpi", overlap=True, progress="test"),
@@ -57,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", default="1024,1024")
     p.add_argument("--batch-per-rank", type=int, default=128)
     p.add_argument("--steps", type=int, default=100, help="timed steps per sample")
+    p.add_argument("--block", type=int, default=20, help="steps a setting runs before the "
+                   "next takes its turn (all settings are built once, then alternate)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (cold caches, page faults)")
     p.add_argument("--repeats", type=int, default=3, help="samples per setting; medians reported")
     p.add_argument("--bucket-mb", type=float, default=None, help="override the bucket size")
@@ -66,29 +74,104 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the figures as a list of records")
 
 
-def _sample(cfg: Config, comm: MPI.Comm, steps: int, warmup: int) -> Dict[str, float]:
-    """One timed run of ``steps`` steps on ``comm``: samples/s and the time split."""
-    from ..run.build import build
+class _Timed:
+    """One setting's trainer on ``comm``, built and warmed up once, then timed block by
+    block (``run``), so that the settings can take turns and see the same noise.  Each
+    block starts together on ``together`` (the ranks measured); with ``lockstep`` they
+    also wait for each other after every step (one-rank trainers that keep the pace of
+    a synchronous step, without exchanging anything)."""
 
-    trainer, _ = build(cfg, comm)
-    trainer.prefetch(0, warmup + steps)
-    for k in range(warmup):
-        trainer.step(k)
-    for key in trainer.times:
-        trainer.times[key] = 0.0
-    comm.Barrier()
-    t0 = time.perf_counter()
-    for k in range(warmup, warmup + steps):
-        trainer.step(k)
-    # The slowest rank's elapsed time and phase times, in one Allreduce.
-    keys = list(trainer.times)
-    slowest = np.array([time.perf_counter() - t0, *(trainer.times[k] for k in keys)])
-    comm.Allreduce(MPI.IN_PLACE, slowest, op=MPI.MAX)
-    elapsed, times = float(slowest[0]), dict(zip(keys, slowest[1:].tolist()))
-    trainer.close()
-    trainer.close_data()
-    return {"samples_per_s": steps * cfg.batch_size / elapsed, "step_s": elapsed / steps,
-            **{f"share_{k}": v / elapsed for k, v in times.items()}}
+    def __init__(self, cfg: Config, comm: MPI.Comm, together: MPI.Comm, steps: int,
+                 warmup: int, lockstep: bool = False):
+        from ..run.build import build
+
+        self.cfg, self.comm, self.together, self.lockstep = cfg, comm, together, lockstep
+        self.trainer, _ = build(cfg, comm)
+        self.trainer.prefetch(0, warmup + steps)
+        for k in range(warmup):
+            self.trainer.step(k)
+        self.next = warmup  # the next step to run
+        self.start()
+
+    def start(self) -> None:
+        """Begin a sample: no time, no phase times."""
+        self.elapsed = 0.0
+        for key in self.trainer.times:
+            self.trainer.times[key] = 0.0
+
+    def run(self, count: int) -> None:
+        """``count`` more steps of the sample, started together on every rank."""
+        self.together.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(count):
+            self.trainer.step(self.next)
+            self.next += 1
+            if self.lockstep:
+                self.together.Barrier()
+        self.elapsed += time.perf_counter() - t0
+
+    def sample(self, steps: int) -> Dict[str, float]:
+        """The sample's samples/s and time split, from the slowest rank (collective)."""
+        keys = list(self.trainer.times)
+        slowest = np.array([self.elapsed, *(self.trainer.times[k] for k in keys)])
+        self.comm.Allreduce(MPI.IN_PLACE, slowest, op=MPI.MAX)
+        elapsed, times = float(slowest[0]), dict(zip(keys, slowest[1:].tolist()))
+        return {"samples_per_s": steps * self.cfg.batch_size / elapsed,
+                "step_s": elapsed / steps,
+                **{f"share_{k}": v / elapsed for k, v in times.items()}}
+
+    def close(self) -> None:
+        """Free the trainer (collective on ``comm``)."""
+        self.trainer.close()
+        self.trainer.close_data()
+
+
+def _measure(args: argparse.Namespace, n: int, sub: MPI.Comm, hidden: List[int],
+             variants: List[str], datasets: List[Tuple[str, str]],
+             samples: Dict[tuple, List[Dict[str, float]]]) -> Optional[str]:
+    """Every setting at ``n`` ranks (``sub``), interleaved block by block; the samples
+    into ``samples`` (on rank 0); an error message every rank of ``sub`` agrees on."""
+    settings: List[Tuple[tuple, _Timed]] = []
+    total = args.warmup + args.repeats * args.steps
+    error = None
+    # The ceiling: n one-rank trainers at once; in lockstep: each waits for the others
+    # after every step, the most a synchronous step can do.  Then the variants.
+    wanted = [(peer, d) for d in datasets for peer in CEILINGS] + \
+        [(v, d) for v in variants for d in datasets]
+    for name, (label, data) in wanted:
+        peer = name in CEILINGS
+        extra = {} if peer else dict(VARIANTS[name])
+        if args.bucket_mb is not None and not peer:
+            extra["bucket_mb"] = args.bucket_mb
+        cfg = Config(data=data, hidden=hidden, optimizer="sgd", lr=0.01, check_data="meta",
+                     watchdog=0, batch_size=(1 if peer else n) * args.batch_per_rank, **extra)
+        try:  # a peer's trainers are each alone: agree on an error here
+            settings.append(((n, name, label), _Timed(
+                cfg, MPI.COMM_SELF if peer else sub, sub, total - args.warmup, args.warmup,
+                lockstep=name == "lockstep")))
+        except MpitrainError as exc:
+            error = exc.render(_bench_name) if isinstance(exc, ConfigError) else str(exc)
+        error = next((e for e in sub.allgather(error) if e), None)
+        if error:
+            break
+    if error is None:
+        for _ in range(args.repeats):
+            for _, timed in settings:
+                timed.start()
+            for a in range(0, args.steps, args.block):  # every setting in turn
+                for _, timed in settings:
+                    timed.run(min(args.block, args.steps - a))
+            for key, timed in settings:
+                got = timed.sample(args.steps)
+                if key[1] in CEILINGS:  # each rank alone: the ranks' throughputs add up
+                    mine = args.steps * timed.cfg.batch_size / timed.elapsed
+                    got = {"samples_per_s": sub.allreduce(mine, op=MPI.SUM)}
+                if sub.Get_rank() == 0:
+                    samples.setdefault(key, []).append(got)
+    for _, timed in settings:
+        timed.close()
+    sub.Free()
+    return error
 
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
@@ -116,60 +199,20 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     out(f"# train: MLP {hidden}, {args.batch_per_rank} samples per rank, SGD; median of "
         f"{args.repeats} x {args.steps} steps; threads per rank {thread_report()}")
     samples: Dict[tuple, List[Dict[str, float]]] = {}
-    subs = {n: comm.Split(0 if rank < n else MPI.UNDEFINED, rank) for n in counts}
-    for _ in range(args.repeats):  # interleaved: every setting sees the same noise
-        for n in counts:
-            sub = subs[n]
-            for label, data in datasets:  # the ceiling: n one-rank trainers at once
-                error = None
-                if sub != MPI.COMM_NULL:
-                    try:
-                        cfg = Config(data=data, hidden=hidden, batch_size=args.batch_per_rank,
-                                     optimizer="sgd", lr=0.01, check_data="meta", watchdog=0)
-                        sub.Barrier()  # started together, each on its own
-                        alone = _sample(cfg, MPI.COMM_SELF, args.steps, args.warmup)
-                        got = {"samples_per_s": alone["samples_per_s"]}
-                    except MpitrainError as exc:  # each rank alone: agreed below
-                        got = {"samples_per_s": 0.0}
-                        error = (exc.render(_bench_name) if isinstance(exc, ConfigError)
-                                 else str(exc))
-                    total = sub.allreduce(got["samples_per_s"], op=MPI.SUM)
-                    errors = sub.allgather(error)
-                    error = next((e for e in errors if e), None)
-                    if rank == 0 and error is None:
-                        samples.setdefault((n, "ceiling", label), []).append(
-                            {"samples_per_s": total})
-                quiet_barrier(comm)  # idle ranks sleep, so they take no core
-                error = comm.bcast(error, root=0)  # rank 0 is in every sub-communicator
-                if error:
-                    raise MpitrainError(error, everywhere=True)
-            for name, (label, data) in [(v, d) for v in variants for d in datasets]:
-                extra = dict(VARIANTS[name])
-                if args.bucket_mb is not None:
-                    extra["bucket_mb"] = args.bucket_mb
-                cfg = Config(data=data, hidden=hidden, batch_size=n * args.batch_per_rank,
-                             optimizer="sgd", lr=0.01, check_data="meta", watchdog=0,
-                             **extra)
-                error = None
-                if sub != MPI.COMM_NULL:
-                    try:
-                        got = _sample(cfg, sub, args.steps, args.warmup)
-                        if rank == 0:
-                            samples.setdefault((n, name, label), []).append(got)
-                    except MpitrainError as exc:  # agreed on `sub` only: tell the others
-                        error = (exc.render(_bench_name) if isinstance(exc, ConfigError)
-                                 else str(exc))
-                quiet_barrier(comm)  # idle ranks sleep, so they take no core
-                error = comm.bcast(error, root=0)  # rank 0 is in every sub-communicator
-                if error:
-                    raise MpitrainError(error, everywhere=True)
-    for sub in subs.values():
+    for n in counts:
+        sub = comm.Split(0 if rank < n else MPI.UNDEFINED, rank)
+        error = None
         if sub != MPI.COMM_NULL:
-            sub.Free()
+            error = _measure(args, n, sub, hidden, variants, datasets, samples)
+        quiet_barrier(comm)  # idle ranks sleep, so they take no core
+        error = comm.bcast(error, root=0)  # rank 0 is in every sub-communicator
+        if error:
+            raise MpitrainError(error, everywhere=True)
     records: List[Dict[str, object]] = []
     if rank == 0:
         out(f"# {'ranks':>5} {'variant':<15} {'samples/s':>10} {'range':>17} {'efficiency':>10}"
-            f" {'ceiling':>9} {'of ceiling':>10} {'compute':>8} {'exchange':>8} {'data':>6}")
+            f" {'ceiling':>9} {'of ceiling':>10} {'worst':>6} {'lockstep':>9} {'of it':>6}"
+            f" {'compute':>8} {'exchange':>8} {'data':>6}")
         for name, (label, _) in [(v, d) for v in variants for d in datasets]:
             base = statistics.median(s["samples_per_s"]
                                      for s in samples[(counts[0], name, label)])
@@ -179,14 +222,22 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                 got = samples[(n, name, label)]
                 sps = [s["samples_per_s"] for s in got]
                 med = {k: statistics.median(s[k] for s in got) for k in got[0]}
-                ceiling = statistics.median(s["samples_per_s"]
-                                            for s in samples[(n, "ceiling", label)])
+                ceilings = [s["samples_per_s"] for s in samples[(n, "ceiling", label)]]
+                ceiling = statistics.median(ceilings)
+                # Each repeat against the ceiling measured just before it (the same noise).
+                paired = [v / c for v, c in zip(sps, ceilings)]
+                locksteps = [s["samples_per_s"] for s in samples[(n, "lockstep", label)]]
+                lockstep = statistics.median(locksteps)
                 rec = {"ranks": n, "variant": name, **med,
                        "samples_per_s_min": min(sps), "samples_per_s_max": max(sps),
                        "efficiency": med["samples_per_s"] / (n * base),
                        "ceiling_samples_per_s": ceiling,
                        "of_ceiling": med["samples_per_s"] / ceiling,
                        "of_ceiling_min": min(sps) / ceiling,
+                       "of_ceiling_each": paired, "of_ceiling_worst": min(paired),
+                       "lockstep_samples_per_s": lockstep,
+                       "of_lockstep": med["samples_per_s"] / lockstep,
+                       "of_lockstep_each": [v / c for v, c in zip(sps, locksteps)],
                        "oversubscribed": n > (os.cpu_count() or n)}
                 if len(datasets) > 1:
                     rec["data"] = label
@@ -194,12 +245,16 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                 mark = "*" if rec["oversubscribed"] else " "
                 out(f"  {n:>4}{mark} {shown:<15} {med['samples_per_s']:>10,.0f} "
                     f"{min(sps):>8,.0f}-{max(sps):<8,.0f} {rec['efficiency']:>10.2f} "
-                    f"{ceiling:>9,.0f} {rec['of_ceiling']:>10.2f} "
+                    f"{ceiling:>9,.0f} {rec['of_ceiling']:>10.2f} {min(paired):>6.2f} "
+                    f"{lockstep:>9,.0f} {rec['of_lockstep']:>6.2f} "
                     f"{med['share_compute']:>8.1%} {med['share_exchange']:>8.1%} "
                     f"{med['share_data']:>6.1%}", flush=True)
         out("# efficiency = samples/s at p / (p x samples/s at the first rank count); "
             "ceiling: p independent one-rank trainers at once (no exchange), the most p "
-            "ranks can do here; of ceiling = samples/s / ceiling; exchange: the part not "
+            "ranks can do here; of ceiling = samples/s / ceiling; worst: the lowest of the "
+            "repeats, each against the ceiling measured just before it; lockstep: the same "
+            "trainers waiting for each other after every step, the most a synchronous step "
+            "can do (of it: samples/s / lockstep); exchange: the part not "
             "hidden behind backward; * oversubscribed (more ranks than cores)")
     if args.json and rank == 0:
         write_json(args.json, records)

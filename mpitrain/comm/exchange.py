@@ -48,7 +48,7 @@ from mpi4py import MPI
 from ..runtime import ConfigError, require_thread_multiple
 from .codecs import missing
 from ..timeline import span
-from .polling import wait_yielding
+from .polling import blocking_yields, wait_yielding
 from .ring import RingAllreduce
 from .shm import NodeSharedModel, ShmAllreduce
 
@@ -192,9 +192,11 @@ class Exchange:
         self._sum = self._reduce_scatter if self.sharded else self.blocking.reduce
         # MPI's sums of the buckets, as persistent requests (made once, started each
         # step, waited for without spinning: ``comm.polling``); the blocking path too, so
-        # overlap changes no bit.
+        # overlap changes no bit.  Not where MPI's blocking calls yield the core by
+        # themselves (Open MPI): there its blocking Allreduce is the cheaper.
         self._persistent = {}
-        if algorithm == "mpi" and self.size > 1 and progress == "thread":
+        if algorithm == "mpi" and self.size > 1 and progress == "thread" \
+                and not blocking_yields():
             self._persistent = {(lo, hi): self.blocking.persistent(self.buffer[lo:hi])
                                 for lo, hi in self.buckets}
         self._adopted: Optional[Tuple[object, object]] = None  # (model, optimizer)

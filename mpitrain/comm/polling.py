@@ -16,7 +16,19 @@ from typing import List, Union
 
 from mpi4py import MPI
 
-__all__ = ["wait_yielding"]
+__all__ = ["wait_yielding", "blocking_yields"]
+
+
+def blocking_yields() -> bool:
+    """Whether this MPI's blocking calls give the core away while they wait: Open MPI's
+    with ``mpi_yield_when_idle`` (``threads.yield_when_idle`` sets it), so a helper
+    thread may wait in them; MPICH's spin.  (Open MPI's persistent collectives, the
+    other way to wait, cost 3x the CPU of its blocking Allreduce: 6.5 ms against 2.0 ms
+    for 12.8 MB in 2 MiB buckets on 2 ranks.)"""
+    from ..threads import YIELD_VAR
+
+    return (MPI.get_vendor()[0] == "Open MPI"
+            and os.environ.get(YIELD_VAR, "0") not in ("0", "false"))
 
 
 def wait_yielding(requests: Union[MPI.Request, List[MPI.Request]], nap: float = 0.0) -> None:
