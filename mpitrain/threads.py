@@ -122,12 +122,20 @@ def limit_threads() -> Dict[str, object]:
 YIELD_VAR = "OMPI_MCA_mpi_yield_when_idle"
 
 
+_YIELDS: Dict[str, bool] = {}
+
+
 def yield_when_idle() -> bool:
-    """Ask Open MPI's waits to yield the core, unless the user chose (True if asked)."""
-    if YIELD_VAR in os.environ:
-        return os.environ[YIELD_VAR] not in ("0", "false")
-    os.environ[YIELD_VAR] = "1"
-    return True
+    """Ask Open MPI's waits to yield the core, unless the user chose; True if they will
+    (the user asked, or mpitrain did before MPI started: too late once mpi4py.MPI is
+    imported, as it initialises MPI)."""
+    if "yields" not in _YIELDS:
+        if YIELD_VAR in os.environ:  # the user's (in the launch environment)
+            _YIELDS["yields"] = os.environ[YIELD_VAR] not in ("0", "false")
+        else:
+            os.environ[YIELD_VAR] = "1"
+            _YIELDS["yields"] = "mpi4py.MPI" not in sys.modules
+    return _YIELDS["yields"]
 
 
 def child_env() -> Dict[str, str]:

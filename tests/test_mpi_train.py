@@ -294,25 +294,3 @@ def test_a_node_that_lacks_the_memory_stops_every_rank_with_its_reason(small_dat
         message, everywhere = str(exc), exc.everywhere
     agree(comm, everywhere and "the model does not fit in memory" in message
           and "which has 1.0 kB" in message, f"agreed refusal, got {message!r}")
-
-
-def test_the_bucket_sums_wait_by_the_librarys_cheaper_means():
-    """MPICH's blocking calls spin: the exchange's helper thread runs its sums as
-    persistent requests and polls them, yielding the core; Open MPI's yield by
-    themselves (mpi_yield_when_idle, set by importing mpitrain before MPI starts), and
-    its blocking Allreduce costs a third of its persistent one's CPU: the thread calls it."""
-    from mpitrain.comm.exchange import Exchange
-    from mpitrain.comm.polling import blocking_yields
-
-    comm = MPI.COMM_WORLD
-    open_mpi = MPI.get_vendor()[0] == "Open MPI"
-    if "OMPI_MCA_mpi_yield_when_idle" not in os.environ:
-        pytest.fail("importing mpitrain sets OMPI_MCA_mpi_yield_when_idle")
-    exchange = Exchange(comm, 1000, np.float32, algorithm="mpi", overlap=True)
-    try:
-        yields = os.environ["OMPI_MCA_mpi_yield_when_idle"] not in ("0", "false")
-        agree(comm, blocking_yields() == (open_mpi and yields), "Open MPI yields, MPICH spins")
-        agree(comm, bool(exchange._persistent) == (not blocking_yields()),
-              "persistent requests only where blocking calls spin")
-    finally:
-        exchange.close()

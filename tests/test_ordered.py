@@ -20,6 +20,7 @@ def group(g):  # a group's gradient: values over many binades, keyed to the grou
     return (rng.standard_normal(count) * 2.0 ** rng.integers(-30, 0, count)).astype(np.float32)
 
 bad = 0
+s = OrderedSum(comm, count)  # one for every step, as a trainer keeps it
 for sizes in ([5, 3, 7, 2, 4, 6, 1, 8, 2, 3, 5, 4], [0, 0, 0, 4, 0, 2, 3, 0, 0, 1, 0, 0],
               [0] * 11 + [9]):
     cuts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
@@ -28,7 +29,6 @@ for sizes in ([5, 3, 7, 2, 4, 6, 1, 8, 2, 3, 5, 4], [0, 0, 0, 4, 0, 2, 3, 0, 0, 
     for g in range(G):
         if sizes[g]:
             expect = group(g) if expect is None else expect + group(g)
-    s = OrderedSum(comm, count)
     first, last = rank_slice(G, rank, size)
     s.start(cuts, first, last)
     home = np.full(count, np.nan, np.float32)  # what a leader's backward writes into

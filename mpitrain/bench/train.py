@@ -189,6 +189,9 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                             everywhere=True) from None
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
+    if args.block < 1 or args.steps < 1:
+        raise MpitrainError(f"--block and --steps must be at least 1 (got {args.block} and "
+                            f"{args.steps})", everywhere=True)
     if unknown or any(not 1 <= c <= size for c in counts):
         raise MpitrainError(f"--variants must be of {', '.join(VARIANTS)} (got {unknown}) and "
                             f"--ranks within 1..{size} (got {counts})", everywhere=True)
@@ -224,7 +227,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                 med = {k: statistics.median(s[k] for s in got) for k in got[0]}
                 ceilings = [s["samples_per_s"] for s in samples[(n, "ceiling", label)]]
                 ceiling = statistics.median(ceilings)
-                # Each repeat against the ceiling measured just before it (the same noise).
+                # Each repeat against the ceiling of the same repeat (they took turns).
                 paired = [v / c for v, c in zip(sps, ceilings)]
                 locksteps = [s["samples_per_s"] for s in samples[(n, "lockstep", label)]]
                 lockstep = statistics.median(locksteps)
@@ -252,9 +255,11 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
         out("# efficiency = samples/s at p / (p x samples/s at the first rank count); "
             "ceiling: p independent one-rank trainers at once (no exchange), the most p "
             "ranks can do here; of ceiling = samples/s / ceiling; worst: the lowest of the "
-            "repeats, each against the ceiling measured just before it; lockstep: the same "
+            "repeats, each against the ceiling of the same repeat; lockstep: the same "
             "trainers waiting for each other after every step, the most a synchronous step "
-            "can do (of it: samples/s / lockstep); exchange: the part not "
+            "can do (of it: samples/s / lockstep); rank counts are measured one after the "
+            "other, so efficiency carries the machine's drift, the peers do not; exchange: "
+            "the part not "
             "hidden behind backward; * oversubscribed (more ranks than cores)")
     if args.json and rank == 0:
         write_json(args.json, records)

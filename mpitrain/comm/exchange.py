@@ -193,10 +193,11 @@ class Exchange:
         # MPI's sums of the buckets, as persistent requests (made once, started each
         # step, waited for without spinning: ``comm.polling``); the blocking path too, so
         # overlap changes no bit.  Not where MPI's blocking calls yield the core by
-        # themselves (Open MPI): there its blocking Allreduce is the cheaper.
+        # themselves (Open MPI): there its blocking Allreduce is the cheaper.  (Agreed,
+        # as Allreduce_init is collective: persistent if any rank's blocking calls spin.)
         self._persistent = {}
         if algorithm == "mpi" and self.size > 1 and progress == "thread" \
-                and not blocking_yields():
+                and self.comm.allreduce(not blocking_yields(), op=MPI.LOR):  # agreed:
             self._persistent = {(lo, hi): self.blocking.persistent(self.buffer[lo:hi])
                                 for lo, hi in self.buckets}
         self._adopted: Optional[Tuple[object, object]] = None  # (model, optimizer)

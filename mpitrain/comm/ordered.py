@@ -20,7 +20,7 @@ rank r + 1 adds chunk c while rank r sends chunk c + 1::
     rank 1            S_4 + g_4 + g_5 + g_6 + g_7          --S_8-->
     rank 2            S_8 + g_8 + ... + g_11 = S           Bcast(S, root=2)
 
-On one rank this is exactly ``--accumulate G``.  The cost on more ranks:
+On one rank these are the additions of ``--accumulate G``.  The cost on more ranks:
 each link carries the buffer once and the broadcast once, not overlapped
 with backward; the ranks but the leader add their groups (one float pass a
 group).  A group's gradient must have the same bits whatever rank computes

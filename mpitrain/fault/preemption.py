@@ -23,6 +23,9 @@ class Preemption:
     watches the signals through ``signal.set_wakeup_fd``: if the run has not
     stopped ``sigterm_grace`` seconds after a SIGTERM, the rank exits at once
     (``EXIT_TERMINATED``, 143).  SIGUSR1 (an early warning) never ends a rank.
+    Once the ranks have agreed to stop (``agree``), SIGTERM stays ignored after the
+    block: the rank leaves with the agreed status (``runtime.leaving``), and one that
+    hung after that point would end by the launcher's SIGKILL.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -104,8 +107,9 @@ class Preemption:
             self._watcher.join()
             os.close(read)
             self._pipe = None
-        for num, old in self._old.items():
-            signal.signal(num, old)
+        for num, old in self._old.items():  # once agreed, SIGTERM goes straight to ignored
+            signal.signal(num, signal.SIG_IGN if self.agreed and num == signal.SIGTERM
+                          else old)
         if self.agreed:
             leaving()
 
