@@ -136,8 +136,9 @@ def _check_strategy(cfg: Config) -> None:
     combined with."""
     if cfg.reproducible:
         for ok, what in ((cfg.allreduce != "shm", "{allreduce} shm: the ranks of a node share "
-                          "one gradient buffer, and the groups are added rank after rank in "
-                          "buffers of their own (use {allreduce} mpi or ring)"),
+                          "one copy of the model and update it in shares, from a sum of their "
+                          "own that the fixed-order chain replaces (use {allreduce} mpi or "
+                          "ring: they give the same bits)"),
                          (cfg.grad_dtype == "full", "{grad_dtype} " + cfg.grad_dtype + ": the "
                           "groups' sum travels in the model's dtype; a 16-bit wire would round "
                           "it by how the groups are split"),
