@@ -9,9 +9,10 @@ independent one-rank trainers running at once, with no exchange (what the
 machine can do), and lockstep, the same trainers waiting for each other
 after every step (what a synchronous step can do: the slowest rank sets the
 pace of each step); every figure also as a share of both.  All settings of a
-rank count are built once and take turns, ``--block`` steps each, so slow
-drifts of the machine's speed hit them alike; each repeat's figure is paired
-with the peers' figures of the same repeat (the worst pair is shown).  The model
+rank count are built once and take turns, ``--block`` steps each, and the
+rank counts take turns repeat by repeat, so slow drifts of the machine's
+speed hit them alike; each repeat's figure is paired with the peers' figures
+of the same repeat (the worst pair is shown).  The model
 and batch default to the reference: MLP 784-1024-1024-10, 128 samples per
 rank, SGD, one BLAS thread per rank.
 """
@@ -126,11 +127,11 @@ class _Timed:
         self.trainer.close_data()
 
 
-def _measure(args: argparse.Namespace, n: int, sub: MPI.Comm, hidden: List[int],
-             variants: List[str], datasets: List[Tuple[str, str]],
-             samples: Dict[tuple, List[Dict[str, float]]]) -> Optional[str]:
-    """Every setting at ``n`` ranks (``sub``), interleaved block by block; the samples
-    into ``samples`` (on rank 0); an error message every rank of ``sub`` agrees on."""
+def _build(args: argparse.Namespace, n: int, sub: MPI.Comm, hidden: List[int],
+           variants: List[str], datasets: List[Tuple[str, str]]
+           ) -> Tuple[List[Tuple[tuple, _Timed]], Optional[str]]:
+    """Every setting at ``n`` ranks (``sub``), built and warmed up; an error message every
+    rank of ``sub`` agrees on (then the settings built so far are closed)."""
     settings: List[Tuple[tuple, _Timed]] = []
     total = args.warmup + args.repeats * args.steps
     error = None
@@ -153,25 +154,28 @@ def _measure(args: argparse.Namespace, n: int, sub: MPI.Comm, hidden: List[int],
             error = exc.render(_bench_name) if isinstance(exc, ConfigError) else str(exc)
         error = next((e for e in sub.allgather(error) if e), None)
         if error:
-            break
-    if error is None:
-        for _ in range(args.repeats):
             for _, timed in settings:
-                timed.start()
-            for a in range(0, args.steps, args.block):  # every setting in turn
-                for _, timed in settings:
-                    timed.run(min(args.block, args.steps - a))
-            for key, timed in settings:
-                got = timed.sample(args.steps)
-                if key[1] in CEILINGS:  # each rank alone: the ranks' throughputs add up
-                    mine = args.steps * timed.cfg.batch_size / timed.elapsed
-                    got = {"samples_per_s": sub.allreduce(mine, op=MPI.SUM)}
-                if sub.Get_rank() == 0:
-                    samples.setdefault(key, []).append(got)
+                timed.close()
+            return [], error
+    return settings, None
+
+
+def _repeat(args: argparse.Namespace, sub: MPI.Comm, settings: List[Tuple[tuple, _Timed]],
+            samples: Dict[tuple, List[Dict[str, float]]]) -> None:
+    """One repeat of every setting on ``sub``, taking turns block by block; the samples
+    into ``samples`` (on rank 0)."""
     for _, timed in settings:
-        timed.close()
-    sub.Free()
-    return error
+        timed.start()
+    for a in range(0, args.steps, args.block):  # every setting in turn
+        for _, timed in settings:
+            timed.run(min(args.block, args.steps - a))
+    for key, timed in settings:
+        got = timed.sample(args.steps)
+        if key[1] in CEILINGS:  # each rank alone: the ranks' throughputs add up
+            mine = args.steps * timed.cfg.batch_size / timed.elapsed
+            got = {"samples_per_s": sub.allreduce(mine, op=MPI.SUM)}
+        if sub.Get_rank() == 0:
+            samples.setdefault(key, []).append(got)
 
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
@@ -202,15 +206,30 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     out(f"# train: MLP {hidden}, {args.batch_per_rank} samples per rank, SGD; median of "
         f"{args.repeats} x {args.steps} steps; threads per rank {thread_report()}")
     samples: Dict[tuple, List[Dict[str, float]]] = {}
-    for n in counts:
-        sub = comm.Split(0 if rank < n else MPI.UNDEFINED, rank)
-        error = None
-        if sub != MPI.COMM_NULL:
-            error = _measure(args, n, sub, hidden, variants, datasets, samples)
+    subs = {n: comm.Split(0 if rank < n else MPI.UNDEFINED, rank) for n in counts}
+    built: Dict[int, List[Tuple[tuple, _Timed]]] = {}
+    error = None
+    for n in counts:  # every setting of every rank count, built once
+        built[n] = []
+        if subs[n] != MPI.COMM_NULL:
+            built[n], error = _build(args, n, subs[n], hidden, variants, datasets)
         quiet_barrier(comm)  # idle ranks sleep, so they take no core
         error = comm.bcast(error, root=0)  # rank 0 is in every sub-communicator
         if error:
-            raise MpitrainError(error, everywhere=True)
+            break
+    for _ in range(args.repeats if error is None else 0):  # the rank counts take turns too
+        for n in counts:
+            if subs[n] != MPI.COMM_NULL:
+                _repeat(args, subs[n], built[n], samples)
+            quiet_barrier(comm)
+    for n, settings in built.items():
+        for _, timed in settings:
+            timed.close()
+    for sub in subs.values():
+        if sub != MPI.COMM_NULL:
+            sub.Free()
+    if error:
+        raise MpitrainError(error, everywhere=True)
     records: List[Dict[str, object]] = []
     if rank == 0:
         out(f"# {'ranks':>5} {'variant':<15} {'samples/s':>10} {'range':>17} {'efficiency':>10}"
@@ -257,9 +276,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
             "ranks can do here; of ceiling = samples/s / ceiling; worst: the lowest of the "
             "repeats, each against the ceiling of the same repeat; lockstep: the same "
             "trainers waiting for each other after every step, the most a synchronous step "
-            "can do (of it: samples/s / lockstep); rank counts are measured one after the "
-            "other, so efficiency carries the machine's drift, the peers do not; exchange: "
-            "the part not "
+            "can do (of it: samples/s / lockstep); exchange: the part not "
             "hidden behind backward; * oversubscribed (more ranks than cores)")
     if args.json and rank == 0:
         write_json(args.json, records)
