@@ -32,17 +32,10 @@ for sizes in ([5, 3, 7, 2, 4, 6, 1, 8, 2, 3, 5, 4], [0, 0, 0, 4, 0, 2, 3, 0, 0, 
     first, last = rank_slice(G, rank, size)
     s.start(cuts, first, last)
     home = np.full(count, np.nan, np.float32)  # what a leader's backward writes into
-    added = False
     for g in range(first, last):
-        if not sizes[g]:
-            continue
-        if s.leads:
-            home[...] = group(g) if not added else home + group(g)
-            added = True
-        else:
-            into = s.scratch()
-            into[...] = group(g)
-            s.add(into)
+        if sizes[g]:
+            into, add = s.place(home)  # as backward does: write, or add to what is there
+            into[...] = into + group(g) if add else group(g)
     s.finish(home)
     bad += not np.array_equal(home.view(np.uint32), expect.view(np.uint32))
 total = comm.allreduce(bad)

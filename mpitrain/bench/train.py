@@ -170,10 +170,11 @@ def _repeat(args: argparse.Namespace, sub: MPI.Comm, settings: List[Tuple[tuple,
         for _, timed in settings:
             timed.run(min(args.block, args.steps - a))
     for key, timed in settings:
-        got = timed.sample(args.steps)
         if key[1] in CEILINGS:  # each rank alone: the ranks' throughputs add up
             mine = args.steps * timed.cfg.batch_size / timed.elapsed
             got = {"samples_per_s": sub.allreduce(mine, op=MPI.SUM)}
+        else:
+            got = timed.sample(args.steps)
         if sub.Get_rank() == 0:
             samples.setdefault(key, []).append(got)
 

@@ -28,7 +28,7 @@ it: the trainers compute each group on its own, with the same shapes.
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -44,9 +44,9 @@ class OrderedSum:
 
     ``cuts``: the G + 1 cut points of the step's batch into groups (so every
     rank knows which groups are empty), ``first``/``last``: this rank's groups.
-    Use: ``leads`` tells whether backward accumulates into the gradient buffer;
-    if not, compute each non-empty group into ``scratch()`` and ``add`` it; then
-    ``finish(buffer)`` (collective).
+    Use: for each non-empty group, in order, ``place(buffer)`` says where backward
+    computes it and whether it adds to what is there; then ``finish(buffer)``
+    (collective).
     """
 
     def __init__(self, comm: MPI.Comm, count: int, dtype=np.float32):
@@ -63,16 +63,19 @@ class OrderedSum:
         self.before = cuts[first] > 0  # a non-empty group precedes this rank's groups
         self.mine = cuts[last] > cuts[first]  # this rank has a non-empty group
         self.leads = not self.before  # backward adds this rank's groups into the buffer
+        self._placed = 0  # groups placed this step
 
-    def scratch(self) -> np.ndarray:
-        """A (count,) buffer to compute one group's gradient into, then ``add`` it."""
-        if len(self._pool) == len(self._kept):
+    def place(self, buffer: np.ndarray) -> Tuple[np.ndarray, bool]:
+        """Where backward computes this rank's next non-empty group, and whether it adds
+        to what is there: the leader's groups add up in ``buffer`` (as --accumulate);
+        every other rank's group gets a buffer of its own, added after the sum before."""
+        self._placed += 1
+        if self.leads:
+            return buffer, self._placed > 1
+        if len(self._pool) < self._placed:
             self._pool.append(np.zeros(self.count, self.dtype))
-        return self._pool[len(self._kept)]
-
-    def add(self, grads: np.ndarray) -> None:
-        """The next non-empty group's gradient (a ``scratch`` buffer), in group order."""
-        self._kept.append(grads)
+        self._kept.append(self._pool[self._placed - 1])
+        return self._kept[-1], False
 
     def finish(self, buffer: np.ndarray) -> None:
         """Write the sum of every rank's groups, in group order, into ``buffer``

@@ -107,9 +107,9 @@ class Preemption:
             self._watcher.join()
             os.close(read)
             self._pipe = None
-        for num, old in self._old.items():  # once agreed, SIGTERM goes straight to ignored
-            signal.signal(num, signal.SIG_IGN if self.agreed and num == signal.SIGTERM
-                          else old)
+        for num, old in self._old.items():  # once agreed, SIGTERM stays with _handle
+            if not (self.agreed and num == signal.SIGTERM):  # until leaving() ignores it
+                signal.signal(num, old)
         if self.agreed:
             leaving()
 

@@ -80,20 +80,13 @@ class GroupedSteps:
         rows = np.zeros((last - first, 2 + tr.task.width))  # each group's metric sums
         home = tr.model.grads  # the exchange's buffer, which the optimizer reads
         self.sum.start(cuts, first, last)
-        added = False
         for g in range(first, last):
             lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
-            if hi == lo:
-                continue
-            # The leading rank's backward adds the groups up in order (as --accumulate);
-            # the others compute each group into a buffer of its own, for the chain.
-            into = home if self.sum.leads else self.sum.scratch()
-            tr.model.bind_grads(into)
-            tr._compute(step, ids[lo:hi], x[lo:hi], y[lo:hi], batch, rows[g - first],
-                        None, pieces=1, add=added and self.sum.leads)
-            added = True
-            if not self.sum.leads:
-                self.sum.add(into)
+            if hi > lo:
+                into, add = self.sum.place(home)  # see OrderedSum: leader or chain
+                tr.model.bind_grads(into)
+                tr._compute(step, ids[lo:hi], x[lo:hi], y[lo:hi], batch, rows[g - first],
+                            None, pieces=1, add=add)
         tr.model.bind_grads(home)
         if stop and last > first:
             rows[0, 1] = 1.0

@@ -60,7 +60,6 @@ class _Step:
     ids: np.ndarray  # (b,) the replica's global sample ids (dropout draws by them)
     parts: List[Tuple[int, int]] = field(default_factory=list)  # micro-batch k of the chunk
     rows: Optional[np.ndarray] = None  # with groups: (k, 2 + width) metric sums per group
-    added: bool = False  # with groups: a group's gradient is in the buffer
     chunk: int = 0  # which of the ``accumulate`` chunks runs
     x: Optional[np.ndarray] = None  # (b, *features): the first stage's rows
     y: Optional[np.ndarray] = None  # (b,): the last stage's labels
@@ -95,7 +94,6 @@ class PipelineTrainer(TrainerBase):
         self.task = task or Classification(along[-1][0])
         self.train, self.val = train, val
         self.microbatches, self.schedule, self.accumulate = microbatches, schedule, accumulate
-        self.groups = groups
         self.ranges = stage_ranges(layers, grid.pp, stage_layers, shape=shape)
         a, b = self.ranges[grid.pp_rank]
         self.model = Sequential(layers[a:b], dtype=dtype, seed=seed, index=range(a, b))
@@ -233,16 +231,13 @@ class PipelineTrainer(TrainerBase):
         self.on_phase("computing")
         first = self.grid.is_first_stage
         add = k > 0 or st.chunk > 0
-        if st.rows is not None:  # a group: see GroupedSteps.step
-            add, st.added = st.added and self.sum.leads, True
-            if not self.sum.leads:
-                self.model.bind_grads(self.sum.scratch())
+        if st.rows is not None:  # a group: see OrderedSum.place
+            into, add = self.sum.place(self.exchange.buffer[:self.model.size])
+            self.model.bind_grads(into)
         with np.errstate(over="ignore", invalid="ignore"):
             # The step's first micro-batch overwrites the gradients, later ones add to
             # them, in the same order under both schedules, so both give the same bits.
             dx = self.model.backward(dy, saved, need_dx=not first, accumulate=add)
-        if st.rows is not None and not self.sum.leads:
-            self.sum.add(self.model.grads)
         if not first:
             self.send_backward(k, dx)
 
@@ -255,10 +250,11 @@ class PipelineTrainer(TrainerBase):
         st = _Step(step, batch, ids)
         if self.groups:  # this replica's groups, as rows of ``ids``
             first, last = rank_slice(self.groups, g.dp_rank, g.dp)
-            cuts = [c - bounds(batch, self.groups)[first] for c in bounds(batch, self.groups)]
-            groups = [(cuts[k], cuts[k + 1]) for k in range(first, last)]
+            cuts = bounds(batch, self.groups)
+            groups = [(cuts[k] - cuts[first], cuts[k + 1] - cuts[first])
+                      for k in range(first, last)]
             rows = np.zeros((last - first, len(self.metrics)))
-            self.sum.start(bounds(batch, self.groups), first, last)
+            self.sum.start(cuts, first, last)
         self.on_phase("reading data")
         if g.is_first_stage:  # (b, *features), (b, *targets)
             st.x, st.y = self.train.read(ids)
