@@ -12,11 +12,14 @@ whichever BLAS or OpenMP runtime they are.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-__all__ = ["THREAD_VARS", "limit_threads", "thread_report", "blas_threads", "child_env"]
+__all__ = ["THREAD_VARS", "limit_threads", "thread_report", "blas_threads", "child_env",
+           "one_blas_thread"]
 
 # Every variable a BLAS or OpenMP runtime numpy may be linked with reads.
 THREAD_VARS = (
@@ -63,6 +66,78 @@ def blas_threads() -> Optional[int]:
     pools = _pools()
     blas = [p["num_threads"] for p in pools or () if p.get("user_api") == "blas"]
     return int(blas[0]) if blas else None
+
+
+# The loaded BLAS's thread count, got and set directly: (get, set), or None if unknown.
+_CONTROL: List[Optional[Tuple[Callable[[], int], Callable[[int], None]]]] = []
+
+
+def _openblas_control():
+    """(get, set) of the OpenBLAS this process has loaded (numpy's wheels carry one,
+    named scipy_openblas with a 64_ suffix), found in /proc/self/maps; None if none."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {ln.split()[-1] for ln in maps if "openblas" in ln.lower() and "/" in ln}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix in ("scipy_", ""):
+            for suffix in ("64_", ""):
+                name = f"{prefix}openblas_%s_num_threads{suffix}"
+                get, put = getattr(lib, name % "get", None), getattr(lib, name % "set", None)
+                if get is not None and put is not None:
+                    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                    return (lambda: int(get())), (lambda n: put(n))
+    return None
+
+
+def _pool_control():
+    """(get, set) through threadpoolctl (MKL, BLIS, Accelerate...); None without it."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    blas = ThreadpoolController().select(user_api="blas").lib_controllers
+    if not blas:
+        return None
+    return (lambda: int(blas[0].num_threads),
+            lambda n: [lib.set_num_threads(n) for lib in blas] and None)
+
+
+def blas_control() -> Optional[Tuple[Callable[[], int], Callable[[int], None]]]:
+    """(get, set) of the loaded BLAS's thread count (call after numpy is imported), or
+    None if mpitrain cannot reach it."""
+    if not _CONTROL:
+        _CONTROL.append(_openblas_control() or _pool_control())
+    return _CONTROL[0]
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Run the block with one BLAS thread, then restore the count.
+
+    A matrix product's bits depend on the BLAS's thread count (measured with
+    numpy's OpenBLAS: 1 and 2 threads differ in every row from 5 rows up), so
+    ``--reproducible`` computes at one thread on any layout; one rank alone would
+    otherwise use all the node's cores and get other bits than 2 ranks.
+    """
+    control = blas_control()
+    if control is None:
+        yield
+        return
+    get, put = control
+    before = get()
+    if before != 1:
+        put(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            put(before)
 
 
 def limit_threads() -> Dict[str, object]:

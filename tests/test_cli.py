@@ -185,6 +185,39 @@ def test_the_loaded_blas_runs_the_threads_per_rank_whatever_was_imported_first(f
     assert result.stdout.split()[:2] == [expected, expected]
 
 
+def test_one_blas_thread_sets_the_loaded_blas_and_restores_it():
+    """--reproducible's steps run at one BLAS thread, set on the library numpy loaded."""
+    from mpitrain.threads import blas_control, one_blas_thread
+
+    if blas_control() is None:
+        pytest.skip("numpy's BLAS here is not OpenBLAS and threadpoolctl is missing")
+    get, put = blas_control()
+    before = get()
+    put(2)
+    try:
+        with one_blas_thread():
+            assert get() == 1
+        assert get() == 2
+    finally:
+        put(before)
+
+
+def test_reproducible_refuses_a_blas_it_cannot_hold_at_one_thread(small_data, monkeypatch):
+    from mpi4py import MPI
+
+    from mpitrain.config import Config
+    from mpitrain.run import build as building
+    from mpitrain.runtime import ConfigError
+
+    monkeypatch.setattr(building, "blas_control", lambda: None)
+    monkeypatch.setattr(building, "limit_threads", lambda: {"threads": 2})
+    with pytest.raises(ConfigError, match="reproducible computes at one BLAS thread.*"
+                                          "OMP_NUM_THREADS=1.*threadpoolctl"):
+        building.build(Config(data=small_data, reproducible=True), MPI.COMM_SELF)
+    monkeypatch.setattr(building, "limit_threads", lambda: {"threads": 1})  # the user's 1
+    building.build(Config(data=small_data, reproducible=True, hidden=[8]), MPI.COMM_SELF)
+
+
 def test_inspect_prints_once_and_exports_once(tmp_path, small_data):
     assert run_train(2, "--data", small_data, "--steps", "5", "--hidden", "8", "--ckpt-dir",
                      tmp_path / "ck", "--quiet").returncode == 0

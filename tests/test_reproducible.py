@@ -2,7 +2,7 @@
 and a resume at another rank count (real MPI jobs, each bounded in time)."""
 import pytest
 
-from conftest import final, run_train, same_bits
+from conftest import clean_env, final, run_train, same_bits
 
 ARGS = ["--hidden", "16,16", "--batch-size", "60", "--steps", "20", "--ckpt-every", "10",
         "--reproducible", "--log-every", "10"]
@@ -89,3 +89,19 @@ def test_reproducible_option_errors(small_data, tmp_path, n, args, message):
     result = run_train(n, "--data", small_data, "--ckpt-dir", str(tmp_path / "c"), *ARGS, *args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr, result.stderr
+
+
+def test_the_same_bits_whatever_the_blas_threads(small_data, tmp_path):
+    """One rank alone gets all the node's cores as BLAS threads, two ranks one each; a
+    product's bits depend on the thread count, so --reproducible computes at one thread
+    (a pipeline too)."""
+    args = ["--hidden", "256,256", "--batch-size", "64", "--groups", "4", "--steps", "4",
+            "--ckpt-every", "4", "--reproducible", "--optimizer", "adam", "--lr", "0.01"]
+    states = []
+    for n, threads, *pp in ((1, "2"), (2, "1"), (2, "2", "--pp", "2")):
+        env = {**clean_env(), "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+        ckpt = tmp_path / f"{n}-{threads}-{len(pp)}"
+        r = run_train(n, "--data", small_data, "--ckpt-dir", str(ckpt), *args, *pp, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        states.append(final(ckpt))
+    assert same_bits(states[0], states[1]) and same_bits(states[0], states[2])

@@ -7,7 +7,9 @@ the same bits at any rank count.  The groups' gradients are then added in
 group order (``comm.ordered``: a chain through the ranks), and the groups'
 loss and metric sums gathered and added in group order.  The
 optimizer then sees the same summed gradient, bit for bit, at 1, 2, 3 or 4
-ranks; so does evaluation, over fixed chunks of the validation split.
+ranks; so does evaluation, over fixed chunks of the validation split.  Both run
+at one BLAS thread (``threads.one_blas_thread``): a product's bits depend on the
+thread count, and one rank alone would otherwise use every core of its node.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from mpi4py import MPI
 
 from ..balance import bounds, rank_slice
 from ..comm.ordered import OrderedSum
+from ..threads import one_blas_thread
 from ..timeline import span
 
 __all__ = ["GroupedSteps", "EVAL_CHUNK", "gathered_sums", "norm_sq_by_tensor"]
@@ -65,6 +68,15 @@ class GroupedSteps:
 
     def step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         """One step of ``trainer`` (see ``Trainer.step``), bit-identical at any rank count."""
+        with one_blas_thread():  # the products' bits depend on the BLAS's threads
+            return self._step(step, stop)
+
+    def evaluate(self) -> Optional[Dict[str, object]]:
+        """Evaluation over fixed chunks of ``EVAL_CHUNK`` rows, summed in chunk order."""
+        with one_blas_thread():
+            return self._evaluate()
+
+    def _step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         tr, comm = self.trainer, self.comm
         t0 = time.perf_counter()
         with span("data", "data"):
@@ -97,8 +109,7 @@ class GroupedSteps:
             sums = gathered_sums(comm, rows, self.groups)
         return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
 
-    def evaluate(self) -> Optional[Dict[str, object]]:
-        """Evaluation over fixed chunks of ``EVAL_CHUNK`` rows, summed in chunk order."""
+    def _evaluate(self) -> Optional[Dict[str, object]]:
         tr = self.trainer
         if tr.val is None or len(tr.val) == 0:
             return None

@@ -34,6 +34,7 @@ from ..parallel.pipeline.stage import PipelineTrainer
 from ..parallel.ps.trainer import PSTrainer
 from ..parallel.speed import SpeedBalancer
 from ..runtime import ConfigError, MpitrainError, agreed, literal
+from ..threads import blas_control, limit_threads
 
 __all__ = ["build", "open_data", "model_spec", "lr_schedule"]
 
@@ -191,6 +192,12 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
                           f"{cfg.batch_size}: each replica needs a group and each group a "
                           "sample (replicas <= groups <= batch size)",
                           ["groups", "batch_size", "pp"], everywhere=True)
+    if cfg.reproducible and blas_control() is None and limit_threads()["threads"] != 1:
+        raise ConfigError("{reproducible} computes at one BLAS thread (a product's bits "
+                          "depend on the thread count), and mpitrain cannot set the threads "
+                          "of this process's BLAS (not OpenBLAS, and threadpoolctl is not "
+                          "installed): launch with OMP_NUM_THREADS=1 (and the BLAS's own "
+                          "variable), or pip install threadpoolctl", ["reproducible"])
     replicas = comm.Get_size() - cfg.servers if cfg.ps() else grid.dp
     m, train, val = open_data(cfg, comm, replicas)
     task, loss = agreed(comm, lambda: task_and_loss(cfg, m))

@@ -25,6 +25,7 @@ micro-batches cannot be confused.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,6 +43,7 @@ from ...model.optim import make_optimizer
 from ...model.sequential import Sequential
 from ...model.tasks import Classification, Task
 from ...runtime import ConfigError, agreed
+from ...threads import one_blas_thread
 from ...timeline import span
 from ..base import TrainerBase
 from ..reproducible import EVAL_CHUNK, gathered_sums
@@ -244,6 +246,17 @@ class PipelineTrainer(TrainerBase):
     def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
         """Run global step ``step`` (0-based); return (mean loss, the task's metrics of
         the batch, global batch)."""
+        # --reproducible: one BLAS thread on any layout (parallel.reproducible)
+        with one_blas_thread() if self.groups else nullcontext():
+            return self._run_step(step, stop)
+
+    def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
+        """{"loss": mean loss, task metrics...} on the validation split through the
+        pipeline (collective); None without one."""
+        with one_blas_thread() if self.groups else nullcontext():
+            return self._run_evaluate(chunk)
+
+    def _run_step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         g = self.grid
         t0 = time.perf_counter()
         ids, batch = self.sampler.local(step, g.dp_rank, g.dp, groups=self.groups)
@@ -294,9 +307,7 @@ class PipelineTrainer(TrainerBase):
         return self._conclude(step, batch, self.metrics, (t0, t1, t2, time.perf_counter()),
                               self.times["wait"] - wait0)
 
-    def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
-        """{"loss": mean loss, task metrics...} on the validation split through the
-        pipeline (collective); None without one."""
+    def _run_evaluate(self, chunk: int) -> Optional[Dict[str, object]]:
         if self.val is None or len(self.val) == 0:
             return None
         g, n = self.grid, len(self.val)
