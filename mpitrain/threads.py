@@ -117,8 +117,9 @@ def blas_control() -> Optional[Tuple[Callable[[], int], Callable[[int], None]]]:
 
 
 @contextmanager
-def one_blas_thread() -> Iterator[None]:
-    """Run the block with one BLAS thread, then restore the count.
+def one_blas_thread() -> Iterator[int]:
+    """Run the block with one BLAS thread, then restore the count; yields the count
+    before (1 if unknown: then it is 1, or ``--reproducible`` is refused).
 
     A matrix product's bits depend on the BLAS's thread count (measured with
     numpy's OpenBLAS: 1 and 2 threads differ in every row from 5 rows up), so
@@ -127,14 +128,14 @@ def one_blas_thread() -> Iterator[None]:
     """
     control = blas_control()
     if control is None:
-        yield
+        yield 1
         return
     get, put = control
     before = get()
     if before != 1:
         put(1)
     try:
-        yield
+        yield before
     finally:
         if before != 1:
             put(before)

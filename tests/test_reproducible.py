@@ -93,15 +93,22 @@ def test_reproducible_option_errors(small_data, tmp_path, n, args, message):
 
 def test_the_same_bits_whatever_the_blas_threads(small_data, tmp_path):
     """One rank alone gets all the node's cores as BLAS threads, two ranks one each; a
-    product's bits depend on the thread count, so --reproducible computes at one thread
-    (a pipeline too)."""
+    product's bits depend on the thread count, so --reproducible computes at one BLAS
+    thread (a pipeline too), and one rank's cores compute its groups at once."""
+    import json
+
     args = ["--hidden", "256,256", "--batch-size", "64", "--groups", "4", "--steps", "4",
             "--ckpt-every", "4", "--reproducible", "--optimizer", "adam", "--lr", "0.01"]
     states = []
-    for n, threads, *pp in ((1, "2"), (2, "1"), (2, "2", "--pp", "2")):
+    for n, threads, *more in ((1, "2", "--timeline", tmp_path / "t.json"), (2, "1"),
+                              (2, "2", "--pp", "2")):
         env = {**clean_env(), "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
-        ckpt = tmp_path / f"{n}-{threads}-{len(pp)}"
-        r = run_train(n, "--data", small_data, "--ckpt-dir", str(ckpt), *args, *pp, env=env)
+        ckpt = tmp_path / f"{n}-{threads}-{len(more)}"
+        r = run_train(n, "--data", small_data, "--ckpt-dir", str(ckpt), *args, *more, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         states.append(final(ckpt))
     assert same_bits(states[0], states[1]) and same_bits(states[0], states[2])
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
+    computing = {names[e["tid"]] for e in events if e["name"] == "forward"}
+    assert computing == {"main", "groups_0"}, computing  # 2 cores: 2 threads of groups

@@ -20,6 +20,11 @@ rank r + 1 adds chunk c while rank r sends chunk c + 1::
     rank 1            S_4 + g_4 + g_5 + g_6 + g_7          --S_8-->
     rank 2            S_8 + g_8 + ... + g_11 = S           Bcast(S, root=2)
 
+A rank whose cores compute several groups at once (``parallel.reproducible``)
+places all but the first thread's groups ``alone``, even on the leader: each
+in a buffer of its own, added in order after the first thread's, as a later
+rank's groups are.
+
 On one rank these are the additions of ``--accumulate G``.  The cost on more ranks:
 each link carries the buffer once and the broadcast once, not overlapped
 with backward; the ranks but the leader add their groups (one float pass a
@@ -63,38 +68,41 @@ class OrderedSum:
         self.before = cuts[first] > 0  # a non-empty group precedes this rank's groups
         self.mine = cuts[last] > cuts[first]  # this rank has a non-empty group
         self.leads = not self.before  # backward adds this rank's groups into the buffer
-        self._placed = 0  # groups placed this step
+        self._added = 0  # of which backward adds into the leader's buffer
 
-    def place(self, buffer: np.ndarray) -> Tuple[np.ndarray, bool]:
+    def place(self, buffer: np.ndarray, alone: bool = False) -> Tuple[np.ndarray, bool]:
         """Where backward computes this rank's next non-empty group, and whether it adds
         to what is there: the leader's groups add up in ``buffer`` (as --accumulate);
-        every other rank's group gets a buffer of its own, added after the sum before."""
-        self._placed += 1
-        if self.leads:
-            return buffer, self._placed > 1
-        if len(self._pool) < self._placed:
+        every other rank's group gets a buffer of its own, added after the sum before.
+        ``alone``: a buffer of its own even on the leader (a group another thread
+        computes at the same time; ``finish`` adds it, in order, after the others)."""
+        if self.leads and not alone:
+            self._added += 1
+            return buffer, self._added > 1
+        if len(self._pool) == len(self._kept):
             self._pool.append(np.zeros(self.count, self.dtype))
-        self._kept.append(self._pool[self._placed - 1])
+        self._kept.append(self._pool[len(self._kept)])
         return self._kept[-1], False
 
     def finish(self, buffer: np.ndarray) -> None:
         """Write the sum of every rank's groups, in group order, into ``buffer``
         (collective).  A leader's ``buffer`` already holds its groups' sum."""
-        if self.leads and not self.mine:
-            buffer[...] = 0  # nothing so far: the next rank leads after this one
+        if self.leads and not self._added:  # the leader's first group (g_f, not 0 + g_f:
+            # -0.0 stays -0.0), or nothing so far: the next rank leads after this one
+            buffer[...] = self._kept.pop(0) if self._kept else 0
+        # The rank after this one receives only if something precedes its groups.
+        sends = self.rank < self.size - 1 and (self.before or self.mine)
+        sending: List[MPI.Request] = []
+        for a in range(0, self.count, self.chunk):
+            b = min(self.count, a + self.chunk)
+            if self.before:
+                self.comm.Recv(buffer[a:b], source=self.rank - 1, tag=TAG_ORDERED)
+            for g in self._kept:  # left to right: (S + g_f) + g_f+1 ...
+                buffer[a:b] += g[a:b]
+            if sends:
+                sending.append(self.comm.Isend(buffer[a:b], dest=self.rank + 1,
+                                               tag=TAG_ORDERED))
+        MPI.Request.Waitall(sending)
         if self.size > 1:
-            # The rank after this one receives only if something precedes its groups.
-            sends = self.rank < self.size - 1 and (self.before or self.mine)
-            sending: List[MPI.Request] = []
-            for a in range(0, self.count, self.chunk):
-                b = min(self.count, a + self.chunk)
-                if self.before:
-                    self.comm.Recv(buffer[a:b], source=self.rank - 1, tag=TAG_ORDERED)
-                    for g in self._kept:  # left to right: (S + g_f) + g_f+1 ...
-                        buffer[a:b] += g[a:b]
-                if sends:
-                    sending.append(self.comm.Isend(buffer[a:b], dest=self.rank + 1,
-                                                   tag=TAG_ORDERED))
-            MPI.Request.Waitall(sending)
             self.comm.Bcast(buffer, root=self.size - 1)
         self._kept.clear()

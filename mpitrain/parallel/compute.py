@@ -21,7 +21,7 @@ class Computing:
 
     def _compute(self, step: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray, batch: int,
                  metrics: np.ndarray, final: Optional[Callable[[int], None]],
-                 pieces: Optional[int] = None, add: bool = False) -> float:
+                 pieces: Optional[int] = None, add: bool = False, model=None) -> float:
         """Forward and backward of this rank's part of a batch of ``batch`` samples (global
         ``ids``, rows ``x``, targets ``y``) into the model's gradients, adding the loss
         sum to ``metrics[0]`` and the task's sums to ``metrics[2:]`` (zeroed first);
@@ -30,8 +30,10 @@ class Computing:
         In ``accumulate`` micro-batches, one after the other: the first writes the
         gradients, the others add to them, and only the last reports to ``final``
         what backward has made final.  ``pieces``: micro-batches instead of
-        ``accumulate``; ``add``: the first adds to the gradients too.
+        ``accumulate``; ``add``: the first adds to the gradients too; ``model``: a copy
+        of the model that computes instead (``parallel.reproducible``'s threads).
         """
+        model = self.model if model is None else model
         metrics[:] = 0
         count = max(1, min(self.accumulate if pieces is None else pieces, len(ids)))
         parts = [rank_slice(len(ids), k, count) for k in range(count)]
@@ -43,7 +45,7 @@ class Computing:
                 t0 = time.perf_counter()
                 ctx = Context(training=True, step=step, ids=ids[lo:hi], seed=self.seed)
                 with span("forward", "compute", samples=hi - lo):
-                    out, saved = self.model.forward(x[lo:hi], ctx)  # (b / K, outputs)
+                    out, saved = model.forward(x[lo:hi], ctx)  # (b / K, outputs)
                 self.peak_activation_bytes = max(self.peak_activation_bytes,
                                                  saved_bytes(saved))
                 y_k = y[lo:hi]
@@ -55,7 +57,7 @@ class Computing:
                 t2 = time.perf_counter()
                 last = k == len(parts) - 1
                 with span("backward", "compute", samples=hi - lo):
-                    self.model.backward(dout, saved, accumulate=k > 0 or add,
+                    model.backward(dout, saved, accumulate=k > 0 or add,
                                         final_from=final if last else None)
                 took["forward"] += t1 - t0
                 took["backward"] += time.perf_counter() - t2

@@ -13,15 +13,19 @@ thread count, and one rank alone would otherwise use every core of its node.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
-from typing import Dict, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
 
 from ..balance import bounds, rank_slice
 from ..comm.ordered import OrderedSum
+from ..model.sequential import Sequential
 from ..threads import one_blas_thread
 from ..timeline import span
 
@@ -65,18 +69,44 @@ class GroupedSteps:
         self.trainer, self.groups = trainer, groups
         self.comm = trainer.comm
         self.sum = OrderedSum(self.comm, trainer.model.size, trainer.model.dtype)
+        self._copies: List[Sequential] = []  # the model, for each thread but the first
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     def step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         """One step of ``trainer`` (see ``Trainer.step``), bit-identical at any rank count."""
-        with one_blas_thread():  # the products' bits depend on the BLAS's threads
-            return self._step(step, stop)
+        with one_blas_thread() as cores:  # the products' bits depend on the BLAS's threads
+            return self._step(step, stop, cores)
 
     def evaluate(self) -> Optional[Dict[str, object]]:
         """Evaluation over fixed chunks of ``EVAL_CHUNK`` rows, summed in chunk order."""
-        with one_blas_thread():
-            return self._evaluate()
+        with one_blas_thread() as cores:
+            return self._evaluate(cores)
 
-    def _step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
+    def _models(self, threads: int) -> List[Sequential]:
+        """The model for each of ``threads`` threads: the trainer's, then copies of it
+        (their own gradient views) that read the trainer's parameters."""
+        model = self.trainer.model
+        while len(self._copies) < threads - 1:
+            self._copies.append(copy.deepcopy(model))
+        if self._pool is None and threads > 1:
+            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="groups")
+        for c in self._copies[:threads - 1]:
+            c.bind_params(model.params)  # a view: whatever the optimizer or a resume wrote
+        return [model, *self._copies[:threads - 1]]
+
+    def _at_once(self, work: Sequence[Callable[[Sequential], None]]) -> None:
+        """Run ``work[k](model k)``, the first here and the others on the pool's threads
+        at the same time; every one has ended when this returns (or raises)."""
+        models = self._models(len(work))
+        futures = [self._pool.submit(w, m) for w, m in zip(work[1:], models[1:])]
+        try:
+            work[0](models[0])
+        finally:
+            wait(futures)
+        for f in futures:
+            f.result()
+
+    def _step(self, step: int, stop: bool, cores: int) -> Tuple[float, Dict[str, object], int]:
         tr, comm = self.trainer, self.comm
         t0 = time.perf_counter()
         with span("data", "data"):
@@ -92,14 +122,28 @@ class GroupedSteps:
         rows = np.zeros((last - first, 2 + tr.task.width))  # each group's metric sums
         home = tr.model.grads  # the exchange's buffer, which the optimizer reads
         self.sum.start(cuts, first, last)
-        for g in range(first, last):
-            lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
-            if hi > lo:
-                into, add = self.sum.place(home)  # see OrderedSum: leader or chain
-                tr.model.bind_grads(into)
+        # The rank's cores compute its non-empty groups at once, a contiguous run each
+        # (one BLAS thread apiece: the same bits as one after the other); the first run's
+        # groups go where OrderedSum says, the others' into buffers of their own.
+        mine = [g for g in range(first, last) if cuts[g + 1] > cuts[g]]
+        threads = max(1, min(cores, len(mine)))
+        runs = [mine[a:b] for a, b in (rank_slice(len(mine), k, threads)
+                                       for k in range(threads))]
+        placed = {g: self.sum.place(home, alone=k > 0) for k, run in enumerate(runs)
+                  for g in run}
+
+        def compute(run: List[int], model: Sequential) -> None:
+            for g in run:
+                lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
+                into, add = placed[g]
+                model.bind_grads(into)
                 tr._compute(step, ids[lo:hi], x[lo:hi], y[lo:hi], batch, rows[g - first],
-                            None, pieces=1, add=add)
-        tr.model.bind_grads(home)
+                            None, pieces=1, add=add, model=model)
+
+        try:
+            self._at_once([partial(compute, run) for run in runs])
+        finally:
+            tr.model.bind_grads(home)
         if stop and last > first:
             rows[0, 1] = 1.0
         t2 = time.perf_counter()
@@ -109,7 +153,7 @@ class GroupedSteps:
             sums = gathered_sums(comm, rows, self.groups)
         return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
 
-    def _evaluate(self) -> Optional[Dict[str, object]]:
+    def _evaluate(self, cores: int) -> Optional[Dict[str, object]]:
         tr = self.trainer
         if tr.val is None or len(tr.val) == 0:
             return None
@@ -118,9 +162,14 @@ class GroupedSteps:
         chunks = -(-n // EVAL_CHUNK)
         first, last = rank_slice(chunks, tr.rank, tr.size)
         rows = np.zeros((last - first, 1 + tr.task.width))
-        for c in range(first, last):
-            x, y = tr.val.read_range(c * EVAL_CHUNK, min(n, (c + 1) * EVAL_CHUNK))
-            out = tr.model(x)
-            rows[c - first, 0] = tr.loss(out, tr.task.targets(y, out.dtype), 1.0)[0]
-            rows[c - first, 1:] = tr.task.sums(out, y)
+        threads = max(1, min(cores, last - first))
+
+        def chunks_of(k: int, model: Sequential) -> None:  # thread k: every k-th chunk
+            for c in range(first + k, last, threads):
+                x, y = tr.val.read_range(c * EVAL_CHUNK, min(n, (c + 1) * EVAL_CHUNK))
+                out = model(x)
+                rows[c - first, 0] = tr.loss(out, tr.task.targets(y, out.dtype), 1.0)[0]
+                rows[c - first, 1:] = tr.task.sums(out, y)
+
+        self._at_once([partial(chunks_of, k) for k in range(threads)])
         return tr._evaluated(gathered_sums(self.comm, rows, chunks), n)
