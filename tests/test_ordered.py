@@ -52,5 +52,5 @@ sys.exit(1 if total else 0)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_the_chain_gives_one_ranks_bits(n):
-    r = run_mpi(n, ["-c", CODE], timeout=100)
+    r = run_mpi(n, ["-m", "mpi4py", "-c", CODE], timeout=100)  # an error aborts the job
     assert r.returncode == 0 and "mismatches 0" in r.stdout, r.stdout + r.stderr[-2000:]

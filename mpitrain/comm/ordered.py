@@ -20,6 +20,17 @@ rank r + 1 adds chunk c while rank r sends chunk c + 1::
     rank 1            S_4 + g_4 + g_5 + g_6 + g_7          --S_8-->
     rank 2            S_8 + g_8 + ... + g_11 = S           Bcast(S, root=2)
 
+With few terms per rank (at most ``SHARDED_TERMS``: the leader's buffer is
+one term, every later rank's non-empty group one each) the same additions
+are shared out instead: rank s adds up shard s of every rank's terms, in
+order, and an Allgatherv spreads the shards.  Each rank then adds 1/p of the
+values, not all of them, and sends its terms' shards (p - 1)/p of a buffer
+each; with more terms the chain sends less.  Which of the two runs follows
+from the cuts alone, so every rank picks the same::
+
+    2 ranks, g_0 on rank 0, g_1 on rank 1:   rank 0: S[:h] = g_0[:h] + g_1[:h]
+                                             rank 1: S[h:] = g_0[h:] + g_1[h:]
+
 A rank whose cores compute several groups at once (``parallel.reproducible``)
 places all but the first thread's groups ``alone``, even on the leader: each
 in a buffer of its own, added in order after the first thread's, as a later
@@ -33,7 +44,7 @@ it: the trainers compute each group on its own, with the same shapes.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -42,6 +53,9 @@ __all__ = ["OrderedSum", "TAG_ORDERED"]
 
 CHUNK_BYTES = 1 << 20  # a message of the chain: the receiver adds it while the next travels
 TAG_ORDERED = 32000  # point-to-point tag of the chain, on its communicator
+# The most terms a rank may hold for the sharded sum: each term travels to every other
+# rank in shards (p - 1 / p of it), against the chain's one buffer and a broadcast.
+SHARDED_TERMS = 2
 
 
 class OrderedSum:
@@ -59,12 +73,23 @@ class OrderedSum:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._pool: List[np.ndarray] = []  # the groups' gradients, reused step after step
         self._kept: List[np.ndarray] = []
+        self._spare: List[np.ndarray] = []  # shards of other ranks' terms (sharded sum)
         self.chunk = max(1, CHUNK_BYTES // self.dtype.itemsize)
-        self.start([0, 1], 0, 1)
+        self.start([0, 1], self.rank // self.size, (self.rank + 1) // self.size)
 
     def start(self, cuts: Sequence[int], first: int, last: int) -> None:
-        """Begin a step whose groups are cut at ``cuts``; this rank holds [first, last)."""
+        """Begin a step whose groups are cut at ``cuts``; this rank holds [first, last)
+        (``balance.rank_slice`` of the groups, as every rank's)."""
         self._kept.clear()
+        # Each rank's terms of the sum: the leader's buffer (all its groups), then each
+        # later rank's non-empty groups one by one; every rank knows them all.
+        groups, self.terms = len(cuts) - 1, []
+        for k in range(self.size):
+            f, l = groups * k // self.size, groups * (k + 1) // self.size
+            filled = sum(cuts[g + 1] > cuts[g] for g in range(f, l))
+            self.terms.append(min(filled, 1) if cuts[f] == 0 else filled)
+        assert (first, last) == (groups * self.rank // self.size,
+                                 groups * (self.rank + 1) // self.size), (first, last)
         self.before = cuts[first] > 0  # a non-empty group precedes this rank's groups
         self.mine = cuts[last] > cuts[first]  # this rank has a non-empty group
         self.leads = not self.before  # backward adds this rank's groups into the buffer
@@ -90,6 +115,14 @@ class OrderedSum:
         if self.leads and not self._added:  # the leader's first group (g_f, not 0 + g_f:
             # -0.0 stays -0.0), or nothing so far: the next rank leads after this one
             buffer[...] = self._kept.pop(0) if self._kept else 0
+        if self.size > 1 and max(self.terms) <= SHARDED_TERMS:
+            self._sharded(buffer)
+        else:
+            self._chain(buffer)
+        self._kept.clear()
+
+    def _chain(self, buffer: np.ndarray) -> None:
+        """The sum through the ranks in order, chunk by chunk; the last broadcasts it."""
         # The rank after this one receives only if something precedes its groups.
         sends = self.rank < self.size - 1 and (self.before or self.mine)
         sending: List[MPI.Request] = []
@@ -105,4 +138,41 @@ class OrderedSum:
         MPI.Request.Waitall(sending)
         if self.size > 1:
             self.comm.Bcast(buffer, root=self.size - 1)
-        self._kept.clear()
+
+    def _sharded(self, buffer: np.ndarray) -> None:
+        """Rank s adds up shard s of every rank's terms, in order; then an Allgatherv."""
+        if self.leads:  # the leader's other threads' groups, into its one term
+            for g in self._kept:
+                buffer += g
+        own = [buffer] if self.leads and self.mine else self._kept
+        edges = [self.count * r // self.size for r in range(self.size + 1)]
+        lo, hi = edges[self.rank], edges[self.rank + 1]
+        sending = [self.comm.Isend(t[edges[s]:edges[s + 1]], dest=s, tag=TAG_ORDERED)
+                   for t in own for s in range(self.size) if s != self.rank]
+        terms: List[Tuple[Optional[MPI.Request], np.ndarray]] = []  # in group order
+        spare = iter(self._spares(sum(self.terms) - len(own), hi - lo))
+        for k in range(self.size):
+            if k == self.rank:
+                terms += [(None, t[lo:hi]) for t in own]
+            for _ in range(self.terms[k] if k != self.rank else 0):
+                into = next(spare)
+                terms.append((self.comm.Irecv(into, source=k, tag=TAG_ORDERED), into))
+        out = buffer[lo:hi]  # (t_0 + t_1) + t_2 ...: t_0 is the leader's buffer
+        for i, (request, term) in enumerate(terms):
+            if request is not None:
+                request.Wait()
+            if i > 0:
+                out += term
+            elif not (self.leads and self.mine):  # (the leader's is in place already)
+                out[...] = term
+        if not terms:
+            out[...] = 0
+        MPI.Request.Waitall(sending)
+        counts = [b - a for a, b in zip(edges, edges[1:])]
+        self.comm.Allgatherv(MPI.IN_PLACE, [buffer, (counts, edges[:-1])])
+
+    def _spares(self, n: int, length: int) -> List[np.ndarray]:
+        """``n`` receive buffers of ``length`` values, reused step after step."""
+        while len(self._spare) < n:
+            self._spare.append(np.empty(self.count // self.size + 1, self.dtype))
+        return [b[:length] for b in self._spare[:n]]
