@@ -87,7 +87,10 @@ class GroupedSteps:
         (their own gradient views) that read the trainer's parameters."""
         model = self.trainer.model
         while len(self._copies) < threads - 1:
-            self._copies.append(copy.deepcopy(model))
+            twin = copy.deepcopy(model)  # then views only: its own arrays are let go
+            twin.bind_params(model.params)
+            twin.bind_grads(model.grads)
+            self._copies.append(twin)
         if self._pool is None and threads > 1:
             self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="groups")
         for c in self._copies[:threads - 1]:

@@ -106,6 +106,8 @@ def check_memory(cfg: Config, comm: MPI.Comm, layers, stages, shape) -> None:
               for a, b in stages]
     state = {"sgd": 0, "momentum": 1}.get(cfg.optimizer, 2)
     arrays = 3 + state  # parameters, gradients, the exchange buffer, the optimizer's state
+    if cfg.reproducible:  # a buffer for each group held apart (comm.ordered), and shards
+        arrays += -(-cfg.groups // max(1, comm.Get_size() // cfg.pp)) + 1
     along = shapes_along(layers, shape)
     # A micro-batch's activations: what each layer keeps, and as much again in flight
     # in backward; a pipeline stage may hold several micro-batches (counted as all).
@@ -130,11 +132,13 @@ def _fits(cfg: Config, counts, itemsize: int, arrays: int, per_rank: int, here: 
         model = "model" if cfg.model is not None else "hidden"
         raise ConfigError(
             f"the model does not fit in memory: {what} x {itemsize} bytes x {arrays} arrays "
-            f"(parameters, gradients, the exchange buffer and {cfg.optimizer}'s state) and "
+            f"(parameters, gradients, the exchange buffer, {cfg.optimizer}'s state"
+            + (", the groups' buffers of {reproducible}" if cfg.reproducible else "") + ") and "
             f"the activations need {_size(per_rank)} per rank, {_size(per_rank * here)} for "
             f"the {here} ranks on this node, which has {_size(have)}: choose a smaller "
             f"{{{model}}} or {{batch_size}}, or {{accumulate}} the batch in parts (or check "
-            "the data's features and classes)", [model, "batch_size", "accumulate"])
+            "the data's features and classes)",
+            [model, "batch_size", "accumulate", *(["reproducible"] if cfg.reproducible else [])])
 
 
 def model_spec(cfg: Config, features, outputs: int) -> str:
