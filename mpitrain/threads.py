@@ -16,10 +16,10 @@ import ctypes
 import os
 import sys
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 __all__ = ["THREAD_VARS", "limit_threads", "thread_report", "blas_threads", "child_env",
-           "one_blas_thread"]
+           "one_blas_thread", "blas_control", "single_threaded_env", "BlasLib"]
 
 # Every variable a BLAS or OpenMP runtime numpy may be linked with reads.
 THREAD_VARS = (
@@ -68,77 +68,104 @@ def blas_threads() -> Optional[int]:
     return int(blas[0]) if blas else None
 
 
-# The loaded BLAS's thread count, got and set directly: (get, set), or None if unknown.
-_CONTROL: List[Optional[Tuple[Callable[[], int], Callable[[int], None]]]] = []
+class BlasLib(NamedTuple):
+    """A loaded BLAS library's thread count, got and set directly."""
+
+    get: Callable[[], int]
+    set: Callable[[int], None]
+    # Python threads may call it at once, each at the count set here: OpenBLAS built
+    # with pthreads or none (with OpenMP the count is each calling thread's own).
+    concurrent: bool
 
 
-def _openblas_control():
-    """(get, set) of the OpenBLAS this process has loaded (numpy's wheels carry one,
-    named scipy_openblas with a 64_ suffix), found in /proc/self/maps; None if none."""
+_CONTROL: List[List[BlasLib]] = []  # found once: blas_control
+
+
+def _numpy_blas() -> str:
+    """The name of the BLAS numpy was built with ("" if numpy does not say)."""
+    try:
+        import numpy
+
+        return str(numpy.__config__.CONFIG["Build Dependencies"]["blas"]["name"]).lower()
+    except (AttributeError, KeyError, TypeError):
+        return ""
+
+
+def _openblas_libs() -> List[BlasLib]:
+    """Every OpenBLAS this process has loaded (numpy's wheels carry one named
+    scipy_openblas, with a 64_ suffix), found in /proc/self/maps."""
     try:
         with open("/proc/self/maps") as maps:
             paths = {ln.split()[-1] for ln in maps if "openblas" in ln.lower() and "/" in ln}
     except OSError:
-        return None
+        return []
+    found = []
     for path in sorted(paths):
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix in ("scipy_", ""):
-            for suffix in ("64_", ""):
-                name = f"{prefix}openblas_%s_num_threads{suffix}"
-                get, put = getattr(lib, name % "get", None), getattr(lib, name % "set", None)
-                if get is not None and put is not None:
-                    get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
-                    return (lambda: int(get())), (lambda n: put(n))
-    return None
+        for name in (f"{pre}openblas_%s{suf}" for pre in ("scipy_", "") for suf in ("64_", "")):
+            get, put = (getattr(lib, name % f"{op}_num_threads", None) for op in ("get", "set"))
+            parallel = getattr(lib, name % "get_parallel", None)
+            if get is not None and put is not None:
+                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+                if parallel is not None:
+                    parallel.restype = ctypes.c_int
+                found.append(BlasLib(get, put, parallel is not None and parallel() in (0, 1)))
+                break
+    return found
 
 
-def _pool_control():
-    """(get, set) through threadpoolctl (MKL, BLIS, Accelerate...); None without it."""
+def _pool_libs() -> List[BlasLib]:
+    """The BLAS libraries threadpoolctl finds (MKL, BLIS, Accelerate...); none without it."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return None
-    blas = ThreadpoolController().select(user_api="blas").lib_controllers
-    if not blas:
-        return None
-    return (lambda: int(blas[0].num_threads),
-            lambda n: [lib.set_num_threads(n) for lib in blas] and None)
+        return []
+    return [BlasLib(lambda c=c: int(c.num_threads), c.set_num_threads,
+                    c.internal_api == "openblas"
+                    and getattr(c, "threading_layer", "openmp") != "openmp")
+            for c in ThreadpoolController().select(user_api="blas").lib_controllers]
 
 
-def blas_control() -> Optional[Tuple[Callable[[], int], Callable[[int], None]]]:
-    """(get, set) of the loaded BLAS's thread count (call after numpy is imported), or
-    None if mpitrain cannot reach it."""
+def blas_control() -> List[BlasLib]:
+    """The loaded BLAS libraries whose thread count mpitrain can set (after numpy loads)."""
     if not _CONTROL:
-        _CONTROL.append(_openblas_control() or _pool_control())
+        name = _numpy_blas()  # another BLAS (MKL...) may be numpy's, an OpenBLAS loaded
+        libs = _openblas_libs() if not name or "openblas" in name else []
+        _CONTROL.append(libs or _pool_libs())
     return _CONTROL[0]
+
+
+def single_threaded_env() -> bool:
+    """Every BLAS/OpenMP thread variable is 1 (or unset, and so 1 only by default)."""
+    return all(os.environ.get(var, "1") == "1" for var in THREAD_VARS
+               if var != "NUMEXPR_NUM_THREADS")
 
 
 @contextmanager
 def one_blas_thread() -> Iterator[int]:
-    """Run the block with one BLAS thread, then restore the count; yields the count
-    before (1 if unknown: then it is 1, or ``--reproducible`` is refused).
+    """Run the block with one BLAS thread, then restore each library's count; yields
+    how many Python threads may compute at once at one BLAS thread each.
 
     A matrix product's bits depend on the BLAS's thread count (measured with
     numpy's OpenBLAS: 1 and 2 threads differ in every row from 5 rows up), so
     ``--reproducible`` computes at one thread on any layout; one rank alone would
-    otherwise use all the node's cores and get other bits than 2 ranks.
+    otherwise use all the node's cores and get other bits than 2 ranks.  The
+    count before becomes the Python threads' number, where the library allows.
     """
-    control = blas_control()
-    if control is None:
-        yield 1
-        return
-    get, put = control
-    before = get()
-    if before != 1:
-        put(1)
+    libs = blas_control()
+    before = [lib.get() for lib in libs]
+    for lib, count in zip(libs, before):
+        if count != 1:
+            lib.set(1)
     try:
-        yield before
+        yield max(before) if libs and all(lib.concurrent for lib in libs) else 1
     finally:
-        if before != 1:
-            put(before)
+        for lib, count in zip(libs, before):
+            if count != 1:
+                lib.set(count)
 
 
 def limit_threads() -> Dict[str, object]:

@@ -186,20 +186,27 @@ def test_the_loaded_blas_runs_the_threads_per_rank_whatever_was_imported_first(f
 
 
 def test_one_blas_thread_sets_the_loaded_blas_and_restores_it():
-    """--reproducible's steps run at one BLAS thread, set on the library numpy loaded."""
+    """--reproducible's steps run at one BLAS thread, set on the library numpy loaded,
+    and restored after, an error too; the count before is the threads of groups."""
     from mpitrain.threads import blas_control, one_blas_thread
 
-    if blas_control() is None:
+    libs = blas_control()
+    if not libs:
         pytest.skip("numpy's BLAS here is not OpenBLAS and threadpoolctl is missing")
-    get, put = blas_control()
-    before = get()
-    put(2)
+    before = [lib.get() for lib in libs]
+    for lib in libs:
+        lib.set(2)
     try:
-        with one_blas_thread():
-            assert get() == 1
-        assert get() == 2
+        with one_blas_thread() as threads:
+            assert [lib.get() for lib in libs] == [1] * len(libs)
+            assert threads == (2 if all(lib.concurrent for lib in libs) else 1)
+        assert [lib.get() for lib in libs] == [2] * len(libs)
+        with pytest.raises(ZeroDivisionError), one_blas_thread():
+            1 / 0
+        assert [lib.get() for lib in libs] == [2] * len(libs)
     finally:
-        put(before)
+        for lib, count in zip(libs, before):
+            lib.set(count)
 
 
 def test_reproducible_refuses_a_blas_it_cannot_hold_at_one_thread(small_data, monkeypatch):
@@ -208,13 +215,16 @@ def test_reproducible_refuses_a_blas_it_cannot_hold_at_one_thread(small_data, mo
     from mpitrain.config import Config
     from mpitrain.run import build as building
     from mpitrain.runtime import ConfigError
+    from mpitrain.threads import THREAD_VARS
 
-    monkeypatch.setattr(building, "blas_control", lambda: None)
-    monkeypatch.setattr(building, "limit_threads", lambda: {"threads": 2})
+    monkeypatch.setattr(building, "blas_control", lambda: [])
+    for var in THREAD_VARS:
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "4")
     with pytest.raises(ConfigError, match="reproducible computes at one BLAS thread.*"
                                           "OMP_NUM_THREADS=1.*threadpoolctl"):
         building.build(Config(data=small_data, reproducible=True), MPI.COMM_SELF)
-    monkeypatch.setattr(building, "limit_threads", lambda: {"threads": 1})  # the user's 1
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")  # the user's 1 everywhere: nothing to set
     building.build(Config(data=small_data, reproducible=True, hidden=[8]), MPI.COMM_SELF)
 
 

@@ -189,3 +189,17 @@ def test_prepare_gives_the_output_the_users_umask(tmp_path):
         env=clean_env())
     assert result.returncode == 0, result.stderr
     assert os.stat(tmp_path / "ds").st_mode & 0o777 == 0o750
+
+
+def test_the_memory_check_counts_the_buffers_of_groups_held_apart(monkeypatch):
+    """--reproducible: a later replica holds its groups apart (and receive shards); one
+    rank alone, the groups of its threads but the first; a pipeline stage alone, none."""
+    from mpitrain.run import build as building
+
+    monkeypatch.setattr(building, "limit_threads", lambda: {"threads": 2})
+    assert building._group_buffers(12, replicas=2, pp=1) == 6 + 1
+    assert building._group_buffers(4, replicas=4, pp=1) == 1 + 1
+    assert building._group_buffers(12, replicas=1, pp=1) == 6  # 2 threads of 6 groups
+    assert building._group_buffers(12, replicas=1, pp=2) == 0
+    monkeypatch.setattr(building, "limit_threads", lambda: {"threads": 1})
+    assert building._group_buffers(12, replicas=1, pp=1) == 0

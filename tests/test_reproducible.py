@@ -91,23 +91,33 @@ def test_reproducible_option_errors(small_data, tmp_path, n, args, message):
     assert message in result.stderr, result.stderr
 
 
-def test_the_same_bits_whatever_the_blas_threads(small_data, tmp_path):
+def test_the_same_bits_whatever_the_blas_threads(tmp_path):
     """One rank alone gets all the node's cores as BLAS threads, two ranks one each; a
     product's bits depend on the thread count, so --reproducible computes at one BLAS
-    thread (a pipeline too), and one rank's cores compute its groups at once."""
+    thread (a pipeline too), and one rank's cores compute its groups and evaluation
+    chunks at once (2,250 validation rows: 3 chunks)."""
     import json
 
+    from mpitrain.data.prepare import synthetic
+
+    data = tmp_path / "data"
+    synthetic(str(data), samples=3000, features=12, classes=3, seed=1, shards=2,
+              val_fraction=0.75)
     args = ["--hidden", "256,256", "--batch-size", "64", "--groups", "4", "--steps", "4",
-            "--ckpt-every", "4", "--reproducible", "--optimizer", "adam", "--lr", "0.01"]
-    states = []
+            "--ckpt-every", "4", "--log-every", "4", "--reproducible", "--optimizer", "adam",
+            "--lr", "0.01"]
+    states, logged = [], []
     for n, threads, *more in ((1, "2", "--timeline", tmp_path / "t.json"), (2, "1"),
                               (2, "2", "--pp", "2")):
         env = {**clean_env(), "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
         ckpt = tmp_path / f"{n}-{threads}-{len(more)}"
-        r = run_train(n, "--data", small_data, "--ckpt-dir", str(ckpt), *args, *more, env=env)
+        r = run_train(n, "--data", data, "--ckpt-dir", str(ckpt), *args, *more, env=env)
         assert r.returncode == 0, r.stderr[-2000:]
         states.append(final(ckpt))
+        line = next(ln for ln in r.stdout.splitlines() if ln.startswith("step 4/"))
+        logged.append(line.split("samples/s")[0] + line.split("ETA")[-1][8:])  # val_ too
     assert same_bits(states[0], states[1]) and same_bits(states[0], states[2])
+    assert logged[0] == logged[1] == logged[2] and "val_acc" in logged[0], logged
     events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
     computing = {names[e["tid"]] for e in events if e["name"] == "forward"}

@@ -54,7 +54,7 @@ __all__ = ["OrderedSum", "TAG_ORDERED"]
 CHUNK_BYTES = 1 << 20  # a message of the chain: the receiver adds it while the next travels
 TAG_ORDERED = 32000  # point-to-point tag of the chain, on its communicator
 # The most terms a rank may hold for the sharded sum: each term travels to every other
-# rank in shards (p - 1 / p of it), against the chain's one buffer and a broadcast.
+# rank in shards ((p - 1) / p of it), against the chain's one buffer and a broadcast.
 SHARDED_TERMS = 2
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..balance import rank_slice
 from ..model.layers import Context, saved_bytes
+from ..model.sequential import Sequential
 from ..timeline import span
 
 __all__ = ["Computing"]
@@ -21,7 +22,8 @@ class Computing:
 
     def _compute(self, step: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray, batch: int,
                  metrics: np.ndarray, final: Optional[Callable[[int], None]],
-                 pieces: Optional[int] = None, add: bool = False, model=None) -> float:
+                 pieces: Optional[int] = None, add: bool = False,
+                 model: Optional[Sequential] = None) -> float:
         """Forward and backward of this rank's part of a batch of ``batch`` samples (global
         ``ids``, rows ``x``, targets ``y``) into the model's gradients, adding the loss
         sum to ``metrics[0]`` and the task's sums to ``metrics[2:]`` (zeroed first);

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -71,6 +71,7 @@ class GroupedSteps:
         self.sum = OrderedSum(self.comm, trainer.model.size, trainer.model.dtype)
         self._copies: List[Sequential] = []  # the model, for each thread but the first
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._workers = 0  # the pool's threads
 
     def step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         """One step of ``trainer`` (see ``Trainer.step``), bit-identical at any rank count."""
@@ -91,8 +92,11 @@ class GroupedSteps:
             twin.bind_params(model.params)
             twin.bind_grads(model.grads)
             self._copies.append(twin)
-        if self._pool is None and threads > 1:
-            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="groups")
+        if threads - 1 > self._workers:  # (the first use may have needed fewer)
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool, self._workers = ThreadPoolExecutor(
+                threads - 1, thread_name_prefix="groups"), threads - 1
         for c in self._copies[:threads - 1]:
             c.bind_params(model.params)  # a view: whatever the optimizer or a resume wrote
         return [model, *self._copies[:threads - 1]]
@@ -101,8 +105,9 @@ class GroupedSteps:
         """Run ``work[k](model k)``, the first here and the others on the pool's threads
         at the same time; every one has ended when this returns (or raises)."""
         models = self._models(len(work))
-        futures = [self._pool.submit(w, m) for w, m in zip(work[1:], models[1:])]
+        futures: List[Future] = []
         try:
+            futures += [self._pool.submit(w, m) for w, m in zip(work[1:], models[1:])]
             work[0](models[0])
         finally:
             wait(futures)
@@ -167,12 +172,13 @@ class GroupedSteps:
         rows = np.zeros((last - first, 1 + tr.task.width))
         threads = max(1, min(cores, last - first))
 
-        def chunks_of(k: int, model: Sequential) -> None:  # thread k: every k-th chunk
-            for c in range(first + k, last, threads):
-                x, y = tr.val.read_range(c * EVAL_CHUNK, min(n, (c + 1) * EVAL_CHUNK))
-                out = model(x)
-                rows[c - first, 0] = tr.loss(out, tr.task.targets(y, out.dtype), 1.0)[0]
-                rows[c - first, 1:] = tr.task.sums(out, y)
+        def chunk(c: int, x: np.ndarray, y: np.ndarray, model: Sequential) -> None:
+            out = model(x)
+            rows[c - first, 0] = tr.loss(out, tr.task.targets(y, out.dtype), 1.0)[0]
+            rows[c - first, 1:] = tr.task.sums(out, y)
 
-        self._at_once([partial(chunks_of, k) for k in range(threads)])
+        for a in range(first, last, threads):  # read here (the reader is not thread-safe),
+            read = [(c, *tr.val.read_range(c * EVAL_CHUNK, min(n, (c + 1) * EVAL_CHUNK)))
+                    for c in range(a, min(last, a + threads))]  # computed at once
+            self._at_once([partial(chunk, *part) for part in read])
         return tr._evaluated(gathered_sums(self.comm, rows, chunks), n)

@@ -34,7 +34,7 @@ from ..parallel.pipeline.stage import PipelineTrainer
 from ..parallel.ps.trainer import PSTrainer
 from ..parallel.speed import SpeedBalancer
 from ..runtime import ConfigError, MpitrainError, agreed, literal
-from ..threads import blas_control, limit_threads
+from ..threads import blas_control, limit_threads, single_threaded_env
 
 __all__ = ["build", "open_data", "model_spec", "lr_schedule"]
 
@@ -106,8 +106,8 @@ def check_memory(cfg: Config, comm: MPI.Comm, layers, stages, shape) -> None:
               for a, b in stages]
     state = {"sgd": 0, "momentum": 1}.get(cfg.optimizer, 2)
     arrays = 3 + state  # parameters, gradients, the exchange buffer, the optimizer's state
-    if cfg.reproducible:  # a buffer for each group held apart (comm.ordered), and shards
-        arrays += -(-cfg.groups // max(1, comm.Get_size() // cfg.pp)) + 1
+    if cfg.reproducible:  # a buffer for each group held apart (comm.ordered)
+        arrays += _group_buffers(cfg.groups, max(1, comm.Get_size() // cfg.pp), cfg.pp)
     along = shapes_along(layers, shape)
     # A micro-batch's activations: what each layer keeps, and as much again in flight
     # in backward; a pipeline stage may hold several micro-batches (counted as all).
@@ -120,6 +120,17 @@ def check_memory(cfg: Config, comm: MPI.Comm, layers, stages, shape) -> None:
     here = node.Get_size()
     node.Free()
     agreed(comm, lambda: _fits(cfg, counts, itemsize, arrays, per_rank, here))
+
+
+def _group_buffers(groups: int, replicas: int, pp: int) -> int:
+    """Gradient-sized buffers a rank of ``--reproducible`` may hold besides its own: a
+    later replica's groups, each apart, and the sharded sum's receive shards; or, alone,
+    the groups of all its threads but the first (a pipeline computes them in turn)."""
+    if replicas > 1:
+        return -(-groups // replicas) + 1
+    threads = limit_threads()["threads"]
+    threads = min(groups, threads) if isinstance(threads, int) and pp == 1 else 1
+    return groups - -(-groups // threads)
 
 
 def _fits(cfg: Config, counts, itemsize: int, arrays: int, per_rank: int, here: int) -> None:
@@ -196,7 +207,7 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
                           f"{cfg.batch_size}: each replica needs a group and each group a "
                           "sample (replicas <= groups <= batch size)",
                           ["groups", "batch_size", "pp"], everywhere=True)
-    if cfg.reproducible and blas_control() is None and limit_threads()["threads"] != 1:
+    if cfg.reproducible and not blas_control() and not single_threaded_env():
         raise ConfigError("{reproducible} computes at one BLAS thread (a product's bits "
                           "depend on the thread count), and mpitrain cannot set the threads "
                           "of this process's BLAS (not OpenBLAS, and threadpoolctl is not "
