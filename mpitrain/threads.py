@@ -6,9 +6,10 @@ variables must be set before the BLAS library is loaded, so this module
 imports no numpy, and ``import mpitrain`` calls ``limit_threads`` first.
 
 When numpy was imported before mpitrain, its BLAS has already read the
-environment; threadpoolctl (optional: ``pip install threadpoolctl``, the
-``threads`` extra) then sets the loaded libraries' thread counts directly,
-whichever BLAS or OpenMP runtime they are.
+environment; ``blas_control`` then sets the loaded library's thread count
+directly: OpenBLAS through its own functions, another BLAS (and the OpenMP
+runtimes) through threadpoolctl (optional: ``pip install threadpoolctl``, the
+``threads`` extra).  ``one_blas_thread`` uses the same control.
 """
 from __future__ import annotations
 
@@ -63,9 +64,8 @@ def _pools() -> Optional[List[dict]]:
 
 def blas_threads() -> Optional[int]:
     """Threads of the loaded BLAS, read from the library (None if unknown)."""
-    pools = _pools()
-    blas = [p["num_threads"] for p in pools or () if p.get("user_api") == "blas"]
-    return int(blas[0]) if blas else None
+    libs = blas_control()
+    return max(lib.get() for lib in libs) if libs else None
 
 
 class BlasLib(NamedTuple):
@@ -204,15 +204,22 @@ def limit_threads() -> Dict[str, object]:
         how = f"{cores} cores / {local} ranks on this node ({source})"
     if "numpy" in sys.modules and "OPENBLAS_NUM_THREADS" not in user \
             and "OMP_NUM_THREADS" not in user:
-        # numpy's BLAS read the environment when it loaded: tell it directly.
+        # numpy's BLAS read the environment when it loaded: tell it directly (and the
+        # OpenMP runtimes, through threadpoolctl).
+        libs = blas_control()
+        for lib in libs:
+            lib.set(threads)
         try:
             from threadpoolctl import threadpool_limits
         except ImportError:
+            pass
+        else:
+            threadpool_limits(threads, user_api="openmp")
+        if libs:
+            how += f"; numpy was imported first, so its BLAS was set to {threads} directly"
+        else:
             how += ("; numpy was imported before mpitrain, so its BLAS may ignore this "
                     "(import mpitrain first, or pip install threadpoolctl)")
-        else:
-            threadpool_limits(threads)
-            how += f"; numpy was imported first, so its BLAS was set to {threads} directly"
     omp = os.environ["OMP_NUM_THREADS"]
     _THREADS.update(threads=int(omp) if omp.isdigit() else omp, how=how)
     return _THREADS
@@ -253,10 +260,13 @@ def child_env() -> Dict[str, str]:
 
 
 def thread_report() -> str:
-    """One line: the threads per rank, how the number was chosen, and (with
-    threadpoolctl) what the loaded libraries actually run."""
+    """One line: the threads per rank, how the number was chosen, and what the loaded
+    libraries actually run (each with threadpoolctl, else the BLAS)."""
     info = limit_threads()
     pools = _pools()
-    actual = (" [" + ", ".join(f"{p['internal_api']}: {p['num_threads']}" for p in pools) + "]"
-              if pools else "")
+    if pools:
+        actual = " [" + ", ".join(f"{p['internal_api']}: {p['num_threads']}"
+                                  for p in pools) + "]"
+    else:
+        actual = f" [blas: {blas_threads()}]" if blas_threads() is not None else ""
     return f"{info['threads']} ({info['how']}){actual}"

@@ -35,7 +35,7 @@ for sizes, alone in [(c, a) for c in cases for a in (99, 1, 0)]:
         if sizes[g]:
             expect = group(g) if expect is None else expect + group(g)
     first, last = rank_slice(G, rank, size)
-    s.start(cuts, first, last)
+    s.start(cuts)
     home = np.full(count, np.nan, np.float32)  # what a leader's backward writes into
     for k, g in enumerate(g for g in range(first, last) if sizes[g]):
         into, add = s.place(home, alone=k >= alone)  # as backward: write, or add to it

@@ -49,6 +49,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from mpi4py import MPI
 
+from ..balance import bounds, rank_slice
+
 __all__ = ["OrderedSum", "TAG_ORDERED"]
 
 CHUNK_BYTES = 1 << 20  # a message of the chain: the receiver adds it while the next travels
@@ -62,7 +64,7 @@ class OrderedSum:
     """One step's fixed-order sum over ``comm`` of the groups each rank computed.
 
     ``cuts``: the G + 1 cut points of the step's batch into groups (so every
-    rank knows which groups are empty), ``first``/``last``: this rank's groups.
+    rank knows which groups are empty and who holds them: ``start``).
     Use: for each non-empty group, in order, ``place(buffer)`` says where backward
     computes it and whether it adds to what is there; then ``finish(buffer)``
     (collective).
@@ -75,21 +77,20 @@ class OrderedSum:
         self._kept: List[np.ndarray] = []
         self._spare: List[np.ndarray] = []  # shards of other ranks' terms (sharded sum)
         self.chunk = max(1, CHUNK_BYTES // self.dtype.itemsize)
-        self.start([0, 1], self.rank // self.size, (self.rank + 1) // self.size)
+        self.start([0, 1])
 
-    def start(self, cuts: Sequence[int], first: int, last: int) -> None:
-        """Begin a step whose groups are cut at ``cuts``; this rank holds [first, last)
-        (``balance.rank_slice`` of the groups, as every rank's)."""
+    def start(self, cuts: Sequence[int]) -> None:
+        """Begin a step whose groups are cut at ``cuts``; rank k holds groups
+        ``rank_slice(G, k, p)``, as the trainers give them out."""
         self._kept.clear()
+        groups = len(cuts) - 1
+        first, last = rank_slice(groups, self.rank, self.size)
         # Each rank's terms of the sum: the leader's buffer (all its groups), then each
         # later rank's non-empty groups one by one; every rank knows them all.
-        groups, self.terms = len(cuts) - 1, []
-        for k in range(self.size):
-            f, l = groups * k // self.size, groups * (k + 1) // self.size
+        self.terms = []
+        for f, l in (rank_slice(groups, k, self.size) for k in range(self.size)):
             filled = sum(cuts[g + 1] > cuts[g] for g in range(f, l))
             self.terms.append(min(filled, 1) if cuts[f] == 0 else filled)
-        assert (first, last) == (groups * self.rank // self.size,
-                                 groups * (self.rank + 1) // self.size), (first, last)
         self.before = cuts[first] > 0  # a non-empty group precedes this rank's groups
         self.mine = cuts[last] > cuts[first]  # this rank has a non-empty group
         self.leads = not self.before  # backward adds this rank's groups into the buffer
@@ -145,27 +146,27 @@ class OrderedSum:
             for g in self._kept:
                 buffer += g
         own = [buffer] if self.leads and self.mine else self._kept
-        edges = [self.count * r // self.size for r in range(self.size + 1)]
+        edges = bounds(self.count, self.size)
         lo, hi = edges[self.rank], edges[self.rank + 1]
         sending = [self.comm.Isend(t[edges[s]:edges[s + 1]], dest=s, tag=TAG_ORDERED)
                    for t in own for s in range(self.size) if s != self.rank]
-        terms: List[Tuple[Optional[MPI.Request], np.ndarray]] = []  # in group order
+        parts: List[Tuple[Optional[MPI.Request], np.ndarray]] = []  # in group order
         spare = iter(self._spares(sum(self.terms) - len(own), hi - lo))
         for k in range(self.size):
             if k == self.rank:
-                terms += [(None, t[lo:hi]) for t in own]
+                parts += [(None, t[lo:hi]) for t in own]
             for _ in range(self.terms[k] if k != self.rank else 0):
                 into = next(spare)
-                terms.append((self.comm.Irecv(into, source=k, tag=TAG_ORDERED), into))
+                parts.append((self.comm.Irecv(into, source=k, tag=TAG_ORDERED), into))
         out = buffer[lo:hi]  # (t_0 + t_1) + t_2 ...: t_0 is the leader's buffer
-        for i, (request, term) in enumerate(terms):
+        for i, (request, term) in enumerate(parts):
             if request is not None:
                 request.Wait()
             if i > 0:
                 out += term
             elif not (self.leads and self.mine):  # (the leader's is in place already)
                 out[...] = term
-        if not terms:
+        if not parts:
             out[...] = 0
         MPI.Request.Waitall(sending)
         counts = [b - a for a, b in zip(edges, edges[1:])]

@@ -88,8 +88,7 @@ class GroupedSteps:
         (their own gradient views) that read the trainer's parameters."""
         model = self.trainer.model
         while len(self._copies) < threads - 1:
-            twin = copy.deepcopy(model)  # then views only: its own arrays are let go
-            twin.bind_params(model.params)
+            twin = copy.deepcopy(model)  # then views only (below): its arrays are let go
             twin.bind_grads(model.grads)
             self._copies.append(twin)
         if threads - 1 > self._workers:  # (the first use may have needed fewer)
@@ -129,7 +128,7 @@ class GroupedSteps:
         cuts = bounds(batch, self.groups)
         rows = np.zeros((last - first, 2 + tr.task.width))  # each group's metric sums
         home = tr.model.grads  # the exchange's buffer, which the optimizer reads
-        self.sum.start(cuts, first, last)
+        self.sum.start(cuts)
         # The rank's cores compute its non-empty groups at once, a contiguous run each
         # (one BLAS thread apiece: the same bits as one after the other); the first run's
         # groups go where OrderedSum says, the others' into buffers of their own.

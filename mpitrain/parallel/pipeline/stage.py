@@ -267,7 +267,7 @@ class PipelineTrainer(TrainerBase):
             groups = [(cuts[k] - cuts[first], cuts[k + 1] - cuts[first])
                       for k in range(first, last)]
             rows = np.zeros((last - first, len(self.metrics)))
-            self.sum.start(cuts, first, last)
+            self.sum.start(cuts)
         self.on_phase("reading data")
         if g.is_first_stage:  # (b, *features), (b, *targets)
             st.x, st.y = self.train.read(ids)
