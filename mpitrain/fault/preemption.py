@@ -85,9 +85,15 @@ class Preemption:
         print(f"mpitrain: SIGTERM: the ranks did not stop within {self.grace:g} s (a rank is "
               "dead, or stuck in a collective); ending this rank", file=sys.stderr, flush=True)
         drain_output()
-        # Not MPI_Abort: under srun's PMI-2 it waits for srun to kill the task, which
-        # is the KillWait this is meant to save.  The launcher is ending the job
-        # anyway (it sent the SIGTERM): each stuck rank exits by itself.
+        # Not MPI_Abort under srun: with PMI-2 it waits for srun to kill the task, which
+        # is the KillWait this is meant to save; srun ends the job anyway (it sent the
+        # SIGTERM), each stuck rank by itself.  Elsewhere MPI_Abort: a rank that cannot
+        # answer a signal at all (stopped, or dead to it) is killed by the launcher's
+        # abort; mpiexec only passed the SIGTERM on, and a stopped rank keeps it pending.
+        if "SLURM_STEP_ID" not in os.environ:
+            from mpi4py import MPI
+
+            MPI.COMM_WORLD.Abort(EXIT_TERMINATED)
         os._exit(EXIT_TERMINATED)
 
     def agree(self) -> None:
