@@ -138,9 +138,9 @@ def test_a_disk_that_fills_up_ends_the_job_with_one_line_and_keeps_the_checkpoin
 @pytest.mark.parametrize("args,text", [
     (["--hidden", "10000000,10000000"], "the model does not fit in memory: 100,000,170,000,003 "
                                         "parameters x 4 bytes x 5 arrays"),
-    # 12 groups on 2 ranks: 6 buffers of groups held apart, one of shards
+    # 4 groups (the default) on 2 ranks: 2 buffers of groups held apart, one of shards
     (["--hidden", "10000000,10000000", "--reproducible"],
-     "x 4 bytes x 12 arrays (parameters, gradients, the exchange buffer, adam's state, the "
+     "x 4 bytes x 8 arrays (parameters, gradients, the exchange buffer, adam's state, the "
      "groups' buffers of --reproducible)"),
     (["--watchdog", "nan"], "--watchdog: expected a finite number, got nan"),
     (["--bucket-mb", "nan"], "--bucket-mb: expected a finite number, got nan"),

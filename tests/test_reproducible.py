@@ -20,8 +20,9 @@ def trained(n, data, ckpt, *extra):
                                    ("--optimizer", "momentum", "--dropout", "0.2",
                                     "--clip-grad-norm", "0.5", "--lr-schedule", "cosine"),
                                    # 540 rows: each epoch ends with a batch of 10, fewer
-                                   # than the 12 groups (empty groups, another leader)
-                                   ("--optimizer", "sgd", "--batch-size", "53")])
+                                   # than 12 groups (empty groups, another leader)
+                                   ("--optimizer", "sgd", "--batch-size", "53", "--groups",
+                                    "12")])
 def test_the_same_bits_at_one_to_four_ranks(small_data, tmp_path, extra):
     runs = [trained(n, small_data, tmp_path / str(n), *extra) for n in (1, 2, 3, 4)]
     first, line = runs[0]
@@ -41,7 +42,7 @@ def test_the_same_bits_with_ring_and_mpi_and_without_accumulation(small_data, tm
     (("--optimizer", "sgd"), "1f1b"),
     (("--optimizer", "adam", "--lr", "0.01", "--accumulate", "2"), "1f1b"),
     (("--optimizer", "momentum", "--dropout", "0.2", "--clip-grad-norm", "0.5"), "gpipe"),
-    (("--optimizer", "sgd", "--batch-size", "53"), "1f1b")])  # a short last batch
+    (("--optimizer", "sgd", "--batch-size", "53", "--groups", "12"), "1f1b")])  # short last
 def test_the_same_bits_in_pipeline_layouts(small_data, tmp_path, extra, schedule):
     """One rank, 2 stages, 3 stages, 2 stages x 2 replicas: the pipeline's micro-batches
     are the fixed groups, each stage's parts added in group order over its replicas."""

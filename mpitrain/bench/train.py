@@ -46,6 +46,7 @@ VARIANTS = {
     "ring-fp16": dict(allreduce="ring", overlap=True, grad_dtype="float16"),
     "ring-bf16": dict(allreduce="ring", overlap=True, grad_dtype="bfloat16"),
     "reproducible": dict(allreduce="mpi", reproducible=True),
+    "reproducible-g12": dict(allreduce="mpi", reproducible=True, groups=12),
     "reproducible-g4": dict(allreduce="mpi", reproducible=True, groups=4),
     "reproducible-g2": dict(allreduce="mpi", reproducible=True, groups=2),
 }

@@ -122,8 +122,8 @@ class Config:
                                   "steps")
     reproducible: bool = _opt(False, "bit-identical results at any number of ranks: each "
                                      "global batch in --groups fixed groups, added in group order")
-    groups: int = _opt(12, "with --reproducible: the fixed groups of each global batch (12 "
-                           "serves 1, 2, 3, 4, 6 and 12 ranks evenly)")
+    groups: int = _opt(4, "with --reproducible: the fixed groups of each global batch (4 "
+                          "serves 1 to 4 ranks, 12 up to 12 evenly; the fewer, the faster)")
     allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, mpitrain's ring, "
                                  "or shm (ranks on a node add from each other's memory)")
     bucket_mb: float = _opt(2.0, "exchange the gradients in buckets of about this many MiB "
