@@ -162,7 +162,11 @@ class Linear(Layer):
                 else:
                     np.matmul(dy[:, lo:hi].T, x, out=self.gweight[lo:hi])
                 rows_done(lo)  # rows lo.. of the weight are final, never written again
-        return dy @ self.weight if need_dx else None  # (n, in)
+        return self.input_grad(dy) if need_dx else None
+
+    def input_grad(self, dy: np.ndarray) -> np.ndarray:
+        """dL/dx (n, in) from dL/dy (n, out), without the parameters' gradients."""
+        return dy @ self.weight
 
 
 class Flatten(Layer):

@@ -25,9 +25,11 @@ from mpi4py import MPI
 
 from ..balance import bounds, rank_slice
 from ..comm.ordered import OrderedSum
+from ..model.layers import Context
 from ..model.sequential import Sequential
 from ..threads import one_blas_thread
 from ..timeline import span
+from .batched import AtOnce, compute_at_once
 
 __all__ = ["GroupedSteps", "EVAL_CHUNK", "gathered_sums", "norm_sq_by_tensor"]
 
@@ -72,6 +74,9 @@ class GroupedSteps:
         self._copies: List[Sequential] = []  # the model, for each thread but the first
         self._pool: Optional[ThreadPoolExecutor] = None
         self._workers = 0  # the pool's threads
+        # Runs of groups at once where rows keep their bits (--accumulate: a group's
+        # activations at a time, as asked)
+        self.at_once = AtOnce(enabled=trainer.accumulate == 1)
 
     def step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
         """One step of ``trainer`` (see ``Trainer.step``), bit-identical at any rank count."""
@@ -140,6 +145,8 @@ class GroupedSteps:
                   for g in run}
 
         def compute(run: List[int], model: Sequential) -> None:
+            if self._run_at_once(step, run, model, cuts, first, ids, x, y, batch, rows, placed):
+                return
             for g in run:
                 lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
                 into, add = placed[g]
@@ -159,6 +166,41 @@ class GroupedSteps:
             self.sum.finish(tr.model.grads)
             sums = gathered_sums(comm, rows, self.groups)
         return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
+
+    def _run_at_once(self, step: int, run: List[int], model: Sequential, cuts: Sequence[int],
+                     first: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray, batch: int,
+                     rows: np.ndarray, placed: Dict[int, Tuple[np.ndarray, bool]]) -> bool:
+        """Compute the groups ``run`` at once (``parallel.batched``) if every row keeps its
+        bits that way; False (nothing done) if they must go one by one."""
+        tr = self.trainer
+        lo, hi = cuts[run[0]] - cuts[first], cuts[run[-1] + 1] - cuts[first]  # the run's rows
+        at = [cuts[g] - cuts[run[0]] for g in run] + [hi - lo]  # its groups' cuts (non-empty)
+        group = dict(zip(at, run))
+
+        def context(a: int, b: int) -> Context:
+            return Context(training=True, step=step, ids=ids[lo + a:lo + b], seed=tr.seed)
+
+        def loss_grad(a: int, b: int, out: np.ndarray) -> np.ndarray:  # as Computing._compute
+            metrics, y_g = rows[group[a] - first], y[lo + a:lo + b]
+            metrics[:] = 0
+            loss_sum, dout = tr.loss(out, tr.task.targets(y_g, out.dtype), 1.0 / batch)
+            metrics[0] += loss_sum
+            metrics[2:] += tr.task.sums(out, y_g)
+            return dout
+
+        plan = self.at_once.plan(model, x[lo:hi], context, at, loss_grad)
+        if plan is None:
+            return False
+        for _ in run:  # a straggler drill's sleeps, as group by group
+            tr._straggle(step, "forward")
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
+            took = compute_at_once(model, x[lo:hi], context, at, [placed[g] for g in run],
+                                   loss_grad, plan)
+        for _ in run:
+            tr._straggle(step, "backward")
+        tr._last_pass = {"forward": took[0] / len(run), "backward": took[1] / len(run)}
+        tr.peak_activation_bytes = max(tr.peak_activation_bytes, took[2])
+        return True
 
     def _evaluate(self, cores: int) -> Optional[Dict[str, object]]:
         tr = self.trainer
