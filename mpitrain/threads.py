@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 __all__ = ["THREAD_VARS", "limit_threads", "thread_report", "blas_threads", "child_env",
-           "one_blas_thread", "blas_control", "single_threaded_env", "BlasLib"]
+           "one_blas_thread", "blas_control", "single_threaded_env", "BlasLib",
+           "openblas_handles", "numpy_is_openblas"]
 
 # Every variable a BLAS or OpenMP runtime numpy may be linked with reads.
 THREAD_VARS = (
@@ -91,7 +92,7 @@ def _numpy_blas() -> str:
         return ""
 
 
-def _openblas_libs() -> List[BlasLib]:
+def openblas_handles() -> List[ctypes.CDLL]:
     """Every OpenBLAS this process has loaded (numpy's wheels carry one named
     scipy_openblas, with a 64_ suffix), found in /proc/self/maps."""
     try:
@@ -102,9 +103,22 @@ def _openblas_libs() -> List[BlasLib]:
     found = []
     for path in sorted(paths):
         try:
-            lib = ctypes.CDLL(path)
+            found.append(ctypes.CDLL(path))
         except OSError:
             continue
+    return found
+
+
+def numpy_is_openblas() -> bool:
+    """Whether numpy's BLAS is an OpenBLAS (or numpy does not say)."""
+    name = _numpy_blas()
+    return not name or "openblas" in name
+
+
+def _openblas_libs() -> List[BlasLib]:
+    """Every loaded OpenBLAS, with its thread controls."""
+    found = []
+    for lib in openblas_handles():
         for name in (f"{pre}openblas_%s{suf}" for pre in ("scipy_", "") for suf in ("64_", "")):
             get, put = (getattr(lib, name % f"{op}_num_threads", None) for op in ("get", "set"))
             parallel = getattr(lib, name % "get_parallel", None)
@@ -132,8 +146,8 @@ def _pool_libs() -> List[BlasLib]:
 def blas_control() -> List[BlasLib]:
     """The loaded BLAS libraries whose thread count mpitrain can set (after numpy loads)."""
     if not _CONTROL:
-        name = _numpy_blas()  # another BLAS (MKL...) may be numpy's, an OpenBLAS loaded
-        libs = _openblas_libs() if not name or "openblas" in name else []
+        # another BLAS (MKL...) may be numpy's, an OpenBLAS loaded
+        libs = _openblas_libs() if numpy_is_openblas() else []
         _CONTROL.append(libs or _pool_libs())
     return _CONTROL[0]
 

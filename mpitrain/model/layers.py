@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .gemm import add_product
+
 __all__ = ["Context", "Layer", "Linear", "Flatten", "ReLU", "Tanh", "Sigmoid", "GELU", "SiLU",
            "ACTIVATIONS", "mlp", "saved_bytes"]
 
@@ -143,7 +145,7 @@ class Linear(Layer):
         x = saved
         if rows_done is None:
             if accumulate:
-                self.gweight += dy.T @ x
+                add_product(self.gweight, dy, x)  # += dy.T @ x, in one pass where exact
                 self.gbias += dy.sum(axis=0)
             else:
                 np.matmul(dy.T, x, out=self.gweight)  # (out, n) @ (n, in)
