@@ -93,20 +93,22 @@ def test_a_shape_of_run_is_checked_once_and_the_switch_turns_it_off(monkeypatch)
     assert AtOnce().plan(net, x, context, CUTS, loss_grad) is None
 
 
-@pytest.mark.parametrize("rows", [1, 7, 32, 300, 600, 600])  # 600: the K blocks split here
-def test_one_pass_product_keeps_numpys_bits(rows):
+@pytest.mark.parametrize("rows, dtype", [(1, "float32"), (7, "float32"), (32, "float32"),
+                                         (300, "float32"), (600, "float32"), (600, "float32"),
+                                         (32, "float64")])  # 600: the K blocks split here
+def test_one_pass_product_keeps_numpys_bits(rows, dtype):
     """c += a.T @ b through the BLAS's beta = 1 where a shape's check found the same bits
     as numpy's two steps, numpy's otherwise (600 rows twice: checked, then remembered)."""
     from mpitrain.model.gemm import add_product
 
     rng = np.random.default_rng(rows)
-    a, b = (rng.standard_normal((rows, n)).astype(np.float32) for n in (96, 1024))
-    c = rng.standard_normal((96, 1024)).astype(np.float32)
+    a, b = (rng.standard_normal((rows, n)).astype(dtype) for n in (96, 1024))
+    c = rng.standard_normal((96, 1024)).astype(dtype)
     for _ in range(2):
         expect = c + a.T @ b
         add_product(c, a, b)
         assert c.tobytes() == expect.tobytes()
-    strided = np.zeros((96, 2048), np.float32)[:, ::2]  # not contiguous: numpy's steps
+    strided = np.zeros((96, 2048), dtype)[:, ::2]  # not contiguous: numpy's steps
     expect = strided + a.T @ b
     add_product(strided, a, b)
     assert strided.tobytes() == expect.tobytes()

@@ -30,26 +30,26 @@ _CHECKED: Dict[Tuple, bool] = {}  # (rows, shape of c, dtype, BLAS threads) -> s
 
 
 def _gemm(dtype: np.dtype) -> Optional[Callable]:
-    """numpy's OpenBLAS's cblas_sgemm or cblas_dgemm (64-bit integers in numpy's wheels)."""
+    """numpy's OpenBLAS's cblas_sgemm or cblas_dgemm, its integers as wide as the library
+    says it was built with (64 bits in numpy's wheels: USE64BITINT)."""
     if dtype.str not in _FOUND:
         letter = {"float32": "s", "float64": "d"}.get(dtype.name)
         real = ctypes.c_float if letter == "s" else ctypes.c_double
-        found = None
+        _FOUND[dtype.str] = None
         for lib in (openblas_handles() if letter and numpy_is_openblas() else []):
-            for name, size in ((f"scipy_cblas_{letter}gemm64_", ctypes.c_int64),
-                               (f"cblas_{letter}gemm64_", ctypes.c_int64),
-                               (f"cblas_{letter}gemm", ctypes.c_int)):
-                fn = getattr(lib, name, None)
-                if fn is not None:
-                    p = ctypes.c_void_p
-                    fn.argtypes = [ctypes.c_int] * 3 + [size] * 3 + [real, p, size, p, size,
-                                                                     real, p, size]
-                    fn.restype = None
-                    found = fn
-                    break
-            if found is not None:
-                break
-        _FOUND[dtype.str] = found
+            for pre, suf in (("scipy_", "64_"), ("", "64_"), ("", "")):
+                fn = getattr(lib, f"{pre}cblas_{letter}gemm{suf}", None)
+                config = getattr(lib, f"{pre}openblas_get_config{suf}", None)
+                if fn is None or config is None:
+                    continue
+                config.restype = ctypes.c_char_p
+                size = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int
+                p = ctypes.c_void_p
+                fn.argtypes = [ctypes.c_int] * 3 + [size] * 3 + [real, p, size, p, size,
+                                                                 real, p, size]
+                fn.restype = None
+                _FOUND[dtype.str] = fn
+                return fn
     return _FOUND[dtype.str]
 
 
