@@ -123,3 +123,16 @@ def test_the_same_bits_whatever_the_blas_threads(tmp_path):
     names = {e["tid"]: e["args"]["name"] for e in events if e["name"] == "thread_name"}
     computing = {names[e["tid"]] for e in events if e["name"] == "forward"}
     assert computing == {"main", "groups_0"}, computing  # 2 cores: 2 threads of groups
+
+
+def test_a_resume_with_other_groups_is_refused(small_data, tmp_path):
+    """The groups decide the sum's order: a checkpoint of --groups 12 does not continue
+    with the default 4 (it was the default once), and says what to set."""
+    half = [a if a != "20" else "10" for a in ARGS]
+    r = run_train(1, "--data", small_data, "--ckpt-dir", str(tmp_path / "c"), *half,
+                  "--groups", "12")
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = run_train(2, "--data", small_data, "--ckpt-dir", str(tmp_path / "c"), *ARGS)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert ("cannot resume: written with --reproducible in 12 --groups, this run has 4: the "
+            "gradients would be summed otherwise (set --groups 12)") in again.stderr, again.stderr

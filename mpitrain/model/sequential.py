@@ -87,6 +87,13 @@ class Sequential:
         self.grads = buffer
         self._bind()
 
+    def bind_layer_grads(self, k: int, buffer: np.ndarray) -> None:
+        """Make layer ``k``'s gradients views of ``buffer`` alone (``size`` items, where the
+        whole model's would lie); the other layers keep theirs, and ``grads`` stays."""
+        self._check_buffer(buffer)
+        layer, i = self.layers[k], self.index[k]
+        layer.bind(self._views(self.params, i, layer), self._views(buffer, i, layer))
+
     def named_params(self) -> Dict[str, np.ndarray]:
         """Parameter name -> view into ``params``, in buffer order."""
         return {n: self.params[s].reshape(self.shapes[n]) for n, s in self.slices.items()}

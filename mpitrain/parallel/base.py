@@ -277,6 +277,12 @@ class TrainerBase(Computing):
         if state.task and state.task != self.task.describe():
             return (f"written for the task {state.task}, this run's data is "
                     f"{self.task.describe()} (check {{data}})")
+        was = state.config or {}
+        if was.get("reproducible") and config.get("reproducible") and \
+                was.get("groups") != config.get("groups"):  # (the default was 12 once)
+            return (f"written with {{reproducible}} in {was.get('groups')} {{groups}}, this "
+                    f"run has {config.get('groups')}: the gradients would be summed "
+                    f"otherwise (set {{groups}} {was.get('groups')})")
         mine = self.sampler.meta()
         for key in sorted(set(mine) | set(state.sampler)):
             if state.sampler.get(key) != mine.get(key):

@@ -17,10 +17,9 @@ are computed group by group, each into its group's place::
     backward    layer k: dW_g from dy[g], x[g]       for g = 0, 1, 2, in order
                          dx = dy @ W                 one call, all 96 rows
 
-Whether it holds is not assumed: ``rows_alike`` computes a run's own rows both
-ways, layer by layer, forward and input gradient, and compares their bits;
-each shape of run (its groups' sizes) is checked once, on the first step's
-data.  A layer that fails takes the groups one by one (here: the last layer,
+Whether it holds is not assumed: ``rows_alike`` computes a run of random rows
+both ways, layer by layer, forward and input gradient, and compares their
+bits; each shape of run (its groups' sizes) is checked once.  A layer that fails takes the groups one by one (here: the last layer,
 1024 -> 10, whose product takes another kernel by the number of rows); a
 model with a layer with parameters that is not ``Linear`` (convolutions,
 norms, residual blocks) is computed group by group.
@@ -62,26 +61,28 @@ def _input_grad(layer: Layer, dy: np.ndarray, keep: Any) -> np.ndarray:
 
 
 def rows_alike(model: Sequential, x: np.ndarray, ctx: Callable[[int, int], Context],
-               cuts: Sequence[int], loss_grad: LossGrad) -> List[bool]:
-    """For each layer, whether its forward and input gradient, on the run ``x`` (its groups
-    cut at ``cuts``, ``ctx(lo, hi)`` the context of rows lo..hi) at once, give every row
-    the bits it gets when its group goes alone.  Each layer is given the rows as a group
-    alone would make them, so its answer is its own."""
+               cuts: Sequence[int]) -> List[bool]:
+    """For each layer, whether its forward and input gradient, on a run of rows shaped as
+    ``x`` at once (its groups cut at ``cuts``, ``ctx(lo, hi)`` the context of rows
+    lo..hi), give every row the bits it gets when its group goes alone.  Checked on
+    random rows of the run's shapes, each layer on its own: the step's real rows could
+    hide a difference (zeros, dead units, saturated gradients come out alike)."""
     pairs = list(zip(cuts, cuts[1:]))
-    alike, kept = [], []
-    for layer in model.layers:
+    rng = np.random.default_rng([len(x), *cuts])
+    shape, dtype = x.shape, x.dtype
+    alike = []
+    for k, layer in enumerate(model.layers):
+        x = rng.standard_normal(shape).astype(dtype)
         y, keep = layer.forward(x, ctx(0, len(x)))
         own = [layer.forward(x[lo:hi], ctx(lo, hi)) for lo, hi in pairs]
-        alike.append(all(_same_bits(y[lo:hi], o[0]) for (lo, hi), o in zip(pairs, own)))
-        kept.append((keep, [o[1] for o in own]))
-        x = np.concatenate([o[0] for o in own])  # (n, outputs of the layer), as alone
-    dy = np.concatenate([loss_grad(lo, hi, x[lo:hi]) for lo, hi in pairs])
-    for k in range(len(model.layers) - 1, 0, -1):  # layer 0's input needs no gradient
-        layer, (keep, own) = model.layers[k], kept[k]
-        dx = _input_grad(layer, dy, keep)
-        each = [_input_grad(layer, dy[lo:hi], o) for (lo, hi), o in zip(pairs, own)]
-        alike[k] = alike[k] and all(_same_bits(dx[lo:hi], e) for (lo, hi), e in zip(pairs, each))
-        dy = np.concatenate(each)
+        same = all(_same_bits(y[lo:hi], o[0]) for (lo, hi), o in zip(pairs, own))
+        if same and k > 0:  # layer 0's input needs no gradient
+            dy = rng.standard_normal(y.shape).astype(y.dtype)
+            dx = _input_grad(layer, dy, keep)
+            same = all(_same_bits(dx[lo:hi], _input_grad(layer, dy[lo:hi], o[1]))
+                       for (lo, hi), o in zip(pairs, own))
+        alike.append(same)
+        shape, dtype = y.shape, y.dtype
     return alike
 
 
@@ -113,7 +114,7 @@ def compute_at_once(model: Sequential, x: np.ndarray, ctx: Callable[[int, int], 
             with span(f"backward {model.index[k]}: {type(layer).__name__}", "layer"):
                 if layer.shapes():  # a Linear (it kept its input): dW over a group's rows
                     for (lo, hi), o, (into, add) in zip(pairs, own, places):
-                        model.bind_grads(into)
+                        model.bind_layer_grads(k, into)
                         layer.backward(dy[lo:hi], keep[lo:hi] if o is None else o,
                                        need_dx=False, accumulate=add)
                 if k > 0 and plan[k]:
@@ -126,20 +127,20 @@ def compute_at_once(model: Sequential, x: np.ndarray, ctx: Callable[[int, int], 
 
 class AtOnce:
     """Which layers may take a run of groups at once, for each shape of run (its groups'
-    sizes): checked once with ``rows_alike``, on the data of the first run of that shape."""
+    sizes): checked once with ``rows_alike``, on random rows of that shape."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled and os.environ.get("MPITRAIN_GROUPS_AT_ONCE", "1") != "0"
         self.plans: Dict[Tuple[int, ...], List[bool]] = {}
 
     def plan(self, model: Sequential, x: np.ndarray, ctx: Callable[[int, int], Context],
-             cuts: Sequence[int], loss_grad: LossGrad) -> Optional[List[bool]]:
-        """For each layer, whether it takes this run of groups at once (checked on it if
-        its shape is new); None if the run goes group by group."""
+             cuts: Sequence[int]) -> Optional[List[bool]]:
+        """For each layer, whether it takes this run of groups at once (checked if its
+        shape is new); None if the run goes group by group."""
         if not self.enabled or len(cuts) < 3 or not eligible(model):
             return None
         sizes = tuple(b - a for a, b in zip(cuts, cuts[1:]))
         if sizes not in self.plans:  # (threads may both check a new shape: the same answer)
             with np.errstate(over="ignore", invalid="ignore"):
-                self.plans[sizes] = rows_alike(model, x, ctx, cuts, loss_grad)
+                self.plans[sizes] = rows_alike(model, x, ctx, cuts)
         return self.plans[sizes] if any(self.plans[sizes]) else None

@@ -188,7 +188,7 @@ class GroupedSteps:
             metrics[2:] += tr.task.sums(out, y_g)
             return dout
 
-        plan = self.at_once.plan(model, x[lo:hi], context, at, loss_grad)
+        plan = self.at_once.plan(model, x[lo:hi], context, at)
         if plan is None:
             return False
         for _ in run:  # a straggler drill's sleeps, as group by group
