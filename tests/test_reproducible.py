@@ -17,6 +17,7 @@ def trained(n, data, ckpt, *extra):
 
 @pytest.mark.parametrize("extra", [("--optimizer", "sgd"),
                                    ("--optimizer", "adam", "--lr", "0.01", "--accumulate", "2"),
+                                   ("--optimizer", "adam", "--lr", "0.01", "--dtype", "float64"),
                                    ("--optimizer", "momentum", "--dropout", "0.2",
                                     "--clip-grad-norm", "0.5", "--lr-schedule", "cosine"),
                                    # 540 rows: each epoch ends with a batch of 10, fewer
