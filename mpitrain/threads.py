@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 __all__ = ["THREAD_VARS", "limit_threads", "thread_report", "blas_threads", "child_env",
            "one_blas_thread", "blas_control", "single_threaded_env", "BlasLib",
-           "openblas_handles", "numpy_is_openblas"]
+           "openblas_handles", "openblas_symbols", "numpy_is_openblas"]
 
 # Every variable a BLAS or OpenMP runtime numpy may be linked with reads.
 THREAD_VARS = (
@@ -115,19 +115,28 @@ def numpy_is_openblas() -> bool:
     return not name or "openblas" in name
 
 
+def openblas_symbols(lib: ctypes.CDLL, *names: str) -> Optional[List[Callable]]:
+    """``lib``'s functions ``names`` under the one naming its build uses (numpy's wheels
+    prefix scipy_ and suffix 64_), or None if it lacks one of them."""
+    for pre, suf in (("scipy_", "64_"), ("scipy_", ""), ("", "64_"), ("", "")):
+        found = [getattr(lib, f"{pre}{name}{suf}", None) for name in names]
+        if all(f is not None for f in found):
+            return found
+    return None
+
+
 def _openblas_libs() -> List[BlasLib]:
     """Every loaded OpenBLAS, with its thread controls."""
     found = []
     for lib in openblas_handles():
-        for name in (f"{pre}openblas_%s{suf}" for pre in ("scipy_", "") for suf in ("64_", "")):
-            get, put = (getattr(lib, name % f"{op}_num_threads", None) for op in ("get", "set"))
-            parallel = getattr(lib, name % "get_parallel", None)
-            if get is not None and put is not None:
-                get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
-                if parallel is not None:
-                    parallel.restype = ctypes.c_int
-                found.append(BlasLib(get, put, parallel is not None and parallel() in (0, 1)))
-                break
+        controls = openblas_symbols(lib, "openblas_get_num_threads", "openblas_set_num_threads")
+        if controls is None:
+            continue
+        (get, put), parallel = controls, openblas_symbols(lib, "openblas_get_parallel")
+        get.restype, put.argtypes = ctypes.c_int, [ctypes.c_int]
+        if parallel is not None:
+            parallel[0].restype = ctypes.c_int
+        found.append(BlasLib(get, put, parallel is not None and parallel[0]() in (0, 1)))
     return found
 
 

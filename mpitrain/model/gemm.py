@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from ..threads import blas_threads, numpy_is_openblas, openblas_handles
+from ..threads import blas_threads, numpy_is_openblas, openblas_handles, openblas_symbols
 
 __all__ = ["add_product"]
 
@@ -40,19 +40,18 @@ def _gemm(dtype: np.dtype) -> Optional[Callable]:
         libs = openblas_handles() if letter and numpy_is_openblas() else []
         # numpy's own first (its wheels' numpy.libs), should another OpenBLAS be loaded
         for lib in sorted(libs, key=lambda lib: "numpy" not in str(lib._name)):
-            for pre, suf in (("scipy_", "64_"), ("", "64_"), ("", "")):
-                fn = getattr(lib, f"{pre}cblas_{letter}gemm{suf}", None)
-                config = getattr(lib, f"{pre}openblas_get_config{suf}", None)
-                if fn is None or config is None:
-                    continue
-                config.restype = ctypes.c_char_p
-                size = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int
-                p = ctypes.c_void_p
-                fn.argtypes = [ctypes.c_int] * 3 + [size] * 3 + [real, p, size, p, size,
-                                                                 real, p, size]
-                fn.restype = None
-                _FOUND[dtype.str] = fn
-                return fn
+            found = openblas_symbols(lib, f"cblas_{letter}gemm", "openblas_get_config")
+            if found is None:
+                continue
+            fn, config = found
+            config.restype = ctypes.c_char_p
+            size = ctypes.c_int64 if b"USE64BITINT" in (config() or b"") else ctypes.c_int
+            p = ctypes.c_void_p
+            fn.argtypes = [ctypes.c_int] * 3 + [size] * 3 + [real, p, size, p, size,
+                                                             real, p, size]
+            fn.restype = None
+            _FOUND[dtype.str] = fn
+            return fn
     return _FOUND[dtype.str]
 
 

@@ -50,10 +50,7 @@ class Computing:
                     out, saved = model.forward(x[lo:hi], ctx)  # (b / K, outputs)
                 self.peak_activation_bytes = max(self.peak_activation_bytes,
                                                  saved_bytes(saved))
-                y_k = y[lo:hi]
-                loss_sum, dout = self.loss(out, self.task.targets(y_k, out.dtype), 1.0 / batch)
-                metrics[0] += loss_sum
-                metrics[2:] += self.task.sums(out, y_k)
+                dout = self._loss_grad(out, y[lo:hi], batch, metrics)
                 t1 = time.perf_counter()
                 slept += self._straggle(step, "backward")
                 t2 = time.perf_counter()
@@ -65,6 +62,16 @@ class Computing:
                 took["backward"] += time.perf_counter() - t2
         self._last_pass = {key: value / count for key, value in took.items()}
         return slept
+
+    def _loss_grad(self, out: np.ndarray, y: np.ndarray, batch: int,
+                   into: np.ndarray) -> np.ndarray:
+        """dL/d(out) of rows ``out`` (targets ``y``) of a batch of ``batch`` samples, adding
+        their loss sum to ``into[0]`` and the task's sums to ``into[2:]`` — one way for
+        every trainer, so a row's loss has the same bits in any layout."""
+        loss_sum, dout = self.loss(out, self.task.targets(y, out.dtype), 1.0 / batch)
+        into[0] += loss_sum
+        into[2:] += self.task.sums(out, y)
+        return dout
 
     def _straggle(self, step: int, phase: str) -> float:
         """Sleep what a straggler drill plans before a ``phase`` (forward, backward) pass

@@ -181,12 +181,9 @@ class GroupedSteps:
             return Context(training=True, step=step, ids=ids[lo + a:lo + b], seed=tr.seed)
 
         def loss_grad(a: int, b: int, out: np.ndarray) -> np.ndarray:  # as Computing._compute
-            metrics, y_g = rows[group[a] - first], y[lo + a:lo + b]
+            metrics = rows[group[a] - first]
             metrics[:] = 0
-            loss_sum, dout = tr.loss(out, tr.task.targets(y_g, out.dtype), 1.0 / batch)
-            metrics[0] += loss_sum
-            metrics[2:] += tr.task.sums(out, y_g)
-            return dout
+            return tr._loss_grad(out, y[lo + a:lo + b], batch, metrics)
 
         plan = self.at_once.plan(model, x[lo:hi], context, at)
         if plan is None:

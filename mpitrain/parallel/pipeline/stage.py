@@ -207,12 +207,8 @@ class PipelineTrainer(TrainerBase):
         with np.errstate(over="ignore", invalid="ignore"):
             out, saved = self.model.forward(x, ctx)
             if self.grid.is_last_stage:
-                y = st.y[lo:hi]
-                loss_sum, dout = self.loss(out, self.task.targets(y, out.dtype), 1.0 / st.batch)
                 into = self.metrics if st.rows is None else st.rows[k]
-                into[0] += loss_sum
-                into[2:] += self.task.sums(out, y)
-                saved = (saved, dout)
+                saved = (saved, self._loss_grad(out, st.y[lo:hi], st.batch, into))
             else:
                 self.send_forward(k, out)
         st.alive[k] = saved
