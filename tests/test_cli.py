@@ -335,6 +335,32 @@ def test_bench_train_json(tmp_path, small_data):
     assert "ceiling" in result.stdout and "of ceiling" in result.stdout
 
 
+def test_idle_ranks_nap_longer_and_longer_while_others_are_measured(monkeypatch):
+    """The benchmarks' idle ranks wait in quiet_barrier: naps double from 1 ms to 50 ms,
+    so 2 s idle wake a rank 45 times, not 2,000 (each wake-up takes a measured rank's
+    core); the deadline still holds.  A clock that moves only when the rank sleeps."""
+    import time
+    from mpitrain.runtime import quiet_barrier
+
+    clock, naps = [0.0], []
+
+    def sleep(seconds):
+        naps.append(seconds)
+        clock[0] += seconds
+
+    class Comm:  # a barrier the other ranks reach at 2 s
+        def Ibarrier(self):
+            return type("Request", (), {"Test": lambda self: clock[0] >= 2.0})()
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    assert quiet_barrier(Comm())
+    assert naps[:4] == [0.001, 0.002, 0.004, 0.008] and max(naps) == 0.05
+    assert len(naps) == 45  # 1 + 2 + ... + 32 ms, then 50 ms naps up to 2 s
+    clock[0], naps[:] = 0.0, []
+    assert not quiet_barrier(Comm(), seconds=1.0) and 1.0 < clock[0] < 1.06
+
+
 def test_ddp_peer_benchmark(tmp_path, small_data):
     pytest.importorskip("torch", reason="the DDP comparison needs torch (optional)")
     out = tmp_path / "ddp.json"
@@ -410,7 +436,8 @@ def test_a_non_zero_exit_on_one_rank_ends_the_whole_job():
 
 def test_helper_threads_that_call_mpi_need_thread_multiple(small_data):
     """Below MPI_THREAD_MULTIPLE the watchdog and the exchange thread are refused, with what
-    to set; without them (--watchdog 0, no overlapped thread) the run goes on."""
+    to set; without them (--watchdog 0, no overlapped thread: the default on one node, or
+    --progress none) the run goes on."""
     env = clean_env(MPI4PY_RC_THREAD_LEVEL="serialized")
     refused = run_train(2, "--data", small_data, "--steps", "2", env=env, timeout=60)
     assert refused.returncode == 2, refused.stderr
@@ -418,13 +445,15 @@ def test_helper_threads_that_call_mpi_need_thread_multiple(small_data):
                                 "(--watchdog 0 turns it off) calls MPI from its own thread while "
                                 "the main thread does, which needs 'multiple': unset "
                                 "MPI4PY_RC_THREAD_LEVEL") == 1
-    exchange = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0", env=env,
-                         timeout=60)
+    exchange = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0",
+                         "--overlap", env=env, timeout=60)
     assert exchange.returncode == 2
-    assert "the exchange's helper thread (--progress none avoids it)" in exchange.stderr
-    fine = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0",
-                     "--progress", "none", "--hidden", "8", env=env, timeout=60)
-    assert fine.returncode == 0, fine.stderr
+    assert ("the exchange's helper thread (--progress none avoids it, as does an exchange "
+            "without --overlap)") in exchange.stderr
+    for fine in (("--progress", "none"), ()):
+        done = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0", *fine,
+                         "--hidden", "8", env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
 
 
 def test_bench_layers_table_and_json(tmp_path):

@@ -194,6 +194,39 @@ def test_overlapped_buckets_give_the_bits_of_the_same_buckets_after_backward(
     agree(comm, np.allclose(whole, overlapped, rtol=1e-4, atol=1e-6), "buckets = one buffer")
 
 
+def plan(small_data, hidden=(1024,), **kw):
+    """(overlap, number of buckets, first bucket's bytes) of the exchange ``kw`` build."""
+    trainer, _ = build(Config(data=small_data, hidden=list(hidden), batch_size=16, **kw),
+                       MPI.COMM_WORLD)
+    ex = trainer.exchange
+    lo, hi = ex.buckets[0]
+    got = (ex.overlap, len(ex.buckets), (hi - lo) * ex.buffer.dtype.itemsize)
+    trainer.close()
+    return got
+
+
+@pytest.mark.parametrize("allreduce", ["mpi", "ring", "shm"])
+def test_by_default_one_node_sums_one_bucket_after_backward_and_nodes_overlap(
+        small_data, allreduce, monkeypatch):
+    """On one node the sum is the cores' own work: one bucket after backward; across
+    nodes (where the MPI says so) 2 MiB buckets overlapped with backward; asked: as asked."""
+    import mpitrain.comm.overlap as overlap
+
+    comm = MPI.COMM_WORLD
+    agree(comm, not overlap.spans_nodes(comm), "the ranks of this test are on one node")
+    agree(comm, plan(small_data, allreduce=allreduce)[:2] == (False, 1), "one bucket, after")
+    # Two layers of 1024: more than 4 MiB of float32 gradients, so 2 MiB buckets and more.
+    asked = plan(small_data, hidden=(1024, 1024), allreduce=allreduce, overlap=True)
+    agree(comm, asked[0] is True and asked[1] > 2 and asked[2] == 2 << 20, f"asked: {asked}")
+    moved = plan(small_data, allreduce=allreduce, progress="none")
+    agree(comm, moved[0] is True, "--progress none asks for overlap")
+    after = plan(small_data, allreduce=allreduce, overlap=False, bucket_mb=0.01)
+    agree(comm, after[0] is False and after[1] > 1, f"buckets after backward: {after}")
+    monkeypatch.setattr(overlap, "spans_nodes", lambda comm: True)
+    nodes = plan(small_data, hidden=(1024, 1024), allreduce=allreduce)
+    agree(comm, nodes[0] is True and nodes[2] == 2 << 20, f"across nodes: {nodes}")
+
+
 def test_prefetching_reads_the_same_batches(small_data):
     comm = MPI.COMM_WORLD
     agree(comm, np.array_equal(trained(small_data, prefetch=True), trained(small_data)),

@@ -20,9 +20,11 @@ JOB = textwrap.dedent("""\
     import json, socket, sys, time
     import numpy as np
     from mpi4py import MPI
+    from mpitrain.comm.overlap import plan_overlap
 
     comm = MPI.COMM_WORLD
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    plan = plan_overlap(comm)  # the default exchange: (overlap, bucket_mb)
     comm.Allreduce(MPI.IN_PLACE, np.ones(1))  # connections up before the clock starts
     n = int(sys.argv[1]) // 8
     buf = np.arange(n, dtype=np.float64) + comm.rank
@@ -34,7 +36,8 @@ JOB = textwrap.dedent("""\
     ranks = comm.gather({"node_size": node.size, "host": socket.gethostname(),
                          "ok": bool(np.array_equal(buf, want))})
     if comm.rank == 0:
-        print("RESULT " + json.dumps({"size": comm.size, "seconds": t, "ranks": ranks}))
+        print("RESULT " + json.dumps({"size": comm.size, "seconds": t, "ranks": ranks,
+                                      "plan": plan}))
 """)
 
 
@@ -64,6 +67,7 @@ def test_two_nodes_of_two_ranks_are_two_nodes_to_mpich(netcluster, job_file):
     assert [r["node_size"] for r in result["ranks"]] == [2, 2, 2, 2], result
     assert hosts == [names[0], names[0], names[1], names[1]], result
     assert all(r["ok"] for r in result["ranks"]), f"wrong sums: {result}"
+    assert result["plan"] == [True, 2.0], "across nodes the exchange overlaps backward"
 
 
 @pytest.mark.timeout(120)
@@ -93,6 +97,7 @@ def test_ranks_of_one_node_leave_the_links_idle(netcluster, job_file):
     moved = grown(before, netcluster.link_bytes())
     assert result["size"] == 2 and all(r["ok"] for r in result["ranks"]), result
     assert all(s < SIZE / 100 and r < SIZE / 100 for s, r in moved.values()), moved
+    assert result["plan"] == [False, 0.0], "on one node: one bucket after backward"
 
 
 @pytest.mark.timeout(120)

@@ -49,7 +49,7 @@ def inside(child, parent):
 def test_a_two_rank_timeline_shows_every_phase_and_the_overlap(small_data, tmp_path):
     path = tmp_path / "timeline.json"
     result = run_train(2, "--data", small_data, "--hidden", "256,256", "--steps", "12",
-                       "--bucket-mb", "0.05", "--ckpt-dir", str(tmp_path / "ckpt"),
+                       "--bucket-mb", "0.05", "--overlap", "--ckpt-dir", str(tmp_path / "ckpt"),
                        "--ckpt-every", "11", "--eval-every", "11", "--timeline", str(path),
                        "--timeline-steps", "10:11")
     assert result.returncode == 0, result.stderr[-3000:]

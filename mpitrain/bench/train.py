@@ -35,16 +35,20 @@ from .common import quiet_barrier, write_json
 # name -> Config overrides
 CEILINGS = ("ceiling", "lockstep")  # the peers measured beside the variants
 VARIANTS = {
-    "mpi": dict(allreduce="mpi", overlap=True, progress="thread"),
+    # mpi, shm, ring: the defaults (overlapped in buckets only across nodes: comm.overlap)
+    "mpi": dict(allreduce="mpi"),
+    "mpi-overlap": dict(allreduce="mpi", overlap=True, progress="thread"),
     "mpi-test": dict(allreduce="mpi", overlap=True, progress="test"),
     "mpi-none": dict(allreduce="mpi", overlap=True, progress="none"),
     "mpi-nooverlap": dict(allreduce="mpi", overlap=False, bucket_mb=0),
-    "ring": dict(allreduce="ring", overlap=True, progress="thread"),
-    "shm": dict(allreduce="shm", overlap=True, progress="thread"),
+    "ring": dict(allreduce="ring"),
+    "ring-overlap": dict(allreduce="ring", overlap=True, progress="thread"),
+    "shm": dict(allreduce="shm"),
+    "shm-overlap": dict(allreduce="shm", overlap=True, progress="thread"),
     "shm-nooverlap": dict(allreduce="shm", overlap=False, bucket_mb=0),
     "ring-nooverlap": dict(allreduce="ring", overlap=False, bucket_mb=0),
-    "ring-fp16": dict(allreduce="ring", overlap=True, grad_dtype="float16"),
-    "ring-bf16": dict(allreduce="ring", overlap=True, grad_dtype="bfloat16"),
+    "ring-fp16": dict(allreduce="ring", grad_dtype="float16"),
+    "ring-bf16": dict(allreduce="ring", grad_dtype="bfloat16"),
     "reproducible": dict(allreduce="mpi", reproducible=True),
     "reproducible-g12": dict(allreduce="mpi", reproducible=True, groups=12),
     "reproducible-g4": dict(allreduce="mpi", reproducible=True, groups=4),

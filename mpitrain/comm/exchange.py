@@ -173,7 +173,8 @@ class Exchange:
         self.overlap, self.progress, self.wire = overlap, progress, wire
         self.threaded = overlap and progress == "thread" and self.size > 1
         if self.threaded:
-            require_thread_multiple(comm, "the exchange's helper thread ({progress} none avoids it)")
+            require_thread_multiple(comm, "the exchange's helper thread ({progress} none "
+                                          "avoids it, as does an exchange without {overlap})")
         self.comm = comm.Dup()  # its own context: never mixed up with other traffic
         self.algorithm = algorithm
         self.blocking = make_allreduce(algorithm, self.comm, count, np.dtype(dtype), wire)
@@ -210,6 +211,15 @@ class Exchange:
             self._worker = threading.Thread(target=self._work, name="mpitrain-exchange",
                                             daemon=True)
             self._worker.start()
+
+    def describe(self) -> str:
+        """How the buckets are summed, for the run's header ("one bucket after backward")."""
+        if len(self.buckets) == 1:
+            return "one bucket after backward" if not self.overlap else "one bucket"
+        lo, hi = self.buckets[0]
+        size = f"{(hi - lo) * self.buffer.dtype.itemsize / 2 ** 20:.3g} MiB"
+        return f"{len(self.buckets)} buckets of {size}" + (
+            ", overlapped with backward" if self.overlap else " after backward")
 
     # -- where the model lives -------------------------------------------------------------
     def adopt(self, model, optimizer) -> None:

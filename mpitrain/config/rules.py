@@ -246,7 +246,7 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
         rules.append((option, cfg.pipelined(),
                       "applies to data parallelism alone: a pipeline exchanges each stage's "
                       "gradients after its last backward pass", []))
-    rules.append(("progress", not cfg.overlap,
+    rules.append(("progress", cfg.overlap is False,
                   "moves an overlapped exchange; {overlap} is off", ["overlap"]))
     for name, ignored, why, others in rules:
         if ignored and (_changed(cfg, name) or name in given):

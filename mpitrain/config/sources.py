@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help = f.metadata["help"]
         if f.name in CHOICES:
             kw["choices"] = CHOICES[f.name]
-        if f.type == "bool":
+        if f.type in ("bool", "Optional[bool]"):
             kw["action"] = argparse.BooleanOptionalAction
         elif "List[int]" in f.type:
             kw["type"], kw["metavar"] = _parse_list, "N,N"

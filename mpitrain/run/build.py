@@ -14,6 +14,7 @@ from typing import Tuple
 import numpy as np
 from mpi4py import MPI
 
+from ..comm.overlap import BUCKET_MB
 from ..comm.topology import make_grid
 from ..config import Config
 from ..data.builtin import builtin_dataset
@@ -245,7 +246,8 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
         model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
         trainer = PSTrainer(model, loss, cfg.optimizer, opt_args, train, sampler, comm, val,
                             task=task, servers=cfg.servers, staleness=cfg.staleness,
-                            bucket_mb=cfg.bucket_mb, overlap=cfg.overlap,
+                            bucket_mb=BUCKET_MB if cfg.bucket_mb is None else cfg.bucket_mb,
+                            overlap=cfg.overlap is not False,
                             accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
                             seed=cfg.seed)
     else:
@@ -253,7 +255,7 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
         optimizer = make_optimizer(cfg.optimizer, model.params, model.grads, **opt_args)
         trainer = Trainer(model, loss, optimizer, train, sampler, comm, val, task=task,
                           allreduce=cfg.allreduce, bucket_mb=cfg.bucket_mb,
-                          overlap=cfg.overlap, progress=cfg.progress, grad_dtype=cfg.wire(),
+                          overlap=cfg.overlapped(), progress=cfg.progress, grad_dtype=cfg.wire(),
                           accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
                           seed=cfg.seed, groups=cfg.groups if cfg.reproducible else None)
     trainer.spec = {"spec": spec, "input_shape": list(m.features)}

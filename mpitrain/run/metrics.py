@@ -231,6 +231,8 @@ def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str
             if cfg.clip_grad_norm is not None else "")
     parts = ranks - cfg.servers if cfg.ps() else g.dp
     sync = "parameter server" if cfg.ps() else f"allreduce {cfg.allreduce}"
+    if not (cfg.ps() or cfg.reproducible) and g.pp == 1 and ranks > 1:
+        sync += f" ({trainer.exchange.describe()})"
     lines.append(f"{total} steps ({trainer.sampler.steps_per_epoch} per epoch), global batch "
                  f"{cfg.batch_size} (about {cfg.batch_size // parts} per "
                  f"{'worker' if cfg.ps() else 'replica'}{accumulate}), "
