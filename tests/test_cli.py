@@ -448,12 +448,14 @@ def test_helper_threads_that_call_mpi_need_thread_multiple(small_data):
     exchange = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0",
                          "--overlap", env=env, timeout=60)
     assert exchange.returncode == 2
-    assert ("the exchange's helper thread (--progress none avoids it, as does an exchange "
-            "without --overlap)") in exchange.stderr
-    for fine in (("--progress", "none"), ()):
+    assert ("the exchange's helper thread (--progress none avoids it, as does turning "
+            "--overlap off)") in exchange.stderr
+    for fine, plan in ((("--progress", "none"), "(one bucket overlapped with backward)"),
+                       ((), "(one bucket after backward)")):
         done = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0", *fine,
                          "--hidden", "8", env=env, timeout=60)
         assert done.returncode == 0, done.stderr
+        assert f"allreduce mpi {plan}" in done.stdout  # the run's header says how
 
 
 def test_bench_layers_table_and_json(tmp_path):

@@ -27,6 +27,19 @@ def test_toml_then_flags(tmp_path):
     assert parse("--hidden", "8,4,2", "--epochs", "3").total_steps(5) == 15
 
 
+def test_a_way_to_move_an_overlapped_exchange_asks_for_overlap(tmp_path):
+    """--progress, even as its default (thread), asks for overlap; the placement decides
+    only when neither is given (None); --no-overlap with --progress is refused."""
+    assert parse().overlap is None and parse().bucket_mb is None
+    assert parse("--progress", "thread").overlap is True
+    path = tmp_path / "run.toml"
+    path.write_text('progress = "none"\n')
+    assert parse("--config", str(path)).overlap is True
+    assert parse("--no-overlap").overlap is False
+    with pytest.raises(MpitrainError, match="--progress 'test' does not apply"):
+        parse("--no-overlap", "--progress", "test")
+
+
 @pytest.mark.parametrize("text,message", [
     ("colour = 1\n", "run.toml: unknown key 'colour' (known: "),
     ("lr = 'fast'\n", "run.toml: key 'lr' should be float, got 'fast'"),

@@ -214,12 +214,15 @@ def test_by_default_one_node_sums_one_bucket_after_backward_and_nodes_overlap(
 
     comm = MPI.COMM_WORLD
     agree(comm, not overlap.spans_nodes(comm), "the ranks of this test are on one node")
-    agree(comm, plan(small_data, allreduce=allreduce)[:2] == (False, 1), "one bucket, after")
-    # Two layers of 1024: more than 4 MiB of float32 gradients, so 2 MiB buckets and more.
+    # Two layers of 1024: more than 4 MiB of float32 gradients, 3 buckets of 2 MiB or more.
+    default = plan(small_data, hidden=(1024, 1024), allreduce=allreduce)
+    agree(comm, default[:2] == (False, 1), f"one bucket, after backward: {default}")
     asked = plan(small_data, hidden=(1024, 1024), allreduce=allreduce, overlap=True)
     agree(comm, asked[0] is True and asked[1] > 2 and asked[2] == 2 << 20, f"asked: {asked}")
     moved = plan(small_data, allreduce=allreduce, progress="none")
     agree(comm, moved[0] is True, "--progress none asks for overlap")
+    cut = plan(small_data, allreduce=allreduce, bucket_mb=0.01)
+    agree(comm, cut[0] is True and cut[1] > 1, f"buckets ask for overlap: {cut}")
     after = plan(small_data, allreduce=allreduce, overlap=False, bucket_mb=0.01)
     agree(comm, after[0] is False and after[1] > 1, f"buckets after backward: {after}")
     monkeypatch.setattr(overlap, "spans_nodes", lambda comm: True)

@@ -35,7 +35,8 @@ from .common import quiet_barrier, write_json
 # name -> Config overrides
 CEILINGS = ("ceiling", "lockstep")  # the peers measured beside the variants
 VARIANTS = {
-    # mpi, shm, ring: the defaults (overlapped in buckets only across nodes: comm.overlap)
+    # mpi, shm, ring and the 16-bit rings: the defaults (overlapped in buckets only across
+    # nodes: comm.overlap); *-overlap: in 2 MiB buckets during backward, wherever they run
     "mpi": dict(allreduce="mpi"),
     "mpi-overlap": dict(allreduce="mpi", overlap=True, progress="thread"),
     "mpi-test": dict(allreduce="mpi", overlap=True, progress="test"),

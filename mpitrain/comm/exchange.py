@@ -174,7 +174,7 @@ class Exchange:
         self.threaded = overlap and progress == "thread" and self.size > 1
         if self.threaded:
             require_thread_multiple(comm, "the exchange's helper thread ({progress} none "
-                                          "avoids it, as does an exchange without {overlap})")
+                                          "avoids it, as does turning {overlap} off)")
         self.comm = comm.Dup()  # its own context: never mixed up with other traffic
         self.algorithm = algorithm
         self.blocking = make_allreduce(algorithm, self.comm, count, np.dtype(dtype), wire)
@@ -215,7 +215,8 @@ class Exchange:
     def describe(self) -> str:
         """How the buckets are summed, for the run's header ("one bucket after backward")."""
         if len(self.buckets) == 1:
-            return "one bucket after backward" if not self.overlap else "one bucket"
+            return "one bucket " + ("overlapped with backward" if self.overlap
+                                    else "after backward")
         lo, hi = self.buckets[0]
         size = f"{(hi - lo) * self.buffer.dtype.itemsize / 2 ** 20:.3g} MiB"
         return f"{len(self.buckets)} buckets of {size}" + (

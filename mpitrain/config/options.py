@@ -128,14 +128,15 @@ class Config:
                                  "or shm (ranks on a node add from each other's memory)")
     bucket_mb: Optional[float] = _opt(None, "exchange the gradients in buckets of about this "
                                             "many MiB (0: one bucket; default: 2 with "
-                                            "overlap, else one bucket)")
+                                            "overlap, else one bucket; given, it asks for "
+                                            "overlap)")
     overlap: Optional[bool] = _opt(None, "start each bucket's exchange as soon as backward "
                                          "produced it (default: where the ranks span more "
                                          "than one node; on one node the sum is the cores' "
                                          "own work, which overlap cannot hide)")
     progress: str = _opt("thread", "how the overlapped exchange progresses: a helper thread, "
-                                   "MPI_Test between layers (mpi only), or none (test and "
-                                   "none ask for overlap)")
+                                   "MPI_Test between layers (mpi only), or none (given, it "
+                                   "asks for overlap)")
     grad_dtype: str = _opt("full", "exchange gradients in 16 bits, adding in full precision "
                                    "(needs --allreduce ring)")
     pp: int = _opt(1, "pipeline stages; the ranks form pp stages x (ranks / pp) replicas")
@@ -210,13 +211,6 @@ class Config:
         if self.microbatches is not None:
             return self.microbatches
         return 1 if self.pp == 1 else 2 * self.pp
-
-    def overlapped(self) -> Optional[bool]:
-        """Overlap as asked: {overlap}, or on where {progress} names how an overlapped
-        exchange moves (test, none); None: decided by where the ranks are."""
-        if self.overlap is not None:
-            return self.overlap
-        return True if self.progress != "thread" else None
 
     def ps(self) -> bool:
         """Whether the parameter-server trainer runs."""

@@ -49,7 +49,7 @@ class Trainer(TrainerBase):
     classification into the model's output width).  ``allreduce``,
     ``bucket_mb``, ``overlap``, ``progress`` and ``grad_dtype`` choose how the
     gradients are summed (see ``comm.exchange``; ``overlap`` and ``bucket_mb`` None:
-    chosen by where the ranks are, ``comm.overlap``).  ``accumulate``: micro-batches
+    chosen by where the ranks are, ``comm.overlap.plan_overlap``).  ``accumulate``: micro-batches
     per step; ``clip_grad_norm``: the summed gradient's largest norm; ``seed``
     keys dropout's draws.
     """
@@ -82,7 +82,7 @@ class Trainer(TrainerBase):
         # summed exactly (a float16 loss sum would overflow at 65504).
         covered = n if grad_dtype else n + w
         self.metrics = slice(n, n + w)
-        overlap, bucket_mb = plan_overlap(comm, overlap, bucket_mb)
+        overlap, bucket_mb = plan_overlap(comm, overlap, bucket_mb, progress)
         self.exchange = Exchange(
             comm, n + w, model.dtype, algorithm=allreduce,
             buckets=plan_buckets(covered, bucket_mb * 2 ** 20, model.dtype.itemsize),

@@ -255,7 +255,7 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
         optimizer = make_optimizer(cfg.optimizer, model.params, model.grads, **opt_args)
         trainer = Trainer(model, loss, optimizer, train, sampler, comm, val, task=task,
                           allreduce=cfg.allreduce, bucket_mb=cfg.bucket_mb,
-                          overlap=cfg.overlapped(), progress=cfg.progress, grad_dtype=cfg.wire(),
+                          overlap=cfg.overlap, progress=cfg.progress, grad_dtype=cfg.wire(),
                           accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
                           seed=cfg.seed, groups=cfg.groups if cfg.reproducible else None)
     trainer.spec = {"spec": spec, "input_shape": list(m.features)}
