@@ -30,11 +30,19 @@ def test_toml_then_flags(tmp_path):
 def test_a_way_to_move_an_overlapped_exchange_asks_for_overlap(tmp_path):
     """--progress, even as its default (thread), asks for overlap; the placement decides
     only when neither is given (None); --no-overlap with --progress is refused."""
+    from mpi4py import MPI
+    from mpitrain.comm.overlap import plan_overlap
+
+    def overlap(cfg):  # the exchange's plan, one rank (the placement would say: no)
+        return plan_overlap(MPI.COMM_SELF, cfg.overlap, cfg.bucket_mb, cfg.progress)
+
     assert parse().overlap is None and parse().bucket_mb is None
-    assert parse("--progress", "thread").overlap is True
+    assert overlap(parse()) == (False, 0.0, "thread")
+    assert overlap(parse("--progress", "thread")) == (True, 2.0, "thread")
     path = tmp_path / "run.toml"
     path.write_text('progress = "none"\n')
-    assert parse("--config", str(path)).overlap is True
+    assert overlap(parse("--config", str(path))) == (True, 2.0, "none")
+    assert overlap(parse("--bucket-mb", "4")) == (True, 4.0, "thread")
     assert parse("--no-overlap").overlap is False
     with pytest.raises(MpitrainError, match="--progress 'test' does not apply"):
         parse("--no-overlap", "--progress", "test")

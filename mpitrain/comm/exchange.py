@@ -55,7 +55,7 @@ from .shm import NodeSharedModel, ShmAllreduce
 __all__ = ["MPIAllreduce", "ALGORITHMS", "PROGRESS", "check_options", "make_allreduce",
            "plan_buckets", "Exchange", "PrivateModel"]
 
-PROGRESS = ("thread", "test", "none")
+PROGRESS = ("thread", "test", "none")  # the first is the default
 
 
 class MPIAllreduce:
@@ -89,8 +89,11 @@ class MPIAllreduce:
 ALGORITHMS = {"mpi": MPIAllreduce, "ring": RingAllreduce, "shm": ShmAllreduce}
 
 
-def check_options(algorithm: str, progress: str = "thread", wire: Optional[str] = None) -> None:
-    """Refuse what ``algorithm`` cannot do, naming the parameters (ConfigError)."""
+def check_options(algorithm: str, progress: Optional[str] = None,
+                  wire: Optional[str] = None) -> None:
+    """Refuse what ``algorithm`` cannot do, naming the parameters (ConfigError);
+    ``progress`` None: the default, thread."""
+    progress = progress or PROGRESS[0]
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"{{allreduce}}: expected one of {', '.join(ALGORITHMS)}, got "
                           f"{algorithm!r}", ["allreduce"])
@@ -214,13 +217,12 @@ class Exchange:
 
     def describe(self) -> str:
         """How the buckets are summed, for the run's header ("one bucket after backward")."""
+        when = "overlapped with backward" if self.overlap else "after backward"
         if len(self.buckets) == 1:
-            return "one bucket " + ("overlapped with backward" if self.overlap
-                                    else "after backward")
+            return f"one bucket {when}"
         lo, hi = self.buckets[0]
-        size = f"{(hi - lo) * self.buffer.dtype.itemsize / 2 ** 20:.3g} MiB"
-        return f"{len(self.buckets)} buckets of {size}" + (
-            ", overlapped with backward" if self.overlap else " after backward")
+        return (f"{len(self.buckets)} buckets of "
+                f"{(hi - lo) * self.buffer.dtype.itemsize / 2 ** 20:.3g} MiB {when}")
 
     # -- where the model lives -------------------------------------------------------------
     def adopt(self, model, optimizer) -> None:

@@ -16,7 +16,7 @@ buckets and 0.81-0.91 as one buffer after backward, shm 0.84-0.98 and
 So by default (``overlap=None``) an exchange overlaps, in 2 MiB buckets, only
 where its ranks span more than one node, and sums one buffer after backward
 on one node.  Asking for buckets (``bucket_mb`` > 0) or for a way to move an
-overlapped exchange (``progress`` test or none) asks for overlap; ``overlap``
+overlapped exchange (``progress``, even thread) asks for overlap; ``overlap``
 False sums the buckets after backward, by the same calls, so overlap changes
 no bit.  The default's buckets follow the placement, so the bits of a sum
 whose order depends on the bucket length (the ring's, MPI's beyond 2 ranks)
@@ -27,6 +27,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 from mpi4py import MPI
+
+from .exchange import PROGRESS
 
 __all__ = ["BUCKET_MB", "spans_nodes", "plan_overlap"]
 
@@ -43,14 +45,14 @@ def spans_nodes(comm: MPI.Comm) -> bool:
 
 def plan_overlap(comm: MPI.Comm, overlap: Optional[bool] = None,
                  bucket_mb: Optional[float] = None,
-                 progress: str = "thread") -> Tuple[bool, float]:
-    """(overlap, bucket_mb) for an exchange over ``comm``: each as given, or by default
-    overlapped in ``BUCKET_MB`` buckets where the ranks span nodes, else one bucket
-    (0) after backward; buckets or a ``progress`` other than thread ask for overlap
+                 progress: Optional[str] = None) -> Tuple[bool, float, str]:
+    """(overlap, bucket_mb, progress) for an exchange over ``comm``: each as given, or by
+    default overlapped in ``BUCKET_MB`` buckets where the ranks span nodes, else one
+    bucket (0) after backward; given buckets or a given ``progress`` ask for overlap
     (collective when the placement decides)."""
     if overlap is None:
-        asked = progress != "thread" or (bucket_mb is not None and bucket_mb > 0)
+        asked = progress is not None or (bucket_mb is not None and bucket_mb > 0)
         overlap = asked or (comm.Get_size() > 1 and spans_nodes(comm))
     if bucket_mb is None:
         bucket_mb = BUCKET_MB if overlap else 0.0
-    return overlap, bucket_mb
+    return overlap, bucket_mb, progress or PROGRESS[0]

@@ -134,9 +134,10 @@ class Config:
                                          "produced it (default: where the ranks span more "
                                          "than one node; on one node the sum is the cores' "
                                          "own work, which overlap cannot hide)")
-    progress: str = _opt("thread", "how the overlapped exchange progresses: a helper thread, "
-                                   "MPI_Test between layers (mpi only), or none (given, it "
-                                   "asks for overlap)")
+    progress: Optional[str] = _opt(None, "how the overlapped exchange progresses: a helper "
+                                         "thread (thread, the default), MPI_Test between "
+                                         "layers (test, mpi only), or none; given, it asks "
+                                         "for overlap")
     grad_dtype: str = _opt("full", "exchange gradients in 16 bits, adding in full precision "
                                    "(needs --allreduce ring)")
     pp: int = _opt(1, "pipeline stages; the ranks form pp stages x (ranks / pp) replicas")

@@ -81,7 +81,8 @@ def validate(cfg: Config) -> None:
         if base == "float" and not math.isfinite(value):
             raise bad(name, "a finite number")
     for name, choices in CHOICES.items():
-        if getattr(cfg, name) not in choices:
+        if getattr(cfg, name) not in choices and not (getattr(cfg, name) is None
+                                                      and DEFAULTS[name] is None):
             raise bad(name, "one of " + ", ".join(choices))
     for name in ("data", "ckpt_dir", "run_dir", "log", "resume", "fault", "model", "timeline"):
         if getattr(cfg, name) is not None and not getattr(cfg, name).strip():

@@ -94,8 +94,6 @@ def from_sources(args: argparse.Namespace) -> Tuple[Config, Callable[[str], str]
     def name_of(param: str) -> str:
         return where.get(param, flag(param))
 
-    if "progress" in values and values.get("overlap") is None and values.get("pp", 1) == 1:
-        values["overlap"] = True  # how an overlapped exchange moves: asks for overlap
     try:
         cfg = Config(**values)
         refuse_what_does_not_apply(cfg, given=set(values))  # given, even as the default

@@ -48,8 +48,8 @@ class Trainer(TrainerBase):
     ``task`` says what the targets are and which metrics to compute (default:
     classification into the model's output width).  ``allreduce``,
     ``bucket_mb``, ``overlap``, ``progress`` and ``grad_dtype`` choose how the
-    gradients are summed (see ``comm.exchange``; ``overlap`` and ``bucket_mb`` None:
-    chosen by where the ranks are, ``comm.overlap.plan_overlap``).  ``accumulate``: micro-batches
+    gradients are summed (see ``comm.exchange``; ``overlap``, ``bucket_mb`` and
+    ``progress`` None: chosen by where the ranks are, ``comm.overlap.plan_overlap``).  ``accumulate``: micro-batches
     per step; ``clip_grad_norm``: the summed gradient's largest norm; ``seed``
     keys dropout's draws.
     """
@@ -58,7 +58,7 @@ class Trainer(TrainerBase):
                  sampler: Sampler, comm: MPI.Comm, val: Optional[Shards] = None, *,
                  task: Optional[Task] = None, allreduce: str = "mpi",
                  bucket_mb: Optional[float] = None, overlap: Optional[bool] = None,
-                 progress: str = "thread",
+                 progress: Optional[str] = None,
                  grad_dtype: Optional[str] = None, accumulate: int = 1,
                  clip_grad_norm: Optional[float] = None, seed: int = 0,
                  groups: Optional[int] = None):
@@ -82,7 +82,7 @@ class Trainer(TrainerBase):
         # summed exactly (a float16 loss sum would overflow at 65504).
         covered = n if grad_dtype else n + w
         self.metrics = slice(n, n + w)
-        overlap, bucket_mb = plan_overlap(comm, overlap, bucket_mb, progress)
+        overlap, bucket_mb, progress = plan_overlap(comm, overlap, bucket_mb, progress)
         self.exchange = Exchange(
             comm, n + w, model.dtype, algorithm=allreduce,
             buckets=plan_buckets(covered, bucket_mb * 2 ** 20, model.dtype.itemsize),

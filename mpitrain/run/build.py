@@ -14,7 +14,6 @@ from typing import Tuple
 import numpy as np
 from mpi4py import MPI
 
-from ..comm.overlap import BUCKET_MB
 from ..comm.topology import make_grid
 from ..config import Config
 from ..data.builtin import builtin_dataset
@@ -246,8 +245,7 @@ def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
         model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
         trainer = PSTrainer(model, loss, cfg.optimizer, opt_args, train, sampler, comm, val,
                             task=task, servers=cfg.servers, staleness=cfg.staleness,
-                            bucket_mb=BUCKET_MB if cfg.bucket_mb is None else cfg.bucket_mb,
-                            overlap=cfg.overlap is not False,
+                            bucket_mb=cfg.bucket_mb, overlap=cfg.overlap,
                             accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
                             seed=cfg.seed)
     else:

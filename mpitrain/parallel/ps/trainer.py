@@ -27,6 +27,7 @@ from mpi4py import MPI
 
 from ...balance import bounds, rank_slice
 from ...comm.exchange import plan_buckets
+from ...comm.overlap import BUCKET_MB
 from ...comm.topology import make_grid
 from ...data.prefetch import Prefetcher
 from ...data.sampler import Sampler
@@ -61,13 +62,15 @@ class PSTrainer(TrainerBase):
     and its ``optimizer`` state; the others are workers, each computing its part
     of every global batch.  ``staleness``: how many steps a worker may run ahead
     of the slowest (0: synchronous).  ``bucket_mb``: the size of a pushed chunk;
-    ``overlap``: push each chunk as soon as backward has made it final.
+    ``overlap``: push each chunk as soon as backward has made it final (by default,
+    wherever the ranks are, in ``BUCKET_MB`` chunks: the servers are other ranks).
     """
 
     def __init__(self, model: Sequential, loss, optimizer: str, opt_args: Dict[str, Any],
                  train: Shards, sampler: Sampler, comm: MPI.Comm,
                  val: Optional[Shards] = None, *, task: Task, servers: int = 1,
-                 staleness: int = 0, bucket_mb: float = 2.0, overlap: bool = True,
+                 staleness: int = 0, bucket_mb: Optional[float] = None,
+                 overlap: Optional[bool] = None,
                  accumulate: int = 1, clip_grad_norm: Optional[float] = None, seed: int = 0):
         size = comm.Get_size()
         if not 1 <= servers < size:
@@ -83,6 +86,8 @@ class PSTrainer(TrainerBase):
         self.stage_names = [list(model.shapes)]
         self.exchange = _NoExchange()
         n, width = model.size, 2 + task.width
+        overlap = overlap is not False
+        bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
         cuts = bounds(n, servers)
         slices = [(cuts[s], cuts[s + 1]) for s in range(servers)]
         chunks = sorted(((s, lo + a, lo + b) for s, (lo, hi) in enumerate(slices)
