@@ -386,6 +386,10 @@ def test_run_directory_quiet_and_live_progress(tmp_path, small_data):
     from mpitrain.run.metrics import read_log
 
     assert [r["step"] for r in read_log(str(run_dir))] == [5, 10, 15, 20]
+    record = json.loads((run_dir / "run.jsonl").read_text())  # what ran, the plan resolved
+    assert record["ranks"] == 2
+    assert [record["config"][k] for k in ("overlap", "bucket_mb", "progress")] == \
+        [False, 0.0, "thread"]
     live = run_train(2, "--data", small_data, "--steps", "20", "--run-dir", run_dir,
                      env=clean_env(MPITRAIN_PROGRESS="live"))
     assert live.returncode == 0

@@ -59,6 +59,8 @@ def test_a_stop_request_stops_every_rank_at_the_same_step(small_data, staleness)
     """A stop asked by the last rank at step 3 is agreed at step 3 + S on every rank."""
     comm = MPI.COMM_WORLD
     trainer, _ = _trainer(small_data, staleness=staleness)
+    # its own defaults, as the run's record shows them: pushes overlapped, 2 MiB chunks
+    agree(comm, trainer.resolved == dict(overlap=True, bucket_mb=2.0), f"{trainer.resolved}")
     stopped_at = None
     for k in range(12):
         trainer.step(k, stop=comm.rank == comm.size - 1 and k == 3)

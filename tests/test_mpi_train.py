@@ -195,12 +195,13 @@ def test_overlapped_buckets_give_the_bits_of_the_same_buckets_after_backward(
 
 
 def plan(small_data, hidden=(1024,), **kw):
-    """(overlap, number of buckets, first bucket's bytes) of the exchange ``kw`` build."""
+    """(overlap, number of buckets, first bucket's bytes) of the exchange ``kw`` build, and
+    what the trainer says it chose (``resolved``, for the run's record)."""
     trainer, _ = build(Config(data=small_data, hidden=list(hidden), batch_size=16, **kw),
                        MPI.COMM_WORLD)
     ex = trainer.exchange
     lo, hi = ex.buckets[0]
-    got = (ex.overlap, len(ex.buckets), (hi - lo) * ex.buffer.dtype.itemsize)
+    got = (ex.overlap, len(ex.buckets), (hi - lo) * ex.buffer.dtype.itemsize, trainer.resolved)
     trainer.close()
     return got
 
@@ -217,6 +218,8 @@ def test_by_default_one_node_sums_one_bucket_after_backward_and_nodes_overlap(
     # Two layers of 1024: more than 4 MiB of float32 gradients, 3 buckets of 2 MiB or more.
     default = plan(small_data, hidden=(1024, 1024), allreduce=allreduce)
     agree(comm, default[:2] == (False, 1), f"one bucket, after backward: {default}")
+    agree(comm, default[3] == dict(overlap=False, bucket_mb=0.0, progress="thread"),
+          f"recorded as chosen: {default[3]}")
     asked = plan(small_data, hidden=(1024, 1024), allreduce=allreduce, overlap=True)
     agree(comm, asked[0] is True and asked[1] > 2 and asked[2] == 2 << 20, f"asked: {asked}")
     moved = plan(small_data, allreduce=allreduce, progress="none")
@@ -228,6 +231,8 @@ def test_by_default_one_node_sums_one_bucket_after_backward_and_nodes_overlap(
     monkeypatch.setattr(overlap, "spans_nodes", lambda comm: True)
     nodes = plan(small_data, hidden=(1024, 1024), allreduce=allreduce)
     agree(comm, nodes[0] is True and nodes[2] == 2 << 20, f"across nodes: {nodes}")
+    agree(comm, nodes[3] == dict(overlap=True, bucket_mb=2.0, progress="thread"),
+          f"recorded as chosen: {nodes[3]}")
 
 
 def test_prefetching_reads_the_same_batches(small_data):

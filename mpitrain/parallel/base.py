@@ -50,7 +50,11 @@ class TrainerBase(Computing):
     TAG_STATE = 31000  # point-to-point tag of the checkpoint gather and restore, on grid.world
 
     def _init_common(self, clip_grad_norm: Optional[float] = None, seed: int = 0,
-                     groups: Optional[int] = None) -> None:
+                     groups: Optional[int] = None,
+                     resolved: Optional[Dict[str, Any]] = None) -> None:
+        # The parameters left to the trainer (None) and what it chose, by name: the run's
+        # record (run.jsonl) shows what ran, e.g. {"overlap": False, "bucket_mb": 0.0}.
+        self.resolved: Dict[str, Any] = dict(resolved or {})
         self.groups = groups  # --reproducible: the fixed groups of each batch (else None)
         self.spec: Dict[str, Any] = {}  # {"spec": model text, "input_shape": [...]}
         self.clip_grad_norm = clip_grad_norm  # None: no clipping

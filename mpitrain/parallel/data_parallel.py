@@ -93,7 +93,8 @@ class Trainer(TrainerBase):
         self.xbuf = self.exchange.buffer
         self._prefetch: Optional[Prefetcher] = None
         self._stop = 0  # the step the read-ahead ends at
-        self._init_common(clip_grad_norm, seed, groups)
+        self._init_common(clip_grad_norm, seed, groups, resolved=dict(
+            overlap=overlap, bucket_mb=bucket_mb, progress=progress))
         # --reproducible: fixed groups added in group order (parallel.reproducible).
         self.grouped = GroupedSteps(self, groups) if groups else None
 

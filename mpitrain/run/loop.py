@@ -198,7 +198,8 @@ class _Run:
         keep_best = bool(cfg.ckpt_dir and cfg.keep_best and has_val)
         headline = trainer.task.headline
         if self.run_dir is None:
-            self.run_dir = open_run_dir(cfg.to_dict(), comm)
+            # what the trainer chose where the configuration left it None (the exchange)
+            self.run_dir = open_run_dir({**cfg.to_dict(), **trainer.resolved}, comm)
         if cfg.timeline:
             RECORDER.start(comm, cfg.timeline_window())
         report = self.report = Reporter(comm.rank == 0, cfg.log, total, out,

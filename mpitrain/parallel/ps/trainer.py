@@ -118,7 +118,8 @@ class PSTrainer(TrainerBase):
         self.done: Optional[int] = None  # steps done (every rank alike), once started
         self._stop = 0
         self.gaps: List[int] = []  # each step's staleness on this worker: step - version used
-        self._init_common(clip_grad_norm, seed)
+        self._init_common(clip_grad_norm, seed,
+                          resolved=dict(overlap=overlap, bucket_mb=bucket_mb))
 
     # -- life cycle ------------------------------------------------------------------------
     def _start(self, step: int) -> None:
