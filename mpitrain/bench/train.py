@@ -9,10 +9,12 @@ independent one-rank trainers running at once, with no exchange (what the
 machine can do), and lockstep, the same trainers waiting for each other
 after every step (what a synchronous step can do: the slowest rank sets the
 pace of each step); every figure also as a share of both.  All settings of a
-rank count are built once and take turns, ``--block`` steps each, and the
-rank counts take turns repeat by repeat, so slow drifts of the machine's
-speed hit them alike; each repeat's figure is paired with the peers' figures
-of the same repeat (the worst pair is shown).  The model
+rank count are built once and take turns, ``--block`` steps each (5: about
+70 ms, shorter than the machine's drifts; turns of 20 steps let a drift hit
+one setting and miss its peers), and the rank counts take turns repeat by
+repeat, so slow drifts of the machine's speed hit them alike; each repeat's
+figure is paired with the peers' figures of the same repeat (the worst pair
+is shown).  The model
 and batch default to the reference: MLP 784-1024-1024-10, 128 samples per
 rank, SGD, one BLAS thread per rank.
 """
@@ -70,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", default="1024,1024")
     p.add_argument("--batch-per-rank", type=int, default=128)
     p.add_argument("--steps", type=int, default=100, help="timed steps per sample")
-    p.add_argument("--block", type=int, default=20, help="steps a setting runs before the "
+    p.add_argument("--block", type=int, default=5, help="steps a setting runs before the "
                    "next takes its turn (all settings are built once, then alternate)")
     p.add_argument("--warmup", type=int, default=20, help="untimed steps first (cold caches, page faults)")
     p.add_argument("--repeats", type=int, default=3, help="samples per setting; medians reported")
