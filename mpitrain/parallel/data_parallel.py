@@ -48,10 +48,11 @@ class Trainer(TrainerBase):
     ``task`` says what the targets are and which metrics to compute (default:
     classification into the model's output width).  ``allreduce``,
     ``bucket_mb``, ``overlap``, ``progress`` and ``grad_dtype`` choose how the
-    gradients are summed (see ``comm.exchange``; ``overlap``, ``bucket_mb`` and
-    ``progress`` None: chosen by where the ranks are, ``comm.overlap.plan_overlap``).  ``accumulate``: micro-batches
-    per step; ``clip_grad_norm``: the summed gradient's largest norm; ``seed``
-    keys dropout's draws.
+    gradients are summed (see ``comm.exchange``; ``overlap`` and ``bucket_mb``
+    None: chosen by where the ranks are, ``progress`` None: thread, by
+    ``comm.overlap.plan_overlap``).  ``accumulate``: micro-batches per step;
+    ``clip_grad_norm``: the summed gradient's largest norm; ``seed`` keys
+    dropout's draws.
     """
 
     def __init__(self, model: Sequential, loss, optimizer: Optimizer, train: Shards,
