@@ -4,6 +4,7 @@ Each test launches a real MPI job and bounds it in time, so a hang fails.
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -332,6 +333,10 @@ def test_bench_train_json(tmp_path, small_data):
         assert r["of_ceiling_worst"] == min(r["of_ceiling_each"])
         assert r["of_lockstep"] == pytest.approx(r["samples_per_s"] / r["lockstep_samples_per_s"])
         assert len(r["of_lockstep_each"]) == 2
+        # the hypervisor's share of the cores' time, per repeat (Linux has /proc/stat)
+        assert len(r["stolen_each"]) == len(r["ceiling_stolen_each"]) == 2
+        assert all(0 <= x <= 1 for x in r["stolen_each"] + r["ceiling_stolen_each"])
+        assert r["stolen"] == statistics.median(r["stolen_each"])
     assert "ceiling" in result.stdout and "of ceiling" in result.stdout
 
 

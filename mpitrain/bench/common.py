@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..runtime import quiet_barrier  # noqa: F401 - re-exported for the benchmarks
 
-__all__ = ["parse_size", "format_size", "timed", "quiet_barrier", "median", "write_json"]
+__all__ = ["parse_size", "format_size", "timed", "quiet_barrier", "median", "write_json",
+           "cpu_ticks"]
 
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -61,3 +62,25 @@ def write_json(path: str, records: List[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(records, f, indent=1)
         f.write("\n")
+
+
+def cpu_ticks(stat: Optional[str] = None) -> Optional[Tuple[int, int]]:
+    """(stolen, wanted) clock ticks of this node's CPUs so far, from /proc/stat; None
+    where there is none (not Linux).
+
+    wanted: the time the CPUs ran or wanted to run (all but idle and iowait); stolen:
+    the part of it the hypervisor gave to other guests, which a synchronous step pays
+    on every rank when it hits one."""
+    if stat is None:
+        try:
+            with open("/proc/stat", encoding="ascii") as f:
+                stat = f.readline()
+        except OSError:
+            return None
+    fields = stat.split()
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    # cpu user nice system idle iowait irq softirq steal [guest guest_nice]: the guest
+    # fields are already counted in user and nice.
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return steal, user + nice + system + irq + softirq + steal

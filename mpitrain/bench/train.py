@@ -32,7 +32,7 @@ from mpi4py import MPI
 from ..config import Config
 from ..config import flag
 from ..runtime import ConfigError, MpitrainError
-from .common import quiet_barrier, write_json
+from .common import cpu_ticks, quiet_barrier, write_json
 
 # name -> Config overrides
 CEILINGS = ("ceiling", "lockstep")  # the peers measured beside the variants
@@ -105,12 +105,14 @@ class _Timed:
     def start(self) -> None:
         """Begin a sample: no time, no phase times."""
         self.elapsed = 0.0
+        self.ticks: Optional[List[int]] = None  # stolen, wanted: this node's CPU ticks
         for key in self.trainer.times:
             self.trainer.times[key] = 0.0
 
     def run(self, count: int) -> None:
         """``count`` more steps of the sample, started together on every rank."""
         self.together.Barrier()
+        before = cpu_ticks()
         t0 = time.perf_counter()
         for _ in range(count):
             self.trainer.step(self.next)
@@ -118,6 +120,21 @@ class _Timed:
             if self.lockstep:
                 self.together.Barrier()
         self.elapsed += time.perf_counter() - t0
+        after = cpu_ticks()
+        if before and after:  # in the sample's blocks so far
+            self.ticks = [t + b - a for t, a, b in zip(self.ticks or (0, 0), before, after)]
+
+    def stolen(self) -> float:
+        """The share of the node's wanted CPU time the hypervisor took in this sample's
+        blocks, the highest of the ranks' nodes (collective on ``together``; -1 where a
+        node has no /proc/stat).  Ticks are 10 ms: blocks shorter than that average out
+        over a sample."""
+        if self.ticks is None:
+            mine = -1.0
+        else:
+            mine = self.ticks[0] / self.ticks[1] if self.ticks[1] else 0.0
+        every = self.together.allgather(mine)  # one float per rank
+        return -1.0 if min(every) < 0 else max(every)
 
     def sample(self, steps: int) -> Dict[str, float]:
         """The sample's samples/s and time split, from the slowest rank (collective)."""
@@ -183,6 +200,7 @@ def _repeat(args: argparse.Namespace, sub: MPI.Comm, settings: List[Tuple[tuple,
             got = {"samples_per_s": sub.allreduce(mine, op=MPI.SUM)}
         else:
             got = timed.sample(args.steps)
+        got["stolen"] = timed.stolen()
         if sub.Get_rank() == 0:
             samples.setdefault(key, []).append(got)
 
@@ -243,7 +261,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     if rank == 0:
         out(f"# {'ranks':>5} {'variant':<15} {'samples/s':>10} {'range':>17} {'efficiency':>10}"
             f" {'ceiling':>9} {'of ceiling':>10} {'worst':>6} {'lockstep':>9} {'of it':>6}"
-            f" {'compute':>8} {'exchange':>8} {'data':>6}")
+            f" {'compute':>8} {'exchange':>8} {'data':>6} {'stolen':>6}")
         for name, (label, _) in [(v, d) for v in variants for d in datasets]:
             base = statistics.median(s["samples_per_s"]
                                      for s in samples[(counts[0], name, label)])
@@ -259,6 +277,9 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                 paired = [v / c for v, c in zip(sps, ceilings)]
                 locksteps = [s["samples_per_s"] for s in samples[(n, "lockstep", label)]]
                 lockstep = statistics.median(locksteps)
+                stolen = [s["stolen"] for s in got]
+                stolen = None if min(stolen) < 0 else stolen  # no /proc/stat
+                med["stolen"] = None if stolen is None else statistics.median(stolen)
                 rec = {"ranks": n, "variant": name, **med,
                        "samples_per_s_min": min(sps), "samples_per_s_max": max(sps),
                        "efficiency": med["samples_per_s"] / (n * base),
@@ -269,6 +290,9 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                        "lockstep_samples_per_s": lockstep,
                        "of_lockstep": med["samples_per_s"] / lockstep,
                        "of_lockstep_each": [v / c for v, c in zip(sps, locksteps)],
+                       "stolen_each": stolen,
+                       "ceiling_stolen_each": [s["stolen"] for s in samples[
+                           (n, "ceiling", label)]] if stolen else None,
                        "oversubscribed": n > (os.cpu_count() or n)}
                 if len(datasets) > 1:
                     rec["data"] = label
@@ -279,14 +303,17 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                     f"{ceiling:>9,.0f} {rec['of_ceiling']:>10.2f} {min(paired):>6.2f} "
                     f"{lockstep:>9,.0f} {rec['of_lockstep']:>6.2f} "
                     f"{med['share_compute']:>8.1%} {med['share_exchange']:>8.1%} "
-                    f"{med['share_data']:>6.1%}", flush=True)
+                    f"{med['share_data']:>6.1%} "
+                    f"{'-' if stolen is None else format(med['stolen'], '.1%'):>6}", flush=True)
         out("# efficiency = samples/s at p / (p x samples/s at the first rank count); "
             "ceiling: p independent one-rank trainers at once (no exchange), the most p "
             "ranks can do here; of ceiling = samples/s / ceiling; worst: the lowest of the "
             "repeats, each against the ceiling of the same repeat; lockstep: the same "
             "trainers waiting for each other after every step, the most a synchronous step "
             "can do (of it: samples/s / lockstep); exchange: the part not "
-            "hidden behind backward; * oversubscribed (more ranks than cores)")
+            "hidden behind backward; stolen: the share of the CPU time the ranks' cores "
+            "wanted that the hypervisor gave to others (/proc/stat's steal; the highest "
+            "node's, median); * oversubscribed (more ranks than cores)")
     if args.json and rank == 0:
         write_json(args.json, records)
     return records
