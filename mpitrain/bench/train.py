@@ -14,7 +14,9 @@ rank count are built once and take turns, ``--block`` steps each (5: about
 one setting and miss its peers), and the rank counts take turns repeat by
 repeat, so slow drifts of the machine's speed hit them alike; each repeat's
 figure is paired with the peers' figures of the same repeat (the worst pair
-is shown).  The model
+is shown).  Under a hypervisor, each setting's figure comes with the share of
+its cores' time the host gave to other guests (/proc/stat's steal), which a
+synchronous step pays on every rank when it hits one.  The model
 and batch default to the reference: MLP 784-1024-1024-10, 128 samples per
 rank, SGD, one BLAS thread per rank.
 """
