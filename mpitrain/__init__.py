@@ -1,53 +1,67 @@
-"""mpitrain: data-parallel and pipeline training of numpy models over MPI.
+"""mpitrain: data-parallel and pipeline training over MPI, from HDF5 datasets or arrays.
 
-Importing mpitrain limits BLAS/OpenMP threads to the cores available per
-rank (unless the user set them), so import it before numpy, asks Open MPI's
-waits to yield the core (before MPI is initialised), and has glibc's
-malloc keep freed memory for the next step (``malloc.py``).  The public
-objects below are loaded on first use::
+Importing mpitrain changes nothing in the process; ``mpitrain.init()`` makes
+the settings a training process needs (BLAS threads per rank, Open MPI's
+yielding waits, malloc, an excepthook that ends the whole job on an error),
+and ``fit``, the trainers and the command line call it.  The public objects
+below are loaded on first use::
 
     import mpitrain
-    from mpi4py import MPI
-    model = mpitrain.Sequential(mpitrain.mlp(784, [256], 10), seed=0)
+
+    model = mpitrain.Sequential([mpitrain.Linear(64, 32), mpitrain.ReLU(),
+                                 mpitrain.Linear(32, 10)], seed=0)
+    model, summary = mpitrain.fit(model, mpitrain.ArrayDataset(x, y, val_fraction=0.1),
+                                  epochs=5, optimizer="adam", lr=1e-3)
 
 The subpackages show the architecture, dependencies pointing one way::
 
-    run (build, loop, metrics) -> parallel (trainers) -> comm, model, data, fault -> runtime
+    run (fit, loop, build) -> parallel (trainers) -> comm, model, data, fault -> runtime
 """
-from .malloc import keep_freed_memory
-from .threads import limit_threads, yield_when_idle
-
-limit_threads()
-yield_when_idle()
-keep_freed_memory()
-
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # name -> module that defines it (imported lazily, so `import mpitrain` stays light)
 _API = {
-    "MpitrainError": "runtime", "ConfigError": "runtime", "run_or_abort": "runtime",
+    "init": "process",
+    "MpitrainError": "runtime", "ConfigError": "runtime", "Preempted": "runtime",
+    "run_or_abort": "runtime", "job_comm": "runtime",
     "Config": "config",
-    "Layer": "model.layers", "Linear": "model.layers", "ReLU": "model.layers",
-    "Tanh": "model.layers", "mlp": "model.layers", "Sequential": "model.sequential",
+    # models
+    "Layer": "model.layers", "Context": "model.layers", "Linear": "model.layers",
+    "ReLU": "model.layers", "Tanh": "model.layers", "Sigmoid": "model.layers",
+    "GELU": "model.layers", "SiLU": "model.layers", "Flatten": "model.layers",
+    "mlp": "model.layers", "Conv2d": "model.conv", "MaxPool2d": "model.conv",
+    "AvgPool2d": "model.conv", "LayerNorm": "model.blocks", "Dropout": "model.blocks",
+    "Residual": "model.blocks", "Sequential": "model.sequential",
+    "register_layer": "model.registry", "check_layer": "model.gradcheck",
+    "GradientCheckError": "model.gradcheck",
     "SoftmaxCrossEntropy": "model.losses", "MSELoss": "model.losses",
-    "make_optimizer": "model.optim", "SGD": "model.optim", "Momentum": "model.optim",
-    "Adam": "model.optim",
+    "make_optimizer": "model.optim", "Optimizer": "model.optim", "SGD": "model.optim",
+    "Momentum": "model.optim", "Adam": "model.optim", "AdamW": "model.optim",
+    # data
+    "Dataset": "data.datasets", "DirectoryDataset": "data.datasets",
+    "HDF5File": "data.datasets", "ArrayDataset": "data.arrays",
     "Manifest": "data.manifest", "read_manifest": "data.manifest",
     "check_dataset": "data.checks", "Shards": "data.shards", "Sampler": "data.sampler",
     "Prefetcher": "data.prefetch", "builtin_dataset": "data.builtin",
+    # the exchange and the grid
     "Grid": "comm.topology", "make_grid": "comm.topology",
     "Exchange": "comm.exchange",
     "RingAllreduce": "comm.ring", "ring_allreduce": "comm.ring",
     "ShmAllreduce": "comm.shm",
+    # trainers
     "Trainer": "parallel.data_parallel", "PipelineTrainer": "parallel.pipeline.stage",
     "PSTrainer": "parallel.ps.trainer", "ParameterServer": "parallel.ps.shard",
-    "DistributedTrainer": "run.distributed",
-    "build": "run.build", "train": "run.loop", "load_model": "run.predict",
-    "Watchdog": "fault.watchdog",
+    "Recipe": "parallel.recipe",
+    # the run: fit, and the pieces of a loop of one's own
+    "fit": "run.fit", "train": "run.fit", "FitResult": "run.fit",
+    "DistributedTrainer": "run.distributed", "build": "run.build",
+    "load_model": "run.predict",
+    "Checkpoints": "fault.resume", "Watchdog": "fault.watchdog",
+    "Preemption": "fault.preemption", "MetricsLog": "run.metrics",
     "State": "fault.checkpoint", "load_checkpoint": ("fault.checkpoint", "load"),
 }
 
-__all__ = ["__version__", "limit_threads", *_API]
+__all__ = ["__version__", *_API]
 
 
 def __getattr__(name):

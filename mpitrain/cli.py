@@ -284,7 +284,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     def run() -> int:
         if args.command == "train":
             from .config import from_sources
-            from .run.loop import train
+            from .run.fit import train
 
             cfg, names["name_of"] = agreed(comm, lambda: from_sources(args))
             summary = train(cfg, comm)

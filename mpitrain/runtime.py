@@ -15,9 +15,9 @@ import sys
 import traceback
 from typing import Any, Callable, Iterable, Optional
 
-__all__ = ["MpitrainError", "ConfigError", "literal", "agreed", "on_root", "quiet_barrier",
+__all__ = ["MpitrainError", "ConfigError", "Preempted", "literal", "agreed", "on_root", "quiet_barrier",
            "require_thread_multiple",
-           "run_or_abort", "leaving", "library_version", "drain_output",
+           "run_or_abort", "end_job", "leaving", "library_version", "drain_output",
            "EXIT_OK", "EXIT_ERROR", "EXIT_BAD_INPUT", "EXIT_WATCHDOG", "EXIT_IO", "EXIT_PREEMPTED",
            "EXIT_TERMINATED"]
 
@@ -43,6 +43,23 @@ class MpitrainError(Exception):
         super().__init__(message)
         self.everywhere = everywhere
         self.code = code  # the exit status it ends the job with
+
+
+class Preempted(MpitrainError, SystemExit):
+    """The run stopped at a checkpoint because the job was asked to (SIGTERM, SIGUSR1):
+    relaunch to continue from it.
+
+    Raised on every rank alike.  It is also a ``SystemExit`` with status 75
+    (``EX_TEMPFAIL``), so a script that lets it end the program exits 75,
+    which ``slurm/train-requeue.sbatch`` and schedulers read as "requeue me".
+    ``step``: the steps done, which the checkpoint holds.
+    """
+
+    def __init__(self, step: int, signal: Optional[str] = None):
+        super().__init__(f"stopped at step {step} on {signal or 'a signal to another rank'}; "
+                         f"exit status {EXIT_PREEMPTED}: relaunch to continue",
+                         everywhere=True, code=EXIT_PREEMPTED)
+        self.step, self.signal = step, signal
 
 
 class ConfigError(MpitrainError):
@@ -279,7 +296,7 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None,
     try:
         return int(fn() or 0)
     except SystemExit as exc:
-        if exc.code in (None, 0):
+        if exc.code in (None, 0) or getattr(exc, "everywhere", False):
             raise
         from mpi4py import MPI
 
@@ -295,31 +312,44 @@ def run_or_abort(fn: Callable[[], Optional[int]], comm=None,
     except BaseException as exc:  # noqa: BLE001 - any error must end the job
         from mpi4py import MPI
 
-        comm = job_comm(comm if comm is not None else MPI.COMM_WORLD)
-        rank, size = comm.Get_rank(), comm.Get_size()
-        where = f" (rank {rank} of {size})" if size > 1 else ""
-        if isinstance(exc, MpitrainError):
-            text = render(exc) if render and isinstance(exc, ConfigError) else str(exc)
-            if exc.everywhere:
-                leaving()  # every rank exits with exc.code: a SIGTERM must not change it
-                if rank == 0:
-                    print(f"mpitrain: error: {text}", file=sys.stderr, flush=True)
-                # Every rank should be here (the error was agreed); should one
-                # not arrive, abort rather than wait for it forever.
-                if quiet_barrier(comm, seconds=60):
-                    raise SystemExit(exc.code) from None
-                if rank != 0:  # rank 0 may be elsewhere: say it here, before the abort
-                    print(f"mpitrain: error{where}: {text}", file=sys.stderr, flush=True)
-            else:
-                print(f"mpitrain: error{where}: {text}", file=sys.stderr, flush=True)
-            code = exc.code
-        elif isinstance(exc, KeyboardInterrupt):
-            print(f"mpitrain: interrupted{where}", file=sys.stderr, flush=True)
-            code = 130
-        else:
-            traceback.print_exc()
-            print(f"mpitrain: error{where}: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
-            code = EXIT_ERROR
-        return _abort(comm, code)
+        code = end_job(exc, job_comm(comm if comm is not None else MPI.COMM_WORLD), render)
+        if code is None:  # agreed by every rank: leave together
+            raise SystemExit(exc.code) from None
+        return code
 
+
+def end_job(exc: BaseException, comm, render: Optional[Callable[[ConfigError], str]] = None,
+            trace=None) -> Optional[int]:
+    """Say ``exc`` once and end the job: None if every rank raised it (agreed) and got
+    here, so they leave together with its code; else abort the job (``MPI_Abort``) and
+    return the status (with one rank there is nothing to abort).  ``trace``: the
+    traceback to print for an unexpected error (default: the one being handled)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    where = f" (rank {rank} of {size})" if size > 1 else ""
+    if isinstance(exc, MpitrainError):
+        text = render(exc) if render and isinstance(exc, ConfigError) else str(exc)
+        if exc.everywhere:
+            leaving()  # every rank exits with exc.code: a SIGTERM must not change it
+            if rank == 0 and text:
+                print(f"mpitrain: error: {text}", file=sys.stderr, flush=True)
+            # Every rank should be here (the error was agreed); should one
+            # not arrive, abort rather than wait for it forever.
+            if quiet_barrier(comm, seconds=60):
+                return None
+            if rank != 0:  # rank 0 may be elsewhere: say it here, before the abort
+                print(f"mpitrain: error{where}: {text}", file=sys.stderr, flush=True)
+        else:
+            print(f"mpitrain: error{where}: {text}", file=sys.stderr, flush=True)
+        code = exc.code
+    elif isinstance(exc, KeyboardInterrupt):
+        print(f"mpitrain: interrupted{where}", file=sys.stderr, flush=True)
+        code = 130
+    else:
+        if trace is None:
+            traceback.print_exc()
+        else:
+            traceback.print_exception(type(exc), exc, trace)
+        print(f"mpitrain: error{where}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        code = EXIT_ERROR
+    return _abort(comm, code)

@@ -116,7 +116,9 @@ def test_info_names_the_malloc_setting_it_was_told():
     (2, {"OMP_NUM_THREADS": "3"}, "3"),
 ])
 def test_threads_per_rank(n, env, expected):
-    script = ("import os, mpitrain, numpy\n"
+    script = ("import os, mpitrain\n"
+              "mpitrain.init()\n"
+              "import numpy\n"
               "from mpi4py import MPI\n"
               "seen = MPI.COMM_WORLD.gather(os.environ['OMP_NUM_THREADS'] + ' '"
               " + os.environ['OPENBLAS_NUM_THREADS'], root=0)\n"
@@ -128,9 +130,45 @@ def test_threads_per_rank(n, env, expected):
     assert result.stdout.split("\n")[:n] == [f"{omp} {blas}"] * n
 
 
+def test_importing_mpitrain_changes_nothing_in_the_process():
+    """No environment variable, no malloc setting, no excepthook until init()."""
+    script = ("import os, sys, json; before = dict(os.environ); hook = sys.excepthook\n"
+              "import mpitrain, mpitrain.run.fit\n"
+              "changed = sorted(k for k in set(before) | set(os.environ)\n"
+              "                 if before.get(k) != os.environ.get(k))\n"
+              "from mpitrain import malloc, process\n"
+              "print(json.dumps([changed, sys.excepthook is hook, bool(malloc._STATE)]))\n"
+              "mpitrain.init()\n"
+              "changed = sorted(k for k in set(before) | set(os.environ)\n"
+              "                 if before.get(k) != os.environ.get(k))\n"
+              "print(json.dumps([changed, sys.excepthook is hook, bool(malloc._STATE)]))\n")
+    env = clean_env()
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert first == [[], True, False]
+    assert "OMP_NUM_THREADS" in second[0] and second[1:] == [False, True], second
+
+
+def test_init_leaves_a_users_own_excepthook_and_settings_alone():
+    script = ("import os, sys\n"
+              "os.environ['OMP_NUM_THREADS'] = '3'\n"
+              "def mine(*a): print('mine')\n"
+              "sys.excepthook = mine\n"
+              "import mpitrain; report = mpitrain.init()\n"
+              "print(sys.excepthook is mine, os.environ['OMP_NUM_THREADS'],\n"
+              "      report['uncaught errors'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=clean_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[0] == "True 3 the program's own (left alone)"
+
+
 @pytest.mark.parametrize("given,expected", [(None, "1"), ("0", "0")])
-def test_importing_mpitrain_asks_open_mpi_to_yield_unless_the_user_chose(given, expected):
-    script = "import os, mpitrain; print(os.environ['OMPI_MCA_mpi_yield_when_idle'])"
+def test_init_asks_open_mpi_to_yield_unless_the_user_chose(given, expected):
+    script = ("import os, mpitrain; mpitrain.init(); "
+              "print(os.environ['OMPI_MCA_mpi_yield_when_idle'])")
     env = clean_env()
     env.pop("OMPI_MCA_mpi_yield_when_idle", None)
     if given is not None:
@@ -147,8 +185,9 @@ def test_the_bucket_sums_wait_by_the_librarys_cheaper_means(first):
     themselves if mpi_yield_when_idle reached MPI_Init (mpitrain sets it when imported
     first) and its blocking Allreduce costs a third of its persistent one's CPU: the
     thread calls it.  Imported after MPI started, the setting comes too late: polling."""
-    second = "mpi4py.MPI" if first == "mpitrain" else "mpitrain"
-    script = (f"import {first}, {second}\n"
+    order = ("import mpitrain; mpitrain.init()\nimport mpi4py.MPI\n" if first == "mpitrain"
+             else "import mpi4py.MPI\nimport mpitrain; mpitrain.init()\n")
+    script = (order +
               "import numpy as np\n"
               "from mpi4py import MPI\n"
               "from mpitrain.comm.exchange import Exchange\n"
@@ -172,8 +211,9 @@ def test_the_bucket_sums_wait_by_the_librarys_cheaper_means(first):
 def test_the_loaded_blas_runs_the_threads_per_rank_whatever_was_imported_first(first):
     """numpy imported before mpitrain has read the environment already: mpitrain then
     sets its OpenBLAS directly (2 threads per rank on 2 cores would thrash)."""
-    second = "mpitrain" if first == "numpy" else "numpy"
-    script = (f"import {first}, {second}\n"
+    order = ("import numpy\nimport mpitrain; mpitrain.init()\n" if first == "numpy"
+             else "import mpitrain; mpitrain.init()\nimport numpy\n")
+    script = (order +
               "from mpi4py import MPI\n"
               "from mpitrain.threads import blas_threads\n"
               "seen = MPI.COMM_WORLD.gather(str(blas_threads()), root=0)\n"

@@ -3,7 +3,8 @@
 Every ``import`` of every module is read (with ast, nothing is run) and
 checked against the layers of the architecture::
 
-    cli -> bench  ->  run  ->  config  ->  parallel  ->  comm | model | data | fault  ->  runtime
+    cli -> bench  ->  run  ->  config  ->  parallel  ->  comm | model | data | fault  ->  process
+    -> runtime
 
 and ``testing`` (test beds) stands apart, on ``runtime`` and ``threads`` at most.
 """
@@ -21,6 +22,7 @@ PACKAGE = ROOT / "mpitrain"
 # the module that owns it.)
 LAYERS = {
     "runtime": 0, "threads": 0, "balance": 0, "malloc": 0, "timeline": 0,
+    "process": 0.5,  # init(): on threads and malloc; every trainer calls it
     "model": 1, "data": 1, "comm": 1, "fault": 1,
     "parallel": 2, "config": 3, "run": 4,
     "bench": 5, "cli": 6, "__main__": 7, "__init__": 7,
@@ -123,4 +125,5 @@ def _is_override(node) -> bool:
                          "is_first_stage", "is_last_stage", "next_rank", "prev_rank",
                          "requested", "attempt", "path", "sums", "summarize", "predict",
                          "describe", "targets", "rows", "out_shape", "flops",
-                         "activation_elems"}
+                         "activation_elems", "text", "read", "read_labels", "connect",
+                         "for_options", "like"}

@@ -147,20 +147,18 @@ def test_a_stage_that_is_first_and_last_reads_its_labels_with_its_rows(small_dat
     monkeypatch.setattr(Shards, "read_labels",
                         lambda self, ids: calls.append(len(ids)) or read_labels(self, ids))
     from mpitrain.comm.topology import make_grid
+    from mpitrain.data.datasets import DirectoryDataset
     from mpitrain.data.manifest import read_manifest
-    from mpitrain.data.sampler import Sampler
     from mpitrain.model.layers import mlp
-    from mpitrain.model.losses import make_loss
+    from mpitrain.model.optim import SGD
     from mpitrain.parallel.pipeline.stage import PipelineTrainer
 
     m = read_manifest(small_data)
-    train = Shards(m, "train", "float64")
     # One stage (pp 1), two micro-batches: built directly, as the options call for a
     # pipeline of two or more stages.
-    t = PipelineTrainer(mlp(m.features, [16], m.classes), make_grid(COMM, 1),
-                        make_loss("ce"), "sgd", {"lr": 0.1}, train,
-                        Sampler(len(train), 50, seed=0), shape=m.features, microbatches=2,
-                        val=Shards(m, "val", "float64"), dtype="float64")
+    t = PipelineTrainer(mlp(m.features, [16], m.classes), "ce", SGD(lr=0.1),
+                        DirectoryDataset(small_data), make_grid(COMM, 1), microbatches=2,
+                        batch_size=50, seed=0, dtype="float64")
     for k in range(3):
         t.step(k)
     t.evaluate()

@@ -63,7 +63,7 @@ def _sample(cfg: Config, comm: MPI.Comm, fault: str, steps: int, warmup: int) ->
 
     trainer, _ = build(cfg, comm)
     faults = Faults(fault)
-    trainer.slowdown = lambda step, seconds: faults.delay(comm.rank, step, seconds, cfg.seed)
+    faults.arm(trainer, comm.rank, cfg.seed)
     trainer.prefetch(0, warmup + steps)
     for k in range(warmup):
         trainer.step(k)
@@ -82,7 +82,7 @@ def _accuracy(cfg: Config, comm: MPI.Comm) -> Optional[float]:
     """The validation accuracy (or the task's headline) after ``cfg``'s epochs."""
     import tempfile
 
-    from ..run.loop import train
+    from ..run.fit import train
 
     where = tempfile.mkdtemp(prefix="mpitrain-bench-") if comm.rank == 0 else None
     cfg = cfg.replace(run_dir=comm.bcast(where, root=0))

@@ -15,13 +15,25 @@ from ..runtime import ConfigError, MpitrainError, literal
 from .manifest import Entry, Manifest, write_manifest
 from .sources import open_sources, scan_targets, split_blocks
 
-__all__ = ["index_files"]
+__all__ = ["index_files", "make_index"]
 
 
 def index_files(files: Sequence[str], x_key: str, y_key: str, out: Optional[str] = None, *,
                 val_fraction: float = 0.0, val_files: Sequence[str] = (), seed: int = 0,
                 task: str = "auto", classes: Optional[int] = None) -> Manifest:
     """Write ``out/manifest.json`` over ``files`` (and ``val_files``) in place; return it."""
+    m = make_index(files, x_key, y_key, out, val_fraction=val_fraction, val_files=val_files,
+                   seed=seed, task=task, classes=classes, refuse_existing=True)
+    os.makedirs(m.root, exist_ok=True)
+    write_manifest(m, m.root)
+    return m
+
+
+def make_index(files: Sequence[str], x_key: str, y_key: str, out: Optional[str] = None, *,
+               val_fraction: float = 0.0, val_files: Sequence[str] = (), seed: int = 0,
+               task: str = "auto", classes: Optional[int] = None,
+               refuse_existing: bool = False) -> Manifest:
+    """The manifest ``index_files`` writes, made in memory (nothing written)."""
     files, val_files = list(files), list(val_files)
     if not files:
         raise ConfigError("{files}: give at least one HDF5 file to index", ["files"])
@@ -38,7 +50,7 @@ def index_files(files: Sequence[str], x_key: str, y_key: str, out: Optional[str]
                               "reads only files inside its directory (move the file, or "
                               "choose a directory that holds it)", ["out"])
     manifest_path = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest_path):
+    if refuse_existing and os.path.exists(manifest_path):
         raise ConfigError(f"{literal(manifest_path)} already exists; choose another {{out}} "
                           "(nothing was written)", ["out"])
     sources = open_sources(everything, x_key, y_key)
@@ -70,6 +82,4 @@ def index_files(files: Sequence[str], x_key: str, y_key: str, out: Optional[str]
     finally:
         for s in sources:
             s.close()
-    os.makedirs(out, exist_ok=True)
-    write_manifest(m, out)
     return m

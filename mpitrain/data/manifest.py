@@ -34,6 +34,7 @@ import numpy as np
 from ..runtime import MpitrainError
 
 __all__ = ["FORMAT", "VERSION", "X_KEY", "Y_KEY", "Entry", "Manifest", "read_manifest",
+           "parse_manifest", "outputs_of",
            "write_manifest", "shard_path"]
 
 FORMAT, VERSION = "mpitrain.shards", 2
@@ -61,6 +62,14 @@ class Entry:
                 "ranges": [list(r) for r in self.ranges]}
 
 
+def outputs_of(task: Dict[str, object]) -> int:
+    """The model's output width a task record needs: classes, outputs or labels."""
+    if task["name"] == "classification":
+        return int(task["classes"])
+    shape = task.get("shape") or []
+    return int(np.prod(shape)) if shape else 1
+
+
 class Manifest:
     """The parsed ``manifest.json`` of a dataset directory."""
 
@@ -86,10 +95,7 @@ class Manifest:
     @property
     def outputs(self) -> int:
         """The model's output width the task needs: classes, outputs or labels."""
-        if self.task["name"] == "classification":
-            return int(self.task["classes"])
-        shape = self.task.get("shape") or []
-        return int(np.prod(shape)) if shape else 1
+        return outputs_of(self.task)
 
     def rows(self, split: str) -> int:
         """Number of samples in ``split`` (0 if the split is absent)."""
@@ -210,6 +216,12 @@ def read_manifest(root: str) -> Manifest:
                             "one with 'python -m mpitrain prepare' or 'data index')") from None
     except (OSError, ValueError) as exc:
         raise MpitrainError(f"{path}: unreadable: {exc}") from None
+    return parse_manifest(meta, root, path)
+
+
+def parse_manifest(meta, root: str, path: str) -> Manifest:
+    """Check a manifest's JSON object ``meta`` (from ``path``, describing the dataset
+    directory ``root``); errors name ``path`` and the key."""
     if not isinstance(meta, dict):
         raise MpitrainError(f"{path}: should hold a JSON object, got a "
                             f"{type(meta).__name__.replace('dict', 'object')}")

@@ -53,13 +53,14 @@ import socket
 import sys
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..runtime import EXIT_IO, MpitrainError
 
 __all__ = ["FORMAT", "VERSION", "State", "CheckpointError", "CheckpointWriteError", "save",
+           "write_datasets",
            "load", "inspect", "crc32", "os_reason", "file_name", "host", "BEST"]
 
 FORMAT, VERSION = "mpitrain.checkpoint", 3
@@ -179,14 +180,16 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def save(directory: str, state: State, *, name: Optional[str] = None,
-         die_midway: Optional[Callable[[], None]] = None) -> Tuple[str, int]:
-    """Write ``state`` as ``directory/ckpt-<step>.h5`` (or ``name``), crash-safely; return
-    (path, bytes).
+def write_datasets(f, datasets: List[Tuple[str, np.ndarray]]) -> None:
+    """Write each (path, array) of ``datasets`` into the open file ``f``, with its CRC."""
+    for path, arr in datasets:
+        ds = f.create_dataset(path, data=arr)
+        ds.attrs["crc32"] = crc32(arr)
 
-    ``die_midway`` (fault injection) is called after half the datasets are
-    written, before anything is renamed.
-    """
+
+def save(directory: str, state: State, *, name: Optional[str] = None) -> Tuple[str, int]:
+    """Write ``state`` as ``directory/ckpt-<step>.h5`` (or ``name``), crash-safely; return
+    (path, bytes)."""
     import h5py
 
     from .. import __version__
@@ -222,12 +225,7 @@ def save(directory: str, state: State, *, name: Optional[str] = None,
                 for key, value in attrs.items():
                     f.attrs[key] = value
                 f.attrs["meta_crc32"] = _all_crc(attrs)
-                for k, (path, arr) in enumerate(datasets):
-                    if die_midway and k == len(datasets) // 2:
-                        f.flush()
-                        die_midway()
-                    ds = f.create_dataset(path, data=arr)
-                    ds.attrs["crc32"] = crc32(arr)
+                write_datasets(f, datasets)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from ..runtime import MpitrainError
 
@@ -133,23 +134,102 @@ class Faults:
         """Drop the drills planned for steps up to ``step`` (1-based): after a healing."""
         self.plans = [(a, k) for a, k in self.plans if k.get("step", step + 1) > step]
 
-    def in_healing(self, rank: int, healing: int) -> None:
-        """SIGKILL ``rank`` if a drill plans it for the ``healing``-th healing."""
+    def around_healing(self, fn: Callable, rank: int, healing: int) -> Callable:
+        """``fn`` (the hand-over of the ``healing``-th healing), wrapped to SIGKILL
+        ``rank`` first if a drill plans it; ``fn`` itself otherwise."""
         import signal
 
-        if any(a == "heal-kill" and k == {"rank": rank, "healing": healing}
-               for a, k in self.plans):
+        if not any(a == "heal-kill" and k == {"rank": rank, "healing": healing}
+                   for a, k in self.plans):
+            return fn
+
+        def killed_first(*args, **kwargs):
             print(f"mpitrain: fault drill: rank {rank} sends itself SIGKILL during healing "
                   f"{healing}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
 
-    def in_checkpoint(self, step: int) -> Optional[Callable[[], None]]:
-        """The fault to run half-way through writing the checkpoint of ``step``, if any."""
-        import signal
+        return killed_first
 
-        if any(a == "ckpt-kill" and k["step"] == step for a, k in self.plans):
-            return lambda: os.kill(os.getpid(), signal.SIGKILL)
-        return None
+    def arm(self, trainer, rank: int, seed: int) -> None:
+        """Arm this run's drills on ``trainer`` from outside (its instance only): its
+        ``step`` first sends the signals planned for launch rank ``rank``, and its
+        model's passes first sleep what the straggler drills plan."""
+        if any(a in self.SIGNALS for a, _ in self.plans):
+            trainer.step = _SignalFirst(trainer, self, rank)
+        if self.stragglers():
+            for name in ("forward", "backward"):
+                setattr(trainer.model, name, _Slowed(trainer.model, name, self, rank, seed))
+
+    @contextmanager
+    def in_checkpoints(self) -> Iterator[None]:
+        """For the block: the checkpoint of a step a ``ckpt-kill`` drill names SIGKILLs
+        its writer half-way through its datasets (``fault.checkpoint.save`` wrapped)."""
+        steps = {k["step"] for a, k in self.plans if a == "ckpt-kill"}
+        if not steps:
+            yield
+            return
+        from . import checkpoint
+
+        save, write = checkpoint.save, checkpoint.write_datasets
+
+        def dying(f, datasets):
+            import signal
+
+            write(f, datasets[:len(datasets) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        def drilled_save(directory, state, **kwargs):
+            if state.step not in steps:
+                return save(directory, state, **kwargs)
+            checkpoint.write_datasets = dying
+            try:
+                return save(directory, state, **kwargs)
+            finally:
+                checkpoint.write_datasets = write
+
+        checkpoint.save = drilled_save
+        try:
+            yield
+        finally:
+            checkpoint.save = save
 
 
-# ---------------------------------------------------------------------------
+class _SignalFirst:
+    """A trainer's ``step`` that first sends the signal a drill plans for that step."""
+
+    def __init__(self, trainer, faults: Faults, rank: int):
+        self.trainer, self.faults, self.rank = trainer, faults, rank
+
+    def __call__(self, step: int, *args, **kwargs):
+        self.faults.at_step(self.rank, step + 1)
+        return type(self.trainer).step(self.trainer, step, *args, **kwargs)
+
+
+class _Slowed:
+    """A model's forward or backward pass that first sleeps what the straggler drills
+    plan: (factor - 1) times that pass's own time in the previous step, so a slow rank's
+    gradients come as late as a slow processor would make them.  A callable object, not
+    a closure: a copy of the model (``copy.deepcopy``) gets one of its own."""
+
+    def __init__(self, model, name: str, faults: Faults, rank: int, seed: int):
+        self.model, self.name, self.faults = model, name, faults
+        self.rank, self.seed = rank, seed
+        self.last, self.step = 0.0, 0  # the pass's seconds last time; the training step
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        if self.name == "forward":
+            ctx = args[1] if len(args) > 1 else kwargs.get("ctx")
+            if ctx is None or not ctx.training:  # evaluation runs at full speed
+                return type(self.model).forward(self.model, *args, **kwargs)
+            self.step = ctx.step
+        extra = self.faults.delay(self.rank, self.step + 1, self.last, self.seed)
+        if extra > 0:
+            time.sleep(extra)
+        t0 = time.perf_counter()
+        out = getattr(type(self.model), self.name)(self.model, *args, **kwargs)
+        self.last = time.perf_counter() - t0
+        return out

@@ -15,7 +15,14 @@ from ..runtime import EXIT_TERMINATED, drain_output, leaving
 __all__ = ["Preemption"]
 
 class Preemption:
-    """Records SIGTERM/SIGUSR1; the trainer agrees on it across ranks at the next step.
+    """Records SIGTERM/SIGUSR1; the trainer agrees on it across ranks at the next step::
+
+        with Preemption(sigterm_grace=10) as signals:
+            for step in range(start, steps):
+                trainer.step(step, stop=signals)      # stop: whether a signal came
+                if trainer.stop_agreed:               # every rank alike
+                    ckpts.save(trainer, step + 1)
+                    raise mpitrain.Preempted(step + 1, signals.signal)
 
     A rank blocked in a collective (because another rank died) never returns
     to Python to run a signal handler, so a SIGTERM would go unanswered until
@@ -121,6 +128,11 @@ class Preemption:
 
     @property
     def requested(self) -> bool:
+        return self.signal is not None
+
+    def __bool__(self) -> bool:
+        """Whether a signal asked this rank to stop: a ``Preemption`` is a step's ``stop``,
+        read as late as the step's exchange starts."""
         return self.signal is not None
 
 

@@ -16,27 +16,55 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ..runtime import ConfigError, literal, on_root
 from . import checkpoint, store
 from .checkpoint import State, os_reason
-from .drills import Faults
 from .lock import DirectoryLock
 
 __all__ = ["Checkpoints"]
 
 
 class Checkpoints:
-    """Resume and write checkpoints in ``directory`` (None: no checkpoints) as a run's
-    options say: ``every`` steps (0: only at the end), ``keep_last`` of them, and
-    ``resume`` ('auto', 'none' or a checkpoint file)."""
+    """A run's checkpoints in ``directory`` (None: no checkpoints), the directory locked
+    for this job, as its options say: ``every`` steps (0: only at the end),
+    ``keep_last`` of them, and ``resume`` ('auto': the newest valid one; 'none':
+    start afresh, refusing to overwrite; or a checkpoint file).  Every method but
+    ``close`` is collective::
+
+        with Checkpoints(comm, "ckpt", every=50) as ckpts:   # locked; a second job refused
+            start = ckpts.restore(trainer)                    # steps done (0: a fresh start)
+            for step in range(start, steps):
+                trainer.step(step)
+                if ckpts.due(step + 1, steps):
+                    ckpts.save(trainer, step + 1)             # crash-safe, older ones pruned
+
+    ``config``: what the checkpoints record as the run's configuration (a resume
+    compares its ``groups``); ``say``: where rank 0's notes go (print).
+    """
 
     def __init__(self, comm, directory: Optional[str], *, every: int = 100,
-                 keep_last: int = 3, resume: str = "auto", config: Dict[str, Any],
-                 say: Callable[[str], None] = print, faults: Optional[Faults] = None):
+                 keep_last: int = 3, resume: str = "auto",
+                 config: Optional[Dict[str, Any]] = None,
+                 say: Callable[[str], None] = print):
         self.comm, self.directory = comm, directory
         self.every, self.keep_last, self.policy = every, keep_last, resume
-        self.config, self.say = config, say
-        self.faults = faults or Faults(None)
+        self.config, self.say = dict(config or {}), say
         self.written, self.seconds, self.last_bytes = 0, 0.0, 0
         self.lock: Optional[DirectoryLock] = None
         self.loop: Dict[str, Any] = {}  # the resumed checkpoint's loop state, on every rank
+
+    def __enter__(self) -> "Checkpoints":
+        notes = self.open()
+        if self.comm.Get_rank() == 0:
+            for note in notes:
+                self.say(note)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def restore(self, trainer) -> int:
+        """Restore the checkpoint the ``resume`` policy asks for into ``trainer``, if any
+        (collective); return the steps it had done (0 without one): the step to start
+        from."""
+        return self.resume(trainer)
 
     def open(self) -> List[str]:
         """Before anything is written (collective): make the directory if needed, take
@@ -168,8 +196,9 @@ class Checkpoints:
         trainer.restore(chosen.get("state"))
         return step
 
-    def due(self, done: int, total: int, stopping: bool) -> bool:
-        """Whether a checkpoint is written after ``done`` steps of ``total``."""
+    def due(self, done: int, total: Optional[int] = None, stopping: bool = False) -> bool:
+        """Whether a checkpoint is written after ``done`` steps: every ``every`` steps, at
+        the last of ``total``, and when the run is ``stopping`` (pre-empted)."""
         if self.directory is None:
             return False
         periodic = self.every and done % self.every == 0
@@ -187,8 +216,7 @@ class Checkpoints:
             state.loop = dict(loop or {})
             nbytes = 0
             if periodic:
-                path, nbytes = checkpoint.save(self.directory, state,
-                                               die_midway=self.faults.in_checkpoint(step))
+                path, nbytes = checkpoint.save(self.directory, state)
                 removed = store.prune(self.directory, self.keep_last, step)
                 self.say(f"checkpoint {path}: step {step}, {nbytes / 1e6:.1f} MB in "
                          f"{(time.perf_counter() - t0) * 1e3:.0f} ms"

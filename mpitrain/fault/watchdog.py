@@ -10,7 +10,12 @@ __all__ = ["Watchdog"]
 
 
 class Watchdog:
-    """Aborts the job when a rank sees no progress for ``limit`` seconds.
+    """Aborts the job when a rank sees no progress for ``limit`` seconds::
+
+        with Watchdog(comm, 120) as dog:          # collective
+            for step in range(start, steps):
+                dog.beat(step + 1)
+                trainer.step(step)
 
     The training loop calls ``beat(step)`` as each step starts and sets
     ``phase`` as it goes.  A thread on every rank checks the time since the
@@ -40,6 +45,15 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="mpitrain-watchdog",
                                         daemon=True)
         self._thread.start()
+
+    def __enter__(self) -> "Watchdog":
+        return self
+
+    def __exit__(self, kind, exc, trace) -> None:
+        if exc is None:
+            self.close()
+        else:  # another rank may not be here: stop watching without a collective
+            self.abandon()
 
     def beat(self, step: int) -> None:
         """Progress: (1-based) ``step`` starts now."""

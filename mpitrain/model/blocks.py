@@ -11,7 +11,7 @@ reproduces it.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -53,6 +53,9 @@ class Dropout(Layer):
     def __repr__(self) -> str:
         return f"Dropout({self.p})"
 
+    def text(self) -> str:
+        return f"dropout({self.p!r})"
+
     def flops(self, shape):
         return 4.0 * math.prod(shape)
 
@@ -80,6 +83,9 @@ class LayerNorm(Layer):
 
     def __repr__(self) -> str:
         return f"LayerNorm({self.shape})"
+
+    def text(self) -> str:
+        return "layernorm" + (f"(eps={self.eps!r})" if self.eps != 1e-5 else "")
 
     def shapes(self):
         return {"gamma": self.shape, "beta": self.shape}
@@ -144,6 +150,10 @@ class Residual(Layer):
 
     def __repr__(self) -> str:
         return f"Residual({', '.join(map(repr, self.layers))})"
+
+    def text(self) -> Optional[str]:
+        inner = [layer.text() for layer in self.layers]
+        return None if None in inner else f"residual({','.join(inner)})"
 
     def _named(self, d: Dict[str, object], k: int) -> Dict[str, object]:
         prefix = f"{k}."

@@ -63,6 +63,11 @@ class Conv2d(Layer):
         return (f"Conv2d({self.cin}, {self.cout}, {self.k}, stride={self.stride}, "
                 f"padding={self.padding})")
 
+    def text(self) -> str:
+        extra = (f",stride={self.stride}" if self.stride != 1 else "") + (
+            f",padding={self.padding}" if self.padding else "")
+        return f"conv2d({self.cout},{self.k}{extra})"
+
     def shapes(self):
         return {"weight": (self.cout, self.cin, self.k, self.k), "bias": (self.cout,)}
 
@@ -150,6 +155,10 @@ class _Pool(Layer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.k}, stride={self.stride})"
+
+    def text(self) -> str:
+        stride = f",stride={self.stride}" if self.stride != self.k else ""
+        return f"{type(self).__name__.lower()}({self.k}{stride})"
 
     def out_shape(self, shape):
         return _check(shape, self.k, self.stride, 0, "window")

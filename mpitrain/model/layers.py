@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .gemm import add_product
+from .registry import text_of
 
 __all__ = ["Context", "Layer", "Linear", "Flatten", "ReLU", "Tanh", "Sigmoid", "GELU", "SiLU",
            "ACTIVATIONS", "mlp", "saved_bytes"]
@@ -58,12 +59,36 @@ def saved_bytes(saved: Any) -> int:
 class Layer:
     """A layer: ``forward`` returns its output and what ``backward`` will need.
 
+    The protocol, which a layer of one's own implements (then registers with
+    ``mpitrain.register_layer`` so checkpoints can rebuild it, and checks with
+    ``mpitrain.check_layer``):
+
+    - ``shapes()``: its parameters' names and shapes (none: ``{}``);
+    - ``bind(params, grads)``: receive views of the model's flat buffers, by
+      name; keep them (``self.weight = params["weight"]``) and write gradients
+      into ``grads`` in place;
+    - ``init(params, rng)``: fill the parameters from ``rng`` (a generator keyed
+      to the seed and the layer's place in the model);
+    - ``out_shape(shape)``: a sample's shape after the layer (``ValueError``
+      saying why if it cannot take ``shape``); ``flops(shape)``: about what it
+      costs per sample (pipelines balance stages by it);
+    - ``forward(x, ctx)``: ``(y, saved)``, ``x`` a batch ``(n, *shape)``; keep
+      nothing of the batch in the layer, return it in ``saved``;
+    - ``backward(dy, saved, need_dx, accumulate)``: write the parameters'
+      gradients (or add to them with ``accumulate``) and return dL/dx if
+      ``need_dx`` (else None).
+
     Nothing of a batch is kept in the layer itself, so several micro-batches
     can be in flight at once (a pipeline stage holds one ``saved`` per
     micro-batch until its backward pass).
     """
 
     index = 0  # the layer's place in its model (dropout keys its draws to it)
+
+    def text(self) -> Optional[str]:
+        """This layer as the model text writes it (``linear(64)``), or None if it
+        cannot be written (a class that is not registered)."""
+        return text_of(self)[0]
 
     def shapes(self) -> Dict[str, Shape]:
         """Parameter name -> shape, in buffer order."""
@@ -108,6 +133,9 @@ class Linear(Layer):
 
     def __repr__(self) -> str:
         return f"Linear({self.in_features}, {self.out_features})"
+
+    def text(self) -> str:
+        return f"linear({self.out_features})"
 
     def shapes(self):
         return {"weight": (self.out_features, self.in_features),
@@ -177,6 +205,9 @@ class Flatten(Layer):
     def __repr__(self) -> str:
         return "Flatten()"
 
+    def text(self) -> str:
+        return "flatten"
+
     def out_shape(self, shape):
         return (math.prod(shape),)
 
@@ -196,6 +227,9 @@ class ReLU(Layer):
     def __repr__(self) -> str:
         return "ReLU()"
 
+    def text(self) -> str:
+        return "relu"
+
     def forward(self, x, ctx=EVAL):
         # np.maximum and a multiply by the mask: ~15x faster here than np.where.
         y = np.maximum(x, x.dtype.type(0))
@@ -210,6 +244,9 @@ class Tanh(Layer):
 
     def __repr__(self) -> str:
         return "Tanh()"
+
+    def text(self) -> str:
+        return "tanh"
 
     def forward(self, x, ctx=EVAL):
         y = np.tanh(x)
@@ -234,6 +271,9 @@ class Sigmoid(Layer):
     def __repr__(self) -> str:
         return "Sigmoid()"
 
+    def text(self) -> str:
+        return "sigmoid"
+
     def forward(self, x, ctx=EVAL):
         y = _sigmoid(x)
         return y, y
@@ -250,6 +290,9 @@ class GELU(Layer):
 
     def __repr__(self) -> str:
         return "GELU()"
+
+    def text(self) -> str:
+        return "gelu"
 
     def forward(self, x, ctx=EVAL):
         t = np.tanh(x.dtype.type(self.C) * (x + x.dtype.type(0.044715) * x * x * x))
@@ -269,6 +312,9 @@ class SiLU(Layer):
 
     def __repr__(self) -> str:
         return "SiLU()"
+
+    def text(self) -> str:
+        return "silu"
 
     def forward(self, x, ctx=EVAL):
         s = _sigmoid(x)

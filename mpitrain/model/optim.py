@@ -10,12 +10,16 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["SGD", "Momentum", "Adam", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["Optimizer", "SGD", "Momentum", "Adam", "AdamW", "make_optimizer", "optimizer_named",
+           "OPTIMIZERS"]
 
 
 class Optimizer:
     """Base class: ``step()`` updates ``params`` in place from ``grads``.
 
+    Made with its hyper-parameters alone (``Adam(lr=1e-3)``); a trainer then
+    ``attach``es it to the flat buffers it updates (the whole model, a pipeline
+    stage's, a parameter server's slice), which allocates its state.
     Every rule is elementwise, so it can update any part of the buffers on its
     own (``step(parts)``: a sharded update, where each rank of a node updates
     its share of shared parameters), and works through each part in chunks of
@@ -27,17 +31,42 @@ class Optimizer:
     CHUNK = 1 << 18  # items per chunk: 1 MiB of float32, within a core's L2
     name = "optimizer"  # as the configuration and checkpoints call it
 
-    def __init__(self, params: np.ndarray, grads: np.ndarray, lr: float,
-                 weight_decay: float = 0.0):
+    def __init__(self, lr: float, weight_decay: float = 0.0):
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"learning rate must be > 0, got {lr!r}")
+        if isinstance(weight_decay, bool) or not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        self.params: Optional[np.ndarray] = None
+        self.grads: Optional[np.ndarray] = None
+        self.lr, self.weight_decay = float(lr), float(weight_decay)
+        self.steps = 0
+
+    def attach(self, params: np.ndarray, grads: np.ndarray) -> "Optimizer":
+        """Update the flat ``params`` from ``grads`` from now on; the state (zeros) is
+        allocated at the first attach and kept when attached again to buffers of the same
+        size (a rebuilt trainer).  Returns the optimizer."""
         if params.shape != grads.shape or params.dtype != grads.dtype:
             raise ValueError(f"params {params.dtype}{params.shape} and grads "
                              f"{grads.dtype}{grads.shape} differ")
-        if not lr > 0:
-            raise ValueError(f"learning rate must be > 0, got {lr}")
+        same = (self.params is not None and self.params.shape == params.shape
+                and self.params.dtype == params.dtype)
+        if not same:
+            if self.steps:
+                raise ValueError(f"{self.name} has taken {self.steps} steps on "
+                                 f"{self.params.size} parameters; it cannot move to "
+                                 f"{params.size}")
+            for key in self.STATE:
+                setattr(self, key, np.zeros_like(params))
         self.params, self.grads = params, grads
-        self.lr, self.weight_decay = lr, weight_decay
-        self.steps = 0
         self._tmp = np.empty(min(params.size, self.CHUNK), params.dtype)  # scratch
+        return self
+
+    def like(self) -> "Optimizer":
+        """A new optimizer of this kind and hyper-parameters, not attached."""
+        hyper = self.hyper()
+        return type(self)(**{k: v for k, v in hyper.items() if k in self._ARGS})
+
+    _ARGS: Sequence[str] = ("lr", "weight_decay")
 
     def state(self) -> Dict[str, np.ndarray]:
         """Named state arrays (views, not copies), each name that of its attribute."""
@@ -53,6 +82,8 @@ class Optimizer:
              state: Optional[Dict[str, np.ndarray]] = None) -> None:
         """Update ``params`` from ``grads`` from now on, with ``state`` (by name) as the
         state arrays; each array is used as it is (copy the values in first to keep them)."""
+        if self.params is None:
+            self.attach(params, grads)
         for name, array in [("params", params), ("grads", grads), *(state or {}).items()]:
             if array.shape != self.params.shape or array.dtype != self.params.dtype:
                 raise ValueError(f"{name}: expected {self.params.dtype}{self.params.shape}, "
@@ -67,6 +98,9 @@ class Optimizer:
 
     def step(self, parts: Optional[Sequence[slice]] = None) -> None:
         """Apply one update: to all of the buffers, or only to ``parts`` (slices of them)."""
+        if self.params is None:
+            raise ValueError(f"{self.name} is not attached to any parameters (a trainer "
+                             "attaches it; or call attach(params, grads))")
         self.steps += 1
         for part in [slice(0, self.params.size)] if parts is None else parts:
             lo, hi, _ = part.indices(self.params.size)
@@ -92,6 +126,9 @@ class SGD(Optimizer):
 
     name = "sgd"
 
+    def __init__(self, lr: float = 0.05, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+
     def _update(self, part, tmp):
         g = self._decayed(part, tmp)
         np.multiply(g, -self.lr, out=tmp)
@@ -103,11 +140,13 @@ class Momentum(Optimizer):
 
     name = "momentum"
     STATE = ("velocity",)
+    _ARGS = ("lr", "weight_decay", "momentum")
 
-    def __init__(self, params, grads, lr, weight_decay=0.0, momentum=0.9):
-        super().__init__(params, grads, lr, weight_decay)
+    def __init__(self, lr: float = 0.05, weight_decay: float = 0.0, momentum: float = 0.9):
+        super().__init__(lr, weight_decay)
+        if isinstance(momentum, bool) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.momentum = momentum
-        self.velocity = np.zeros_like(params)
 
     def hyper(self):
         return {**super().hyper(), "momentum": self.momentum}
@@ -132,13 +171,18 @@ class Adam(Optimizer):
     def name(self) -> str:
         return "adamw" if self.decoupled else "adam"
 
-    def __init__(self, params, grads, lr, weight_decay=0.0, betas=(0.9, 0.999),
-                 eps=1e-8, decoupled=False):
-        super().__init__(params, grads, lr, weight_decay)
+    _ARGS = ("lr", "weight_decay", "betas", "eps", "decoupled")
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0,
+                 betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8,
+                 decoupled: bool = False):
+        super().__init__(lr, weight_decay)
         self.beta1, self.beta2 = betas
         self.eps, self.decoupled = eps, decoupled
-        self.m = np.zeros_like(params)
-        self.v = np.zeros_like(params)
+
+    def like(self) -> "Adam":
+        return type(self)(self.lr, self.weight_decay, (self.beta1, self.beta2), self.eps,
+                          self.decoupled)
 
     def hyper(self):
         return {**super().hyper(), "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
@@ -166,17 +210,35 @@ class Adam(Optimizer):
         p += tmp
 
 
+class AdamW(Adam):
+    """Adam with decoupled weight decay (p *= 1 - lr * wd before the Adam step)."""
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.01,
+                 betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(lr, weight_decay, betas, eps, decoupled=True)
+
+    def like(self) -> "AdamW":
+        return AdamW(self.lr, self.weight_decay, (self.beta1, self.beta2), self.eps)
+
+
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+
+def optimizer_named(name: str, *, lr: float, weight_decay: float = 0.0,
+                    momentum: float = 0.9, betas=(0.9, 0.999), eps: float = 1e-8) -> Optimizer:
+    """The optimizer called ``name`` (one of ``OPTIMIZERS``), not attached."""
+    if name == "sgd":
+        return SGD(lr, weight_decay)
+    if name == "momentum":
+        return Momentum(lr, weight_decay, momentum)
+    if name in ("adam", "adamw"):
+        return Adam(lr, weight_decay, betas, eps, decoupled=name == "adamw")
+    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def make_optimizer(name: str, params: np.ndarray, grads: np.ndarray, *, lr: float,
                    weight_decay: float = 0.0, momentum: float = 0.9,
                    betas=(0.9, 0.999), eps: float = 1e-8) -> Optimizer:
-    """The optimizer called ``name`` over the flat ``params``/``grads``."""
-    if name == "sgd":
-        return SGD(params, grads, lr, weight_decay)
-    if name == "momentum":
-        return Momentum(params, grads, lr, weight_decay, momentum)
-    if name in ("adam", "adamw"):
-        return Adam(params, grads, lr, weight_decay, betas, eps, decoupled=name == "adamw")
-    raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    """The optimizer called ``name``, attached to the flat ``params``/``grads``."""
+    return optimizer_named(name, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                           betas=betas, eps=eps).attach(params, grads)

@@ -15,9 +15,15 @@ from .blocks import Residual
 from .layers import EVAL, Context, Layer, Linear
 from ..timeline import span
 
-__all__ = ["Sequential", "DTYPES"]
+__all__ = ["Sequential", "DTYPES", "layers_text"]
 
 DTYPES = ("float32", "float64")  # parameter and compute precision
+
+
+def layers_text(layers: Sequence[Layer]) -> Optional[str]:
+    """The model text of ``layers`` in order, or None if one of them has none."""
+    parts = [layer.text() for layer in layers]
+    return None if None in parts else ",".join(parts)
 
 
 class Sequential:
@@ -36,6 +42,7 @@ class Sequential:
         self.index = list(range(len(self.layers))) if index is None else list(index)
         if len(self.index) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} layer indices, got {len(self.index)}")
+        self.seed = seed  # each layer's initial values come from (seed, its index)
         self.dtype = np.dtype(dtype)
         if self.dtype.name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
@@ -138,6 +145,24 @@ class Sequential:
             if final_from is not None and names and not isinstance(layer, Linear):
                 final_from(self.slices[names[0]].start)  # the whole layer is final
         return dy
+
+    def text(self) -> Optional[str]:
+        """The model as text (``model.spec``: ``"linear(64),relu,linear(10)"``), which
+        rebuilds it for samples of its input shape; None if a layer cannot be written
+        (``unwritable`` says which and why)."""
+        return layers_text(self.layers)
+
+    def unwritable(self) -> Optional[str]:
+        """Why the model has no text (its first layer that has none), or None."""
+        from .registry import text_of
+
+        for i, layer in zip(self.index, self.layers):
+            if layer.text() is None:
+                while isinstance(layer, Residual):  # the block's own layer that has none
+                    layer = next(inner for inner in layer.layers if inner.text() is None)
+                why = text_of(layer)[1] or "it has no text"
+                return f"layer {i} ({type(layer).__name__}): {why}"
+        return None
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{i}: {layer!r}" for i, layer in zip(self.index, self.layers))

@@ -15,7 +15,9 @@ takes layers::
 | ``flatten``, ``layernorm``, ``dropout(p)`` | |
 | ``relu``, ``tanh``, ``sigmoid``, ``gelu``, ``silu`` | |
 | ``residual(layer, ...)`` | a block whose output has its input's shape |
+| a registered name | the class's own constructor arguments (``model.registry``) |
 
+Arguments are numbers, quoted strings, ``true``, ``false`` and ``none``.
 ``build`` walks the layers with the sample's shape, so each layer learns its
 input size and a mismatch is refused before step 1, naming the layer and
 both shapes; the last layer must give the task's output width.
@@ -28,14 +30,18 @@ from typing import List, Optional, Sequence, Tuple
 from .blocks import Dropout, LayerNorm, Residual
 from .conv import AvgPool2d, Conv2d, MaxPool2d
 from .layers import ACTIVATIONS, Flatten, Layer, Linear
+from .registry import BUILTIN, format_call, registered
 
-__all__ = ["parse", "build", "canonical", "mlp_spec", "SpecError", "LAYERS"]
+__all__ = ["parse", "build", "canonical", "mlp_spec", "SpecError", "LAYERS", "names_in"]
 
 Node = Tuple[str, list, dict]  # (name, positional arguments, keyword arguments or children)
 
-LAYERS = ("linear", "conv2d", "maxpool2d", "avgpool2d", "flatten", "layernorm", "dropout",
-          "residual", *ACTIVATIONS)
-TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|(-?\d+(?:\.\d*)?(?:[eE]-?\d+)?)|(.))")
+LAYERS = BUILTIN
+assert set(LAYERS) == {"linear", "conv2d", "maxpool2d", "avgpool2d", "flatten", "layernorm",
+                       "dropout", "residual", *ACTIVATIONS}
+TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|([-+]?(?:\d+\.?\d*|\.\d+)"
+                   r"(?:[eE][-+]?\d+)?)|'([^'\n]*)'|\"([^\"\n]*)\"|(.))")
+WORDS = {"true": True, "false": False, "none": None}  # bare words that are values
 
 
 class SpecError(ValueError):
@@ -45,12 +51,14 @@ class SpecError(ValueError):
 def _tokens(text: str):
     out = []
     for m in TOKEN.finditer(text):
-        name, number, other = m.groups()
+        name, number, single, double, other = m.groups()
         if name:
             out.append(("name", name))
         elif number:
             out.append(("number", float(number) if any(c in number for c in ".eE")
                         else int(number)))
+        elif single is not None or double is not None:
+            out.append(("string", single if single is not None else double))
         elif other and not other.isspace():
             out.append(("punct", other))
     return out
@@ -74,10 +82,22 @@ def parse(text: str) -> List[Node]:
         pos += 1
         return tok[1]
 
+    def value():
+        kind, v = peek()
+        if kind in ("number", "string"):
+            return take(kind)
+        if kind == "name" and v.lower() in WORDS:
+            take("name")
+            return WORDS[v.lower()]
+        where = "the end" if kind == "end" else repr(v)
+        raise SpecError(f"expected a number, a quoted string, true, false or none at {where}")
+
     def layer() -> Node:
         name = take("name").lower()
-        if name not in LAYERS:
-            raise SpecError(f"unknown layer {name!r} (known: {', '.join(LAYERS)})")
+        if name not in LAYERS and registered(name) is None:
+            raise SpecError(f"unknown layer {name!r} (known: {', '.join(LAYERS)}; a layer "
+                            "of one's own is known once registered with "
+                            "mpitrain.register_layer)")
         args, kwargs = [], {}
         if peek() == ("punct", "("):
             take("punct", "(")
@@ -85,12 +105,13 @@ def parse(text: str) -> List[Node]:
                 args = layers(")")
             elif peek() != ("punct", ")"):
                 while True:
-                    if peek()[0] == "name":
+                    nxt = toks[pos + 1] if pos + 1 < len(toks) else ("end", None)
+                    if peek()[0] == "name" and nxt == ("punct", "="):
                         key = take("name")
                         take("punct", "=")
-                        kwargs[key] = take("number")
+                        kwargs[key] = value()
                     else:
-                        args.append(take("number"))
+                        args.append(value())
                     if peek() != ("punct", ","):
                         break
                     take("punct", ",")
@@ -120,6 +141,14 @@ SIGNATURES = {"linear": "linear(out_features)",
               "avgpool2d": "avgpool2d(kernel, stride=kernel)"}
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _make(node: Node, shape: Tuple[int, ...]) -> Layer:
     """The layer ``node`` describes, for inputs of ``shape``."""
     name, args, kwargs = node
@@ -128,7 +157,7 @@ def _make(node: Node, shape: Tuple[int, ...]) -> Layer:
         usage = SIGNATURES.get(name, name)
         if kwargs:
             raise SpecError(f"takes no {', '.join(sorted(kwargs))}: write {usage}")
-        if len(args) != count or not all(isinstance(a, int) and a > 0 for a in args):
+        if len(args) != count or not all(_whole(a) and a > 0 for a in args):
             got = ",".join(map(str, args)) or "nothing"
             raise SpecError(f"expected {usage} (positive whole numbers), got {got}")
         return list(args)
@@ -137,7 +166,7 @@ def _make(node: Node, shape: Tuple[int, ...]) -> Layer:
 
     def keyword(key, default, lowest):
         value = kwargs.pop(key, default)
-        if not isinstance(value, int) or value < lowest:
+        if not _whole(value) or value < lowest:
             raise SpecError(f"{key} must be a whole number >= {lowest}, got {value}")
         return value
 
@@ -158,14 +187,17 @@ def _make(node: Node, shape: Tuple[int, ...]) -> Layer:
         (kernel,) = ints(1)
         return (MaxPool2d if name == "maxpool2d" else AvgPool2d)(kernel, stride)
     if name == "dropout":
-        if len(args) != 1 or kwargs:
-            raise SpecError(f"takes one probability, got {args}")
+        if len(args) != 1 or kwargs or not _number(args[0]):
+            raise SpecError(f"takes one probability, got {_arguments(args, kwargs)}")
         if not 0 <= args[0] < 1:
             raise SpecError(f"takes a probability in [0, 1), got {args[0]}")
         return Dropout(float(args[0]))
     if name == "layernorm":
+        eps = kwargs.pop("eps", 1e-5)
         ints(0)
-        return LayerNorm(shape)
+        if not _number(eps) or not eps > 0:
+            raise SpecError(f"eps must be a number > 0, got {eps}")
+        return LayerNorm(shape, eps=float(eps))
     if name == "residual":
         inner, s = [], shape
         for k, child in enumerate(args):
@@ -176,16 +208,42 @@ def _make(node: Node, shape: Tuple[int, ...]) -> Layer:
                 raise SpecError(f"residual's layer {k} ({_text(child)}) {exc}") from None
             inner.append(layer)
         return Residual(inner)
+    cls = registered(name)
+    if cls is not None:
+        try:
+            return cls(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the user's constructor may raise anything
+            raise SpecError(f"{cls.__module__}.{cls.__qualname__}{_arguments(args, kwargs)}: "
+                            f"{type(exc).__name__}: {exc}") from None
     ints(0)
     return Flatten() if name == "flatten" else ACTIVATIONS[name]()
+
+
+def _arguments(args, kwargs) -> str:
+    return "(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in
+                                                        kwargs.items()]) + ")"
 
 
 def _text(node: Node) -> str:
     name, args, kwargs = node
     if name == "residual":
         return f"residual({','.join(_text(c) for c in args)})"
-    inner = [str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()]
-    return name + (f"({','.join(inner)})" if inner else "")
+    return format_call(name, args, kwargs)
+
+
+def names_in(text: str) -> List[str]:
+    """Every layer name model ``text`` uses, in order of first use (residual's too)."""
+    seen: List[str] = []
+
+    def walk(nodes: List[Node]) -> None:
+        for name, args, _ in nodes:
+            if name not in seen:
+                seen.append(name)
+            if name == "residual":
+                walk(args)
+
+    walk(parse(text))
+    return seen
 
 
 def build(text: str, shape: Sequence[int], outputs: Optional[int] = None) -> List[Layer]:

@@ -1,15 +1,15 @@
-"""What every trainer shares: the checkpoint protocol, the end of a step, the replica check.
+"""What every trainer shares: how it is made, the end of a step, its life cycle.
 
-The checkpoint protocol is three methods on named arrays and JSON metadata,
-whatever the trainer (data-parallel, pipeline; a new trainer adds its arrays
-without a new file format), so the resume policy in ``fault/`` needs no
-trainer of its own:
+Every trainer is made from the same arguments (``parallel.recipe``)::
 
-- ``capture(step, config)``: the state after ``step`` steps, gathered on world
-  rank 0 (``fault.checkpoint.State``; None on the other ranks);
-- ``mismatch(state, config)``: why a state cannot continue this run, or None;
-- ``restore(state)``: load a state given on world rank 0 into every rank,
-  each receiving only its stage's part.
+    Trainer(model, loss, optimizer, data, comm, **options)
+    PSTrainer(model, loss, optimizer, data, comm, servers=1, **options)
+    PipelineTrainer(model, loss, optimizer, data, comm, pp=2, microbatches=4, **options)
+
+and keeps the same protocol, which the training loop drives without knowing
+which one runs: ``step(k)``, ``evaluate()``, ``set_lr``, ``prefetch``, the
+checkpoint protocol (``parallel.state``: ``capture``, ``mismatch``,
+``restore``), ``close`` and, after a rank died, ``abandon``.
 """
 from __future__ import annotations
 
@@ -21,44 +21,81 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from mpi4py import MPI
 
-from ..fault.checkpoint import State
-from ..runtime import MpitrainError
+from ..model.registry import modules_of
+from ..model.spec import names_in
+from ..process import init
+from ..runtime import ConfigError, MpitrainError, agreed
 from ..timeline import span
 from .compute import Computing
+from .recipe import Recipe, check_batch, connect, loss_for, sampler_for, task_of, walk_shapes
 from .reproducible import norm_sq_by_tensor
 from .speed import SpeedBalancer
+from .state import CheckpointState
 
 __all__ = ["TrainerBase"]
 
 
-class TrainerBase(Computing):
-    """Checkpoint state across stages and replicas, and the end of a step.
-
-    Subclasses set ``grid`` (a comm.topology.Grid), ``model`` (this rank's
-    stage, a Sequential), ``optimizer``, ``exchange`` (a comm.exchange.Exchange
-    over ``grid.dp_comm``), ``sampler``, ``train``, ``val``, ``loss``,
-    ``task`` (a model.tasks.Task), ``stage_names`` (the parameter names of
-    each stage, in full-model order) and ``shapes`` (every parameter's shape,
-    in full-model order), then call ``_init_common``.  ``spec`` (the model's
-    text and input shape, which checkpoints record) is set by whoever made the
-    layers (``run.build``).
+class TrainerBase(Computing, CheckpointState):
+    """Made by ``_begin`` (the data, task, loss, sample order, the model checked against
+    them) then the strategy's own constructor, which sets ``grid`` (a
+    ``comm.topology.Grid``), ``model`` (this rank's stage, a ``Sequential``),
+    ``optimizer`` (attached), ``exchange`` (a ``comm.exchange.Exchange`` over
+    ``grid.dp_comm``), ``batches`` (``data.batches.Batches``), ``stage_names`` (the
+    parameter names of each stage, in full-model order) and ``shapes`` (every
+    parameter's shape), then calls ``_finish``.
 
     A step's metric vector (summed over ranks) is ``[loss sum, stop requests,
     *task sums]``: ``2 + task.width`` numbers.
     """
 
-    TAG_STATE = 31000  # point-to-point tag of the checkpoint gather and restore, on grid.world
+    def _begin(self, loss, data, comm, recipe: Recipe, *, dtype, replicas: int,
+               who: str) -> None:
+        """The parts every strategy needs, checked on every rank alike (collective):
+        ``replicas`` parts of each batch (``who`` names them in messages)."""
+        init()  # threads, malloc, the job-ending excepthook: once per process
+        self.recipe = recipe
+        self.data = connect(data, comm, recipe, dtype)
+        self.train, self.val = self.data.train, self.data.val
+        self.task = agreed(comm, lambda: task_of(self.data))
+        self.loss = agreed(comm, lambda: loss_for(loss, self.task))
+        check_batch(comm, recipe, self.data, replicas, who)
+        self.sampler = agreed(comm, lambda: sampler_for(self.data, recipe))
+        self.accumulate, self.seed = recipe.accumulate, recipe.seed
+        self.clip_grad_norm = recipe.clip_grad_norm  # None: no clipping
 
-    def _init_common(self, clip_grad_norm: Optional[float] = None, seed: int = 0,
-                     groups: Optional[int] = None,
-                     resolved: Optional[Dict[str, Any]] = None) -> None:
+    def _check_model(self, comm, layers: Sequence[Any]) -> List[Tuple[int, ...]]:
+        """A sample's shape before each layer, the model checked against the data and
+        the task (collective: the same error on every rank)."""
+        return agreed(comm, lambda: walk_shapes(layers, self.data.features,
+                                                self.task.outputs))
+
+    def _check_pieces(self, comm, replicas: int, pieces: int, what: str) -> None:
+        """Each replica's part of a batch gives every one of ``pieces`` micro-batches a
+        sample; ``what`` names the options that cut it (a ConfigError template)."""
+
+        def check() -> None:
+            smallest = self.recipe.batch_size // replicas
+            if pieces > smallest:
+                raise ConfigError(f"{what} cuts each replica's part of {{batch_size}} "
+                                  f"{self.recipe.batch_size} ({smallest} samples for "
+                                  f"{replicas} replicas) into {pieces} micro-batches: more "
+                                  "than it has samples")
+
+        agreed(comm, check)
+
+    def _finish(self, comm, groups: Optional[int] = None,
+                resolved: Optional[Dict[str, Any]] = None, computes: bool = True) -> None:
+        """The state every trainer keeps; the speed balancer if the recipe asks for it
+        (``computes``: whether this rank computes gradients; collective then)."""
         # The parameters left to the trainer (None) and what it chose, by name: the run's
         # record (run.jsonl) shows what ran, e.g. {"overlap": False, "bucket_mb": 0.0}.
         self.resolved: Dict[str, Any] = dict(resolved or {})
-        self.groups = groups  # --reproducible: the fixed groups of each batch (else None)
-        self.spec: Dict[str, Any] = {}  # {"spec": model text, "input_shape": [...]}
-        self.clip_grad_norm = clip_grad_norm  # None: no clipping
-        self.seed = seed  # dropout's draws are keyed to it (model.blocks.Dropout)
+        self.groups = groups  # reproducible: the fixed groups of each batch (else None)
+        text = self.model_text()
+        # What checkpoints record of the model: its text, a sample's shape, and the module
+        # of each registered layer it uses (a loading process that lacks one is told which).
+        self.spec: Dict[str, Any] = {"spec": text, "input_shape": list(self.data.features),
+                                     "registered": modules_of(names_in(text)) if text else {}}
         self.clipped = 0  # steps whose gradient was scaled down
         self.times = {"data": 0.0, "compute": 0.0, "exchange": 0.0}
         self.stop_agreed = False  # set by step(): some rank was asked to stop
@@ -68,43 +105,59 @@ class TrainerBase(Computing):
         # some stages only can be undone (run.recovery); (arrays, optimizer steps, clipped).
         self.keep_before_update = False
         self._before: Optional[Tuple[List[np.ndarray], int, int]] = None
-        # Straggler drills (fault.drills): seconds to sleep before a forward or backward
-        # pass, from (1-based step, that pass's seconds in the previous step); set by the
-        # loop.  Sleeping before each pass, not once, keeps a slow rank's buckets as late
-        # as a slow processor would make them.
-        self.slowdown: Callable[[int, float], float] = lambda step, seconds: 0.0
-        self._last_pass = {"forward": 0.0, "backward": 0.0}  # per micro-batch, no sleep
-        # Speed-balanced batches (parallel.speed), set by run.build; its changes are
-        # reported through ``on_event(line, record)``, set by the loop.
+        # Speed-balanced batches (parallel.speed); its changes are reported through
+        # ``on_event(line, record)``, set by the loop.
         self.balancer: Optional[SpeedBalancer] = None
+        if self.recipe.balance == "speed":
+            self.balancer = SpeedBalancer(comm, self.recipe.batch_size,
+                                          self.recipe.balance_every, computes)
+            self.batches.shares = self.balancer.shares
         self.on_event: Callable[[str, Dict[str, Any]], None] = lambda line, record: None
+
+    def whole_params(self) -> np.ndarray:
+        """The whole model's flat parameters on this rank (after ``close``)."""
+        return self.model.params
+
+    def model_text(self) -> Optional[str]:
+        """The whole model as text (``model.spec``), None if a layer has none."""
+        return self.model.text()
 
     # -- life cycle ------------------------------------------------------------------------
     def prefetch(self, start: int, stop: int) -> None:
-        """Read the batches of steps ``start``..``stop - 1`` ahead, if this trainer can."""
+        """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""
+        self.batches.prefetch(start, stop)
+
+    def _restart_prefetch(self, start: int) -> None:
+        self.batches.shares = self.shares()
+        self.batches.restart(start)
 
     def close(self) -> None:
         """Release threads, windows and communicators (collective); the model's and the
         optimizer's arrays stay readable."""
+        self.batches.close()
         self.exchange.close()
 
     def abandon(self) -> List[MPI.Comm]:
         """After a rank died (local): stop the helper threads, revoke the exchange and
         close the data; the arrays stay readable.  Returns this trainer's own
         communicators, which the healing revokes and frees."""
+        self.batches.close()
         comms = self.exchange.abandon()
-        self.close_data()
+        self.data.abandon()
         return comms
 
     def close_data(self) -> None:
-        """Close the training and validation shard files."""
-        self.train.close()
-        if self.val:
-            self.val.close()
+        """Close the data (collective: an ArrayDataset held by one rank frees its windows)."""
+        self.data.close()
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next update (a schedule sets it before each step)."""
         self.optimizer.lr = lr
+
+    def evaluate(self) -> Optional[Dict[str, object]]:
+        """{"loss": mean loss, task metrics...} on the validation split (collective);
+        None without one."""
+        raise NotImplementedError
 
     # -- the end of a step -----------------------------------------------------------------
     def check_replicas(self) -> None:
@@ -179,184 +232,3 @@ class TrainerBase(Computing):
     def _evaluated(self, sums: np.ndarray, n: int) -> Dict[str, object]:
         """{"loss": ..., task metrics} from the global float64 [loss sum, *task sums]."""
         return {"loss": float(sums[0]) / n, **self.task.summarize(sums[1:], n)}
-
-    # -- the checkpoint protocol -----------------------------------------------------------
-    def named(self, flat: np.ndarray, names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
-        """A flat buffer laid out like this stage's (or ``names``') parameters, by name."""
-        out, offset = {}, 0
-        for n in (self.stage_names[self.grid.pp_rank] if names is None else names):
-            size = math.prod(self.shapes[n])
-            out[n] = flat[offset:offset + size].reshape(self.shapes[n])
-            offset += size
-        return out
-
-    def _flats(self) -> Tuple[List[np.ndarray], List[str]]:
-        """This stage's parameters, then its optimizer state arrays by sorted key."""
-        state = self.optimizer.state()
-        return [self.model.params] + [state[k] for k in sorted(state)], sorted(state)
-
-    def _stage_size(self, stage: int) -> int:
-        return sum(math.prod(self.shapes[n]) for n in self.stage_names[stage])
-
-    def capture(self, step: int, config: Dict[str, Any]) -> Optional[State]:
-        """The state after ``step`` steps, gathered on world rank 0 (collective);
-        None on the other ranks.  Stage leaders (dp_rank 0) send their arrays."""
-        g, (flats, keys) = self.grid, self._flats()
-        if g.rank != 0:
-            if g.dp_rank == 0:
-                for flat in flats:
-                    g.world.Send(flat, dest=0, tag=self.TAG_STATE)
-            return None
-        params: Dict[str, np.ndarray] = {}
-        opt_state: Dict[str, Dict[str, np.ndarray]] = {k: {} for k in keys}
-        for s, names in enumerate(self.stage_names):
-            if s == 0:  # copies: the state outlives this step (and a freed window)
-                got = [flat.copy() for flat in flats]
-            else:
-                got = [np.empty(self._stage_size(s), self.model.dtype) for _ in flats]
-                for buf in got:
-                    g.world.Recv(buf, source=g.world_rank(s, 0), tag=self.TAG_STATE)
-            params.update(self.named(got[0], names))
-            for key, buf in zip(keys, got[1:]):
-                opt_state[key].update(self.named(buf, names))
-        return self._state(step, config, params, opt_state)
-
-    def _state(self, step: int, config: Dict[str, Any], params: Dict[str, np.ndarray],
-               opt_state: Dict[str, Dict[str, np.ndarray]]) -> State:
-        """The checkpoint state of ``step`` steps from the gathered arrays (rank 0)."""
-        g = self.grid
-        epoch, epoch_step = self.sampler.locate(step)
-        opt, s = self.optimizer, self.sampler
-        layout: Dict[str, Any] = {"world_size": g.world.Get_size(), "pp": g.pp, "dp": g.dp}
-        if self.shares() is not None:
-            layout["shares"] = list(self.shares())
-        layout.update(self.layout_extra())
-        return State(
-            step=step, epoch=epoch, epoch_step=epoch_step, params=params,
-            optimizer_state=opt_state,
-            optimizer={"name": self.optimizer.name, "steps": opt.steps, **opt.hyper()},
-            config=config, layout=layout,
-            sampler=s.meta(), task=self.task.describe(), model=dict(self.spec),
-            rng={"sample_order": f"numpy.random.default_rng([{s.seed}, epoch]).permutation"
-                                 f"({s.n}), cut into batches of {s.batch_size}",
-                 "init": "numpy.random.default_rng([seed, layer index]) per layer",
-                 "dropout": "a hash of (seed, step, global sample id, layer, unit)",
-                 "stateful_generators": {}})
-
-    def layout_extra(self) -> Dict[str, Any]:
-        """What a checkpoint's layout records beyond the grid (the strategy's)."""
-        return {}
-
-    def _restore_shares(self, state: Optional[State]) -> None:
-        """Take the checkpoint's speed split, if this run balances by speed and the split
-        fits (the same ranks and batch); else keep the even start (collective)."""
-        shares = self.grid.world.bcast(state.layout.get("shares") if state is not None
-                                       else None, root=0)
-        b = self.balancer
-        if b is not None and shares and len(shares) == len(b.shares) and \
-                sum(shares) == b.batch_size:
-            b.shares = list(shares)
-
-    def mismatch(self, state: State, config: Dict[str, Any]) -> Optional[str]:
-        """Why ``state`` cannot continue this run, or None: a ConfigError template
-        naming the parameters involved as ``{name}``."""
-        spec = state.model.get("spec")
-        if spec and self.spec and spec != self.spec.get("spec"):
-            return (f"written for the model {spec}, this run's is {self.spec['spec']} "
-                    "(check {model} or {hidden})")
-        shapes = {n: a.shape for n, a in state.params.items()}
-        if shapes != self.shapes:
-            for name in sorted(set(shapes) | set(self.shapes)):
-                if shapes.get(name) != self.shapes.get(name):
-                    return (f"parameter {name!r} is {shapes.get(name)} in the checkpoint and "
-                            f"{self.shapes.get(name)} in this model (check {{model}} or {{hidden}})")
-        dtype = next(iter(state.params.values())).dtype
-        if dtype != self.model.dtype:
-            return (f"parameters are {dtype} in the checkpoint, {self.model.dtype} here "
-                    "({dtype})")
-        if state.optimizer.get("name") != self.optimizer.name or set(
-                state.optimizer_state) != set(self.optimizer.state()):
-            return (f"written with {{optimizer}} {state.optimizer.get('name')}, "
-                    f"this run has {self.optimizer.name}")
-        if state.task and state.task != self.task.describe():
-            return (f"written for the task {state.task}, this run's data is "
-                    f"{self.task.describe()} (check {{data}})")
-        was = state.config or {}
-        if was.get("reproducible") and config.get("reproducible") and \
-                was.get("groups") != config.get("groups"):  # (the default was 12 once)
-            return (f"written with {{reproducible}} in {was.get('groups')} {{groups}}, this "
-                    f"run has {config.get('groups')}: the gradients would be summed "
-                    f"otherwise (set {{groups}} {was.get('groups')})")
-        mine = self.sampler.meta()
-        for key in sorted(set(mine) | set(state.sampler)):
-            if state.sampler.get(key) != mine.get(key):
-                what = {"samples": "training samples in {data}",
-                        "blocks": "the chunk layout of {data}"}.get(key, "{" + key + "}")
-                return (f"written with {what} {state.sampler.get(key)}, this run has "
-                        f"{mine.get(key)}: the sample order would differ")
-        return None
-
-    def restore(self, state: Optional[State]) -> None:
-        """Load ``state`` (given on world rank 0, None elsewhere) on every rank (collective).
-
-        Rank 0 sends each stage's part to that stage's first replica, which
-        broadcasts it to the stage's other replicas: a rank receives only its
-        stage's arrays, and any (pp, dp) layout can resume any other.
-        """
-        g, (flats, keys) = self.grid, self._flats()
-        steps = int(state.optimizer["steps"]) if g.rank == 0 else None
-        self.optimizer.steps = g.world.bcast(steps, root=0)
-        received = [np.empty_like(flat) for flat in flats]  # this stage's values
-        if g.rank == 0:
-            sources = [state.params] + [state.optimizer_state[k] for k in keys]
-            for s, names in enumerate(self.stage_names):
-                packed = received if s == 0 else [
-                    np.empty(self._stage_size(s), self.model.dtype) for _ in flats]
-                for buf, source in zip(packed, sources):
-                    for name, view in self.named(buf, names).items():
-                        view[...] = source[name]
-                    if s > 0:
-                        g.world.Send(buf, dest=g.world_rank(s, 0), tag=self.TAG_STATE)
-        elif g.dp_rank == 0:
-            for buf in received:
-                g.world.Recv(buf, source=0, tag=self.TAG_STATE)
-        for buf in received:
-            g.dp_comm.Bcast(buf, root=0)
-
-        def write() -> None:
-            for flat, buf in zip(flats, received):
-                flat[...] = buf
-
-        self.exchange.write(write)
-        self._restore_shares(state)
-
-    def roll_back(self) -> None:
-        """Undo the last update (local): the state before it, kept by ``_conclude``."""
-        flats, _ = self._flats()
-        arrays, steps, clipped = self._before
-        for flat, kept in zip(flats, arrays):
-            flat[...] = kept
-        self.optimizer.steps, self.clipped = steps, clipped
-        self._before = None
-
-    def take_over(self, source: int, old: Optional["TrainerBase"]) -> None:
-        """After a healing (collective over ``grid.dp_comm``): every replica takes the
-        parameters and optimizer state of replica ``source``, which copies them from
-        ``old`` (its trainer from before the failure) and broadcasts them."""
-        g, (flats, keys) = self.grid, self._flats()
-        mine = g.dp_rank == source
-        if mine:
-            assert old is not None, "the source of a take-over has the old state"
-            old_flats, old_keys = old._flats()
-            assert old_keys == keys, (old_keys, keys)
-        steps = g.dp_comm.bcast(old.optimizer.steps if mine else None, root=source)
-        self.optimizer.steps = steps
-
-        def write() -> None:
-            for k, flat in enumerate(flats):
-                if mine:
-                    flat[...] = old_flats[k]
-                g.dp_comm.Bcast(flat, root=source)
-
-        self.exchange.write(write)
-        self.clipped = g.dp_comm.bcast(old.clipped if mine else None, root=source)

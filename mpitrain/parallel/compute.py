@@ -1,8 +1,7 @@
-"""A rank's part of a step: forward and backward in micro-batches, straggler drills, and
-the speed measurements that balance the batch."""
+"""A rank's part of a step: forward and backward in micro-batches, and the speed
+measurements that balance the batch."""
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -17,17 +16,16 @@ __all__ = ["Computing"]
 
 class Computing:
     """What a trainer computes on its rank; ``TrainerBase`` holds it (see there for the
-    attributes: ``model``, ``loss``, ``task``, ``accumulate``, ``seed``, ``slowdown``,
-    ``balancer``, ``on_event``)."""
+    attributes: ``model``, ``loss``, ``task``, ``accumulate``, ``seed``, ``balancer``,
+    ``on_event``)."""
 
     def _compute(self, step: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray, batch: int,
                  metrics: np.ndarray, final: Optional[Callable[[int], None]],
                  pieces: Optional[int] = None, add: bool = False,
-                 model: Optional[Sequential] = None) -> float:
+                 model: Optional[Sequential] = None) -> None:
         """Forward and backward of this rank's part of a batch of ``batch`` samples (global
         ``ids``, rows ``x``, targets ``y``) into the model's gradients, adding the loss
-        sum to ``metrics[0]`` and the task's sums to ``metrics[2:]`` (zeroed first);
-        return the seconds a straggler drill slept.
+        sum to ``metrics[0]`` and the task's sums to ``metrics[2:]`` (zeroed first).
 
         In ``accumulate`` micro-batches, one after the other: the first writes the
         gradients, the others add to them, and only the last reports to ``final``
@@ -39,29 +37,18 @@ class Computing:
         metrics[:] = 0
         count = max(1, min(self.accumulate if pieces is None else pieces, len(ids)))
         parts = [rank_slice(len(ids), k, count) for k in range(count)]
-        took = {"forward": 0.0, "backward": 0.0}
-        slept = 0.0
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
             for k, (lo, hi) in enumerate(parts):
-                slept += self._straggle(step, "forward")
-                t0 = time.perf_counter()
                 ctx = Context(training=True, step=step, ids=ids[lo:hi], seed=self.seed)
                 with span("forward", "compute", samples=hi - lo):
                     out, saved = model.forward(x[lo:hi], ctx)  # (b / K, outputs)
                 self.peak_activation_bytes = max(self.peak_activation_bytes,
                                                  saved_bytes(saved))
                 dout = self._loss_grad(out, y[lo:hi], batch, metrics)
-                t1 = time.perf_counter()
-                slept += self._straggle(step, "backward")
-                t2 = time.perf_counter()
                 last = k == len(parts) - 1
                 with span("backward", "compute", samples=hi - lo):
                     model.backward(dout, saved, accumulate=k > 0 or add,
-                                        final_from=final if last else None)
-                took["forward"] += t1 - t0
-                took["backward"] += time.perf_counter() - t2
-        self._last_pass = {key: value / count for key, value in took.items()}
-        return slept
+                                   final_from=final if last else None)
 
     def _loss_grad(self, out: np.ndarray, y: np.ndarray, batch: int,
                    into: np.ndarray) -> np.ndarray:
@@ -73,17 +60,9 @@ class Computing:
         into[2:] += self.task.sums(out, y)
         return dout
 
-    def _straggle(self, step: int, phase: str) -> float:
-        """Sleep what a straggler drill plans before a ``phase`` (forward, backward) pass
-        of ``step`` (0-based); return the seconds slept."""
-        extra = self.slowdown(step + 1, self._last_pass[phase])
-        if extra > 0:
-            time.sleep(extra)
-        return max(0.0, extra)
-
     def _observe(self, step: int, seconds: float, samples: int) -> None:
-        """With speed-balanced batches: record this rank's compute time of ``step`` (a
-        drill's sleep included) and agree on a new split every so often (collective)."""
+        """With speed-balanced batches: record this rank's compute time of ``step`` and
+        agree on a new split every so often (collective)."""
         if self.balancer is None:
             return
         new = self.balancer.observe(seconds, samples)

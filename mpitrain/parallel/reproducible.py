@@ -30,6 +30,7 @@ from ..model.sequential import Sequential
 from ..threads import one_blas_thread
 from ..timeline import span
 from .batched import AtOnce, compute_at_once
+from .evaluation import chunk_row
 
 __all__ = ["GroupedSteps", "EVAL_CHUNK", "gathered_sums", "norm_sq_by_tensor"]
 
@@ -122,11 +123,7 @@ class GroupedSteps:
         tr, comm = self.trainer, self.comm
         t0 = time.perf_counter()
         with span("data", "data"):
-            if tr._prefetch is not None:
-                ids, x, y, batch = tr._prefetch.get(step)
-            else:
-                ids, batch = tr.sampler.local(step, tr.rank, tr.size, groups=self.groups)
-                x, y = tr.train.read(ids)
+            ids, x, y, batch = tr.batches.get(step)
         t1 = time.perf_counter()
         tr.on_phase("computing")
         first, last = rank_slice(self.groups, tr.rank, tr.size)
@@ -188,14 +185,9 @@ class GroupedSteps:
         plan = self.at_once.plan(model, x[lo:hi], context, at)
         if plan is None:
             return False
-        for _ in run:  # a straggler drill's sleeps, as group by group
-            tr._straggle(step, "forward")
         with np.errstate(over="ignore", invalid="ignore"):  # a diverged loss is caught later
             took = compute_at_once(model, x[lo:hi], context, at, [placed[g] for g in run],
                                    loss_grad, plan)
-        for _ in run:
-            tr._straggle(step, "backward")
-        tr._last_pass = {"forward": took[0] / len(run), "backward": took[1] / len(run)}
         tr.peak_activation_bytes = max(tr.peak_activation_bytes, took[2])
         return True
 
@@ -211,9 +203,7 @@ class GroupedSteps:
         threads = max(1, min(cores, last - first))
 
         def chunk(c: int, x: np.ndarray, y: np.ndarray, model: Sequential) -> None:
-            out = model(x)
-            rows[c - first, 0] = tr.loss(out, tr.task.targets(y, out.dtype), 1.0)[0]
-            rows[c - first, 1:] = tr.task.sums(out, y)
+            rows[c - first] = chunk_row(model(x), y, tr.loss, tr.task)
 
         for a in range(first, last, threads):  # read here (the reader is not thread-safe),
             read = [(c, *tr.val.read_range(c * EVAL_CHUNK, min(n, (c + 1) * EVAL_CHUNK)))

@@ -9,72 +9,41 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Tuple
+from typing import Any, Dict, Tuple, Type
 
 import numpy as np
 from mpi4py import MPI
 
-from ..comm.topology import make_grid
 from ..config import Config
 from ..data.builtin import builtin_dataset
-from ..data.checks import check_dataset
-from ..data.manifest import Manifest, read_manifest
-from ..data.sampler import Sampler
-from ..data.shards import Shards
-from ..model.losses import make_loss
-from ..model.optim import make_optimizer
+from ..data.datasets import Data, as_dataset
+from ..model.optim import optimizer_named
 from ..model.schedule import Schedule
 from ..model.sequential import Sequential
-from ..model.spec import SpecError, build as build_layers, canonical, mlp_spec
-from ..model.tasks import make_task
+from ..model.spec import SpecError, build as build_layers, mlp_spec
 from ..parallel.base import TrainerBase
 from ..parallel.data_parallel import Trainer
 from ..parallel.pipeline.partition import shapes_along, stage_ranges
 from ..parallel.pipeline.stage import PipelineTrainer
 from ..parallel.ps.trainer import PSTrainer
-from ..parallel.speed import SpeedBalancer
-from ..runtime import ConfigError, MpitrainError, agreed, literal
+from ..parallel.recipe import RECIPE_KEYS
+from ..runtime import ConfigError, agreed, literal
 from ..threads import blas_control, limit_threads, single_threaded_env
 
-__all__ = ["build", "open_data", "model_spec", "lr_schedule"]
+# How the gradients are combined (the Config's strategy) -> its trainer.
+STRATEGIES: Dict[str, Type[TrainerBase]] = {"allreduce": Trainer, "ps": PSTrainer}
+
+__all__ = ["build", "open_data", "model_spec", "lr_schedule", "trainer_class",
+           "trainer_options", "text_model", "STRATEGIES"]
 
 
-def open_data(cfg: Config, comm: MPI.Comm, replicas: int) -> Tuple[Manifest, Shards, Shards]:
-    """The manifest, checked against the run, and the train and val readers (collective).
-    ``replicas``: how many parts each global batch is cut into."""
-    who = "ranks" if cfg.pp == 1 else "data-parallel replicas"
-    root = cfg.data or builtin_dataset(comm)
-
-    def manifest() -> Manifest:  # each rank's view: a node may see another file system
-        m = read_manifest(root)
-        n_train = m.rows("train")
-        if n_train < replicas:
-            raise MpitrainError(f"{m.path}: {n_train} training samples for {replicas} {who}; "
-                                "need at least one each")
-        if cfg.batch_size < replicas:
-            raise ConfigError(f"{{batch_size}} {cfg.batch_size} is smaller than the "
-                              f"{replicas} {who}; each needs at least one sample")
-        if cfg.batch_size > n_train:
-            raise ConfigError(f"{{batch_size}} {cfg.batch_size} is larger than the {n_train} "
-                              f"training samples of {literal(root)}")
-        return m
-
-    m = agreed(comm, manifest)
-    check_dataset(m, comm, full=cfg.check_data == "full")
-    cache = int(cfg.cache_mb * 2 ** 20)
-    train = Shards(m, "train", cfg.dtype, cache_bytes=cache)
-    val = Shards(m, "val", cfg.dtype, cache_bytes=cache) if m.rows("val") else None
-    return m, train, val
-
-
-def task_and_loss(cfg: Config, m: Manifest):
-    """The data's task and the loss for it: ``cfg.loss``, or the task's own with 'auto'."""
-    task = make_task(m.task)
-    name = task.losses[0] if cfg.loss == "auto" else cfg.loss
-    if name not in task.losses:
-        raise ConfigError(f"{{loss}} {name} does not fit the data's task, {task.name} (it "
-                          f"takes {', '.join(task.losses)})")
-    return task, make_loss(name)
+def open_data(cfg: Config, comm: MPI.Comm, data: Any = None) -> Data:
+    """The run's data, connected and checked (collective): ``data`` (a dataset, or a
+    path), else ``cfg.data``, else the built-in synthetic set."""
+    source = data if data is not None else (cfg.data or builtin_dataset(comm))
+    dataset = agreed(comm, lambda: as_dataset(source))
+    return dataset.connect(comm, dtype=cfg.dtype, cache_mb=cfg.cache_mb,
+                           check=cfg.check_data)
 
 
 def node_memory() -> int:
@@ -166,7 +135,7 @@ def make_layers(cfg: Config, features, outputs: int):
     text = model_spec(cfg, features, outputs)
     param = "model" if cfg.model is not None else "hidden"
     try:
-        return build_layers(text, features, outputs), canonical(text)
+        return build_layers(text, features, outputs), text
     except SpecError as exc:
         raise ConfigError(f"{{{param}}} {literal(text)}: {literal(str(exc))}", [param],
                           everywhere=True) from None
@@ -179,85 +148,61 @@ def lr_schedule(cfg: Config, steps_per_epoch: int, total: int) -> Schedule:
                     gamma=cfg.lr_gamma)
 
 
-def _check_accumulate(cfg: Config, replicas: int) -> None:
-    """Each replica's part of a batch must give every micro-batch a sample."""
-    pieces = cfg.accumulate * (cfg.micro() if cfg.pipelined() else 1)
-    smallest = cfg.batch_size // replicas
-    if pieces > smallest:
-        what = ("{accumulate} %d x %d {microbatches}" % (cfg.accumulate, cfg.micro())
-                if cfg.pipelined() else "{accumulate} %d" % cfg.accumulate)
-        raise ConfigError(f"{what} cuts each replica's part of {{batch_size}} "
-                          f"{cfg.batch_size} ({smallest} samples for {replicas} replicas) "
-                          f"into {pieces} micro-batches: more than it has samples",
-                          ["accumulate", "batch_size"], everywhere=True)
+def trainer_class(cfg: Config) -> Type[TrainerBase]:
+    """The trainer of the run's layout and strategy: the one place that chooses."""
+    return PipelineTrainer if cfg.pipelined() else STRATEGIES[cfg.strategy]
 
 
-def build(cfg: Config, comm: MPI.Comm) -> Tuple[TrainerBase, Manifest]:
-    """Check the data and make the grid, model, optimizer and trainer (collective)."""
-    if cfg.ps() and cfg.servers >= comm.Get_size():
-        raise ConfigError(f"{{servers}} {cfg.servers} with {comm.Get_size()} ranks leaves no "
-                          "worker: the parameter server needs at least one rank that "
-                          f"computes (at most {comm.Get_size() - 1} servers)", ["servers"],
-                          everywhere=True)
-    grid = make_grid(comm, cfg.pp)
-    if cfg.reproducible and not grid.dp <= cfg.groups <= cfg.batch_size:
-        who = (f"{grid.dp} replicas ({comm.Get_size()} ranks / {{pp}} {cfg.pp})"
+def trainer_options(cfg: Config, cls: Type[TrainerBase]) -> Dict[str, Any]:
+    """The options of ``cls`` (its own and the recipe's), from ``cfg``."""
+    special = {"groups": cfg.groups if cfg.reproducible else None,
+               "microbatches": cfg.micro(), "grad_dtype": cfg.wire()}
+    return {k: special[k] if k in special else getattr(cfg, k)
+            for k in (*cls.OPTIONS, *RECIPE_KEYS)}
+
+
+def text_model(cfg: Config, comm: MPI.Comm, data: Data):
+    """The model ``cfg.model`` (or ``hidden``) describes, for ``data``: the layers of a
+    pipeline (each stage builds its own), else a Sequential; refused before anything
+    is allocated if it cannot fit in memory (collective)."""
+    layers, _ = make_layers(cfg, data.features, data.outputs)
+    stages = (agreed(comm, lambda: stage_ranges(layers, cfg.pp, cfg.stage_layers,
+                                                shape=data.features))
+              if cfg.pp > 1 else [(0, len(layers))])
+    check_memory(cfg, comm, layers, stages, data.features)
+    return layers if cfg.pipelined() else Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
+
+
+def build(cfg: Config, comm: MPI.Comm, model: Any = None,
+          data: Any = None) -> Tuple[TrainerBase, Data]:
+    """Check the data and make the model (``model``, or the one ``cfg`` describes), the
+    optimizer and the trainer (collective); returns (trainer, connected data)."""
+    _check_reproducible(cfg, comm)
+    connected = open_data(cfg, comm, data)
+    if model is None:
+        model = text_model(cfg, comm, connected)
+    optimizer = optimizer_named(cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum)
+    cls = trainer_class(cfg)
+    trainer = cls(model, cfg.loss, optimizer, connected, comm, **trainer_options(cfg, cls))
+    return trainer, connected
+
+
+def _check_reproducible(cfg: Config, comm: MPI.Comm) -> None:
+    """The groups fit the replicas and the batch; the BLAS's threads can be set."""
+    if not cfg.reproducible:
+        return
+    replicas = comm.Get_size() // cfg.pp
+    if not replicas <= cfg.groups <= cfg.batch_size:
+        who = (f"{replicas} replicas ({comm.Get_size()} ranks / {{pp}} {cfg.pp})"
                if cfg.pp > 1 else f"{comm.Get_size()} ranks")
         raise ConfigError(f"{{groups}} {cfg.groups} with {who} and {{batch_size}} "
                           f"{cfg.batch_size}: each replica needs a group and each group a "
                           "sample (replicas <= groups <= batch size)",
                           ["groups", "batch_size", "pp"], everywhere=True)
-    if cfg.reproducible and not blas_control() and not single_threaded_env():
+    if not blas_control() and not single_threaded_env():
         raise ConfigError("{reproducible} computes at one BLAS thread (a product's bits "
                           "depend on the thread count), and mpitrain cannot set the threads "
                           "of this process's BLAS (not OpenBLAS, and threadpoolctl is not "
                           "installed): launch with OMP_NUM_THREADS=1 (and the BLAS's own "
                           "variable), or pip install threadpoolctl", ["reproducible"])
-    replicas = comm.Get_size() - cfg.servers if cfg.ps() else grid.dp
-    m, train, val = open_data(cfg, comm, replicas)
-    task, loss = agreed(comm, lambda: task_and_loss(cfg, m))
-    layers, spec = make_layers(cfg, m.features, task.outputs)
-    _check_accumulate(cfg, replicas)
-    stages = (stage_ranges(layers, cfg.pp, cfg.stage_layers, shape=m.features)
-              if cfg.pp > 1 else [(0, len(layers))])
-    check_memory(cfg, comm, layers, stages, m.features)
-    chunks = cfg.shuffle == "chunks" or (cfg.shuffle == "auto" and train.chunked())
-    window = train.chunk_bytes() * cfg.shuffle_window
-    if chunks and window > cfg.cache_mb * 2 ** 20:
-        raise ConfigError(f"{{shuffle_window}} {cfg.shuffle_window} chunks of "
-                          f"{train.chunk_bytes() / 2 ** 20:.1f} MiB need {window / 2 ** 20:.0f} "
-                          f"MiB of decoded chunks at once, more than {{cache_mb}} "
-                          f"{cfg.cache_mb:g}: every chunk would be decompressed again and "
-                          "again; give a larger cache or a smaller window", everywhere=True)
-    sampler = Sampler(len(train), cfg.batch_size, cfg.seed, cfg.drop_last,
-                      blocks=train.blocks() if chunks else None, window=cfg.shuffle_window)
-    opt_args = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    trainer: TrainerBase
-    if cfg.pipelined():
-        trainer = PipelineTrainer(layers, grid, loss, cfg.optimizer, opt_args, train, sampler,
-                                  shape=m.features, microbatches=cfg.micro(),
-                                  schedule=cfg.schedule, allreduce=cfg.allreduce, val=val,
-                                  grad_dtype=cfg.wire(), dtype=cfg.dtype, seed=cfg.seed,
-                                  stage_layers=cfg.stage_layers, task=task,
-                                  accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
-                                  groups=cfg.groups if cfg.reproducible else None)
-    elif cfg.ps():
-        model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
-        trainer = PSTrainer(model, loss, cfg.optimizer, opt_args, train, sampler, comm, val,
-                            task=task, servers=cfg.servers, staleness=cfg.staleness,
-                            bucket_mb=cfg.bucket_mb, overlap=cfg.overlap,
-                            accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
-                            seed=cfg.seed)
-    else:
-        model = Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
-        optimizer = make_optimizer(cfg.optimizer, model.params, model.grads, **opt_args)
-        trainer = Trainer(model, loss, optimizer, train, sampler, comm, val, task=task,
-                          allreduce=cfg.allreduce, bucket_mb=cfg.bucket_mb,
-                          overlap=cfg.overlap, progress=cfg.progress, grad_dtype=cfg.wire(),
-                          accumulate=cfg.accumulate, clip_grad_norm=cfg.clip_grad_norm,
-                          seed=cfg.seed, groups=cfg.groups if cfg.reproducible else None)
-    trainer.spec = {"spec": spec, "input_shape": list(m.features)}
-    if cfg.balance == "speed":  # the servers of a parameter server take no share
-        computes = not (cfg.ps() and comm.Get_rank() < cfg.servers)
-        trainer.balancer = SpeedBalancer(comm, cfg.batch_size, cfg.balance_every, computes)
-    return trainer, m

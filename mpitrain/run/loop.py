@@ -1,33 +1,71 @@
-"""The training loop: banner, resume, then for each step (lr, step, log, evaluate,
-checkpoint, stop?), then the summary.  Everything it needs is built elsewhere
-(``build``); it does not know which trainer or synchronisation strategy runs.
+"""The training loop: build, resume, then for each step (lr, step, log, evaluate,
+checkpoint, stop?), then the summary.
+
+Everything it drives is built elsewhere (``build``: the strategy; ``healing``:
+what happens when a rank dies); it does not know which trainer runs.  Its
+state between steps is typed: the last step's outcome (``Pending``) while its
+log, evaluation and checkpoint are not all done, and what was last logged
+(``Progress``), which a healing hands from the rank that got furthest.
 """
 from __future__ import annotations
 
-import sys
 import time
-from typing import Any, Dict, Optional, TextIO
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, TextIO
 
 import numpy as np
 from mpi4py import MPI
 
-from ..comm.topology import grid_coords, grid_rank
 from ..config import Config
 from ..fault.drills import Faults
-from ..fault.elastic import (RankFailed, heal, is_failure, join, launch_rank, launch_ranks,
-                             unsupported)
+from ..fault.elastic import is_failure, launch_rank
 from ..fault.preemption import Preemption
 from ..fault.resume import Checkpoints
 from ..fault.watchdog import Watchdog
-from ..runtime import EXIT_ERROR, EXIT_PREEMPTED, ConfigError, literal, on_root, set_job_comm
+from ..runtime import on_root
 from ..timeline import RECORDER, span
+from . import healing
 from .build import build, lr_schedule
 from .metrics import Meter, Reporter, banner, peak_rss, summarize, summary_line
 from .monitor import Monitor
-from .recovery import Carry, agree, describe
+from .recovery import Carry
 from .rundir import open_run_dir
 
-__all__ = ["train"]
+__all__ = ["Loop", "Pending", "Progress"]
+
+
+@dataclass
+class Pending:
+    """The last step applied, while its record, evaluation and checkpoint are not done."""
+
+    done: int  # steps applied
+    epoch: int
+    loss: float
+    metrics: Dict[str, Any]
+    lr: float
+    stopping: bool  # the ranks agreed to stop (pre-emption) at this step
+    evaluated: bool = False  # its record (and evaluation) is done
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step, and a healing hands over."""
+
+    record: Dict[str, Any] = field(default_factory=dict)  # the last logged record
+    clipped_before: int = 0  # the trainer's clipped steps at that record
+    pending: Optional[Pending] = None
+
+    def to_json(self, monitor: Optional[Monitor]) -> Dict[str, Any]:
+        """Everything, JSON-ready, with the monitor's state."""
+        return {"monitor": monitor.state() if monitor else {}, "record": self.record,
+                "clipped_before": self.clipped_before,
+                "pending": asdict(self.pending) if self.pending else None}
+
+    def take(self, state: Dict[str, Any], monitor: Monitor) -> None:
+        """Continue from another rank's ``to_json``."""
+        monitor.restore(state["monitor"])
+        self.record, self.clipped_before = state["record"], state["clipped_before"]
+        self.pending = Pending(**state["pending"]) if state["pending"] else None
 
 
 def _is_eval_step(cfg: Config, done: int, steps_per_epoch: int, total: int) -> bool:
@@ -38,295 +76,183 @@ def _is_eval_step(cfg: Config, done: int, steps_per_epoch: int, total: int) -> b
     return cfg.eval_every > 0 and done % cfg.eval_every == 0
 
 
-def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str, Any]:
-    """Train as ``cfg`` says on the ranks of ``comm``; return the summary (on every rank).
+class Loop:
+    """One pass of the loop on one communicator: the whole run, unless a rank dies.
 
-    With ``on_failure`` shrink or respawn, a rank's death sends the survivors
-    out of the loop (``RankFailed``), ``fault.elastic.heal`` gives them a
-    working communicator, and the loop starts again on it from the state of
-    the rank that got furthest (``run.recovery``); a replacement process joins
-    here.
-    """
-    carry = None
-    parent = MPI.Comm.Get_parent() if cfg.on_failure == "respawn" else MPI.COMM_NULL
-    if parent != MPI.COMM_NULL:  # a replacement for a dead rank: take its place
-        healed = join(parent)
-        comm = healed.comm
-        set_job_comm(comm)
-        told, launch = healed.info, healed.launch
-        carry = Carry(run_dir=told["run_dir"], failures=told["failures"] + len(told["dead"]),
-                      healings=told["healings"], lost=told["lost"] + told["dead"])
-    faults = Faults(cfg.fault)
-    if faults.ranks() and faults.ranks()[-1] >= comm.size:
-        raise ConfigError(f"{{fault}} {literal(cfg.fault)}: names rank {faults.ranks()[-1]}, "
-                          f"and the job has {comm.size} ranks", everywhere=True)
-    reason = unsupported(cfg.on_failure)
-    if reason:
-        raise ConfigError(f"{{on_failure}} {cfg.on_failure}: {reason}", ["on_failure"],
-                          everywhere=True)
-    if carry is None and cfg.on_failure != "abort":
-        launch = launch_ranks(comm)  # each rank's launch rank: who died, in the messages
-    ckpts = Checkpoints(comm, cfg.ckpt_dir, every=cfg.ckpt_every, keep_last=cfg.keep_last,
-                        resume=cfg.resume, config=cfg.to_dict(), faults=faults)
-    try:
-        # Its lock first: a second job on the directory touches nothing.
-        notes = ckpts.rebind(comm) if carry else ckpts.open()
-        while True:
-            try:
-                return _train(cfg, comm, out or sys.stdout, faults, ckpts, notes, carry)
-            except RankFailed as failed:
-                carry = failed.carry
-                carry.healings += 1
-                healed = heal(comm, cfg.on_failure, launch, also=failed.comms,
-                              info={"run_dir": carry.run_dir, "healings": carry.healings,
-                                    "failures": carry.failures, "lost": carry.lost},
-                              check=lambda dead: _orphaned(cfg, comm.size, carry.lost + dead))
-                comm, launch = healed.comm, healed.launch
-                set_job_comm(comm)
-                if healed.refused:
-                    raise ConfigError(healed.refused, ["on_failure"], everywhere=True,
-                                      code=EXIT_ERROR)
-                carry.failures += len(healed.dead)
-                carry.lost = carry.lost + healed.dead
-                if carry.failures > cfg.max_failures:
-                    raise ConfigError(f"{carry.failures} ranks died, more than "
-                                      f"{{max_failures}} {cfg.max_failures}: ending the job",
-                                      ["max_failures"], everywhere=True, code=EXIT_ERROR)
-                notes = ckpts.rebind(comm)
-    finally:
-        ckpts.close()
-
-
-def _orphaned(cfg: Config, size: int, dead) -> Optional[str]:
-    """Why a pipeline cannot heal without the ranks ``dead`` (launch ranks): a stage
-    lost every replica, so nobody holds its state; None if each stage kept one."""
-    if not cfg.pipelined():
-        return None
-    dp = size // cfg.pp
-    stages = {grid_coords(r, cfg.pp, dp)[0] for r in dead}
-    gone = sorted(s for s in stages if all(grid_rank(s, d, cfg.pp, dp) in dead
-                                             for d in range(dp)))
-    if not gone:
-        return None
-    return (f"pipeline stage(s) {gone} lost every replica: healing needs another replica "
-            "of each stage to take the state from (more ranks per stage, or {on_failure} "
-            "abort and a relaunch from the checkpoint)")
-
-
-def _train(cfg: Config, comm: MPI.Comm, out: TextIO, faults: Faults, ckpts: Checkpoints,
-           notes, carry: Optional[Carry]) -> Dict[str, Any]:
-    run = _Run(cfg, comm, faults, ckpts, carry)
-    try:
-        return run.go(out, notes)
-    except MPI.Exception as exc:
-        if cfg.on_failure == "abort" or not is_failure(exc):
-            raise
-        raise run.leave(exc) from None
-
-
-class _Run:
-    """One pass of the loop on one communicator (the whole run, unless a rank dies).
-
-    Every attribute a healing needs is declared here: ``completed`` (steps
-    this rank's trainer applied), ``pending`` (the last step's record while
-    its evaluation and checkpoint are not done) and the loop's state.
+    ``model`` and ``data``: what ``fit`` was given (None: the configuration's).
     """
 
-    def __init__(self, cfg: Config, comm: MPI.Comm, faults: Faults, ckpts: Checkpoints,
-                 carry: Optional[Carry]):
-        self.cfg, self.comm, self.faults, self.ckpts, self.carry = cfg, comm, faults, ckpts, carry
-        self.trainer = None
-        self.dog: Optional[Watchdog] = None
-        self.report: Optional[Reporter] = None
-        self.monitor: Optional[Monitor] = None
-        self.completed = carry.completed if carry else -1
-        self.pending: Optional[Dict[str, Any]] = None
-        self.evaluated = False  # the pending step's evaluation is done (and monitored)
-        self.clipped_before = 0
-        self.record: Dict[str, Any] = {}
+    def __init__(self, cfg: Config, comm: MPI.Comm, ckpts: Checkpoints, faults: Faults,
+                 out: TextIO, carry: Optional[Carry] = None, model: Any = None,
+                 data: Any = None):
+        self.cfg, self.comm, self.ckpts, self.faults, self.out = cfg, comm, ckpts, faults, out
+        self.carry, self.model, self.data = carry, model, data
+        self.trainer = self.dog = self.report = self.monitor = None
+        self.completed = carry.completed if carry else -1  # steps this rank's trainer applied
+        self.progress = Progress()
         self.phase = "starting"
         self.run_dir = carry.run_dir if carry else None
+        self.end, self.preempted, self.signal, self.early = 0, False, None, None
 
-    def leave(self, exc: BaseException) -> RankFailed:
-        """A rank died: stop what runs locally and say what this rank carries out."""
-        comms = []  # the trainer's and the watchdog's: revoked and freed by the healing
-        if self.trainer is not None:
-            comms += self.trainer.abandon()
-        if self.dog is not None:
-            comms += self.dog.abandon()
-        if self.report is not None:
-            self.report.close()
-        if self.carry is not None and self.carry.trainer is not None:
-            carry = self.carry  # the hand-over was not agreed: the old state still counts
-        else:
-            carry = Carry(trainer=self.trainer, completed=self.completed,
-                          loop=self.loop_state(), run_dir=self.run_dir,
-                          failures=self.carry.failures if self.carry else 0,
-                          healings=self.carry.healings if self.carry else 0)
-        if not carry.noticed:  # a death during a healing counts from the first notice
-            carry.noticed = time.perf_counter()
-        carry.phase = self.phase
-        failed = RankFailed(exc, self.phase)
-        failed.carry, failed.comms = carry, comms
-        return failed
+    def run(self, notes: List[str]) -> Dict[str, Any]:
+        """Train; return the summary (on every rank).  A rank's death under ``on_failure``
+        shrink or respawn leaves as ``RankFailed`` (``healing``)."""
+        try:
+            return self._run(notes)
+        except MPI.Exception as exc:
+            if self.cfg.on_failure == "abort" or not is_failure(exc):
+                raise
+            raise healing.leave(self, exc) from None
 
-    def loop_state(self) -> Dict[str, Any]:
-        """The loop's state that a healed rank takes from the one that got furthest."""
-        return {"monitor": self.monitor.state() if self.monitor else {},
-                "clipped_before": self.clipped_before, "record": self.record,
-                "pending": self.pending, "evaluated": self.evaluated}
-
-    def go(self, out: TextIO, notes) -> Dict[str, Any]:
-        cfg, comm, ckpts, carry = self.cfg, self.comm, self.ckpts, self.carry
-        # Watched from the start: a rank stuck reading the data or in start-up ends the job.
-        dog = self.dog = Watchdog(comm, cfg.watchdog) if cfg.watchdog > 0 else None
-        if carry and cfg.check_data == "full":  # checked at the start; once is enough
-            cfg = cfg.replace(check_data="meta")
-        trainer, m = build(cfg, comm)
-        # A healing pipeline may have to undo a step some stages applied (run.recovery).
-        trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
-        if self.faults.stragglers():
-            trainer.slowdown = lambda step, seconds: self.faults.delay(launch_rank(), step,
-                                                                       seconds, cfg.seed)
-        self.trainer = trainer
-        spe = trainer.sampler.steps_per_epoch
-        total = cfg.total_steps(spe)
-        lr_at = lr_schedule(cfg, spe, total)
-        has_val = trainer.val is not None and len(trainer.val) > 0
-        monitor = self.monitor = Monitor.for_task(cfg.monitor, trainer.task.goals,
-                                                  cfg.early_stop, has_val)
-        keep_best = bool(cfg.ckpt_dir and cfg.keep_best and has_val)
-        headline = trainer.task.headline
-        if self.run_dir is None:
-            # what the trainer chose where the configuration left it None (the exchange)
-            self.run_dir = open_run_dir({**cfg.to_dict(), **trainer.resolved}, comm)
-        if cfg.timeline:
-            RECORDER.start(comm, cfg.timeline_window())
-        report = self.report = Reporter(comm.rank == 0, cfg.log, total, out,
-                                        run_dir=self.run_dir, quiet=cfg.quiet,
-                                        headline=headline)
-        on_root(comm, report.open_logs)
-        ckpts.say = report.say
-        trainer.on_event = report.event
-        if carry is None:
-            for line in banner(cfg, trainer, m, comm.size, total, report.run_dir, lr_at) + notes:
-                report.say(line)
-            start = ckpts.resume(trainer)
-            monitor.restore(ckpts.loop)
+    def _run(self, notes: List[str]) -> Dict[str, Any]:
+        self._build()
+        self._open_outputs()
+        if self.carry is None:
+            for line in banner(self.cfg, self.trainer, self.connected, self.comm.size,
+                               self.total, self.run_dir, self.lr_at) + notes:
+                self.report.say(line)
+            start = self.ckpts.resume(self.trainer)
+            self.monitor.restore(self.ckpts.loop)
             self.completed = start  # the trainer holds the state of ``start`` steps now
         else:
-            self.phase = "recovery"
-            self.faults.in_healing(launch_rank(), carry.healings)
-            RECORDER.at_step(carry.completed + 1)
-            with span("recovery", "fault", on_failure=cfg.on_failure):
-                start, loop, source, behind = agree(trainer, comm, carry)
-            carry.trainer = None  # agreed: the state before the failure is not needed now
-            if start < 0:  # a rank died during start-up: start up again
-                start = ckpts.resume(trainer)
-                monitor.restore(ckpts.loop)
-            else:
-                monitor.restore(loop["monitor"])
-                self.clipped_before, self.record = loop["clipped_before"], loop["record"]
-                self.pending, self.evaluated = loop["pending"], loop["evaluated"]
-            self.faults.disarm_through(start + 1)  # their turn has come (and gone)
-            self.completed = start
-            # From the first survivor's notice of the death to the state handed over.
-            took = comm.allreduce(time.perf_counter() - carry.noticed if carry.noticed
-                                  else 0.0, op=MPI.MAX)
-            line, event = describe(carry, comm.size, cfg.on_failure, start, source, behind,
-                                   took)
-            report.event(line, event)
-            carry.lost, carry.noticed = [], 0.0
-            for line in notes:
-                report.say(line)
-        meter = Meter(start, total)
-        preempted, signal_name, end, early = False, None, total, None
-        t_start = time.perf_counter()
+            start = healing.recover(self, notes)
+        self.meter = Meter(start, self.total)
+        self.end, t0 = self.total, time.perf_counter()
+        if self.progress.pending is not None:  # healed between a step and its checkpoint
+            self.after_step(start)
+        if not self._nothing_to_do(start):
+            self._train(start)
+        return self._finish(start, time.perf_counter() - t0)
 
-        def after_step(done: int) -> bool:
-            """Log, evaluate and checkpoint the step just done (``self.pending``);
-            True if the run stops early here."""
-            nonlocal early
-            p = self.pending
-            evaluate = _is_eval_step(cfg, done, spe, total)
-            improved = False
-            if not self.evaluated and (done % cfg.log_every == 0 or evaluate or p["stopping"]):
-                self.phase = "evaluation"
-                record = {"step": done, "epoch": p["epoch"], "loss": p["loss"], **p["metrics"],
-                          "samples_per_s": meter.window(), "lr": p["lr"],
-                          "eta_s": meter.eta(done), "time": round(time.time(), 3)}
-                if cfg.clip_grad_norm is not None:  # steps clipped since the last record
-                    record["clipped_steps"] = trainer.clipped - self.clipped_before
-                if evaluate:
-                    with span("evaluation", "evaluation", step=done):
-                        record.update({f"val_{k}": v for k, v in
-                                       (trainer.evaluate() or {}).items()})
-                    if monitor.name in record:
-                        improved = monitor.update(done, record)
-                report.step(record)
-                self.record = record
-                if cfg.clip_grad_norm is not None:
-                    self.clipped_before = trainer.clipped
-            self.evaluated = True
-            if monitor.exhausted():
-                early = monitor.reason()
-            periodic = ckpts.due(done, total, p["stopping"] or early is not None)
-            if periodic or (improved and keep_best):
-                self.phase = "checkpoint"
+    def _build(self) -> None:
+        """The watchdog (from the start: a rank stuck in start-up ends the job), the
+        trainer and what follows from it."""
+        cfg = self.cfg
+        self.dog = Watchdog(self.comm, cfg.watchdog) if cfg.watchdog > 0 else None
+        if self.carry and cfg.check_data == "full":  # checked at the start; once is enough
+            cfg = cfg.replace(check_data="meta")
+        self.trainer, self.connected = build(cfg, self.comm, self.model, self.data)
+        # A healing pipeline may have to undo a step some stages applied (run.recovery).
+        self.trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
+        self.faults.arm(self.trainer, launch_rank(), cfg.seed)
+        spe = self.trainer.sampler.steps_per_epoch
+        self.total = cfg.total_steps(spe)
+        self.lr_at = lr_schedule(cfg, spe, self.total)
+        has_val = self.connected.val is not None and len(self.connected.val) > 0
+        self.monitor = Monitor.for_task(cfg.monitor, self.trainer.task.goals, cfg.early_stop,
+                                        has_val)
+        self.keep_best = bool(cfg.ckpt_dir and cfg.keep_best and has_val)
+
+    def _open_outputs(self) -> None:
+        """The run directory, the timeline, the reporter (collective)."""
+        cfg, comm, trainer = self.cfg, self.comm, self.trainer
+        if self.run_dir is None:
+            # what the trainer chose where the configuration left it None (the exchange)
+            self.run_dir = open_run_dir({**cfg.to_dict(), **trainer.resolved,
+                                         "dataset": self.connected.name}, comm)
+        if cfg.timeline:
+            RECORDER.start(comm, cfg.timeline_window())
+        self.report = Reporter(comm.rank == 0, cfg.log, self.total, self.out,
+                               run_dir=self.run_dir, quiet=cfg.quiet,
+                               headline=trainer.task.headline)
+        on_root(comm, self.report.open_logs)
+        self.ckpts.say = self.report.say
+        trainer.on_event = self.report.event
+
+    def _nothing_to_do(self, start: int) -> bool:
+        if start >= self.total:
+            self.report.say(f"nothing to do: the checkpoint is at step {start} of "
+                            f"{self.total}", always=True)
+            return True
+        if self.monitor.exhausted():
+            self.end = start
+            self.report.say(f"nothing to do: the run stopped early at step {start}: "
+                            f"{self.monitor.reason()}", always=True)
+            return True
+        return False
+
+    def _train(self, start: int) -> None:
+        """Steps ``start``.. until the last, an early stop, or a pre-emption."""
+        cfg, trainer, dog = self.cfg, self.trainer, self.dog
+        if dog:
+            trainer.on_phase = dog.set_phase
+        trainer.prefetch(start, self.total)
+        # Without a checkpoint directory there is nothing to stop at: signals keep
+        # their default effect (SIGTERM ends the rank at once; the launcher ends the job).
+        with Preemption(cfg.sigterm_grace, enabled=bool(cfg.ckpt_dir)) as signals:
+            for step in range(start, self.total):
+                done = step + 1
                 if dog:
-                    dog.set_phase("checkpoint")
-                with span("checkpoint", "fault", step=done):
-                    ckpts.save(trainer, done, {"lr": p["lr"], **monitor.state()},
-                               periodic=periodic, best=improved and keep_best)
-            self.pending = None
-            return early is not None
+                    dog.beat(done)
+                self.phase = "step"
+                lr = self.lr_at(step)  # a pure function of the step: a resume takes the same
+                trainer.set_lr(lr)
+                t0 = time.perf_counter()
+                RECORDER.at_step(done)
+                with span(f"step {done}", "step"):
+                    loss, metrics, batch = trainer.step(step, stop=signals)
+                # Applied: from here this rank's state is that of ``done`` steps.
+                self.completed = done
+                self.meter.add(step, batch, time.perf_counter() - t0)
+                if trainer.stop_agreed:
+                    signals.agree()  # no SIGTERM deadline, none until the exit
+                epoch = trainer.sampler.locate(step)[0]
+                self.progress.pending = Pending(done, epoch, loss, metrics, lr,
+                                                trainer.stop_agreed)
+                self.report.live_step({"step": done, "epoch": epoch, "loss": loss, **metrics,
+                                       "lr": lr, "eta_s": self.meter.eta(done),
+                                       "samples_per_s": batch / self.meter.last})
+                if self.after_step(done):
+                    self.end = done
+                    break
+                if trainer.stop_agreed and done < self.total:  # at the last: just done
+                    self.preempted, self.signal, self.end = True, signals.signal, done
+                    break
 
-        if self.pending is not None:  # the healing came between a step and its checkpoint
-            after_step(start)
-        if start >= total:
-            report.say(f"nothing to do: the checkpoint is at step {start} of {total}",
-                       always=True)
-        elif monitor.exhausted():
-            end = start
-            report.say(f"nothing to do: the run stopped early at step {start}: "
-                       f"{monitor.reason()}", always=True)
-        else:
-            if dog:
-                trainer.on_phase = dog.set_phase
-            trainer.prefetch(start, total)
-            # Without a checkpoint directory there is nothing to stop at: signals keep
-            # their default effect (SIGTERM ends the rank at once; the launcher ends the job).
-            with Preemption(cfg.sigterm_grace, enabled=bool(cfg.ckpt_dir)) as preemption:
-                for step in range(start, total):
-                    done = step + 1
-                    if dog:
-                        dog.beat(done)
-                    self.faults.at_step(launch_rank(), done)
-                    self.phase = "step"
-                    lr = lr_at(step)  # a pure function of the step: a resume takes the same
-                    trainer.set_lr(lr)
-                    t0 = time.perf_counter()
-                    RECORDER.at_step(done)
-                    with span(f"step {done}", "step"):
-                        loss, metrics, batch = trainer.step(step, stop=preemption.requested)
-                    # Applied: from here this rank's state is that of ``done`` steps.
-                    self.completed, self.evaluated = done, False
-                    meter.add(step, batch, time.perf_counter() - t0)
-                    stopping = trainer.stop_agreed
-                    if stopping:
-                        preemption.agree()  # no SIGTERM deadline, none until the exit
-                    epoch = trainer.sampler.locate(step)[0]
-                    self.pending = {"epoch": epoch, "loss": loss, "metrics": metrics,
-                                    "lr": lr, "stopping": stopping}
-                    report.live_step({"step": done, "epoch": epoch, "loss": loss, **metrics,
-                                      "lr": lr, "eta_s": meter.eta(done),
-                                      "samples_per_s": batch / meter.last})
-                    if after_step(done):
-                        end = done
-                        break
-                    if stopping and done < total:  # at the last step it is just done
-                        preempted, signal_name, end = True, preemption.signal, done
-                        break
+    def after_step(self, done: int) -> bool:
+        """Log, evaluate and checkpoint the step just done (``progress.pending``); True if
+        the run stops early here."""
+        cfg, trainer, p = self.cfg, self.trainer, self.progress.pending
+        evaluate = _is_eval_step(cfg, done, trainer.sampler.steps_per_epoch, self.total)
+        improved = False
+        if not p.evaluated and (done % cfg.log_every == 0 or evaluate or p.stopping):
+            self.phase = "evaluation"
+            record = self._record(done, p)
+            if evaluate:
+                with span("evaluation", "evaluation", step=done):
+                    record.update({f"val_{k}": v for k, v in
+                                   (trainer.evaluate() or {}).items()})
+                if self.monitor.name in record:
+                    improved = self.monitor.update(done, record)
+            self.report.step(record)
+            self.progress.record = record
+            self.progress.clipped_before = trainer.clipped
+        p.evaluated = True
+        if self.monitor.exhausted():
+            self.early = self.monitor.reason()
+        periodic = self.ckpts.due(done, self.total, p.stopping or self.early is not None)
+        if periodic or (improved and self.keep_best):
+            self.phase = "checkpoint"
+            if self.dog:
+                self.dog.set_phase("checkpoint")
+            with span("checkpoint", "fault", step=done):
+                self.ckpts.save(trainer, done, {"lr": p.lr, **self.monitor.state()},
+                                periodic=periodic, best=improved and self.keep_best)
+        self.progress.pending = None
+        return self.early is not None
+
+    def _record(self, done: int, p: Pending) -> Dict[str, Any]:
+        """The step's record, as metrics.jsonl holds it."""
+        record = {"step": done, "epoch": p.epoch, "loss": p.loss, **p.metrics,
+                  "samples_per_s": self.meter.window(), "lr": p.lr,
+                  "eta_s": self.meter.eta(done), "time": round(time.time(), 3)}
+        if self.cfg.clip_grad_norm is not None:  # steps clipped since the last record
+            record["clipped_steps"] = self.trainer.clipped - self.progress.clipped_before
+        return record
+
+    def _finish(self, start: int, wall: float) -> Dict[str, Any]:
+        """The summary (collective), the one teardown, in one order."""
+        cfg, comm, trainer = self.cfg, self.comm, self.trainer
         self.phase = "summary"
         # The slowest rank's phase times: the step is as slow as its slowest rank.
         phases = np.array([trainer.times[k] for k in ("data", "compute", "exchange")])
@@ -336,32 +262,39 @@ class _Run:
         peaks = np.array([trainer.peak_activation_bytes, peak_rss()], np.int64)
         comm.Allreduce(MPI.IN_PLACE, peaks, op=MPI.MAX)
         extras = trainer.extras(max(0, self.completed - start))
-        # The one teardown, in one order.
         trainer.close()
-        if dog:
-            dog.set_phase("finished")
-            dog.close()
-        summary = summarize(meter, dict(zip(("data", "compute", "exchange"), phases)), ckpts,
-                            self.record, wall=time.perf_counter() - t_start, ranks=comm.size,
-                            end=end, preempted=preempted, early_stop=early,
+        if self.dog:
+            self.dog.set_phase("finished")
+            self.dog.close()
+        monitor = self.monitor
+        summary = summarize(self.meter, dict(zip(("data", "compute", "exchange"), phases)),
+                            self.ckpts, self.progress.record, wall=wall, ranks=comm.size,
+                            end=self.end, preempted=self.preempted, early_stop=self.early,
                             best=monitor.state() if monitor.best is not None else None,
                             clipped=trainer.clipped if cfg.clip_grad_norm is not None
                             else None)
         summary["peak_activation_bytes"], summary["peak_rss_bytes"] = map(int, peaks)
-        summary["failures"] = carry.failures if carry else 0
+        summary["failures"] = self.carry.failures if self.carry else 0
+        summary["signal"] = self.signal
         summary.update(extras)
-        if end > start:
-            report.say(summary_line(summary, headline), always=True)
+        self._last_words(summary, start)
+        self.report.close()
+        trainer.close_data()
+        return summary
+
+    def _last_words(self, summary: Dict[str, Any], start: int) -> None:
+        """The summary line, the timeline, and what a pre-emption means."""
+        cfg, comm = self.cfg, self.comm
+        if self.end > start:
+            self.report.say(summary_line(summary, self.trainer.task.headline), always=True)
         if cfg.timeline:
             RECORDER.at_step(0)
             events = RECORDER.write(comm, cfg.timeline, {"ranks": comm.size,
                                                          "steps": cfg.timeline_steps or "all"})
-            report.say(f"timeline: {events} events of {comm.size} ranks in {cfg.timeline} "
-                       "(open it in Perfetto or chrome://tracing)", always=True)
-        if preempted:
-            report.say(f"stopped at step {end} on {signal_name or 'a signal to another rank'}; "
-                       f"exit status {EXIT_PREEMPTED}: relaunch (resume auto, the default) to "
-                       "continue", always=True)
-        report.close()
-        trainer.close_data()
-        return summary
+            self.report.say(f"timeline: {events} events of {comm.size} ranks in "
+                            f"{cfg.timeline} (open it in Perfetto or chrome://tracing)",
+                            always=True)
+        if self.preempted:
+            self.report.say(f"stopped at step {self.end} on "
+                            f"{self.signal or 'a signal to another rank'}; exit status 75: "
+                            "relaunch (resume auto, the default) to continue", always=True)

@@ -11,7 +11,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, TextIO
 
-__all__ = ["Reporter", "Meter", "banner", "summarize", "summary_line", "read_log", "eta"]
+__all__ = ["MetricsLog", "Reporter", "Meter", "banner", "summarize", "summary_line",
+           "read_log", "eta"]
 
 
 def eta(seconds: float) -> str:
@@ -59,6 +60,62 @@ def _live_stream(out: TextIO) -> Optional[TextIO]:
         return None
 
 
+class MetricsLog:
+    """A JSON-lines log written by rank 0 of ``comm``, one whole record per ``write``
+    (appended, never truncated: a resumed run continues the same file)::
+
+        with MetricsLog(comm, "run/metrics.jsonl") as log:
+            log.write({"step": 10, "loss": 0.42})
+
+    Opening is collective: a path that cannot be written is an ``MpitrainError`` on
+    every rank.  Each record goes out in one ``write`` call of the whole line, so a
+    crash never leaves half a record followed by another.
+    """
+
+    def __init__(self, comm, path: str, *, enabled: Optional[bool] = None):
+        from ..runtime import on_root
+
+        self.path = path
+        self.enabled = comm.Get_rank() == 0 if enabled is None else enabled
+        self._fd: Optional[int] = None
+        if comm is not None and enabled is None:
+            on_root(comm, self._open)
+        elif self.enabled:
+            self._open()
+
+    def _open(self) -> None:
+        from ..runtime import MpitrainError
+
+        try:
+            if os.path.dirname(self.path):
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise MpitrainError(f"{self.path}: cannot write the metrics there: "
+                                f"{exc.strerror or exc}") from None
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write(self, record: Optional[Dict[str, Any]] = None, **fields: Any) -> None:
+        """Append ``record`` (and ``fields``) as one line (rank 0; the others: nothing)."""
+        if self._fd is None:
+            return
+        line = (json.dumps({**(record or {}), **fields}) + "\n").encode()
+        written = os.write(self._fd, line)
+        while written < len(line):  # a short write (a signal, a full pipe): the rest
+            written += os.write(self._fd, line[written:])
+
+    def close(self) -> None:
+        """Close the file (local)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Reporter:
     """Progress and metrics, written by the ``enabled`` rank only.
 
@@ -76,14 +133,14 @@ class Reporter:
         self.run_dir, self.headline = run_dir, headline
         self.live = _live_stream(out) if enabled and not quiet else None
         self._last_live = 0.0
-        self.logs: List[TextIO] = []
+        self.logs: List[MetricsLog] = []
         self.log_path = log_path
 
     def open_logs(self) -> None:
         """Open (for appending) ``run_dir/metrics.jsonl`` and the ``log`` file: on the
         enabled rank; call it through ``runtime.on_root`` so every rank learns of a
         failure."""
-        from ..runtime import ConfigError, literal
+        from ..runtime import ConfigError, MpitrainError, literal
 
         if not self.enabled:
             return
@@ -92,13 +149,9 @@ class Reporter:
         paths += [(self.log_path, "{log}")] if self.log_path else []
         for path, param in paths:
             try:
-                if os.path.dirname(path):
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                # Appended, never truncated: a resumed run continues the same file.
-                self.logs.append(open(path, "a", encoding="utf-8"))
-            except OSError as exc:
-                raise ConfigError(f"{param} {literal(path)}: cannot write the metrics there: "
-                                  f"{literal(exc.strerror or str(exc))}") from None
+                self.logs.append(MetricsLog(None, path, enabled=True))
+            except MpitrainError as exc:
+                raise ConfigError(f"{param} {literal(str(exc))}") from None
 
     def say(self, text: str, always: bool = False) -> None:
         """Print one line (rank 0 only; not with --quiet unless ``always``)."""
@@ -131,8 +184,7 @@ class Reporter:
 
     def _log(self, record: Dict[str, Any]) -> None:
         for log in self.logs:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.write(record)
 
     def event(self, line: str, record: Dict[str, Any]) -> None:
         """Print ``line`` (even with --quiet) and log ``record``: something happened to
@@ -192,21 +244,22 @@ def _task_text(task: Dict[str, Any]) -> str:
     return f"{task['name']}, targets of shape {tuple(task.get('shape') or [])}"
 
 
-def banner(cfg, trainer, manifest, ranks: int, total: int, run_dir: Optional[str],
+def banner(cfg, trainer, data, ranks: int, total: int, run_dir: Optional[str],
            schedule=None) -> List[str]:
     """The lines a run starts with: versions and threads, data, layout, model, length;
-    ``schedule``: the learning rate's (a model.schedule.Schedule)."""
+    ``data``: the connected data (``data.datasets.Data``); ``schedule``: the learning
+    rate's (a model.schedule.Schedule)."""
     from .. import __version__
     from ..runtime import library_version
     from ..threads import thread_report
 
-    g, m = trainer.grid, manifest
+    g = trainer.grid
     lines = [f"mpitrain {__version__}: {ranks} ranks, {library_version()}, "
              f"threads per rank {thread_report()}",
              f"run directory {run_dir} (metrics.jsonl)",
-             f"data {m.root}: {len(trainer.train)} train / "
-             f"{len(trainer.val) if trainer.val else 0} val samples, features {m.features}, "
-             f"{_task_text(m.task)}; loss {type(trainer.loss).__name__}"]
+             f"data {data.name}: {len(trainer.train)} train / "
+             f"{len(trainer.val) if trainer.val else 0} val samples, features {data.features}, "
+             f"{_task_text(data.task)}; loss {type(trainer.loss).__name__}"]
     if cfg.pipelined():
         lines.append(f"pipeline: {g.pp} stages x {g.dp} data-parallel replicas, "
                      f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "

@@ -28,10 +28,12 @@ from ..data.manifest import read_manifest
 from ..data.shards import Shards
 from ..fault.checkpoint import State, load
 from ..model.layers import mlp
-from ..model.spec import SpecError, build as build_layers
+from ..model.registry import BUILTIN, registered
+from ..model.spec import SpecError, build as build_layers, names_in
 from ..model.losses import make_loss
 from ..model.sequential import Sequential
 from ..model.tasks import Classification, Task, make_task
+from ..parallel.evaluation import evaluate_split
 from ..runtime import MpitrainError, agreed, on_root
 
 __all__ = ["Model", "load_model", "predict", "evaluate"]
@@ -74,10 +76,15 @@ def _layers_of(path: str, state: State):
     3) the MLP of its configuration."""
     cfg = state.config
     shapes = {n: a.shape for n, a in state.params.items()}
+    if "spec" in state.model and not state.model["spec"]:
+        raise MpitrainError(f"{path}: its model has a layer that cannot be written as text "
+                            "(a Layer class that is not registered): it cannot be rebuilt; "
+                            "register the class with @mpitrain.register_layer(NAME)")
     if state.model.get("spec"):
         shape = tuple(state.model["input_shape"])
         last = max(int(n.split(".")[0]) for n in shapes)
         outputs = make_task(state.task).outputs if state.task else shapes[f"{last}.bias"][0]
+        _refuse_unregistered(path, state)
         try:
             return build_layers(state.model["spec"], shape, outputs), shape
         except SpecError as exc:
@@ -88,6 +95,18 @@ def _layers_of(path: str, state: State):
     outputs = shapes[f"{last}.weight"][0]
     layers = mlp(features, list(cfg.get("hidden", [])), outputs, cfg.get("activation", "relu"))
     return layers, (features,)
+
+
+def _refuse_unregistered(path: str, state: State) -> None:
+    """Name the first layer of the checkpoint's model that this process does not know."""
+    for name in names_in(state.model["spec"]):
+        if name not in BUILTIN and registered(name) is None:
+            where = (state.model.get("registered") or {}).get(name)
+            hint = (f"import {where.rsplit('.', 1)[0]} (which registers {where})" if where
+                    else f"import the module that registers it with "
+                         f"@mpitrain.register_layer({name!r})")
+            raise MpitrainError(f"{path}: its model needs layer {name!r}, which is not "
+                                f"registered in this process: {hint}")
 
 
 def load_model(path: str) -> Model:
@@ -207,18 +226,8 @@ def evaluate(checkpoint: str, data: str, comm: MPI.Comm, split: str = "val",
     cfg_loss = model.state.config.get("loss", "auto")
     loss = make_loss(model.task.losses[0] if cfg_loss in ("auto", None) else cfg_loss)
     shards = Shards(m, split, model.network.dtype)
-    lo, hi = rank_slice(len(shards), comm.Get_rank(), comm.Get_size())
-    task = model.task
-    sums = np.zeros(1 + task.width)
     try:
-        for a in range(lo, hi, block):
-            x, y = shards.read_range(a, min(hi, a + block))
-            out = model.outputs(x)
-            sums[0] += loss(out, task.targets(y, out.dtype), 1.0)[0]
-            sums[1:] += task.sums(out, y)
+        metrics = evaluate_split(model.outputs, loss, model.task, shards, comm, block)
     finally:
         shards.close()
-    comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-    n = m.rows(split)
-    return {"split": split, "samples": n, "loss": float(sums[0]) / n,
-            **task.summarize(sums[1:], n)}
+    return {"split": split, "samples": m.rows(split), **metrics}

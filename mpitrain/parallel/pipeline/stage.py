@@ -24,6 +24,7 @@ micro-batches cannot be confused.
 """
 from __future__ import annotations
 
+import copy
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -33,21 +34,21 @@ import numpy as np
 from mpi4py import MPI
 
 from ...balance import bounds, rank_slice
-from ...comm.ordered import OrderedSum
 from ...comm.exchange import Exchange
-from ...comm.topology import Grid
-from ...data.sampler import Sampler
-from ...data.shards import Shards
+from ...comm.ordered import OrderedSum
+from ...comm.topology import Grid, make_grid
+from ...data.batches import Batches
 from ...model.layers import Context, Layer, saved_bytes
-from ...model.optim import make_optimizer
-from ...model.sequential import Sequential
-from ...model.tasks import Classification, Task
+from ...model.optim import Optimizer
+from ...model.sequential import Sequential, layers_text
 from ...runtime import ConfigError, agreed
 from ...threads import one_blas_thread
 from ...timeline import span
 from ..base import TrainerBase
+from ..evaluation import EVAL_BLOCK, chunk_row
+from ..recipe import split_options
 from ..reproducible import EVAL_CHUNK, gathered_sums
-from .partition import shapes_along, stage_ranges
+from .partition import stage_ranges
 from .schedules import MAX_MICROBATCHES, SCHEDULES, peak_alive, schedule
 
 __all__ = ["PipelineTrainer"]
@@ -70,65 +71,104 @@ class _Step:
 
 
 class PipelineTrainer(TrainerBase):
-    """Pipeline (and data) parallel training on a ``Grid``.
+    """Pipeline (and data) parallel training on a grid of ``pp`` stages x (ranks / pp)
+    replicas of ``comm`` (or on the ``Grid`` given as ``comm``).
 
-    ``layers`` is the whole model, for samples of ``shape``; this rank builds
-    only its stage, with the same names and initial values it has in the whole
-    model.
+    ``model`` is the whole model, a ``Sequential`` (this rank takes its stage's
+    layers and their values) or a list of layers (initialised from ``seed`` and
+    each layer's index, in ``dtype``); this rank builds only its stage, with the
+    same names and initial values it has in the whole model.  The optimizer is
+    attached to the stage's parameters.  ``microbatches`` per replica and step
+    (default 2 x pp), ``schedule`` ("1f1b", "gpipe"), ``stage_layers`` (layers
+    with parameters per stage; default: balanced by estimated compute),
+    ``allreduce`` and ``grad_dtype`` for each stage's sum over its replicas,
+    ``groups`` for the reproducible step; the other options are every trainer's
+    (``parallel.recipe``).
     """
 
-    def __init__(self, layers: Sequence[Layer], grid: Grid, loss, optimizer_name: str,
-                 opt_args: Dict[str, Any], train: Shards, sampler: Sampler, *,
-                 shape: Sequence[int], microbatches: int, schedule: str = "1f1b",
-                 allreduce: str = "mpi", val: Optional[Shards] = None, dtype="float32",
-                 seed: int = 0, stage_layers: Optional[Sequence[int]] = None,
-                 grad_dtype: Optional[str] = None, task: Optional[Task] = None,
-                 accumulate: int = 1, clip_grad_norm: Optional[float] = None,
-                 groups: Optional[int] = None):
+    OPTIONS = ("pp", "microbatches", "schedule", "stage_layers", "allreduce", "grad_dtype",
+               "groups", "dtype")
+
+    def __init__(self, model: Any, loss: Any, optimizer: Optimizer, data: Any, comm: Any, *,
+                 pp: Optional[int] = None, microbatches: Optional[int] = None,
+                 schedule: str = "1f1b", stage_layers: Optional[Sequence[int]] = None,
+                 allreduce: str = "mpi", grad_dtype: Optional[str] = None,
+                 groups: Optional[int] = None, dtype: str = "float32", **options):
+        grid = comm if isinstance(comm, Grid) else make_grid(comm, pp or 2)
+        microbatches = 2 * grid.pp if microbatches is None else microbatches
         if schedule not in SCHEDULES:
             raise ConfigError(f"{{schedule}}: expected one of {', '.join(SCHEDULES)}, got "
                               f"{schedule!r}", ["schedule"])
         if not 1 <= microbatches <= MAX_MICROBATCHES:
             raise ConfigError(f"{{microbatches}}: expected a value in 1..{MAX_MICROBATCHES}, "
                               f"got {microbatches}", ["microbatches"], everywhere=True)
-        self.grid, self.loss, self.sampler = grid, loss, sampler
-        along = shapes_along(layers, shape)  # a sample's shape before each layer
-        self.task = task or Classification(along[-1][0])
-        self.train, self.val = train, val
-        self.microbatches, self.schedule, self.accumulate = microbatches, schedule, accumulate
-        self.ranges = stage_ranges(layers, grid.pp, stage_layers, shape=shape)
+        whole = model if isinstance(model, Sequential) else None
+        layers = list(whole.layers if whole is not None else model)
+        dtype = whole.dtype if whole is not None else np.dtype(dtype)
+        self.grid = grid
+        recipe = split_options("PipelineTrainer", options)
+        self._begin(loss, data, grid.world, recipe, dtype=dtype, replicas=grid.dp,
+                    who="data-parallel replicas")
+        along = self._check_model(grid.world, layers)  # a sample's shape before each layer
+        pieces = recipe.accumulate * microbatches
+        self._check_pieces(grid.world, grid.dp, pieces,
+                           f"{{accumulate}} {recipe.accumulate} x {microbatches} "
+                           "{microbatches}")
+        self.microbatches, self.schedule = microbatches, schedule
+        self.ranges = agreed(grid.world, lambda: stage_ranges(
+            layers, grid.pp, stage_layers, shape=self.data.features))
         a, b = self.ranges[grid.pp_rank]
-        self.model = Sequential(layers[a:b], dtype=dtype, seed=seed, index=range(a, b))
+        seed = whole.seed if whole is not None else recipe.seed
+        self.model = Sequential(copy.deepcopy(layers[a:b]), dtype=dtype, seed=seed,
+                                index=range(a, b))
+        if whole is not None:  # the stage takes the given model's values
+            for name, view in self.model.named_params().items():
+                view[...] = whole.named_params()[name]
+        self.whole_text = layers_text(layers)
+        self._stage_tables(layers)
+        self.in_shape, self.out_shape = along[a], along[b]  # what arrives, what leaves
+        self.optimizer = optimizer.attach(self.model.params, self.model.grads)
+        # The stage's gradients are summed over its replicas after its last backward pass.
+        # Agreed over the world: a stage whose exchange is refused (shm with unequal
+        # ranks per node) must not leave the other stages in their next collective.
+        wire = None if grad_dtype in (None, "full") else grad_dtype
+        self.exchange = agreed(grid.world, lambda: Exchange(
+            grid.dp_comm, self.model.size, self.model.dtype, algorithm=allreduce,
+            overlap=False, wire=wire))
+        self.check_replicas()
+        self.exchange.adopt(self.model, self.optimizer)
+        self.metrics = np.zeros(2 + self.task.width)  # loss sum, stop, task sums; over world
+        self._buffers(groups)
+        self.batches = Batches(self.train, self.sampler, grid.dp_rank, grid.dp, groups=groups,
+                               features=grid.is_first_stage, targets=grid.is_last_stage)
+        self._finish(grid.world, groups)
+        self.peak_alive = 0  # micro-batches whose activations were held at once
+        self.times["wait"] = 0.0  # blocked in recv_forward / recv_backward: the bubble
+
+    def _stage_tables(self, layers: Sequence[Layer]) -> None:
+        """Every stage's parameter names and shapes, without building the other stages."""
         self.shapes, self.stage_names = {}, []
-        for lo, hi in self.ranges:  # every stage's names and shapes, without building it
+        for lo, hi in self.ranges:
             names = []
             for i in range(lo, hi):
                 for key, shape in layers[i].shapes().items():
                     self.shapes[f"{i}.{key}"] = tuple(shape)
                     names.append(f"{i}.{key}")
             self.stage_names.append(names)
-        self.in_shape, self.out_shape = along[a], along[b]  # what arrives, what leaves
-        self.optimizer = make_optimizer(optimizer_name, self.model.params, self.model.grads,
-                                        **opt_args)
-        # The stage's gradients are summed over its replicas after its last backward pass.
-        # Agreed over the world: a stage whose exchange is refused (shm with unequal
-        # ranks per node) must not leave the other stages in their next collective.
-        self.exchange = agreed(grid.world, lambda: Exchange(
-            grid.dp_comm, self.model.size, self.model.dtype, algorithm=allreduce,
-            overlap=False, wire=grad_dtype))
-        self.check_replicas()
-        self.exchange.adopt(self.model, self.optimizer)
-        self.metrics = np.zeros(2 + self.task.width)  # loss sum, stop, task sums; over world
-        # Receive buffers: a pool of activation slots (one per micro-batch that can be
-        # alive at once on this stage) and one gradient buffer; views of them are used.
-        per_replica = -(-sampler.batch_size // grid.dp)  # ceil: the largest replica part
-        per_chunk = -(-per_replica // accumulate)  # ... its largest chunk
-        rows = -(-per_chunk // microbatches)  # ... and that chunk's largest micro-batch
-        most = microbatches  # micro-batches in a chunk, at most
+
+    def _buffers(self, groups: Optional[int]) -> None:
+        """Receive buffers: a pool of activation slots (one per micro-batch that can be
+        alive at once on this stage) and one gradient buffer; views of them are used."""
+        grid, dp = self.grid, self.grid.dp
+        per_replica = -(-self.sampler.batch_size // dp)  # ceil: the largest replica part
+        per_chunk = -(-per_replica // self.accumulate)  # ... its largest chunk
+        rows = -(-per_chunk // self.microbatches)  # ... and that chunk's largest micro-batch
+        most = self.microbatches  # micro-batches in a chunk, at most
         if groups:  # a micro-batch is a group; a chunk has up to ceil(ceil(G / dp) / K)
-            rows, most = -(-sampler.batch_size // groups), -(-(-(-groups // grid.dp)) // accumulate)
+            rows = -(-self.sampler.batch_size // groups)
+            most = -(-(-(-groups // dp)) // self.accumulate)
             self.sum = OrderedSum(grid.dp_comm, self.model.size, self.model.dtype)
-        self.slots = peak_alive(schedule, grid.pp, grid.pp_rank, most)
+        self.slots = peak_alive(self.schedule, grid.pp, grid.pp_rank, most)
         dt = self.model.dtype
         self.act_pool = (np.empty((self.slots, rows, *self.in_shape), dt) if grid.pp_rank
                          else None)
@@ -136,9 +176,10 @@ class PipelineTrainer(TrainerBase):
                          else None)
         self._sends: List[Tuple[MPI.Request, np.ndarray]] = []  # (request, its buffer)
         self._step: Optional[_Step] = None  # the step in progress
-        self._init_common(clip_grad_norm, seed, groups)
-        self.peak_alive = 0  # micro-batches whose activations were held at once
-        self.times["wait"] = 0.0  # blocked in recv_forward / recv_backward: the bubble
+
+    def model_text(self) -> Optional[str]:
+        """The whole model's text (every stage records the same)."""
+        return self.whole_text
 
     def abandon(self) -> List[MPI.Comm]:
         """After a rank died (local): forget the sends; the grid's communicators join
@@ -147,9 +188,17 @@ class PipelineTrainer(TrainerBase):
         return super().abandon() + [self.grid.pp_comm, self.grid.dp_comm]
 
     def close(self) -> None:
-        """Free the exchange and the grid's communicators (collective)."""
+        """Gather the whole model's parameters on every rank (``whole_params``), free the
+        exchange and the grid's communicators (collective)."""
+        counts = [self._stage_size(s) for s in range(self.grid.pp)]
+        self._whole = np.empty(sum(counts), self.model.dtype)
+        self.grid.pp_comm.Allgatherv(self.model.params, [self._whole, counts])
         super().close()
         self.grid.free()
+
+    def whole_params(self) -> np.ndarray:
+        """The whole model's flat parameters, stage after stage (after ``close``)."""
+        return self._whole
 
     def describe(self) -> str:
         """One line per stage: its layers and parameter count."""
@@ -239,24 +288,25 @@ class PipelineTrainer(TrainerBase):
         if not first:
             self.send_backward(k, dx)
 
-    def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
+    def step(self, step: int, stop: Any = False) -> Tuple[float, Dict[str, object], int]:
         """Run global step ``step`` (0-based); return (mean loss, the task's metrics of
         the batch, global batch)."""
         # --reproducible: one BLAS thread on any layout (parallel.reproducible)
         with one_blas_thread() if self.groups else nullcontext():
             return self._run_step(step, stop)
 
-    def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
+    def evaluate(self, chunk: int = EVAL_BLOCK) -> Optional[Dict[str, object]]:
         """{"loss": mean loss, task metrics...} on the validation split through the
         pipeline (collective); None without one."""
         with one_blas_thread() if self.groups else nullcontext():
             return self._run_evaluate(chunk)
 
-    def _run_step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
+    def _run_step(self, step: int, stop: Any) -> Tuple[float, Dict[str, object], int]:
         g = self.grid
         t0 = time.perf_counter()
-        ids, batch = self.sampler.local(step, g.dp_rank, g.dp, groups=self.groups)
-        st = _Step(step, batch, ids)
+        self.on_phase("reading data")
+        ids, x, y, batch = self.batches.get(step)  # the first stage's rows, the last's targets
+        st = _Step(step, batch, ids, x=x, y=y)
         if self.groups:  # this replica's groups, as rows of ``ids``
             first, last = rank_slice(self.groups, g.dp_rank, g.dp)
             cuts = bounds(batch, self.groups)
@@ -264,11 +314,6 @@ class PipelineTrainer(TrainerBase):
                       for k in range(first, last)]
             rows = np.zeros((last - first, len(self.metrics)))
             self.sum.start(cuts)
-        self.on_phase("reading data")
-        if g.is_first_stage:  # (b, *features), (b, *targets)
-            st.x, st.y = self.train.read(ids)
-        elif g.is_last_stage:
-            st.y = self.train.read_labels(ids)  # (b, *targets)
         t1 = time.perf_counter()
         self.metrics[:] = 0
         wait0 = self.times["wait"]
@@ -330,8 +375,7 @@ class PipelineTrainer(TrainerBase):
             if g.is_last_stage:
                 if not g.is_first_stage:
                     y = self.val.read_labels(ids)
-                rows[k, 0] = self.loss(out, self.task.targets(y, out.dtype), 1.0)[0]
-                rows[k, 1:] = self.task.sums(out, y)
+                rows[k] = chunk_row(out, y, self.loss, self.task)
             else:
                 MPI.Request.Waitall([r for r, _ in sending])  # one chunk in flight at a time
                 out = np.ascontiguousarray(out)

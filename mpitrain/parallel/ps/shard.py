@@ -22,11 +22,14 @@ class ServerShard:
     metric slots (float64) that ride with each push.
     """
 
-    def __init__(self, params: np.ndarray, optimizer: str = "sgd", *, width: int = 0,
-                 depth: int = 1, **hyper):
+    def __init__(self, params: np.ndarray, optimizer: Union[str, Optimizer] = "sgd", *,
+                 width: int = 0, depth: int = 1, **hyper):
         self.params = params
         self.grads = np.zeros_like(params)  # (slice,): the clock's summed gradient
-        self.optimizer: Optimizer = make_optimizer(optimizer, params, self.grads, **hyper)
+        if isinstance(optimizer, Optimizer):  # attached to this slice
+            self.optimizer: Optimizer = optimizer.attach(params, self.grads)
+        else:
+            self.optimizer = make_optimizer(optimizer, params, self.grads, **hyper)
         self.width, self.depth = width, depth
         self.version = 0  # updates applied
         self._slots: Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = {}

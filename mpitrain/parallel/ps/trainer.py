@@ -25,19 +25,19 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from mpi4py import MPI
 
-from ...balance import bounds, rank_slice
+from ...balance import bounds
 from ...comm.exchange import plan_buckets
 from ...comm.overlap import BUCKET_MB
-from ...comm.topology import make_grid
-from ...data.prefetch import Prefetcher
-from ...data.sampler import Sampler
-from ...data.shards import Shards
+from ...comm.topology import Grid, make_grid
+from ...data.batches import Batches
 from ...fault.checkpoint import State
-from ...model.optim import make_optimizer
+from ...model.optim import Optimizer
 from ...model.sequential import Sequential
-from ...model.tasks import Task
-from ...runtime import MpitrainError
+from ...runtime import ConfigError, MpitrainError
 from ..base import TrainerBase
+from ..data_parallel import _model
+from ..evaluation import evaluate_split
+from ..recipe import split_options
 from .server import Server
 from .shard import ServerShard
 from .worker import Worker
@@ -59,43 +59,65 @@ class _NoExchange:
 class PSTrainer(TrainerBase):
     """Parameter-server training of ``model`` on the ranks of ``comm``: ranks
     0..``servers - 1`` serve, each a balanced contiguous slice of the parameters
-    and its ``optimizer`` state; the others are workers, each computing its part
-    of every global batch.  ``staleness``: how many steps a worker may run ahead
-    of the slowest (0: synchronous).  ``bucket_mb``: the size of a pushed chunk;
-    ``overlap``: push each chunk as soon as backward has made it final (by default,
-    wherever the ranks are, in ``BUCKET_MB`` chunks: the servers are other ranks).
+    and its ``optimizer`` state (the optimizer object is attached to that slice);
+    the others are workers, each computing its part of every global batch.
+    ``staleness``: how many steps a worker may run ahead of the slowest (0:
+    synchronous).  ``bucket_mb``: the size of a pushed chunk; ``overlap``: push
+    each chunk as soon as backward has made it final (by default, wherever the
+    ranks are, in ``BUCKET_MB`` chunks: the servers are other ranks).  The other
+    arguments and options are every trainer's (``parallel.recipe``).
     """
 
-    def __init__(self, model: Sequential, loss, optimizer: str, opt_args: Dict[str, Any],
-                 train: Shards, sampler: Sampler, comm: MPI.Comm,
-                 val: Optional[Shards] = None, *, task: Task, servers: int = 1,
-                 staleness: int = 0, bucket_mb: Optional[float] = None,
-                 overlap: Optional[bool] = None,
-                 accumulate: int = 1, clip_grad_norm: Optional[float] = None, seed: int = 0):
+    OPTIONS = ("servers", "staleness", "bucket_mb", "overlap")
+
+    def __init__(self, model: Sequential, loss: Any, optimizer: Optimizer, data: Any,
+                 comm: Any, *, servers: int = 1, staleness: int = 0,
+                 bucket_mb: Optional[float] = None, overlap: Optional[bool] = None,
+                 **options):
+        comm = comm.world if isinstance(comm, Grid) else comm
         size = comm.Get_size()
         if not 1 <= servers < size:
-            raise ValueError(f"servers must be in 1..{size - 1} for {size} ranks, got {servers}")
-        self.model, self.loss, self.task, self.comm = model, loss, task, comm
-        self.train, self.val, self.sampler = train, val, sampler
-        self.servers, self.staleness, self.accumulate = servers, staleness, accumulate
+            raise ConfigError(f"{{servers}} {servers} with {size} ranks leaves no worker: the "
+                              "parameter server needs at least one rank that computes (at "
+                              f"most {size - 1} servers)", ["servers"], everywhere=True)
+        self.model, self.comm = _model(model), comm
+        recipe = split_options("PSTrainer", options)
+        self._begin(loss, data, comm, recipe, dtype=self.model.dtype, replicas=size - servers,
+                    who="workers")
+        self._check_model(comm, self.model.layers)
+        self._check_pieces(comm, size - servers, recipe.accumulate,
+                           f"{{accumulate}} {recipe.accumulate}")
+        self.servers, self.staleness = servers, staleness
         self.rank, self.size = comm.Get_rank(), size
         self.workers = size - servers
         self.is_server = self.rank < servers
         self.grid = make_grid(comm, 1)
-        self.shapes = dict(model.shapes)
-        self.stage_names = [list(model.shapes)]
+        self.shapes = dict(self.model.shapes)
+        self.stage_names = [list(self.model.shapes)]
         self.exchange = _NoExchange()
-        n, width = model.size, 2 + task.width
         overlap = overlap is not False
         bucket_mb = BUCKET_MB if bucket_mb is None else bucket_mb
+        self.overlap = overlap  # without it the same chunks go after backward
+        self.check_replicas()  # every rank starts from the same parameters
+        self._roles(optimizer, bucket_mb)
+        balanced = recipe.balance == "speed"  # by world rank, the servers' shares 0
+        self.batches = Batches(self.train, self.sampler, self.rank if balanced else
+                               self.rank - servers, size if balanced else self.workers)
+        self.done: Optional[int] = None  # steps done (every rank alike), once started
+        self.gaps: List[int] = []  # each step's staleness on this worker: step - version used
+        self._finish(comm, resolved=dict(overlap=overlap, bucket_mb=bucket_mb),
+                     computes=not self.is_server)
+
+    def _roles(self, optimizer: Optimizer, bucket_mb: float) -> None:
+        """Each server's slice and chunks; this rank's server or worker."""
+        model, comm, servers = self.model, self.comm, self.servers
+        n, width = model.size, 2 + self.task.width
         cuts = bounds(n, servers)
         slices = [(cuts[s], cuts[s + 1]) for s in range(servers)]
         chunks = sorted(((s, lo + a, lo + b) for s, (lo, hi) in enumerate(slices)
                          for a, b in plan_buckets(hi - lo, bucket_mb * 2 ** 20,
                                                   model.dtype.itemsize) if hi > lo),
                         key=lambda c: -c[1])
-        self.overlap = overlap  # without it the same chunks go after backward
-        self.check_replicas()  # every rank starts from the same parameters
         self.peers = comm.Split(0 if self.is_server else 1, self.rank)
         self.lo, self.hi = slices[self.rank] if self.is_server else (0, 0)
         self.counts = [hi - lo for lo, hi in slices] + [0] * self.workers
@@ -104,22 +126,15 @@ class PSTrainer(TrainerBase):
         self.worker: Optional[Worker] = None
         if self.is_server:
             shard = ServerShard(model.params[self.lo:self.hi], optimizer, width=width,
-                                depth=staleness + 1, **opt_args)
+                                depth=self.staleness + 1)
             self.optimizer = shard.optimizer
             mine = [(lo, hi) for s, lo, hi in chunks if s == self.rank]
-            self.server = Server(comm, self.peers, shard, self.lo, mine, staleness, servers,
-                                 clip_grad_norm)
+            self.server = Server(comm, self.peers, shard, self.lo, mine, self.staleness,
+                                 servers, self.clip_grad_norm)
         else:
-            # An optimizer over nothing: its name, state keys and step count, for checkpoints.
-            self.optimizer = make_optimizer(optimizer, model.params[:0], model.grads[:0],
-                                            **opt_args)
+            # Attached to nothing: its name, state keys and step count, for checkpoints.
+            self.optimizer = optimizer.attach(model.params[:0], model.grads[:0])
             self.worker = Worker(comm, model.params, model.grads, chunks, slices, width)
-        self._prefetch: Optional[Prefetcher] = None
-        self.done: Optional[int] = None  # steps done (every rank alike), once started
-        self._stop = 0
-        self.gaps: List[int] = []  # each step's staleness on this worker: step - version used
-        self._init_common(clip_grad_norm, seed,
-                          resolved=dict(overlap=overlap, bucket_mb=bucket_mb))
 
     # -- life cycle ------------------------------------------------------------------------
     def _start(self, step: int) -> None:
@@ -135,44 +150,16 @@ class PSTrainer(TrainerBase):
         ahead."""
         if self.done is None:
             self._start(start)
-        self._stop = stop
-        self._restart_prefetch(start)
-
-    def _restart_prefetch(self, start: int) -> None:
-        if self.worker is None or start >= self._stop:
-            return
-        self.close_prefetch()
-        rank, size = self._part()
-        self._prefetch = Prefetcher(self.train, self.sampler, rank, size, start, self._stop,
-                                    shares=self.shares())
-
-    def _part(self) -> Tuple[int, int]:
-        """(this worker's part, parts) of each batch: by worker, or by world rank with
-        speed-balanced shares (the servers' being 0)."""
-        if self.balancer is not None:
-            return self.rank, self.size
-        return self.rank - self.servers, self.workers
-
-    def close_prefetch(self) -> None:
-        """Stop reading ahead."""
-        if self._prefetch is not None:
-            self._prefetch.close()
-            self._prefetch = None
+        if self.worker is not None:
+            self.batches.prefetch(start, stop)
 
     def close(self) -> None:
         """Stop the message loop and read-ahead; every rank then holds the final
         parameters (collective)."""
-        self.close_prefetch()
+        self.batches.close()
         (self.server or self.worker).close()
         self.gather_params()
         self.peers.Free()
-
-    def abandon(self) -> List[MPI.Comm]:
-        """After a rank died (local): the parameter server does not heal (refused when
-        configured); stop reading ahead and close the data."""
-        self.close_prefetch()
-        self.close_data()
-        return []
 
     def gather_params(self) -> None:
         """Give every rank the servers' newest parameters (collective)."""
@@ -183,7 +170,7 @@ class PSTrainer(TrainerBase):
 
     # -- one step --------------------------------------------------------------------------
 
-    def step(self, step: int, stop: bool = False) -> Tuple[float, Dict[str, object], int]:
+    def step(self, step: int, stop: Any = False) -> Tuple[float, Dict[str, object], int]:
         """Run global step ``step``; return (mean loss, the task's metrics, global batch):
         on a worker those of the newest clock its pull brought (``step - S`` or later)."""
         if self.done is None:
@@ -192,7 +179,7 @@ class PSTrainer(TrainerBase):
         self.done = step + 1
         return out
 
-    def _serve(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
+    def _serve(self, step: int, stop: Any) -> Tuple[float, Dict[str, object], int]:
         t0 = time.perf_counter()
         self.on_phase("exchange")
         sums = self.server.step(step, self.optimizer.lr, stop)
@@ -213,13 +200,9 @@ class PSTrainer(TrainerBase):
             self._observe(step, 0.0, 0)
         return loss, metrics, batch
 
-    def _work(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
+    def _work(self, step: int, stop: Any) -> Tuple[float, Dict[str, object], int]:
         t0 = time.perf_counter()
-        if self._prefetch is not None:
-            ids, x, y, batch = self._prefetch.get(step)
-        else:
-            ids, batch = self.sampler.local(step, *self._part(), self.shares())
-            x, y = self.train.read(ids)  # (b, *features), (b, *targets)
+        ids, x, y, batch = self.batches.get(step)  # (b, *features), (b, *targets)
         t1 = time.perf_counter()
         self.on_phase("computing")
         w = self.worker
@@ -244,22 +227,14 @@ class PSTrainer(TrainerBase):
         return loss, task_metrics, batch
 
     # -- evaluation and checkpoints --------------------------------------------------------
-    def evaluate(self, chunk: int = 4096) -> Optional[Dict[str, object]]:
+    def evaluate(self) -> Optional[Dict[str, object]]:
         """{"loss": ..., task metrics} on the validation split with the servers' newest
         parameters, every rank a slice (collective); None without one."""
         if self.val is None or len(self.val) == 0:
             return None
         self.on_phase("evaluation")
         self.gather_params()
-        lo, hi = rank_slice(len(self.val), self.rank, self.size)
-        sums = np.zeros(1 + self.task.width)
-        for a in range(lo, hi, chunk):
-            x, y = self.val.read_range(a, min(hi, a + chunk))
-            out = self.model(x)
-            sums[0] += self.loss(out, self.task.targets(y, out.dtype), 1.0)[0]
-            sums[1:] += self.task.sums(out, y)
-        self.comm.Allreduce(MPI.IN_PLACE, sums, op=MPI.SUM)
-        return self._evaluated(sums, len(self.val))
+        return evaluate_split(self.model, self.loss, self.task, self.val, self.comm)
 
     def layout_extra(self) -> Dict[str, Any]:
         """The strategy, for the checkpoint's layout."""
