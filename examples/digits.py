@@ -11,7 +11,9 @@ import os
 import sys
 import tempfile
 
-import mpitrain  # first: sets BLAS threads per rank
+import mpitrain
+
+mpitrain.init()  # before numpy loads: BLAS threads per rank; an error on a rank ends the job
 from mpi4py import MPI
 
 

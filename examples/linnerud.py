@@ -9,7 +9,9 @@ are noisy, and the point is the multi-output path.
 """
 import sys
 
-import mpitrain  # first: sets BLAS threads per rank
+import mpitrain
+
+mpitrain.init()  # before numpy loads: BLAS threads per rank; an error on a rank ends the job
 
 from diabetes import run
 

@@ -8,7 +8,9 @@ split and the result on rank 0.
 import argparse
 import sys
 
-import mpitrain  # first: sets BLAS threads per rank
+import mpitrain
+
+mpitrain.init()  # before numpy loads: BLAS threads per rank; an error on a rank ends the job
 from mpi4py import MPI
 
 

@@ -20,7 +20,9 @@ import os
 import sys
 import tempfile
 
-import mpitrain  # first: sets BLAS threads per rank
+import mpitrain
+
+mpitrain.init()  # before numpy loads: BLAS threads per rank; an error on a rank ends the job
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -298,10 +298,17 @@ def test_prepare_and_help(tmp_path):
         assert h.returncode == 0 and "usage: python -m mpitrain" in h.stdout
 
 
-def test_custom_model_example(small_data):
-    result = run_mpi(2, [ROOT / "examples" / "custom_model.py", small_data])
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("2 ranks") == 1 and "val_accuracy" in result.stdout
+def test_custom_model_example(tmp_path):
+    """A registered layer of one's own, checked, trained by fit with checkpoints, and
+    rebuilt by load_model with the same predictions; run again, it resumes."""
+    for epochs in (3, 4):
+        result = run_mpi(2, [ROOT / "examples" / "custom_model.py", "--epochs", epochs,
+                             "--ckpt-dir", tmp_path / "ckpt"])
+        assert result.returncode == 0, result.stderr
+        [line] = [x for x in result.stdout.splitlines() if x.startswith("custom_model:")]
+        assert "2 ranks, model scale(20),linear(64),tanh,linear(4)" in line
+        assert line.endswith("the same predictions: True")
+    assert "done: steps 1-" not in result.stdout  # the second run resumed
 
 
 def test_bench_allreduce_table_and_json(tmp_path):

@@ -185,3 +185,28 @@ def test_the_healing_is_refused_where_the_mpi_cannot(small_data, tmp_path):
     assert result.stderr.count(f"--on-failure respawn: {needs}") == 1
     assert "mpiexec --with-ft ulfm -n N python -m mpitrain train --on-failure respawn" \
         in result.stderr
+
+
+@pytest.mark.parametrize("n,seed", [(3, 7), (4, 8)])
+def test_fit_heals_a_killed_rank_bit_identical(tmp_path, n, seed):
+    """mpitrain.fit on a model with a registered layer of its own (tests/fit_job.py), with
+    on_failure="respawn": the replacement runs the same script, joins inside fit, and the
+    job ends with the bits of the run that never failed."""
+    from conftest import ROOT
+
+    job, launcher = ROOT / "tests" / "fit_job.py", ulfm_mpiexec()
+    common = {"batch_size": 48, "optimizer": "adam", "lr": 0.01, "steps": 30,
+              "on_failure": "respawn", "ckpt_every": 5}
+    whole = run_mpi(n, [job, tmp_path / "whole", json.dumps(
+        {**common, "ckpt_dir": str(tmp_path / "whole-ckpt")})], launcher=launcher, timeout=180)
+    assert whole.returncode == 0, whole.stderr
+    rank, step = drill(n, seed)
+    healed = run_mpi(n, [job, tmp_path / "healed", json.dumps(
+        {**common, "ckpt_dir": str(tmp_path / "healed-ckpt"),
+         "fault": f"kill:rank={rank}:step={step}"})], launcher=launcher, timeout=180)
+    assert healed.returncode == 0, healed.stderr
+    assert f"rank {rank} died at step {step}: respawned it in" in healed.stdout
+    a, b = (np.load(tmp_path / d / "params.npz") for d in ("whole", "healed"))
+    assert a.files == b.files and all(np.array_equal(a[k], b[k]) for k in a.files)
+    assert json.loads((tmp_path / "healed" / "summary.json").read_text())["replicas_equal"]
+    assert same_bits(final(tmp_path / "healed-ckpt"), final(tmp_path / "whole-ckpt"))

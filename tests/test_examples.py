@@ -1,5 +1,6 @@
 """Every example runs as its first line says, with quick settings; and the plot command."""
 import json
+import os
 import subprocess
 import sys
 
@@ -122,3 +123,68 @@ def test_readme_api_example_runs(tmp_path, small_data):
     result = run_mpi(2, [script])
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("val_accuracy") == 1 and "6 tensors" in result.stdout
+
+
+def rank_pids(script: str) -> list:
+    """The pids of the ranks running ``script`` (python processes whose command line
+    names it; not the launcher)."""
+    from pathlib import Path
+
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(script.encode() in a for a in argv) and b"python" in argv[0] \
+                and not any(b"mpiexec" in a or b"hydra" in a for a in argv[:1]):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.timeout(400)
+def test_own_loop_example_killed_at_a_random_step_and_relaunched_ends_bit_identical(tmp_path):
+    """examples/own_loop.py: a loop of one's own over Trainer, Checkpoints, Watchdog,
+    Preemption and MetricsLog.  SIGKILL to one of its ranks at a random step, then the
+    same command again: it resumes and ends with the bits of the run never killed."""
+    import random
+    import signal
+    import time
+
+    from conftest import final, same_bits, scratch_dir
+
+    script = EXAMPLES / "own_loop.py"
+    args = ["--steps", "200", "--every", "20"]
+    whole = run_mpi(2, [script, *args, "--ckpt-dir", tmp_path / "whole"], timeout=180)
+    assert whole.returncode == 0, whole.stderr
+    rng = random.Random(7)
+    step, victim = rng.randrange(45, 180), rng.randrange(2)
+    ckpt = tmp_path / "killed"
+    cmd = [mpiexec(), "-n", "2", sys.executable, str(script), *args, "--ckpt-dir",
+           str(ckpt)]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=clean_env(), cwd=scratch_dir())
+    try:
+        deadline = time.monotonic() + 120
+        log = ckpt / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            done = len(log.read_text().splitlines()) if log.exists() else 0
+            if done >= step or job.poll() is not None:
+                break
+            time.sleep(0.01)
+        pids = sorted(rank_pids(str(ckpt)))
+        assert len(pids) == 2 and job.poll() is None, f"ranks {pids}, step {done}"
+        os.kill(pids[victim], signal.SIGKILL)
+        job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode != 0
+    again = run_mpi(2, [script, *args, "--ckpt-dir", ckpt], timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stdout and "own_loop: 2 ranks, steps " in again.stdout
+    assert "steps 1-200" not in again.stdout
+    assert same_bits(final(tmp_path / "whole"), final(ckpt)), f"killed near step {done}"

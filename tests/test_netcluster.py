@@ -186,3 +186,53 @@ def test_training_across_nodes_is_bit_identical_across_algorithms(netcluster, sm
     assert same_bits(train(1, "--allreduce", "shm"), mpi)
     assert same_bits(train(2, "--reproducible", "--allreduce", "ring"),
                      train(2, "--reproducible"))
+
+
+ARRAYS_JOB = textwrap.dedent("""\
+    import json, os, socket, sys, tempfile
+    import numpy as np
+    from mpi4py import MPI
+    import mpitrain
+
+    comm = MPI.COMM_WORLD
+    # Each node's TMPDIR is its own: a file rank 0 makes there, the other node cannot see.
+    made = comm.bcast(tempfile.mkstemp(prefix="probe-")[1] if comm.rank == 0 else None)
+    seen = comm.gather(os.path.exists(made))
+    hosts = comm.gather(socket.gethostname())
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((400, 6)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+    strategy = sys.argv[1]
+    workers = comm.size - (1 if strategy == "ps" else 0)
+    result = mpitrain.DistributedTrainer(num_workers=workers, strategy=strategy).train(
+        X, y, {"hidden": [16], "optimizer": "adam", "lr": 0.01, "batch_size": 40},
+        num_epochs=6)
+    p = result["params"]
+    same = len(set(comm.allgather(b"".join(p[k].tobytes() for k in sorted(p))))) == 1
+    left = comm.gather(sorted(os.listdir(tempfile.gettempdir())))
+    if comm.rank == 0:
+        print("RESULT " + json.dumps({"seen": seen, "hosts": hosts, "same": same,
+                                      "acc": result["summary"]["val_accuracy"],
+                                      "left": left}))
+""")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["ps", "allreduce"])
+def test_distributed_trainer_trains_arrays_across_nodes_without_a_shared_tmpdir(
+        netcluster, tmp_path, strategy):
+    """The original API (DistributedTrainer) on two emulated nodes whose TMPDIRs are their
+    own: it writes nothing to disk, and every rank ends with the same parameters."""
+    job = tmp_path / "job.py"
+    job.write_text(ARRAYS_JOB)
+    done = netcluster.mpiexec(2, [sys.executable, str(job), strategy], env=clean_env(),
+                              timeout=TIMEOUT, launcher=mpiexec())
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr}"
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    names = [n.name for n in netcluster.nodes]
+    assert result["hosts"] == [names[0], names[0], names[1], names[1]], result
+    assert result["seen"] == [True, True, False, False], "the nodes' TMPDIRs are private"
+    assert result["same"] and result["acc"] > 0.85, result
+    assert all(not name.startswith("mpitrain") for names in result["left"]
+               for name in names), result["left"]

@@ -20,6 +20,7 @@ given), floating-point targets regression; never from a layer's shape.
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -53,6 +54,9 @@ class _Remote:
         self.win, self.root, self.shape, self.dtype = win, root, shape, np.dtype(dtype)
         self.row_bytes = self.dtype.itemsize * math.prod(shape)
         self.row = MPI.BYTE.Create_contiguous(self.row_bytes).Commit()
+        # A process may hold one lock on a window at a time: the read-ahead thread and the
+        # main thread (evaluation: the validation rows share the arrays) take turns.
+        self.turn = threading.Lock()
 
     def rows(self, r: np.ndarray) -> np.ndarray:
         from mpi4py import MPI
@@ -62,10 +66,11 @@ class _Remote:
             return out
         picked = self.row.Create_indexed_block(1, [int(i) for i in r]).Commit()
         try:
-            self.win.Lock(self.root, MPI.LOCK_SHARED)
-            self.win.Get([out, len(r) * self.row_bytes, MPI.BYTE], self.root,
-                         target=(0, 1, picked))
-            self.win.Unlock(self.root)
+            with self.turn:
+                self.win.Lock(self.root, MPI.LOCK_SHARED)
+                self.win.Get([out, len(r) * self.row_bytes, MPI.BYTE], self.root,
+                             target=(0, 1, picked))
+                self.win.Unlock(self.root)
         finally:
             picked.Free()
         return out

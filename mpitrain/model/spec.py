@@ -64,9 +64,9 @@ def _tokens(text: str):
     return out
 
 
-def parse(text: str) -> List[Node]:
+def parse(text: str, known: bool = True) -> List[Node]:
     """The layers of a model text, as (name, args, kwargs) nodes (residual: its children
-    in args)."""
+    in args); ``known``: refuse a name that is neither built in nor registered."""
     toks = _tokens(text)
     pos = 0
 
@@ -94,7 +94,7 @@ def parse(text: str) -> List[Node]:
 
     def layer() -> Node:
         name = take("name").lower()
-        if name not in LAYERS and registered(name) is None:
+        if known and name not in LAYERS and registered(name) is None:
             raise SpecError(f"unknown layer {name!r} (known: {', '.join(LAYERS)}; a layer "
                             "of one's own is known once registered with "
                             "mpitrain.register_layer)")
@@ -242,7 +242,7 @@ def names_in(text: str) -> List[str]:
             if name == "residual":
                 walk(args)
 
-    walk(parse(text))
+    walk(parse(text, known=False))
     return seen
 
 

@@ -47,7 +47,9 @@ class Trainer(TrainerBase):
     ring, shm), ``bucket_mb``, ``overlap``, ``progress`` (None: chosen by where
     the ranks are, ``comm.overlap.plan_overlap``) and ``grad_dtype`` (a 16-bit
     wire, with ring).  ``groups``: with a number, the reproducible step (fixed
-    groups added in group order: the same bits at any rank count).  Every
+    groups added in group order: the same bits at any rank count).  ``check_start``:
+    refuse replicas that start from different parameters (a healing, which hands them one
+    state next, turns it off).  Every
     other option is the ``Recipe``'s (``batch_size``, ``seed``, ``accumulate``,
     ``clip_grad_norm``...)::
 
@@ -60,8 +62,10 @@ class Trainer(TrainerBase):
     def __init__(self, model: Sequential, loss: Any, optimizer: Optimizer, data: Any,
                  comm: Any, *, allreduce: str = "mpi", bucket_mb: Optional[float] = None,
                  overlap: Optional[bool] = None, progress: Optional[str] = None,
-                 grad_dtype: Optional[str] = None, groups: Optional[int] = None, **options):
+                 grad_dtype: Optional[str] = None, groups: Optional[int] = None,
+                 check_start: bool = True, **options):
         comm = comm.world if isinstance(comm, Grid) else comm
+        self.check_start = check_start
         self.model, self.optimizer, self.comm = _model(model), optimizer, comm
         recipe = split_options("Trainer", options)
         self._begin(loss, data, comm, recipe, dtype=self.model.dtype,

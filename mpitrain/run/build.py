@@ -173,10 +173,11 @@ def text_model(cfg: Config, comm: MPI.Comm, data: Data):
     return layers if cfg.pipelined() else Sequential(layers, dtype=cfg.dtype, seed=cfg.seed)
 
 
-def build(cfg: Config, comm: MPI.Comm, model: Any = None,
-          data: Any = None) -> Tuple[TrainerBase, Data]:
+def build(cfg: Config, comm: MPI.Comm, model: Any = None, data: Any = None, *,
+          check_start: bool = True) -> Tuple[TrainerBase, Data]:
     """Check the data and make the model (``model``, or the one ``cfg`` describes), the
-    optimizer and the trainer (collective); returns (trainer, connected data)."""
+    optimizer and the trainer (collective); returns (trainer, connected data).
+    ``check_start``: compare the replicas' starting parameters (not after a healing)."""
     _check_reproducible(cfg, comm)
     connected = open_data(cfg, comm, data)
     if model is None:
@@ -184,7 +185,8 @@ def build(cfg: Config, comm: MPI.Comm, model: Any = None,
     optimizer = optimizer_named(cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 momentum=cfg.momentum)
     cls = trainer_class(cfg)
-    trainer = cls(model, cfg.loss, optimizer, connected, comm, **trainer_options(cfg, cls))
+    trainer = cls(model, cfg.loss, optimizer, connected, comm, check_start=check_start,
+                  **trainer_options(cfg, cls))
     return trainer, connected
 
 

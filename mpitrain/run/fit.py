@@ -37,10 +37,8 @@ from .loop import Loop
 
 __all__ = ["fit", "train", "FitResult", "run_training"]
 
-# Keys that shape a model the configuration describes, or name the data: fit is given both.
-GIVEN = {"model": "the model is fit's first argument",
-         "data": "the data is fit's second argument",
-         "hidden": "it shapes the default MLP, and fit trains the model it is given",
+# Keys that shape a model the configuration describes: fit is given the model itself.
+GIVEN = {"hidden": "it shapes the default MLP, and fit trains the model it is given",
          "activation": "it shapes the default MLP, and fit trains the model it is given",
          "dropout": "it shapes the default MLP, and fit trains the model it is given"}
 

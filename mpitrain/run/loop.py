@@ -131,7 +131,9 @@ class Loop:
         self.dog = Watchdog(self.comm, cfg.watchdog) if cfg.watchdog > 0 else None
         if self.carry and cfg.check_data == "full":  # checked at the start; once is enough
             cfg = cfg.replace(check_data="meta")
-        self.trainer, self.connected = build(cfg, self.comm, self.model, self.data)
+        # After a healing the ranks hold different states until the hand-over.
+        self.trainer, self.connected = build(cfg, self.comm, self.model, self.data,
+                                             check_start=self.carry is None)
         # A healing pipeline may have to undo a step some stages applied (run.recovery).
         self.trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
         self.faults.arm(self.trainer, launch_rank(), cfg.seed)

@@ -16,7 +16,9 @@ direction of a link has that rate and its qdisc counts the bytes.
 
 MPICH is started by Hydra's ssh launcher with ``-launcher-exec`` set to a generated script
 that runs the proxy of each host inside that node's namespace under its hostname;
-``mpiexec`` itself runs in node 0.  With ``MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp`` and
+``mpiexec`` itself runs in node 0.  Each node's processes see a tmpfs of their own at
+``STATE/tmp``, the jobs' ``TMPDIR``: a file one node writes there, another cannot read, as
+on machines without a shared ``/tmp``.  With ``MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp`` and
 ``FI_TCP_IFACE=PREFIX-eth`` MPICH moves data through its shared memory within a node and
 over TCP on the links between nodes (its default UCX netmod would use shared memory between
 the namespaces too, bypassing the links; without ``FI_TCP_IFACE`` libfabric sometimes picks
@@ -94,6 +96,7 @@ class Cluster:
         self.state_dir = STATE_ROOT / prefix
         self.launcher = self.state_dir / "launch"
         self.hostfile = self.state_dir / "hosts"
+        self.tmp = self.state_dir / "tmp"  # each node's own TMPDIR (a tmpfs mounted there)
         # The namespaces this object made or found, until a down() that left nothing: their
         # processes are found even after the names are gone.  (Never read from the state
         # file: a freed namespace's inode number is soon another namespace's.)
@@ -157,6 +160,7 @@ class Cluster:
                 sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", self.rate,
                    "burst", self.burst, "latency", self.latency)
         self.hostfile.write_text("".join(f"{n.address}\n" for n in self.nodes))
+        self.tmp.mkdir()
         self._write_launcher(tool("ip"), tool("unshare"))
         self._save()
 
@@ -182,8 +186,9 @@ while [ $# -gt 0 ]; do
   shift; break
 done
 [ -n "$node" ] || {{ echo "netcluster {self.prefix}: no host given" >&2; exit 255; }}
-exec {ip} netns exec "$node" {unshare} --uts /bin/sh -c \\
-  "echo $node > /proc/sys/kernel/hostname && exec $*"
+exec {ip} netns exec "$node" {unshare} --uts --mount --propagation private /bin/sh -c \\
+  "echo $node > /proc/sys/kernel/hostname && mount -t tmpfs -o size=1g $node {self.tmp} \\
+   && exec $*"
 """)
         self.launcher.chmod(0o755)
 
@@ -247,8 +252,9 @@ exec {ip} netns exec "$node" {unshare} --uts /bin/sh -c \\
         return {"MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp", "FI_TCP_IFACE": self.iface}
 
     def job_env(self) -> Dict[str, str]:
-        """What a job needs: MPICH over TCP on the links, Hydra's launcher and host file."""
-        return {**self.link_env(), "HYDRA_LAUNCHER": "ssh",
+        """What a job needs: MPICH over TCP on the links, Hydra's launcher and host file,
+        and ``TMPDIR``, which is each node's own (as on separate machines)."""
+        return {**self.link_env(), "HYDRA_LAUNCHER": "ssh", "TMPDIR": str(self.tmp),
                 "HYDRA_LAUNCHER_EXEC": str(self.launcher), "HYDRA_HOST_FILE": str(self.hostfile)}
 
     def run(self, cmd: Sequence[str], env: Optional[Dict[str, str]] = None,

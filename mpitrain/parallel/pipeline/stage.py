@@ -93,8 +93,10 @@ class PipelineTrainer(TrainerBase):
                  pp: Optional[int] = None, microbatches: Optional[int] = None,
                  schedule: str = "1f1b", stage_layers: Optional[Sequence[int]] = None,
                  allreduce: str = "mpi", grad_dtype: Optional[str] = None,
-                 groups: Optional[int] = None, dtype: str = "float32", **options):
+                 groups: Optional[int] = None, dtype: str = "float32",
+                 check_start: bool = True, **options):
         grid = comm if isinstance(comm, Grid) else make_grid(comm, pp or 2)
+        self.check_start = check_start
         microbatches = 2 * grid.pp if microbatches is None else microbatches
         if schedule not in SCHEDULES:
             raise ConfigError(f"{{schedule}}: expected one of {', '.join(SCHEDULES)}, got "

@@ -73,8 +73,9 @@ class PSTrainer(TrainerBase):
     def __init__(self, model: Sequential, loss: Any, optimizer: Optimizer, data: Any,
                  comm: Any, *, servers: int = 1, staleness: int = 0,
                  bucket_mb: Optional[float] = None, overlap: Optional[bool] = None,
-                 **options):
+                 check_start: bool = True, **options):
         comm = comm.world if isinstance(comm, Grid) else comm
+        self.check_start = check_start
         size = comm.Get_size()
         if not 1 <= servers < size:
             raise ConfigError(f"{{servers}} {servers} with {size} ranks leaves no worker: the "
