@@ -1,7 +1,7 @@
 """Configuration: defaults, TOML, flags, and errors naming their source (serial)."""
 import pytest
 
-from mpitrain.cli import _parser
+from mpitrain.cli import parser as _parser
 from mpitrain.config import Config, from_sources
 from mpitrain.runtime import ConfigError, MpitrainError
 

@@ -99,6 +99,17 @@ def test_no_module_is_larger_than_a_few_hundred_lines():
     assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
 
 
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {lines}")
+    assert not long, long
+
+
 def _public(tree):
     """Module-level functions and classes, and the methods of those classes."""
     for node in tree.body:

@@ -207,12 +207,11 @@ def _repeat(args: argparse.Namespace, sub: MPI.Comm, settings: List[Tuple[tuple,
             samples.setdefault(key, []).append(got)
 
 
-def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
-    """Measure, print the table on rank 0, and return the records."""
-    from ..threads import thread_report
+def _parse(args: argparse.Namespace, comm: MPI.Comm):
+    """(rank counts, hidden widths, variants, datasets) of the command line, checked."""
     from ..data.builtin import builtin_dataset
 
-    size, rank = comm.Get_size(), comm.Get_rank()
+    size = comm.Get_size()
     try:
         counts = ([int(r) for r in args.ranks.split(",")] if args.ranks else
                   sorted({min(size, 2 ** k) for k in range(size.bit_length() + 1)}))
@@ -230,15 +229,18 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
                             f"--ranks within 1..{size} (got {counts})", everywhere=True)
     datasets = [(part.split("=", 1) if "=" in part else (os.path.basename(part.rstrip("/")), part))
                 for part in (args.data or "").split(",") if part]
-    datasets = datasets or [("builtin", builtin_dataset(comm))]
-    out = print if rank == 0 else (lambda *a, **k: None)
-    out(f"# train: MLP {hidden}, {args.batch_per_rank} samples per rank, SGD; median of "
-        f"{args.repeats} x {args.steps} steps; threads per rank {thread_report()}")
+    return counts, hidden, variants, datasets or [("builtin", builtin_dataset(comm))]
+
+
+def _measure(args, comm: MPI.Comm, counts, hidden, variants, datasets):
+    """Every setting of every rank count, built once, then timed in turns (collective);
+    the samples on rank 0."""
+    rank = comm.Get_rank()
     samples: Dict[tuple, List[Dict[str, float]]] = {}
     subs = {n: comm.Split(0 if rank < n else MPI.UNDEFINED, rank) for n in counts}
     built: Dict[int, List[Tuple[tuple, _Timed]]] = {}
     error = None
-    for n in counts:  # every setting of every rank count, built once
+    for n in counts:
         built[n] = []
         if subs[n] != MPI.COMM_NULL:
             built[n], error = _build(args, n, subs[n], hidden, variants, datasets)
@@ -259,63 +261,88 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
             sub.Free()
     if error:
         raise MpitrainError(error, everywhere=True)
+    return samples
+
+
+def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
+    """Measure, print the table on rank 0, and return the records."""
+    from ..threads import thread_report
+
+    counts, hidden, variants, datasets = _parse(args, comm)
+    out = print if comm.Get_rank() == 0 else (lambda *a, **k: None)
+    out(f"# train: MLP {hidden}, {args.batch_per_rank} samples per rank, SGD; median of "
+        f"{args.repeats} x {args.steps} steps; threads per rank {thread_report()}")
+    samples = _measure(args, comm, counts, hidden, variants, datasets)
     records: List[Dict[str, object]] = []
-    if rank == 0:
+    if comm.Get_rank() == 0:
         out(f"# {'ranks':>5} {'variant':<15} {'samples/s':>10} {'range':>17} {'efficiency':>10}"
             f" {'ceiling':>9} {'of ceiling':>10} {'worst':>6} {'lockstep':>9} {'of it':>6}"
             f" {'compute':>8} {'exchange':>8} {'data':>6} {'stolen':>6}")
         for name, (label, _) in [(v, d) for v in variants for d in datasets]:
             base = statistics.median(s["samples_per_s"]
-                                     for s in samples[(counts[0], name, label)])
-            base *= 1 / counts[0]
+                                     for s in samples[(counts[0], name, label)]) / counts[0]
             shown = name if len(datasets) == 1 else f"{name} {label}"
             for n in counts:
-                got = samples[(n, name, label)]
-                sps = [s["samples_per_s"] for s in got]
-                med = {k: statistics.median(s[k] for s in got) for k in got[0]}
-                ceilings = [s["samples_per_s"] for s in samples[(n, "ceiling", label)]]
-                ceiling = statistics.median(ceilings)
-                # Each repeat against the ceiling of the same repeat (they took turns).
-                paired = [v / c for v, c in zip(sps, ceilings)]
-                locksteps = [s["samples_per_s"] for s in samples[(n, "lockstep", label)]]
-                lockstep = statistics.median(locksteps)
-                stolen = [s["stolen"] for s in got]
-                stolen = None if min(stolen) < 0 else stolen  # no /proc/stat
-                med["stolen"] = None if stolen is None else statistics.median(stolen)
-                rec = {"ranks": n, "variant": name, **med,
-                       "samples_per_s_min": min(sps), "samples_per_s_max": max(sps),
-                       "efficiency": med["samples_per_s"] / (n * base),
-                       "ceiling_samples_per_s": ceiling,
-                       "of_ceiling": med["samples_per_s"] / ceiling,
-                       "of_ceiling_min": min(sps) / ceiling,
-                       "of_ceiling_each": paired, "of_ceiling_worst": min(paired),
-                       "lockstep_samples_per_s": lockstep,
-                       "of_lockstep": med["samples_per_s"] / lockstep,
-                       "of_lockstep_each": [v / c for v, c in zip(sps, locksteps)],
-                       "stolen_each": stolen,
-                       "ceiling_stolen_each": [s["stolen"] for s in samples[
-                           (n, "ceiling", label)]] if stolen else None,
-                       "oversubscribed": n > (os.cpu_count() or n)}
+                rec = _record(samples, n, name, label, base)
                 if len(datasets) > 1:
                     rec["data"] = label
                 records.append(rec)
-                mark = "*" if rec["oversubscribed"] else " "
-                out(f"  {n:>4}{mark} {shown:<15} {med['samples_per_s']:>10,.0f} "
-                    f"{min(sps):>8,.0f}-{max(sps):<8,.0f} {rec['efficiency']:>10.2f} "
-                    f"{ceiling:>9,.0f} {rec['of_ceiling']:>10.2f} {min(paired):>6.2f} "
-                    f"{lockstep:>9,.0f} {rec['of_lockstep']:>6.2f} "
-                    f"{med['share_compute']:>8.1%} {med['share_exchange']:>8.1%} "
-                    f"{med['share_data']:>6.1%} "
-                    f"{'-' if stolen is None else format(med['stolen'], '.1%'):>6}", flush=True)
-        out("# efficiency = samples/s at p / (p x samples/s at the first rank count); "
-            "ceiling: p independent one-rank trainers at once (no exchange), the most p "
-            "ranks can do here; of ceiling = samples/s / ceiling; worst: the lowest of the "
-            "repeats, each against the ceiling of the same repeat; lockstep: the same "
-            "trainers waiting for each other after every step, the most a synchronous step "
-            "can do (of it: samples/s / lockstep); exchange: the part not "
-            "hidden behind backward; stolen: the share of the CPU time the ranks' cores "
-            "wanted that the hypervisor gave to others (/proc/stat's steal; the highest "
-            "node's, median); * oversubscribed (more ranks than cores)")
-    if args.json and rank == 0:
+                out(_row(rec, shown), flush=True)
+        out(LEGEND)
+    if args.json and comm.Get_rank() == 0:
         write_json(args.json, records)
     return records
+
+
+def _record(samples, n: int, name: str, label: str, base: float) -> Dict[str, object]:
+    """One setting's figures: medians, against the ceiling and lockstep of each repeat."""
+    got = samples[(n, name, label)]
+    sps = [s["samples_per_s"] for s in got]
+    med = {k: statistics.median(s[k] for s in got) for k in got[0]}
+    ceilings = [s["samples_per_s"] for s in samples[(n, "ceiling", label)]]
+    ceiling = statistics.median(ceilings)
+    # Each repeat against the ceiling of the same repeat (they took turns).
+    paired = [v / c for v, c in zip(sps, ceilings)]
+    locksteps = [s["samples_per_s"] for s in samples[(n, "lockstep", label)]]
+    lockstep = statistics.median(locksteps)
+    stolen = [s["stolen"] for s in got]
+    stolen = None if min(stolen) < 0 else stolen  # no /proc/stat
+    med["stolen"] = None if stolen is None else statistics.median(stolen)
+    return {"ranks": n, "variant": name, **med,
+            "samples_per_s_min": min(sps), "samples_per_s_max": max(sps),
+            "efficiency": med["samples_per_s"] / (n * base),
+            "ceiling_samples_per_s": ceiling,
+            "of_ceiling": med["samples_per_s"] / ceiling,
+            "of_ceiling_min": min(sps) / ceiling,
+            "of_ceiling_each": paired, "of_ceiling_worst": min(paired),
+            "lockstep_samples_per_s": lockstep,
+            "of_lockstep": med["samples_per_s"] / lockstep,
+            "of_lockstep_each": [v / c for v, c in zip(sps, locksteps)],
+            "stolen_each": stolen,
+            "ceiling_stolen_each": [s["stolen"] for s in samples[
+                (n, "ceiling", label)]] if stolen else None,
+            "oversubscribed": n > (os.cpu_count() or n)}
+
+
+def _row(rec: Dict[str, object], shown: str) -> str:
+    """One line of the table."""
+    mark = "*" if rec["oversubscribed"] else " "
+    stolen = "-" if rec["stolen"] is None else format(rec["stolen"], ".1%")
+    return (f"  {rec['ranks']:>4}{mark} {shown:<15} {rec['samples_per_s']:>10,.0f} "
+            f"{rec['samples_per_s_min']:>8,.0f}-{rec['samples_per_s_max']:<8,.0f} "
+            f"{rec['efficiency']:>10.2f} {rec['ceiling_samples_per_s']:>9,.0f} "
+            f"{rec['of_ceiling']:>10.2f} {rec['of_ceiling_worst']:>6.2f} "
+            f"{rec['lockstep_samples_per_s']:>9,.0f} {rec['of_lockstep']:>6.2f} "
+            f"{rec['share_compute']:>8.1%} {rec['share_exchange']:>8.1%} "
+            f"{rec['share_data']:>6.1%} {stolen:>6}")
+
+
+LEGEND = ("# efficiency = samples/s at p / (p x samples/s at the first rank count); "
+          "ceiling: p independent one-rank trainers at once (no exchange), the most p "
+          "ranks can do here; of ceiling = samples/s / ceiling; worst: the lowest of the "
+          "repeats, each against the ceiling of the same repeat; lockstep: the same "
+          "trainers waiting for each other after every step, the most a synchronous step "
+          "can do (of it: samples/s / lockstep); exchange: the part not "
+          "hidden behind backward; stolen: the share of the CPU time the ranks' cores "
+          "wanted that the hypervisor gave to others (/proc/stat's steal; the highest "
+          "node's, median); * oversubscribed (more ranks than cores)")
