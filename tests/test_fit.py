@@ -136,3 +136,23 @@ def test_arrays_on_every_rank_on_one_rank_and_as_a_directory_give_the_same_bits(
         got[where]["val"] = np.array([summary["val_loss"], summary["val_accuracy"]])
     assert equal(got["arrays"], got["root"])
     assert equal(got["arrays"], got[str(tmp_path / "data")])
+
+
+@pytest.mark.timeout(300)
+def test_fit_writes_every_output_and_resumes_on_another_rank_count(tmp_path):
+    """The loop's outputs through fit: checkpoints, best.h5, metrics.jsonl, the timeline;
+    early stopping; then a relaunch on 3 ranks resumes what 2 ranks wrote."""
+    ckpt = tmp_path / "ckpt"
+    first, _ = fit(2, tmp_path / "a", ckpt_dir=str(ckpt), steps=16, eval_every=4,
+                   timeline=str(tmp_path / "t.json"), monitor="val_accuracy")
+    assert first.returncode == 0, first.stderr
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert {"best.h5", "ckpt-000000016.h5", "metrics.jsonl", "run.jsonl"} <= set(names)
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert {e["pid"] for e in events if "pid" in e} == {0, 1}
+    again, params = fit(3, tmp_path / "b", ckpt_dir=str(ckpt), steps=40, eval_every=4,
+                        early_stop=2, monitor="val_loss")
+    assert again.returncode == 0, again.stderr
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["start_step"] == 16 and summary["ranks"] == 3
+    assert summary["replicas_equal"] and params is not None
