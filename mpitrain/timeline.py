@@ -96,7 +96,9 @@ class Recorder:
         for size in sizes:
             events += json.loads(bytes(buf[offset:offset + size]).decode())
             offset += size
-        with open(path, "w", encoding="utf-8") as f:
+        from .paths import replace
+
+        with replace(path) as f:  # whole or not at all
             json.dump({"traceEvents": events, "displayTimeUnit": "ms",
                        "otherData": dict(meta or {})}, f)
         return len(events)

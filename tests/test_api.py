@@ -171,7 +171,7 @@ def test_array_datasets_refuse_what_cannot_train():
     y[:100] = 1
     stray = y.copy()
     stray[7] = 1000
-    with pytest.raises(ConfigError, match="labels up to 1000 make 1,001 classes, and only 3 "
+    with pytest.raises(ConfigError, match="y: labels up to 1,000 make 1,001 classes, and only 3 "
                                           "distinct labels occur"):
         connect(ArrayDataset(x, stray))
     assert connect(ArrayDataset(x, stray, classes=1001)).task["classes"] == 1001

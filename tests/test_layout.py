@@ -21,7 +21,9 @@ PACKAGE = ROOT / "mpitrain"
 # from its own part.  (config sits above parallel: it takes each choice list from
 # the module that owns it.)
 LAYERS = {
-    "runtime": 0, "threads": 0, "balance": 0, "malloc": 0, "timeline": 0,
+    "runtime": 0, "threads": 0, "balance": 0, "malloc": 0,
+    "paths": 0.25,  # the path checks: on runtime's errors
+    "timeline": 0.5,  # writes its file through paths
     "process": 0.5,  # init(): on threads and malloc; every trainer calls it
     "model": 1, "data": 1, "comm": 1, "fault": 1,
     "parallel": 2, "config": 3, "run": 4,

@@ -58,8 +58,10 @@ def median(values: Sequence[float]) -> float:
 
 
 def write_json(path: str, records: List[dict]) -> None:
-    """Write ``records`` to ``path`` as an indented JSON list."""
-    with open(path, "w", encoding="utf-8") as f:
+    """Write ``records`` to ``path`` as an indented JSON list, whole or not at all."""
+    from ..paths import replace
+
+    with replace(path) as f:
         json.dump(records, f, indent=1)
         f.write("\n")
 

@@ -223,6 +223,8 @@ def run(args: argparse.Namespace, comm=None) -> Dict[str, object]:
             f"{r['hierarchical'] * 1e3:>7.2f}ms {r['best']:>13} {r['share']:>13.0%}")
     result = {"fitted": fitted, "compared": compared, "projection": rows}
     if args.json and rank == 0:
-        with open(args.json, "w", encoding="utf-8") as f:
+        from ..paths import replace
+
+        with replace(args.json) as f:
             json.dump(result, f, indent=1)
     return result

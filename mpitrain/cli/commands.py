@@ -6,9 +6,72 @@ import argparse
 import os
 import sys
 
-from ..runtime import MpitrainError
+from ..paths import output_file
+from ..runtime import MpitrainError, on_root
 
-__all__ = ["prepare", "index", "print_metrics", "inspect", "info"]
+__all__ = ["prepare", "index", "print_metrics", "inspect", "info", "run_prepare", "run_index",
+           "run_predict", "run_evaluate", "run_plot", "run_inspect", "run_bench"]
+
+
+def run_prepare(args: argparse.Namespace, comm) -> None:
+    """``prepare`` on rank 0 (collective: its error is every rank's)."""
+    on_root(comm, lambda: prepare(args))
+
+
+def run_index(args: argparse.Namespace, comm) -> None:
+    """``data index`` on rank 0 (collective)."""
+    on_root(comm, lambda: index(args))
+
+
+def run_predict(args: argparse.Namespace, comm) -> None:
+    """``predict``: every rank a slice, rank 0 writes the file (collective)."""
+    from ..run.predict import predict
+
+    got = predict(args.checkpoint, args.data, args.out, comm, x_key=args.x, split=args.split,
+                  overwrite=args.overwrite)
+    if comm.Get_rank() == 0:
+        print(f"wrote {got['out']}: {got['rows']} rows of {got['data']} "
+              f"({', '.join(got['datasets'])})")
+
+
+def run_evaluate(args: argparse.Namespace, comm) -> None:
+    """``evaluate``: the metrics, summed over the ranks (collective)."""
+    from ..run.predict import evaluate
+
+    result = evaluate(args.checkpoint, args.data, comm, args.split)
+    if comm.Get_rank() == 0:
+        print_metrics(result)
+
+
+def run_plot(args: argparse.Namespace, comm) -> None:
+    """``plot`` on rank 0: ``--out`` is refused if it exists (unless ``--overwrite``);
+    the default, plot.png in the run's directory, is replaced."""
+    from ..run.plot import default_out, plot_runs
+
+    def draw() -> None:
+        out = args.out or default_out(args.runs)
+        output_file(out, "plot", overwrite=args.overwrite or not args.out)
+        print(f"wrote {plot_runs(args.runs, out)}")
+
+    on_root(comm, draw)
+
+
+def run_inspect(args: argparse.Namespace, comm) -> int:
+    """``inspect`` on rank 0: one print, one ``--export`` writer."""
+    return on_root(comm, lambda: inspect(args))
+
+
+def run_bench(args: argparse.Namespace, comm) -> None:
+    """``bench ...``: its ``--json`` checked before anything is measured."""
+    from ..bench import allreduce, layers, model, pipeline, recovery, stragglers
+    from ..bench import train as train_bench
+
+    if getattr(args, "json", None):
+        on_root(comm, lambda: output_file(args.json, "benchmark records",
+                                          overwrite=args.overwrite))
+    {"allreduce": allreduce, "pipeline": pipeline, "train": train_bench,
+     "layers": layers, "recovery": recovery,
+     "stragglers": stragglers, "model": model}[args.bench].run(args, comm)
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -81,12 +144,13 @@ def inspect(args: argparse.Namespace) -> int:
         print(f"  loop {state.loop}")
     width = max(len(r[0]) for r in rows)
     for name, shape, dtype, ok in rows:
-        verdict = "ok" if ok else ("INCONSISTENT" if name == "consistency" else
-                                   "CHECKSUM MISMATCH")
+        verdict = "ok" if ok else {"consistency": "INCONSISTENT",
+                                   "finite": "NaN OR INFINITY"}.get(name, "CHECKSUM MISMATCH")
         print(f"  {name:<{width}}  {str(shape):<14} {dtype:<8} {verdict}")
     bad = [r[0] for r in rows if not r[3]]
     print(f"  checks: {'all ' + str(len(rows)) + ' hold' if not bad else 'FAILED: ' + ', '.join(bad)}")
     if args.export:
+        output_file(args.export, "export", overwrite=args.overwrite)
         if bad:
             raise MpitrainError(f"{args.checkpoint}: not exporting: checksums fail for {bad}")
         np.savez(args.export, **state.params)

@@ -7,7 +7,26 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["parser"]
+__all__ = ["parser", "Parser"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, for a job of many ranks: a usage error is an ``MpitrainError`` that every
+    rank raises alike (so it is printed once, exit 2), and help is printed by rank 0."""
+
+    def error(self, message: str):
+        """A usage error: raised, not printed (every rank has it; rank 0 says it)."""
+        from ..runtime import MpitrainError
+
+        raise MpitrainError(f"{self.prog}: {message} (see {self.prog} --help)",
+                            everywhere=True)
+
+    def _print_message(self, message, file=None):
+        import sys
+
+        mpi = sys.modules.get("mpi4py.MPI")
+        if mpi is None or not mpi.Is_initialized() or mpi.COMM_WORLD.Get_rank() == 0:
+            super()._print_message(message, file)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     plot, bench, info."""
     from ..config import add_arguments
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m mpitrain",
         description="Data-parallel training of numpy models over MPI, from HDF5 shards.",
         epilog="Launch with an MPI launcher, e.g.: mpirun -n 4 python -m mpitrain train")
@@ -108,6 +127,7 @@ def _using_checkpoints(sub) -> None:
     pd.add_argument("--split", default=None, help="with a directory: the split (default: "
                                                   "val, else train)")
     pd.add_argument("--out", required=True, metavar="PRED.h5", help="a new file")
+    pd.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     ev = sub.add_parser("evaluate", help="a checkpoint's metrics on a dataset split",
                         description="The loss and the task's metrics over a split, summed "
@@ -122,6 +142,7 @@ def _using_checkpoints(sub) -> None:
     i.add_argument("checkpoint", metavar="CKPT", help="a ckpt-*.h5 file")
     i.add_argument("--export", metavar="FILE.npz",
                    help="write the parameters to an .npz, under the same names")
+    i.add_argument("--overwrite", action="store_true", help="replace --export if it exists")
 
     pl = sub.add_parser("plot", help="plot loss, validation accuracy and samples/s of runs",
                         description="Loss, validation accuracy and samples/s against step, "
@@ -129,6 +150,7 @@ def _using_checkpoints(sub) -> None:
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_LOG",
                     help="run directories (their metrics.jsonl) or JSON-lines logs")
     pl.add_argument("--out", metavar="FILE.png", help="default: plot.png beside the first run")
+    pl.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _bench(sub) -> None:
@@ -138,27 +160,17 @@ def _bench(sub) -> None:
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
     from ..bench import allreduce, layers, model, pipeline, recovery, stragglers, train
 
-    train.add_arguments(bsub.add_parser(
-        "train", help="training samples/s at 1, 2, ... ranks; scaling; step time split",
-        description=train.__doc__.split("\n\n", 1)[1]))
-    allreduce.add_arguments(bsub.add_parser(
-        "allreduce", help="ring vs MPI Allreduce: time, algbw, busbw per size",
-        description=allreduce.__doc__.split("\n\n", 1)[1]))
-    pipeline.add_arguments(bsub.add_parser(
-        "pipeline", help="pipeline step time, bubble and activation memory by schedule",
-        description=pipeline.__doc__.split("\n\n", 1)[1]))
-    layers.add_arguments(bsub.add_parser(
-        "layers", help="each layer's forward + backward time, beside PyTorch's",
-        description=layers.__doc__.split("\n\n", 1)[1]))
-    recovery.add_arguments(bsub.add_parser(
-        "recovery", help="time from a rank's death to the next step (shrink, respawn)",
-        description=recovery.__doc__.split("\n\n", 1)[1]))
-
-    stragglers.add_arguments(bsub.add_parser(
-        "stragglers", help="all-reduce, speed-balanced batches and the parameter server "
-                           "with slow and jittery ranks",
-        description=stragglers.__doc__.split("\n\n", 1)[1]))
-
-    model.add_arguments(bsub.add_parser(
-        "model", help="the all-reduce cost model: fit to measurements, project to 1,024 ranks",
-        description=model.__doc__.split("\n\n", 1)[1]))
+    benches = [
+        (train, "train", "training samples/s at 1, 2, ... ranks; scaling; step time split"),
+        (allreduce, "allreduce", "ring vs MPI Allreduce: time, algbw, busbw per size"),
+        (pipeline, "pipeline", "pipeline step time, bubble and activation memory by schedule"),
+        (layers, "layers", "each layer's forward + backward time, beside PyTorch's"),
+        (recovery, "recovery", "time from a rank's death to the next step (shrink, respawn)"),
+        (stragglers, "stragglers", "all-reduce, speed-balanced batches and the parameter "
+                                   "server with slow and jittery ranks"),
+        (model, "model", "the all-reduce cost model: fit to measurements, project to 1,024 "
+                         "ranks")]
+    for module, name, summary in benches:
+        p = bsub.add_parser(name, help=summary, description=module.__doc__.split("\n\n", 1)[1])
+        module.add_arguments(p)
+        p.add_argument("--overwrite", action="store_true", help="replace --json if it exists")

@@ -184,6 +184,8 @@ class Config:
                                          "chrome://tracing)")
     timeline_steps: Optional[str] = _opt(None, "with --timeline: record only steps A to B "
                                                "(1-based, inclusive), e.g. 100:110")
+    overwrite: bool = _opt(False, "let --timeline replace a file that exists (refused "
+                                  "otherwise: nothing of the user's is overwritten)")
     log_every: int = _opt(10, "print and log every N steps")
     eval_every: Optional[int] = _opt(None, "evaluate on the validation split every N steps "
                                            "(default: each epoch's end; 0: only at the end)")

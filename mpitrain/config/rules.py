@@ -18,7 +18,7 @@ from ..parallel.pipeline.schedules import MAX_MICROBATCHES
 from ..runtime import ConfigError, MpitrainError, literal
 from .options import CHOICES, Config
 
-__all__ = ["validate", "refuse_what_does_not_apply", "types", "OK", "BOUNDS"]
+__all__ = ["validate", "refuse_what_does_not_apply", "check_length", "types", "OK", "BOUNDS"]
 
 DEFAULTS = {f.name: f.default for f in fields(Config)}
 
@@ -236,6 +236,8 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
                   "cuts the batches of {reproducible}, which is off", ["reproducible"]))
     rules.append(("timeline_steps", cfg.timeline is None,
                   "is the window of {timeline}, and none is asked for", ["timeline"]))
+    rules.append(("overwrite", cfg.timeline is None,
+                  "lets {timeline} replace a file, and none is asked for", ["timeline"]))
     rules.append(("balance_every", cfg.balance != "speed",
                   "spaces the speed measurements of {balance} speed; this run's {balance} is "
                   + cfg.balance, ["balance"]))
@@ -254,3 +256,30 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
             value = literal(repr(getattr(cfg, name)))
             raise ConfigError(f"{{{name}}} {value} does not apply: it {why}", [name, *others])
 
+
+
+def check_length(cfg: Config, total: int, steps_per_epoch: int) -> None:
+    """Refuse what cannot make sense over a run of ``total`` steps (known once the data
+    is): a schedule longer than the run, a window after its end, a balance or early stop
+    that can never act.  Every rank finds the same, so every rank raises it."""
+    rules = [
+        ("warmup_steps", cfg.warmup_steps and cfg.warmup_steps >= total,
+         f"{cfg.warmup_steps} is as long as the run ({total} steps) or longer: the lr would "
+         "never reach its peak {lr}"),
+        ("lr_step_every", cfg.lr_schedule == "step"
+         and (cfg.lr_step_every or steps_per_epoch) >= total,
+         f"{cfg.lr_step_every or steps_per_epoch} (one epoch, if not given) is as long as the "
+         f"run ({total} steps) or longer: the step {{lr_schedule}} would never lower the lr"),
+        ("timeline_steps", cfg.timeline_steps and cfg.timeline_window()[0] > total,
+         f"{cfg.timeline_steps} starts after the run's last step ({total}): the timeline "
+         "would record nothing"),
+        ("balance_every", cfg.balance == "speed" and cfg.balance_every >= total,
+         f"{cfg.balance_every} is as long as the run ({total} steps) or longer: the batches "
+         "would never be re-split"),
+        ("early_stop", cfg.early_stop is not None and cfg.eval_every == 0,
+         f"{cfg.early_stop} follows evaluations, and {{eval_every}} 0 evaluates once, at the "
+         "end: the run could never stop early"),
+    ]
+    for name, wrong, why in rules:
+        if wrong:
+            raise ConfigError(f"{{{name}}} {why}", None, everywhere=True)

@@ -12,6 +12,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Callable, Dict, List, Tuple
 
+from ..paths import input_file, kind_of, reason
 from ..runtime import ConfigError, MpitrainError
 from .options import CHOICES, Config
 from .rules import OK, refuse_what_does_not_apply, types
@@ -29,8 +30,12 @@ def flag(name: str) -> str:
 
 
 def _parse_list(text: str) -> List[int]:
+    items = str(text).split(",")
+    if any(not v.strip() for v in items) and str(text).strip():
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r} "
+                                         "(an empty item)")
     try:
-        return [int(v) for v in str(text).split(",") if v.strip()]
+        return [int(v) for v in items if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
@@ -69,12 +74,18 @@ def from_sources(args: argparse.Namespace) -> Tuple[Config, Callable[[str], str]
     path = getattr(args, "config", None)
     known = types()
     if path:
+        if kind_of(path) is None:
+            raise MpitrainError(f"{path}: no such config file")
+        input_file(path, "config file")
         try:
             with open(path, "rb") as fh:
                 table = tomllib.load(fh)
-        except FileNotFoundError:
-            raise MpitrainError(f"{path}: no such config file") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except UnicodeDecodeError as exc:
+            raise MpitrainError(f"{path}: not a TOML file: byte {exc.start} is not UTF-8 "
+                                "text") from None
+        except OSError as exc:
+            raise MpitrainError(f"{path}: cannot read the config file: {reason(exc)}") from None
+        except tomllib.TOMLDecodeError as exc:
             raise MpitrainError(f"{path}: not valid TOML: {exc}") from None
         for key, value in table.items():
             name = key.replace("-", "_")

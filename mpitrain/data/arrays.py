@@ -201,8 +201,6 @@ class ArrayDataset(Dataset):
             train, every = ranges["train"], ranges["val"]
             val_rows = _ranges_rows(ranges["val"][0]) if self.val_fraction else None
         record = scan_targets(sources, train, task, self.classes, every=every)
-        if record["name"] == "classification":
-            _sane_classes(record["classes"], y, self.classes)
         return record, _ranges_rows(train[0]), val_rows
 
     # -- connecting ------------------------------------------------------------------------
@@ -348,19 +346,6 @@ def _pair(x: np.ndarray, y: np.ndarray, xn: str, yn: str) -> None:
                           [param])
     if len(x) == 0:
         raise ConfigError(f"{{{param}}}: no samples in {xn}", [param])
-
-
-def _sane_classes(classes: int, y: np.ndarray, given: Optional[int]) -> None:
-    """Refuse a class count read from the labels that most classes would never be seen
-    in (a stray label of 1000 among 0/1 labels makes 1,001 classes); ``classes`` given
-    says it is meant."""
-    if given is not None or classes <= 16:
-        return
-    seen = len(np.unique(y))
-    if classes > 2 * seen:
-        raise ConfigError(f"{{y}}: labels up to {classes - 1} make {classes:,} classes, and "
-                          f"only {seen} distinct labels occur: a stray label? (give "
-                          "{classes} if that many are meant)", ["y", "classes"])
 
 
 def _finite(x: np.ndarray, comm, name: str = "x") -> None:

@@ -9,8 +9,9 @@ import numpy as np
 
 from ..balance import rank_slice
 from ..runtime import MpitrainError
-from .hdf5 import dataset, mapped, open_h5
+from .hdf5 import dataset, mapped, open_h5, unwritten
 from .manifest import Manifest, shard_path
+from .progress import Ticker
 
 __all__ = ["MODES", "check_dataset"]
 
@@ -68,7 +69,8 @@ def _targets_values(m: Manifest, t: np.ndarray, path: str, key: str, row0: int) 
 
 
 def _check_shard(m: Manifest, split: str, k: int, rows_range: Optional[Tuple[int, int]],
-                 values: bool, chunk_rows: int = 8192) -> Optional[str]:
+                 values: bool, chunk_rows: int = 8192,
+                 ticker: Optional[Ticker] = None) -> Optional[str]:
     """Check one entry's structure and, over its local samples ``rows_range``, its targets
     (and with ``values`` its features); return the problem, or None."""
     e = m.splits[split][k]
@@ -98,6 +100,9 @@ def _check_shard(m: Manifest, split: str, k: int, rows_range: Optional[Tuple[int
                 return (f"{path}: splits.{split}[{k}] reaches row {reach} (from {m.path}), "
                         f"but {e.x!r} has {x.shape[0]} rows and {e.y!r} {y.shape[0]}")
             mapped(x, path), mapped(y, path)  # a truncated file fails here, not at step 1
+            problem = unwritten(x, path) or unwritten(y, path)
+            if problem:
+                return problem
             lo, hi = rows_range or (0, 0)
             for _, r0, r1 in _pieces(e.ranges, lo, hi):
                 for a in range(r0, r1, chunk_rows):
@@ -105,6 +110,8 @@ def _check_shard(m: Manifest, split: str, k: int, rows_range: Optional[Tuple[int
                     problem = _targets_values(m, y[a:b], path, e.y, a)
                     if problem:
                         return problem
+                    if ticker is not None:
+                        ticker.add((b - a) * _row_bytes(x) if values else (b - a) * 8)
                     if values and x.dtype.kind == "f":
                         block = x[a:b].reshape(b - a, -1)
                         finite = np.isfinite(block).all(axis=1)
@@ -117,6 +124,10 @@ def _check_shard(m: Manifest, split: str, k: int, rows_range: Optional[Tuple[int
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"{path}: unreadable shard: {detail}"
     return None
+
+
+def _row_bytes(x) -> int:
+    return int(np.prod(x.shape[1:])) * x.dtype.itemsize
 
 
 def check_dataset(m: Manifest, comm, full: bool = True) -> None:
@@ -147,8 +158,11 @@ def check_dataset(m: Manifest, comm, full: bool = True) -> None:
                 todo[(split, k)] = (a, b)
             start += rows
     problems = []
+    row = int(np.prod(m.features)) * m.dtype.itemsize if full else 8
+    ticker = Ticker("checking the data" + ("'s values" if full else "'s targets"),
+                    (hi - lo) * row, enabled=rank == 0)
     for (split, k), rows_range in sorted(todo.items()):
-        problem = _check_shard(m, split, k, rows_range, values=full)
+        problem = _check_shard(m, split, k, rows_range, values=full, ticker=ticker)
         if problem:
             problems.append((split, k, problem))
     # A shard can be checked by two ranks (structure and values): report it once.

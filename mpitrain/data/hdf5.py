@@ -22,7 +22,7 @@ import numpy as np
 
 from ..runtime import MpitrainError
 
-__all__ = ["open_h5", "dataset", "mapped", "MATERIALISE"]
+__all__ = ["open_h5", "dataset", "mapped", "unwritten", "MATERIALISE"]
 
 MATERIALISE = ("copy its data into the shard (h5py: f.create_dataset(name, data=src[()]); "
                "or h5repack), or write the dataset with 'python -m mpitrain prepare'")
@@ -80,6 +80,40 @@ def dataset(f, key: str, path: str, what: str = "dataset"):
         raise MpitrainError(f"{path}: dataset {key!r} keeps its data in external files "
                             f"({', '.join(files)}); {MATERIALISE}")
     return obj
+
+
+def unwritten(ds, path: str) -> Optional[str]:
+    """Why dataset ``ds`` of file ``path`` holds rows that were never written (they would
+    read as fill values, and reading them all could take for ever), or None.  Counting
+    the chunks written costs the size of the chunk index, not of the data."""
+    import math
+
+    if ds.size == 0 or ds.is_virtual or ds.external:
+        return None
+    if ds.chunks is None:
+        layout = ds.id.get_create_plist().get_layout()
+        if layout == h5d_contiguous() and ds.id.get_offset() is None:
+            return (f"{path}: dataset {ds.name!r} declares {ds.shape[0]:,} rows and none was "
+                    "ever written")
+        return None
+    grid = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+    written = ds.id.get_num_chunks()
+    if written < grid:
+        held = written * ds.chunks[0] if ds.ndim == 1 or grid == -(-ds.shape[0] //
+                                                                   ds.chunks[0]) else None
+        rows = f" (about {held:,} rows)" if held is not None else ""
+        return (f"{path}: dataset {ds.name!r} declares {ds.shape[0]:,} rows in {grid:,} chunks, "
+                f"and only {written:,} chunks were written{rows}: the others would read as "
+                "fill values; write every row, or shrink the dataset to the rows written "
+                "(h5py: ds.resize(n, axis=0))")
+    return None
+
+
+def h5d_contiguous() -> int:
+    """HDF5's layout code of a contiguous dataset."""
+    import h5py
+
+    return h5py.h5d.CONTIGUOUS
 
 
 def mapped(ds, path: str) -> Optional[np.ndarray]:

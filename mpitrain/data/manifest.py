@@ -31,10 +31,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..paths import kind_of
 from ..runtime import MpitrainError
 
 __all__ = ["FORMAT", "VERSION", "X_KEY", "Y_KEY", "Entry", "Manifest", "read_manifest",
-           "parse_manifest", "outputs_of",
+           "parse_manifest", "outputs_of", "overlap",
            "write_manifest", "shard_path"]
 
 FORMAT, VERSION = "mpitrain.shards", 2
@@ -208,6 +209,10 @@ def read_manifest(root: str) -> Manifest:
     if not os.path.isdir(root):
         raise MpitrainError(f"{root}: no such dataset directory "
                             "(make one with 'python -m mpitrain prepare' or 'data index')")
+    kind = kind_of(path)
+    if kind not in (None, "file"):  # a FIFO would be read for ever
+        raise MpitrainError(f"{path}: {'a directory' if kind == 'directory' else kind}, not a "
+                            "manifest file")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -271,4 +276,28 @@ def parse_manifest(meta, root: str, path: str) -> Manifest:
                          for k, shard in enumerate(shards)]
     if not splits.get("train"):
         raise MpitrainError(f"{path}: no 'train' split")
+    problem = overlap(splits)
+    if problem:
+        raise MpitrainError(f"{path}: {problem}: a row would be read twice (a validation row "
+                            "trained on, or a sample counted twice)")
     return Manifest(root, features, dtype, task, splits, targets)
+
+
+def overlap(splits: Dict[str, List[Entry]]) -> Optional[str]:
+    """Where two entries (or two ranges of one) claim the same rows of the same dataset of
+    the same file, within a split or across splits, or None."""
+    claims: Dict[tuple, List[tuple]] = {}  # (file, x dataset) -> [(lo, hi, where)]
+    for split in sorted(splits):
+        for k, e in enumerate(splits[split]):
+            key = (os.path.normpath(e.file), "/" + e.x.strip("/"))
+            for lo, hi in e.ranges:
+                if hi > lo:
+                    claims.setdefault(key, []).append((lo, hi, f"splits.{split}[{k}]"))
+    for (file, x), spans in claims.items():
+        spans.sort()
+        for (a0, a1, first), (b0, b1, second) in zip(spans, spans[1:]):
+            if b0 < a1:
+                both = first if first == second else f"{first} and {second}"
+                return (f"{both} both hold rows {b0}..{min(a1, b1) - 1} of {file} "
+                        f"(dataset {x})")
+    return None

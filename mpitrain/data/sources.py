@@ -20,10 +20,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..runtime import ConfigError, MpitrainError, literal
-from .hdf5 import dataset, open_h5
+from .hdf5 import dataset, open_h5, unwritten
+from .progress import Ticker
 from .manifest import TASKS
 
-__all__ = ["Source", "open_sources", "split_blocks", "scan_targets", "BLOCK_ROWS"]
+__all__ = ["Source", "open_sources", "split_blocks", "scan_targets", "sane_classes",
+           "BLOCK_ROWS"]
 
 BLOCK_ROWS = 4096  # rows read at a time when the file's own chunks do not say
 
@@ -74,6 +76,10 @@ def open_sources(paths: Sequence[str], x_key: str, y_key: str) -> List[Source]:
                 f.close()
                 raise
             sources.append(Source(path, f, x, y))
+            for ds in (x, y):
+                problem = unwritten(ds, path)
+                if problem:
+                    raise MpitrainError(problem)
             if x.ndim < 1 or x.dtype.kind not in "fiu":
                 raise MpitrainError(f"{path}: dataset {x_key!r} should hold numbers (samples, "
                                     f"...), got {x.dtype} {x.shape}")
@@ -129,6 +135,19 @@ def split_blocks(sources: Sequence[Source], val_fraction: float,
     return {split: [_merge(r) for r in per] for split, per in out.items()}
 
 
+DISTINCT = 1 << 16  # labels counted apart at most: beyond, the count is not the concern
+
+
+def sane_classes(classes: int, distinct: int, where: str) -> None:
+    """Refuse a class count read from the largest label that most classes would never be
+    seen in (a stray label of 1000 among 0/1 labels makes 1,001 classes; one of 2^40 a
+    model no memory holds); ``classes`` given says such a count is meant."""
+    if classes > 16 and classes > 2 * distinct:
+        raise ConfigError(f"{literal(where)}: labels up to {classes - 1:,} make {classes:,} "
+                          f"classes, and only {distinct:,} distinct labels occur: a stray "
+                          "label? (give {classes} if that many are meant)", ["classes"])
+
+
 def scan_targets(sources: Sequence[Source], train: Sequence[Sequence[Tuple[int, int]]],
                  task: str = "auto", classes: Optional[int] = None,
                  every: Optional[Sequence[Sequence[Tuple[int, int]]]] = None) -> Dict[str, object]:
@@ -148,6 +167,11 @@ def scan_targets(sources: Sequence[Source], train: Sequence[Sequence[Tuple[int, 
                             f"'y' is {first.y.dtype} {tuple(first.y.shape)}")
     k = int(np.prod(shape)) if shape else 1
     total, total2, n, top = np.zeros(k), np.zeros(k), 0, -1
+    distinct: set = set()  # the labels that occur (up to DISTINCT of them)
+    rows = sum(hi - lo for rs in train for lo, hi in rs) + sum(
+        hi - lo for rs in (every or []) for lo, hi in rs)
+    ticker = Ticker(f"scanning the targets of {first.path}",
+                    rows * max(1, first.y.dtype.itemsize * k))
     shift = None  # sums of (y - shift): no cancellation when the mean is far from 0
     for part, ranges in (("train", train), ("val", every)):
         if part == "val" and every is None:
@@ -157,6 +181,7 @@ def scan_targets(sources: Sequence[Source], train: Sequence[Sequence[Tuple[int, 
             for lo, hi in rs:
                 for a in range(lo, hi, b):
                     t = s.y[a:min(hi, a + b)]
+                    ticker.add(t.nbytes)
                     flat = t.reshape(len(t), -1).astype(np.float64)
                     if task == "classification":
                         if t.size and t.min() < 0:
@@ -164,6 +189,8 @@ def scan_targets(sources: Sequence[Source], train: Sequence[Sequence[Tuple[int, 
                             raise MpitrainError(f"{s.path}: negative label {t.min()} at row "
                                                 f"{row}")
                         top = max(top, int(t.max()) if t.size else -1)
+                        if len(distinct) <= DISTINCT:
+                            distinct.update(np.unique(t).tolist())
                         continue
                     bad = ~np.isfinite(flat).all(axis=1)
                     if task == "multilabel":
@@ -181,6 +208,8 @@ def scan_targets(sources: Sequence[Source], train: Sequence[Sequence[Tuple[int, 
                         n += len(flat)
     if task == "classification":
         seen = top + 1
+        if classes is None:
+            sane_classes(seen, len(distinct), first.path)
         classes = max(seen, 2) if classes is None else classes
         if seen > classes:
             raise ConfigError(f"label {seen - 1} is out of range for {{classes}} {classes}",

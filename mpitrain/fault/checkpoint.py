@@ -60,7 +60,7 @@ import numpy as np
 from ..runtime import EXIT_IO, MpitrainError
 
 __all__ = ["FORMAT", "VERSION", "State", "CheckpointError", "CheckpointWriteError", "save",
-           "write_datasets",
+           "write_datasets", "not_finite",
            "load", "inspect", "crc32", "os_reason", "file_name", "host", "BEST"]
 
 FORMAT, VERSION = "mpitrain.checkpoint", 3
@@ -142,6 +142,15 @@ def _complete(state: "State") -> Optional[str]:
     return None
 
 
+def not_finite(arrays: Dict[str, np.ndarray]) -> Optional[str]:
+    """Where the first NaN or infinity of ``arrays`` (by name) is, or None."""
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            where = np.unravel_index(int(np.argmin(np.isfinite(a))), a.shape)
+            return f"{name} holds {a[where]} at {list(map(int, where))}"
+    return None
+
+
 def _consistent(state: "State") -> Optional[str]:
     """Why ``state``'s step disagrees with its optimizer or sampler, or None."""
     steps = state.optimizer.get("steps")
@@ -218,9 +227,7 @@ def save(directory: str, state: State, *, name: Optional[str] = None) -> Tuple[s
             # to its real size when it closes it.
             with h5py.File(tmp, "w", locking=False, libver="v110"):
                 pass
-            estimate = (sum(a.nbytes for _, a in datasets) + 8192 * len(datasets)
-                        + sum(len(str(v)) for v in attrs.values()) + (1 << 20))
-            _reserve(tmp, estimate)
+            _reserve(tmp, reservation(datasets, attrs))
             with h5py.File(tmp, "r+", locking=False, libver="v110") as f:
                 for key, value in attrs.items():
                     f.attrs[key] = value
@@ -248,6 +255,19 @@ def save(directory: str, state: State, *, name: Optional[str] = None) -> Tuple[s
                                    f"{state.step}: {failure}; the earlier checkpoints "
                                    "are intact")
     return final, os.path.getsize(final)
+
+
+# What HDF5 adds to the arrays' bytes (libver v110), measured: about 8 KiB for the file
+# and its groups, 300-450 bytes a dataset with its checksum attribute, the attributes'
+# text.  The reservation takes the upper end, so a full disk fails before a byte is
+# written, and stays within a few KiB of the file for a small model.
+FILE_BYTES, DATASET_BYTES = 12 << 10, 400
+
+
+def reservation(datasets: List[Tuple[str, np.ndarray]], attrs: Dict[str, object]) -> int:
+    """The bytes reserved for a checkpoint of ``datasets`` and ``attrs`` before writing."""
+    return (sum(a.nbytes for _, a in datasets) + DATASET_BYTES * len(datasets)
+            + 2 * sum(len(str(v)) for v in attrs.values()) + FILE_BYTES)
 
 
 def _reserve(path: str, nbytes: int) -> None:
@@ -348,6 +368,13 @@ def _read(path: str, strict: bool):
             params = {n: read(ds) for n, ds in f["params"].items()}
             opt_state = {k: {n: read(ds) for n, ds in group.items()}
                          for k, group in f.get("optimizer", {}).items()}
+            arrays = {**{f"params/{n}": a for n, a in params.items()},
+                      **{f"optimizer/{k}/{n}": a for k, named in opt_state.items()
+                         for n, a in named.items()}}
+            bad = not_finite(arrays)
+            rows.append(("finite", (), "check", bad is None))
+            if strict and bad:
+                raise CheckpointError(f"{path}: {bad}: a state no run can continue from")
             state = State(step=attrs["step"], epoch=attrs["epoch"],
                           epoch_step=attrs["epoch_step"], params=params,
                           optimizer_state=opt_state, optimizer=meta["optimizer"],

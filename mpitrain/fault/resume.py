@@ -36,16 +36,18 @@ class Checkpoints:
                     ckpts.save(trainer, step + 1)             # crash-safe, older ones pruned
 
     ``config``: what the checkpoints record as the run's configuration (a resume
-    compares its ``groups``); ``say``: where rank 0's notes go (print).
+    compares its ``groups``); ``say``: where rank 0's notes go (print); ``warn``: where
+    its warnings go, which a quiet run still shows (default: ``say``).
     """
 
     def __init__(self, comm, directory: Optional[str], *, every: int = 100,
                  keep_last: int = 3, resume: str = "auto",
                  config: Optional[Dict[str, Any]] = None,
-                 say: Callable[[str], None] = print):
+                 say: Callable[[str], None] = print, warn: Optional[Callable[[str], None]] = None):
         self.comm, self.directory = comm, directory
         self.every, self.keep_last, self.policy = every, keep_last, resume
         self.config, self.say = dict(config or {}), say
+        self.warn = warn or say  # what changes the run (a damaged checkpoint skipped)
         self.written, self.seconds, self.last_bytes = 0, 0.0, 0
         self.lock: Optional[DirectoryLock] = None
         self.loop: Dict[str, Any] = {}  # the resumed checkpoint's loop state, on every rank
@@ -159,7 +161,7 @@ class Checkpoints:
                     "or {resume} auto")
             return None, None
         if self.policy == "auto":
-            got = store.newest_valid(d, lambda w: self.say(f"warning: {w}")) if d else None
+            got = store.newest_valid(d, lambda w: self.warn(f"warning: {w}")) if d else None
             if got is None:
                 return None, None
             state, path = got

@@ -34,6 +34,7 @@ from ..process import init
 from ..runtime import ConfigError, Preempted, agreed, literal
 from .healing import Job
 from .loop import Loop
+from .outputs import check_run_paths
 
 __all__ = ["fit", "train", "FitResult", "run_training"]
 
@@ -122,6 +123,7 @@ def run_training(cfg: Config, comm: MPI.Comm, *, model: Any = None, data: Any = 
     survivors out of the loop; ``run.healing`` heals the job and the loop starts
     again from the state of the rank that got furthest."""
     faults = Faults(cfg.fault)
+    check_run_paths(cfg, comm)  # before anything is read or written
     job = Job(cfg, comm, faults)
     ckpts = Checkpoints(job.comm, cfg.ckpt_dir, every=cfg.ckpt_every,
                         keep_last=cfg.keep_last, resume=cfg.resume, config=cfg.to_dict())

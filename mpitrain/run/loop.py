@@ -17,6 +17,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..config import Config
+from ..config.rules import check_length
 from ..fault.drills import Faults
 from ..fault.elastic import is_failure, launch_rank
 from ..fault.preemption import Preemption
@@ -139,6 +140,7 @@ class Loop:
         self.faults.arm(self.trainer, launch_rank(), cfg.seed)
         spe = self.trainer.sampler.steps_per_epoch
         self.total = cfg.total_steps(spe)
+        check_length(cfg, self.total, spe)
         self.lr_at = lr_schedule(cfg, spe, self.total)
         has_val = self.connected.val is not None and len(self.connected.val) > 0
         self.monitor = Monitor.for_task(cfg.monitor, self.trainer.task.goals, cfg.early_stop,
@@ -159,6 +161,7 @@ class Loop:
                                headline=trainer.task.headline)
         on_root(comm, self.report.open_logs)
         self.ckpts.say = self.report.say
+        self.ckpts.warn = lambda text: self.report.say(text, always=True)
         trainer.on_event = self.report.event
 
     def _nothing_to_do(self, start: int) -> bool:

@@ -101,13 +101,28 @@ class MetricsLog:
         self.close()
 
     def write(self, record: Optional[Dict[str, Any]] = None, **fields: Any) -> None:
-        """Append ``record`` (and ``fields``) as one line (rank 0; the others: nothing)."""
+        """Append ``record`` (and ``fields``) as one line (rank 0; the others: nothing).
+
+        A write that fails (a full disk) takes back what it wrote of the record and
+        stops the log with one warning: the file keeps whole records only, and training
+        goes on (a checkpoint, which needs the disk, says what to do)."""
         if self._fd is None:
             return
         line = (json.dumps({**(record or {}), **fields}) + "\n").encode()
-        written = os.write(self._fd, line)
-        while written < len(line):  # a short write (a signal, a full pipe): the rest
-            written += os.write(self._fd, line[written:])
+        before = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, line)
+            while written < len(line):  # a short write (a signal, a full pipe): the rest
+                written += os.write(self._fd, line[written:])
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fd, before)
+            except OSError:
+                pass
+            self.close()
+            print(f"mpitrain: warning: {self.path}: cannot write the metrics: "
+                  f"{os.strerror(exc.errno) if exc.errno else exc}; the log stops at its last "
+                  "whole record", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Close the file (local)."""
@@ -356,19 +371,30 @@ def summary_line(summary: Dict[str, Any], headline: str = "accuracy") -> str:
             f"data {summary['share_data']:.0%}{ckpt}")
 
 
-def read_log(path: str) -> List[Dict[str, Any]]:
-    """The step records of a metrics file (or a run directory's metrics.jsonl)."""
+def read_log(path: str, warn=None) -> List[Dict[str, Any]]:
+    """The step records of a metrics file (or a run directory's metrics.jsonl).  A torn
+    last record (a crash or a full disk in the middle of a write) is skipped with a
+    warning (``warn``, default: stderr); a bad record before it is a ValueError."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path}:{n}: not a JSON object") from None
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    last = max([k for k, line in enumerate(lines) if line.strip()], default=-1)
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if k == last:
+                (warn or _stderr)(f"{path}:{k + 1}: a torn last record, skipped")
+                break
+            raise ValueError(f"{path}:{k + 1}: not a JSON object") from None
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
     return records
+
+
+def _stderr(text: str) -> None:
+    print(f"mpitrain: warning: {text}", file=sys.stderr, flush=True)

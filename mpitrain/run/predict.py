@@ -34,6 +34,7 @@ from ..model.losses import make_loss
 from ..model.sequential import Sequential
 from ..model.tasks import Classification, Task, make_task
 from ..parallel.evaluation import evaluate_split
+from ..paths import output_file
 from ..runtime import MpitrainError, agreed, on_root
 
 __all__ = ["Model", "load_model", "predict", "evaluate"]
@@ -60,6 +61,13 @@ class Model:
         # Samples in their shape, or flattened: the model sees them in their shape.
         x = x.reshape(len(x), *self.input_shape).astype(self.network.dtype, copy=False)
         return self.network(x)
+
+    def takes(self, shape: Sequence[int], what: str, path: str) -> None:
+        """Refuse samples of ``shape`` (from ``what``) that this model cannot take."""
+        if math.prod(shape) != math.prod(self.input_shape):
+            raise MpitrainError(f"{what}: samples of shape {tuple(shape)}, and the model of "
+                                f"{path} takes {self.input_shape} "
+                                f"({math.prod(self.input_shape)} values each)")
 
     def predict(self, x: np.ndarray) -> Dict[str, np.ndarray]:
         """Everything a prediction holds for inputs ``x`` (n, *features), by name."""
@@ -134,7 +142,7 @@ def _rows_of(data: str, x_key: Optional[str], split: Optional[str]):
         split = split or ("val" if m.rows("val") else "train")
         shards = Shards(m, split)
         return (lambda lo, hi: shards.read_range(lo, hi)[0]), len(shards), \
-            f"{data} ({split} split)", shards.close
+            f"{data} ({split} split)", shards.close, m.features
     if not os.path.isfile(data):
         raise MpitrainError(f"{data}: no such dataset directory or HDF5 file")
     try:
@@ -143,28 +151,51 @@ def _rows_of(data: str, x_key: Optional[str], split: Optional[str]):
         raise MpitrainError(f"{data}: not a readable HDF5 file: {str(exc).splitlines()[0]}") \
             from None
     ds = dataset(f, x_key or "x", data, "dataset (--x)")
-    return (lambda lo, hi: ds[lo:hi]), int(ds.shape[0]), f"{data}:{ds.name}", f.close
+    if ds.ndim < 1 or ds.dtype.kind not in "fiu":
+        f.close()
+        raise MpitrainError(f"{data}: dataset {ds.name!r} should hold numbers (samples, ...), "
+                            f"got {ds.dtype} {ds.shape}")
+    return (lambda lo, hi: ds[lo:hi]), int(ds.shape[0]), f"{data}:{ds.name}", f.close, \
+        tuple(ds.shape[1:])
+
+
+def _predicted(model: "Model", read, lo: int, hi: int, what: str, block: int) -> list:
+    """The predictions of rows [lo, hi), block by block; a row that is not finite is
+    refused with its number (its prediction would be NaN)."""
+    parts = []
+    for a in range(lo, hi, block):
+        x = read(a, min(hi, a + block))
+        if x.dtype.kind == "f":
+            ok = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+            if not ok.all():
+                raise MpitrainError(f"{what}: row {a + int(np.argmin(ok))} holds NaN or inf: "
+                                    "its prediction would be NaN (nothing was written)")
+        parts.append(model.predict(x))
+    return parts
 
 
 def predict(checkpoint: str, data: str, out: str, comm: MPI.Comm, *,
             x_key: Optional[str] = None, split: Optional[str] = None,
-            block: int = 4096) -> Dict[str, object]:
+            block: int = 4096, overwrite: bool = False) -> Dict[str, object]:
     """Predict every row of ``data`` (a dataset directory's split, or an HDF5 file's
-    ``x_key`` dataset) with ``checkpoint`` into ``out`` (collective); return a summary."""
+    ``x_key`` dataset) with ``checkpoint`` into ``out`` (collective; ``overwrite``: an
+    existing ``out`` may be replaced); return a summary."""
     import h5py
 
-    def refuse_existing() -> None:
-        if os.path.exists(out):
-            raise MpitrainError(f"{out}: already exists; choose another --out (nothing was "
-                                "written)")
+    def check_out() -> None:
+        if os.path.isfile(out) and not overwrite:
+            raise MpitrainError(f"{out}: already exists; choose another --out, or --overwrite "
+                                "(nothing was written)")
+        output_file(out, "predictions", overwrite=overwrite)
 
-    on_root(comm, refuse_existing)
+    on_root(comm, check_out)
     model = agreed(comm, lambda: load_model(checkpoint))
-    read, n, what, close = agreed(comm, lambda: _rows_of(data, x_key, split))
+    read, n, what, close, shape = agreed(comm, lambda: _rows_of(data, x_key, split))
     rank, size = comm.Get_rank(), comm.Get_size()
     lo, hi = rank_slice(n, rank, size)
     try:
-        parts = [model.predict(read(a, min(hi, a + block))) for a in range(lo, hi, block)]
+        agreed(comm, lambda: model.takes(shape, what, checkpoint))
+        parts = agreed(comm, lambda: _predicted(model, read, lo, hi, what, block))
         mine = agreed(comm, lambda: {k: np.concatenate([p[k] for p in parts])
                                      if parts else None for k in _keys(model, parts)})
     finally:
