@@ -282,3 +282,102 @@ def test_mutated_checkpoints(saved, tmp_path_factory, data):
     good = checkpoint.load(path)  # what loads is the checkpoint, bit for bit
     assert state.step == good.step and state.config == good.config
     assert all(np.array_equal(state.params[k], good.params[k]) for k in good.params)
+
+
+RANGE = st.lists(st.tuples(st.integers(-2, 40), st.integers(-2, 40)), min_size=0, max_size=3)
+
+
+@FUZZ
+@given(data=st.data())
+def test_manifests_whose_rows_may_not_add_up(pristine, tmp_path_factory, watch, data):
+    """Random row ranges in random entries of both splits, over the same files: a manifest
+    either is refused, or every row it lists is read once (no entry's range overlaps
+    another's, in a split or across them) and its rows add up to its ranges."""
+    root = copy(pristine, tmp_path_factory.getbasetemp(), "ranges")
+    with open(os.path.join(root, "manifest.json")) as f:
+        meta = json.load(f)
+    files = sorted({e["file"] for es in meta["splits"].values() for e in es})
+    for split in ("train", "val"):
+        entries = []
+        for _ in range(data.draw(st.integers(1, 3))):
+            ranges = [sorted(r) for r in data.draw(RANGE)]
+            rows = sum(b - a for a, b in ranges) + data.draw(st.sampled_from([0, 0, 0, 1]))
+            entries.append({"file": data.draw(st.sampled_from(files)), "rows": rows,
+                            "x": "x", "y": "y", "ranges": ranges})
+        meta["splits"][split] = entries
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(meta, f)
+    if not attempt(root, watch):
+        return
+    m = read_manifest(root)
+    seen = set()
+    for split, entries in m.splits.items():
+        for e in entries:
+            assert sum(b - a for a, b in e.ranges) == e.rows
+            for a, b in e.ranges:
+                rows = {(e.file, r) for r in range(a, b)}
+                assert not rows & seen, (split, e)
+                seen |= rows
+
+
+TOML_TEXT = st.text(alphabet=st.sampled_from(list("abcdefghijklmnopqrstuvwxyz_-=[]{}\"' .,0"
+                                                  "123456789\n#+")), max_size=80)
+
+
+@FUZZ
+@given(data=st.data())
+def test_random_toml_as_a_config_file(tmp_path_factory, data):
+    """Random text, random bytes and random values of real keys as --config: a Config or
+    mpitrain's error, never another exception."""
+    from mpitrain.cli.parser import parser
+    from mpitrain.config import from_sources
+    from mpitrain.config.rules import types
+
+    path = tmp_path_factory.getbasetemp() / "run.toml"
+    how = data.draw(st.sampled_from(["text", "bytes", "keys"]))
+    if how == "bytes":
+        path.write_bytes(data.draw(st.binary(max_size=120)))
+    elif how == "text":
+        path.write_text(data.draw(TOML_TEXT))
+    else:
+        keys = data.draw(st.lists(st.sampled_from(sorted(types())), min_size=1, max_size=4))
+        values = st.integers(-5, 10 ** 6) | st.floats(allow_nan=True) | st.booleans() | \
+            st.text(alphabet="abcxyz:=,0123456789", max_size=12) | \
+            st.lists(st.integers(-2, 20), max_size=3)
+        lines = []
+        for key in keys:
+            value = data.draw(values)
+            lines.append(f"{key} = {json.dumps(value) if not isinstance(value, float) else value}")
+        path.write_text("\n".join(lines).replace("NaN", "nan").replace("Infinity", "inf"))
+    args = parser().parse_args(["train", "--config", str(path)])
+    try:
+        from_sources(args)
+    except MpitrainError:
+        pass
+
+
+@FUZZ
+@given(data=st.data())
+def test_checkpoint_values(saved, tmp_path_factory, data):
+    """Random values in a checkpoint's arrays, the checksums made to match: it loads, bit
+    for bit, exactly when every value is finite; else it is refused naming the array."""
+    path, blob = saved
+    damaged = str(tmp_path_factory.getbasetemp() / "values.h5")
+    open(damaged, "wb").write(blob)
+    values = st.floats(allow_nan=True, allow_infinity=True, width=32)
+    with h5py.File(damaged, "r+") as f:
+        names = sorted(k for k in f["params"])
+        name = data.draw(st.sampled_from(names))
+        ds = f["params"][name]
+        arr = ds[()]
+        for _ in range(data.draw(st.integers(1, 4))):
+            where = tuple(data.draw(st.integers(0, n - 1)) for n in arr.shape)
+            arr[where] = data.draw(values)
+        ds[...] = arr
+        ds.attrs["crc32"] = checkpoint.crc32(arr)
+    try:
+        state = checkpoint.load(damaged)
+    except checkpoint.CheckpointError as exc:
+        assert not np.isfinite(arr).all() and f"params/{name} holds" in str(exc)
+        return
+    assert np.isfinite(arr).all() and np.array_equal(state.params[name], arr)

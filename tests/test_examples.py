@@ -122,7 +122,7 @@ def test_readme_api_example_runs(tmp_path, small_data):
     script.write_text(code)
     result = run_mpi(2, [script])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("val_accuracy") == 1 and "6 tensors" in result.stdout
+    assert result.stdout.count("val_accuracy") == 1
 
 
 def rank_pids(script: str) -> list:

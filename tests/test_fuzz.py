@@ -13,7 +13,9 @@ from conftest import ROOT, clean_env
 pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis")
 
 TARGETS = ["test_random_json_as_a_manifest", "test_mutated_manifests",
-           "test_mutated_shard_bytes", "test_shard_structures", "test_mutated_checkpoints"]
+           "test_mutated_shard_bytes", "test_shard_structures", "test_mutated_checkpoints",
+           "test_manifests_whose_rows_may_not_add_up", "test_random_toml_as_a_config_file",
+           "test_checkpoint_values"]
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -203,3 +203,38 @@ def test_the_memory_check_counts_the_buffers_of_groups_held_apart(monkeypatch):
     assert building._group_buffers(12, replicas=1, pp=2) == 0
     monkeypatch.setattr(building, "limit_threads", lambda: {"threads": 1})
     assert building._group_buffers(12, replicas=1, pp=1) == 0
+
+
+def test_an_error_every_rank_finds_is_said_once_without_the_abort_banner(small_data, tmp_path):
+    """Usage errors (each rank parses the same flags) and predict's input checks (each rank
+    reads its slice) are agreed: one line, exit 2, no MPI_Abort."""
+    usage = run_mpi(2, ["-m", "mpitrain", "train", "--hidden", "8,,8"])
+    one_error(usage, "argument --hidden: expected comma-separated integers, got '8,,8'")
+    assert "usage:" not in usage.stderr and "Abort" not in usage.stderr
+    ckpt = tmp_path / "ckpt"
+    assert run_train(2, "--data", small_data, *ARGS, "--steps", "3", "--ckpt-dir",
+                     ckpt).returncode == 0
+    narrow = tmp_path / "narrow.h5"
+    import h5py
+    import numpy as np
+
+    with h5py.File(narrow, "w") as f:
+        f["x"] = np.zeros((10, 5), np.float32)
+    got = run_mpi(2, ["-m", "mpitrain", "predict", ckpt / "ckpt-000000003.h5", "--data",
+                      narrow, "--out", tmp_path / "p.h5"])
+    one_error(got, "samples of shape (5,), and the model of")
+    assert "Abort" not in got.stderr and not (tmp_path / "p.h5").exists()
+
+
+def test_quiet_still_says_a_damaged_checkpoint_was_skipped(small_data, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    first = run_train(2, "--data", small_data, *ARGS, "--steps", "10", "--ckpt-every", "5",
+                      "--ckpt-dir", ckpt, "--quiet")
+    assert first.returncode == 0, first.stderr
+    with open(ckpt / "ckpt-000000010.h5", "r+b") as f:
+        f.truncate(300)
+    again = run_train(2, "--data", small_data, *ARGS, "--steps", "12", "--ckpt-dir", ckpt,
+                      "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("warning: skipping checkpoint") == 1
+    assert "done: steps 6-12" in again.stdout  # from the older one

@@ -84,8 +84,14 @@ def _accuracy(cfg: Config, comm: MPI.Comm) -> Optional[float]:
 
     from ..run.fit import train
 
+    from ..data.manifest import read_manifest
+
     where = tempfile.mkdtemp(prefix="mpitrain-bench-") if comm.rank == 0 else None
     cfg = cfg.replace(run_dir=comm.bcast(where, root=0))
+    if cfg.balance == "speed":  # re-split at least twice, however short the run
+        samples = read_manifest(cfg.data).rows("train")
+        total = cfg.total_steps(-(-samples // cfg.batch_size))
+        cfg = cfg.replace(balance_every=max(1, min(cfg.balance_every, total // 3)))
     with open(os.devnull, "w") as devnull:
         summary = train(cfg, comm, out=devnull)
     if comm.rank == 0:

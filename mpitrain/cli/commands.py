@@ -158,7 +158,7 @@ def inspect(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def info(comm) -> None:
+def info(args: argparse.Namespace, comm) -> None:
     """``info``: what this job runs on (collective; rank 0 prints)."""
     import h5py
     import mpi4py

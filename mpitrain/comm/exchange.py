@@ -355,6 +355,13 @@ class Exchange:
         if self.exact is not None and self.size > 1:
             self.comm.Allreduce(MPI.IN_PLACE, self.buffer[self.exact], op=MPI.SUM)
 
+    def stop(self) -> None:
+        """Stop the helper thread (local; after an error: nothing collective)."""
+        if self._worker is not None:
+            self._jobs.put(None)
+            self._worker.join()
+            self._worker = None
+
     def abandon(self) -> List[MPI.Comm]:
         """After a rank died (local): revoke the communicator, so a sum in flight ends
         with an error, and stop the helper thread.  The buffer stays readable; returns

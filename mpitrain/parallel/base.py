@@ -139,6 +139,14 @@ class TrainerBase(Computing, CheckpointState):
         self.batches.close()
         self.exchange.close()
 
+    def stop(self) -> None:
+        """After an error (local, nothing collective): stop the threads reading ahead and
+        exchanging, so nothing of this trainer runs on in a process that goes on."""
+        self.batches.close()
+        stop = getattr(self.exchange, "stop", None)
+        if stop is not None:
+            stop()
+
     def abandon(self) -> List[MPI.Comm]:
         """After a rank died (local): stop the helper threads, revoke the exchange and
         close the data; the arrays stay readable.  Returns this trainer's own

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -101,21 +101,44 @@ class Loop:
         try:
             return self._run(notes)
         except MPI.Exception as exc:
-            if self.cfg.on_failure == "abort" or not is_failure(exc):
-                raise
-            raise healing.leave(self, exc) from None
+            if self.cfg.on_failure != "abort" and is_failure(exc):
+                raise healing.leave(self, exc) from None
+            self._stop()
+            raise
+        except BaseException:
+            self._stop()
+            raise
+
+    def _stop(self) -> None:
+        """After an error (local): stop the watchdog and every helper thread, so a process
+        that goes on (a script that caught the error) is not aborted by them later."""
+        if self.dog is not None:
+            self.dog.abandon()
+        if self.trainer is not None and hasattr(self.trainer, "batches"):
+            self.trainer.stop()
+        if self.report is not None:
+            self.report.close()
+        RECORDER.enabled = RECORDER.on = False
 
     def _run(self, notes: List[str]) -> Dict[str, Any]:
         self._build()
-        self._open_outputs()
         if self.carry is None:
-            for line in banner(self.cfg, self.trainer, self.connected, self.comm.size,
-                               self.total, self.run_dir, self.lr_at) + notes:
-                self.report.say(line)
+            # The checkpoint to resume from is chosen and checked before anything is
+            # written (the run's record, the logs): a refusal leaves the directory as it was.
+            said: List[Tuple[str, bool]] = []
+            self.ckpts.say = lambda text: said.append((text, False))
+            self.ckpts.warn = lambda text: said.append((text, True))
             start = self.ckpts.resume(self.trainer)
             self.monitor.restore(self.ckpts.loop)
             self.completed = start  # the trainer holds the state of ``start`` steps now
+            self._open_outputs()
+            for line in banner(self.cfg, self.trainer, self.connected, self.comm.size,
+                               self.total, self.run_dir, self.lr_at) + notes:
+                self.report.say(line)
+            for text, always in said:
+                self.report.say(text, always=always)
         else:
+            self._open_outputs()
             start = healing.recover(self, notes)
         self.meter = Meter(start, self.total)
         self.end, t0 = self.total, time.perf_counter()

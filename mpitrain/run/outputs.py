@@ -22,7 +22,7 @@ def check_run_paths(cfg: Config, comm) -> None:
 
     def check() -> None:
         if cfg.resume not in ("auto", "none"):
-            input_file(cfg.resume, "checkpoint", "resume")
+            input_file(cfg.resume, "checkpoint file", "resume")
         if cfg.run_dir:
             output_dir(cfg.run_dir, "run directory", "run_dir")
         if cfg.log:  # appended: a file that exists is continued

@@ -152,9 +152,10 @@ def _rows_of(data: str, x_key: Optional[str], split: Optional[str]):
             from None
     ds = dataset(f, x_key or "x", data, "dataset (--x)")
     if ds.ndim < 1 or ds.dtype.kind not in "fiu":
+        problem = (f"{data}: dataset {ds.name!r} should hold numbers (samples, ...), got "
+                   f"{ds.dtype} {ds.shape}")
         f.close()
-        raise MpitrainError(f"{data}: dataset {ds.name!r} should hold numbers (samples, ...), "
-                            f"got {ds.dtype} {ds.shape}")
+        raise MpitrainError(problem)
     return (lambda lo, hi: ds[lo:hi]), int(ds.shape[0]), f"{data}:{ds.name}", f.close, \
         tuple(ds.shape[1:])
 
