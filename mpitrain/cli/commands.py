@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from ..paths import output_file
+from ..paths import output_file, replace
 from ..runtime import MpitrainError, on_root
 
 __all__ = ["prepare", "index", "print_metrics", "inspect", "info", "run_prepare", "run_index",
@@ -153,7 +153,8 @@ def inspect(args: argparse.Namespace) -> int:
         output_file(args.export, "export", overwrite=args.overwrite)
         if bad:
             raise MpitrainError(f"{args.checkpoint}: not exporting: checksums fail for {bad}")
-        np.savez(args.export, **state.params)
+        with replace(args.export, "wb") as f:  # whole or not at all
+            np.savez(f, **state.params)
         print(f"wrote {args.export}: {len(state.params)} parameters")
     return 1 if bad else 0
 

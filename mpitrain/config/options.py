@@ -29,6 +29,7 @@ from ..model.optim import OPTIMIZERS
 from ..model.schedule import SCHEDULES as LR_SCHEDULES
 from ..model.sequential import DTYPES
 from ..parallel.pipeline.schedules import SCHEDULES
+from ..parallel.recipe import SHUFFLES
 from ..parallel.speed import BALANCE
 
 STRATEGIES = ("allreduce", "ps")  # run.build picks the trainer of each
@@ -46,7 +47,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "schedule": SCHEDULES,
     "progress": PROGRESS,
     "grad_dtype": ("full", *WIRES),
-    "shuffle": ("auto", "global", "chunks"),
+    "shuffle": SHUFFLES,
     "lr_schedule": LR_SCHEDULES,
     "on_failure": ON_FAILURE,
     "strategy": STRATEGIES,

@@ -15,6 +15,7 @@ from typing import Dict
 from ..comm.exchange import check_options
 from ..fault.drills import Faults
 from ..parallel.pipeline.schedules import MAX_MICROBATCHES
+from ..parallel.recipe import RECIPE_BOUNDS
 from ..runtime import ConfigError, MpitrainError, literal
 from .options import CHOICES, Config
 
@@ -49,18 +50,19 @@ OK = {
 
 # name -> (comparison, bound, a note for the message): the numbers' valid ranges.
 BOUNDS = {
-    "batch_size": (">", 0, ""), "lr": (">", 0, ""), "log_every": (">", 0, ""),
+    # the trainers' own options: their rules are the trainers' (parallel.recipe)
+    **{name: (op, bound, "") for name, (op, bound) in RECIPE_BOUNDS.items()},
+    "lr": (">", 0, ""), "log_every": (">", 0, ""),
     "steps": (">=", 1, ""), "epochs": (">=", 1, ""), "eval_every": (">=", 0, ""),
-    "weight_decay": (">=", 0, ""), "bucket_mb": (">=", 0, ""), "seed": (">=", 0, ""),
-    "pp": (">=", 1, ""), "ckpt_every": (">=", 0, ""), "cache_mb": (">=", 0, ""),
-    "shuffle_window": (">=", 1, ""), "accumulate": (">=", 1, ""),
+    "weight_decay": (">=", 0, ""), "bucket_mb": (">=", 0, ""),
+    "pp": (">=", 1, ""), "ckpt_every": (">=", 0, ""),
     "warmup_steps": (">=", 0, ""), "lr_min": (">=", 0, ""), "lr_step_every": (">=", 1, ""),
-    "lr_gamma": (">", 0, ""), "clip_grad_norm": (">", 0, ""), "early_stop": (">=", 1, ""),
+    "lr_gamma": (">", 0, ""), "early_stop": (">=", 1, ""),
     "keep_last": (">=", 1, " (the newest checkpoint is always kept)"),
     "sigterm_grace": (">=", 0, " (0: never abort)"),
     "watchdog": (">=", 0, " (0 turns it off)"),
     "max_failures": (">=", 1, ""),
-    "servers": (">=", 1, ""), "groups": (">=", 1, ""), "staleness": (">=", 0, ""), "balance_every": (">=", 1, ""),
+    "servers": (">=", 1, ""), "groups": (">=", 1, ""), "staleness": (">=", 0, ""),
 }
 MONITOR = re.compile(r"^val_[a-z][a-z0-9_]*$")
 

@@ -112,8 +112,10 @@ class Manifest:
 
 
 def write_manifest(m: Manifest, directory: str) -> None:
-    """Write ``m`` as ``directory/manifest.json``."""
-    with open(os.path.join(directory, "manifest.json"), "w", encoding="utf-8") as f:
+    """Write ``m`` as ``directory/manifest.json``, whole or not at all."""
+    from ..paths import replace
+
+    with replace(os.path.join(directory, "manifest.json")) as f:
         json.dump(m.to_json(), f, indent=1)
         f.write("\n")
 

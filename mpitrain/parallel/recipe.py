@@ -23,18 +23,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..data.checks import MODES as CHECKS
 from ..data.datasets import Data, as_dataset
 from ..data.sampler import Sampler
 from ..model.losses import LOSSES, make_loss
 from ..model.tasks import Task, make_task
 from ..runtime import ConfigError, MpitrainError, agreed, literal
+from .speed import BALANCE
 
 __all__ = ["Recipe", "RECIPE_BOUNDS", "SHUFFLES", "CHECKS", "BALANCE", "split_options",
            "connect", "walk_shapes", "loss_for", "sampler_for", "check_batch"]
 
-SHUFFLES = ("auto", "global", "chunks")
-CHECKS = ("full", "meta")
-BALANCE = ("none", "speed")
+SHUFFLES = ("auto", "global", "chunks")  # the sample orders (data.sampler)
 # name -> (comparison, bound): what config.rules checks for the same keys.
 RECIPE_BOUNDS = {"batch_size": (">", 0), "seed": (">=", 0), "accumulate": (">=", 1),
                  "clip_grad_norm": (">", 0), "shuffle_window": (">=", 1),

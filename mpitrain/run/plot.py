@@ -68,7 +68,10 @@ def plot_runs(paths: Sequence[str], out: str) -> str:
     axes.flat[0].set_yscale("log")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    from ..paths import replace
+
+    with replace(out, "wb") as f:  # whole or not at all
+        fig.savefig(f, dpi=100, format="png")
     plt.close(fig)
     return out
 
