@@ -149,8 +149,10 @@ def same_bits(a, b) -> bool:
 
     return (a.step == b.step and a.params.keys() == b.params.keys()
             and all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
-            and all(np.array_equal(a.optimizer_state[s][k], b.optimizer_state[s][k])
-                    for s in a.optimizer_state for k in a.params)
+            and a.optimizer_state.keys() == b.optimizer_state.keys()
+            and all(a.optimizer_state[s].keys() == b.optimizer_state[s].keys()
+                    and all(np.array_equal(a.optimizer_state[s][k], b.optimizer_state[s][k])
+                            for k in a.optimizer_state[s]) for s in a.optimizer_state)
             and a.optimizer["steps"] == b.optimizer["steps"])
 
 

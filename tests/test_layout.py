@@ -27,6 +27,7 @@ LAYERS = {
     "process": 0.5,  # init(): on threads and malloc; every trainer calls it
     "model": 1, "data": 1, "comm": 1, "fault": 1,
     "parallel": 2, "config": 3, "run": 4,
+    "torch": 4.5,  # the PyTorch front end: on run's loop, comm's exchange, data, fault
     "bench": 5, "cli": 6, "__main__": 7, "__init__": 7,
     "testing": 7,  # test beds for developers and the tests: standalone
 }
@@ -94,6 +95,14 @@ def test_dependencies_point_one_way(path):
         assert LAYERS[other] < LAYERS[mine], (
             f"{me} (layer {LAYERS[mine]}) imports {name} (layer {LAYERS[other]}): "
             "dependencies point down only")
+
+
+def test_only_the_torch_front_end_and_the_benchmarks_import_torch():
+    """torch is optional: the rest of the package runs without it."""
+    found = [str(p.relative_to(ROOT)) for p in MODULES
+             if any(n == "torch" or n.startswith("torch.") for n in imports(p))]
+    assert found and all(f.startswith(("mpitrain/torch/", "mpitrain/bench/")) for f in found), \
+        found
 
 
 def test_no_module_is_larger_than_a_few_hundred_lines():

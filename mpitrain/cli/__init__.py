@@ -22,6 +22,13 @@ COMMANDS = {"prepare": "run_prepare", "data": "run_index", "predict": "run_predi
             "bench": "run_bench", "info": "info"}
 
 
+def _torch_front_end():
+    """``mpitrain.torch``'s ``train_torch`` (an error naming the missing torch)."""
+    from ..torch.fit import train_torch
+
+    return train_torch
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of ``python -m mpitrain``."""
     init()  # threads per rank before numpy loads, malloc, Open MPI's idle waits
@@ -34,9 +41,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         args = parser().parse_args(argv)  # a usage error: every rank's, printed once
         if args.command == "train":
             from ..config import from_sources
-            from ..run.fit import train
+            from ..run.fit import train as numpy_train
 
             cfg, names["name_of"] = agreed(comm, lambda: from_sources(args))
+            # a PyTorch model (--torch) trains through mpitrain.torch (needs torch)
+            train = numpy_train if cfg.torch is None else agreed(comm, _torch_front_end)
             summary = train(cfg, comm)
             return EXIT_PREEMPTED if summary["preempted"] else 0
         return int(getattr(commands, COMMANDS[args.command])(args, comm) or 0)

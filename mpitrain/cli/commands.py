@@ -63,7 +63,7 @@ def run_inspect(args: argparse.Namespace, comm) -> int:
 
 def run_bench(args: argparse.Namespace, comm) -> None:
     """``bench ...``: its ``--json`` checked before anything is measured."""
-    from ..bench import allreduce, layers, model, pipeline, recovery, stragglers
+    from ..bench import allreduce, layers, model, pipeline, recovery, stragglers, torch_peers
     from ..bench import train as train_bench
 
     if getattr(args, "json", None):
@@ -71,7 +71,7 @@ def run_bench(args: argparse.Namespace, comm) -> None:
                                           overwrite=args.overwrite))
     {"allreduce": allreduce, "pipeline": pipeline, "train": train_bench,
      "layers": layers, "recovery": recovery,
-     "stragglers": stragglers, "model": model}[args.bench].run(args, comm)
+     "stragglers": stragglers, "model": model, "torch": torch_peers}[args.bench].run(args, comm)
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -133,7 +133,9 @@ def inspect(args: argparse.Namespace) -> int:
     print(f"  sampler {state.sampler}")
     print(f"  optimizer {state.optimizer}")
     if state.model:
-        print(f"  model {state.model.get('spec')} for samples of shape "
+        what = (f"PyTorch {state.model['torch']}" if state.model.get("torch")
+                else state.model.get("spec"))
+        print(f"  model {what} for samples of shape "
               f"{tuple(state.model.get('input_shape') or ())}")
     else:  # before format version 3: the MLP of the configuration
         print(f"  model MLP, hidden {state.config.get('hidden')} "

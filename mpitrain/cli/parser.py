@@ -155,10 +155,11 @@ def _using_checkpoints(sub) -> None:
 
 def _bench(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks: allreduce, pipeline, train, layers, "
-                                     "recovery, stragglers, model",
+                                     "recovery, stragglers, model, torch",
                        description="Benchmarks; each prints a table on rank 0 and can write JSON.")
     bsub = b.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    from ..bench import allreduce, layers, model, pipeline, recovery, stragglers, train
+    from ..bench import (allreduce, layers, model, pipeline, recovery, stragglers,
+                         torch_peers, train)
 
     benches = [
         (train, "train", "training samples/s at 1, 2, ... ranks; scaling; step time split"),
@@ -169,7 +170,9 @@ def _bench(sub) -> None:
         (stragglers, "stragglers", "all-reduce, speed-balanced batches and the parameter "
                                    "server with slow and jittery ranks"),
         (model, "model", "the all-reduce cost model: fit to measurements, project to 1,024 "
-                         "ranks")]
+                         "ranks"),
+        (torch_peers, "torch", "a PyTorch model on mpitrain beside DDP/Gloo, plain mpi4py, "
+                               "lockstep and the ceiling")]
     for module, name, summary in benches:
         p = bsub.add_parser(name, help=summary, description=module.__doc__.split("\n\n", 1)[1])
         module.add_arguments(p)

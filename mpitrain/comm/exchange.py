@@ -165,12 +165,14 @@ class Exchange:
     ``exact``, outside the buckets, is summed last at full precision (the
     trainer's loss and counts, when the buckets travel in 16 bits); with a
     sharded update, ``needed`` is the slice every rank needs whole (the metrics).
+    ``shared`` False: each rank updates the whole model (PyTorch's optimizers), not shares.
     """
 
     def __init__(self, comm: MPI.Comm, count: int, dtype, *, algorithm: str = "mpi",
                  buckets: Optional[Sequence[Tuple[int, int]]] = None, overlap: bool = True,
                  progress: str = "thread", wire: Optional[str] = None,
-                 exact: Optional[slice] = None, needed: Optional[slice] = None):
+                 exact: Optional[slice] = None, needed: Optional[slice] = None,
+                 shared: bool = True):
         check_options(algorithm, progress, wire)
         self.size = comm.Get_size()
         self.overlap, self.progress, self.wire = overlap, progress, wire
@@ -187,7 +189,7 @@ class Exchange:
         self.exact = exact  # summed at full precision by MPI at the end (not in the buckets)
         # Sharded (shm, more than one rank): each rank keeps only its share of each
         # bucket's sum, and updates that share of parameters the node's ranks share.
-        self.sharded = ALGORITHMS[algorithm].sharded and self.size > 1
+        self.sharded = ALGORITHMS[algorithm].sharded and self.size > 1 and shared
         self.needed = needed
         self.memory = NodeSharedModel(self.blocking) if self.sharded else PrivateModel()
         self.owned: List[Tuple[int, int]] = []  # this rank's shares, this step

@@ -81,6 +81,11 @@ class Config:
     model: Optional[str] = _opt(None, "the layers, comma-separated, e.g. \"conv2d(16,3,"
                                       "padding=1),relu,maxpool2d(2),flatten,linear(64),relu,"
                                       "linear(10)\" (default: an MLP of --hidden)")
+    torch: Optional[str] = _opt(None, "a PyTorch model instead of mpitrain's layers: "
+                                      "MODULE:FUNCTION, a function of no arguments returning "
+                                      "(model, optimizer, loss_fn) or (model, optimizer, "
+                                      "loss_fn, scheduler), the module found from the working "
+                                      "directory (needs torch)")
     hidden: List[int] = _opt((256, 256), "hidden layer widths of the default MLP, e.g. 256,256")
     activation: str = _opt("relu", "hidden activation of the --hidden MLP")
     dropout: float = _opt(0.0, "dropout probability after each hidden activation of the "

@@ -19,7 +19,8 @@ from ..parallel.recipe import RECIPE_BOUNDS
 from ..runtime import ConfigError, MpitrainError, literal
 from .options import CHOICES, Config
 
-__all__ = ["validate", "refuse_what_does_not_apply", "check_length", "types", "OK", "BOUNDS"]
+__all__ = ["validate", "refuse_what_does_not_apply", "check_length", "types", "OK", "BOUNDS",
+           "TORCH_GIVES"]
 
 DEFAULTS = {f.name: f.default for f in fields(Config)}
 
@@ -86,6 +87,9 @@ def validate(cfg: Config) -> None:
         if getattr(cfg, name) not in choices and not (getattr(cfg, name) is None
                                                       and DEFAULTS[name] is None):
             raise bad(name, "one of " + ", ".join(choices))
+    if cfg.torch is not None and (cfg.torch.count(":") != 1 or not all(
+            part.strip() for part in cfg.torch.split(":"))):
+        raise bad("torch", "MODULE:FUNCTION, e.g. mymodels.mlp:make")
     for name in ("data", "ckpt_dir", "run_dir", "log", "resume", "fault", "model", "timeline"):
         if getattr(cfg, name) is not None and not getattr(cfg, name).strip():
             raise bad(name, "a path or value (leave it out for the default)")
@@ -177,10 +181,44 @@ def _check_strategy(cfg: Config) -> None:
                           ["balance", "pp"])
 
 
+# What a PyTorch model ({torch}, mpitrain.torch.fit) brings itself: these options describe
+# mpitrain's own model and optimizer.
+TORCH_GIVES = {
+    **{name: "describes mpitrain's own model, and this run's is a PyTorch model"
+       for name in ("model", "hidden", "activation", "dropout")},
+    **{name: "configures mpitrain's own optimizer, and this run's is a torch optimizer"
+       for name in ("optimizer", "momentum", "weight_decay")},
+    "loss": "picks mpitrain's loss, and this run's is the PyTorch model's loss_fn",
+    "dtype": "is the precision of mpitrain's own model; a PyTorch model's parameters have "
+             "their own",
+}
+TORCH_LR = ("is the peak of mpitrain's own optimizer; a torch optimizer's is the lr it was "
+            "made with (each parameter group's own, which the lr schedule scales)")
+
+
+def _refuse_for_torch(cfg: Config, given) -> None:
+    """What a PyTorch model cannot do: a parameter server, a pipeline, ``lr``."""
+    if cfg.torch is None:
+        return
+    if cfg.ps():
+        raise ConfigError("{strategy} ps does not apply to a PyTorch model: its optimizer "
+                          "updates the whole model on every rank (use {strategy} allreduce)",
+                          ["strategy", "torch"])
+    if cfg.pp > 1:
+        raise ConfigError(f"{{pp}} {cfg.pp} does not apply to a PyTorch model: mpitrain cuts "
+                          "only its own layers into pipeline stages", ["pp", "torch"])
+    if "lr" in given:
+        raise ConfigError(f"{{lr}} {cfg.lr:g} does not apply: it {TORCH_LR}", ["lr", "torch"])
+    for name, why in TORCH_GIVES.items():
+        if _changed(cfg, name) or name in given:
+            value = literal(repr(getattr(cfg, name)))
+            raise ConfigError(f"{{{name}}} {value} does not apply: it {why}", [name, "torch"])
+
+
 def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
     """A non-default option the chosen layout would ignore is an error, with the reason;
-    so is one in ``given`` (the keys the command line or the TOML file set), default or
-    not."""
+    so is one in ``given`` (the keys the command line or TOML file set), even a default."""
+    _refuse_for_torch(cfg, given)
     best = cfg.keep_best and cfg.ckpt_dir is not None
     rules = [
         ("shuffle_window", cfg.shuffle == "global",

@@ -32,6 +32,7 @@ class Batches:
         self.part, self.parts, self.groups = part, parts, groups
         self.features, self.targets = features, targets
         self.shares: Optional[List[int]] = None  # uneven parts of a full batch (speed)
+        self.ahead = True  # may read on a thread (not a dataset that draws random numbers)
         self._ahead: Optional[Prefetcher] = None
         self._stop = 0
 
@@ -55,7 +56,7 @@ class Batches:
         targets both)."""
         self.close()
         self._stop = stop
-        if start < stop and self.features:
+        if start < stop and self.features and self.ahead:
             self._ahead = Prefetcher(self.split, self.sampler, self.part, self.parts, start,
                                      stop, shares=self.shares, groups=self.groups)
 

@@ -127,7 +127,11 @@ def host() -> str:
 
 
 def _complete(state: "State") -> Optional[str]:
-    """Why ``state``'s optimizer arrays do not match its parameters one for one, or None."""
+    """Why ``state``'s optimizer arrays do not match its parameters, or None."""
+    if state.optimizer.get("torch"):  # each array names a parameter, its scalars 0-d
+        stray = [f"optimizer/{key} holds {name!r}" for key, named in
+                 state.optimizer_state.items() for name in named if name not in state.params]
+        return f"{stray[0]}, which is no parameter" if stray else None
     for key, named in state.optimizer_state.items():
         for name, p in state.params.items():
             a = named.get(name)

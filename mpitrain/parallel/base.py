@@ -120,6 +120,18 @@ class TrainerBase(Computing, CheckpointState):
         """The whole model's flat parameters on this rank (after ``close``)."""
         return self.model.params
 
+    def describe_model(self) -> str:
+        """The model, for the run's first lines."""
+        return f"layers {self.model}"
+
+    def describe_loss(self) -> str:
+        """The loss, for the run's first lines."""
+        return type(self.loss).__name__
+
+    def describe_optimizer(self) -> str:
+        """The optimizer's name, for the run's first lines."""
+        return self.optimizer.name
+
     def model_text(self) -> Optional[str]:
         """The whole model as text (``model.spec``), None if a layer has none."""
         return self.model.text()

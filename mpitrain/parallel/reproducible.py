@@ -32,7 +32,7 @@ from ..timeline import span
 from .batched import AtOnce, compute_at_once
 from .evaluation import chunk_row
 
-__all__ = ["GroupedSteps", "EVAL_CHUNK", "gathered_sums", "norm_sq_by_tensor"]
+__all__ = ["GroupedSteps", "EVAL_CHUNK", "gathered_sums", "norm_sq_by_tensor", "eval_chunks"]
 
 EVAL_CHUNK = 1024  # validation rows per fixed chunk
 
@@ -62,6 +62,19 @@ def norm_sq_by_tensor(grads: np.ndarray, segments) -> np.ndarray:
             np.multiply(grads[lo:lo + len(t)], grads[lo:lo + len(t)], out=t, dtype=np.float64)
             out[k] += float(t.sum())
     return out
+
+
+def eval_chunks(tr) -> Optional[Tuple[int, int, int, int, np.ndarray]]:
+    """A reproducible evaluation's plan on this rank of ``tr`` (a trainer): (rows, fixed
+    chunks, this rank's first and last chunk, their zeroed float64 rows); None without a
+    validation split."""
+    if tr.val is None or len(tr.val) == 0:
+        return None
+    tr.on_phase("evaluation")
+    n = len(tr.val)
+    chunks = -(-n // EVAL_CHUNK)
+    first, last = rank_slice(chunks, tr.rank, tr.size)
+    return n, chunks, first, last, np.zeros((last - first, 1 + tr.task.width))
 
 
 class GroupedSteps:
@@ -193,13 +206,10 @@ class GroupedSteps:
 
     def _evaluate(self, cores: int) -> Optional[Dict[str, object]]:
         tr = self.trainer
-        if tr.val is None or len(tr.val) == 0:
+        plan = eval_chunks(tr)
+        if plan is None:
             return None
-        tr.on_phase("evaluation")
-        n = len(tr.val)
-        chunks = -(-n // EVAL_CHUNK)
-        first, last = rank_slice(chunks, tr.rank, tr.size)
-        rows = np.zeros((last - first, 1 + tr.task.width))
+        n, chunks, first, last, rows = plan
         threads = max(1, min(cores, last - first))
 
         def chunk(c: int, x: np.ndarray, y: np.ndarray, model: Sequential) -> None:

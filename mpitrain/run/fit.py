@@ -21,7 +21,7 @@ exit status 75), healing (``on_failure``), early stopping and ``best.h5``,
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, Optional, TextIO, Tuple
+from typing import Any, Callable, Dict, Optional, TextIO, Tuple
 
 from mpi4py import MPI
 
@@ -32,6 +32,7 @@ from ..fault.resume import Checkpoints
 from ..model.sequential import Sequential
 from ..process import init
 from ..runtime import ConfigError, Preempted, agreed, literal
+from .build import build
 from .healing import Job
 from .loop import Loop
 from .outputs import check_run_paths
@@ -113,14 +114,21 @@ def train(cfg: Config, comm: MPI.Comm, out: Optional[TextIO] = None) -> Dict[str
     """Train as ``cfg`` says (its model text, its data) on the ranks of ``comm``; return
     the summary on every rank: what ``mpitrain train`` runs (collective)."""
     init()
+    if cfg.torch is not None:
+        raise ConfigError("{torch}: a PyTorch model trains through mpitrain.torch.fit."
+                          "train_torch (as the command line does)", ["torch"])
     return run_training(cfg, comm, out=out)[0]
 
 
 def run_training(cfg: Config, comm: MPI.Comm, *, model: Any = None, data: Any = None,
-                 out: Optional[TextIO] = None) -> Tuple[Dict[str, Any], Any, MPI.Comm]:
+                 out: Optional[TextIO] = None,
+                 make: Optional[Callable[..., Tuple[Any, Any]]] = None
+                 ) -> Tuple[Dict[str, Any], Any, MPI.Comm]:
     """The one loop of ``train`` and ``fit``: (summary, the last trainer, the job's
-    communicator).  With ``on_failure`` shrink or respawn a rank's death sends the
-    survivors out of the loop; ``run.healing`` heals the job and the loop starts
+    communicator).  ``model``, ``data``: what ``fit`` was given (None: ``cfg``'s);
+    ``make(cfg, comm, check_start)``: the trainer and its data, another front end's
+    (default: ``build``).  With ``on_failure`` shrink or respawn a rank's death sends
+    the survivors out of the loop; ``run.healing`` heals the job and the loop starts
     again from the state of the rank that got furthest."""
     faults = Faults(cfg.fault)
     check_run_paths(cfg, comm)  # before anything is read or written
@@ -128,9 +136,12 @@ def run_training(cfg: Config, comm: MPI.Comm, *, model: Any = None, data: Any = 
     ckpts = Checkpoints(job.comm, cfg.ckpt_dir, every=cfg.ckpt_every,
                         keep_last=cfg.keep_last, resume=cfg.resume, config=cfg.to_dict())
     loops = []
+    if make is None:
+        def make(cfg: Config, comm: MPI.Comm, check_start: bool):
+            return build(cfg, comm, model, data, check_start=check_start)
 
     def attempt(comm: MPI.Comm, carry, notes) -> Dict[str, Any]:
-        loops.append(Loop(cfg, comm, ckpts, faults, out or sys.stdout, carry, model, data))
+        loops.append(Loop(cfg, comm, ckpts, faults, out or sys.stdout, carry, make))
         return loops[-1].run(notes)
 
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -80,14 +80,17 @@ def _is_eval_step(cfg: Config, done: int, steps_per_epoch: int, total: int) -> b
 class Loop:
     """One pass of the loop on one communicator: the whole run, unless a rank dies.
 
-    ``model`` and ``data``: what ``fit`` was given (None: the configuration's).
+    ``make(cfg, comm, check_start)``: the trainer and its connected data (``fit``'s
+    and ``mpitrain.torch.fit``'s, with what they were given; default: ``build``).
     """
 
     def __init__(self, cfg: Config, comm: MPI.Comm, ckpts: Checkpoints, faults: Faults,
-                 out: TextIO, carry: Optional[Carry] = None, model: Any = None,
-                 data: Any = None):
+                 out: TextIO, carry: Optional[Carry] = None,
+                 make: Optional[Callable[..., Tuple[Any, Any]]] = None):
         self.cfg, self.comm, self.ckpts, self.faults, self.out = cfg, comm, ckpts, faults, out
-        self.carry, self.model, self.data = carry, model, data
+        self.carry = carry
+        self.make = make or (lambda cfg, comm, check_start: build(cfg, comm,
+                                                                  check_start=check_start))
         self.trainer = self.dog = self.report = self.monitor = None
         self.completed = carry.completed if carry else -1  # steps this rank's trainer applied
         self.progress = Progress()
@@ -156,8 +159,7 @@ class Loop:
         if self.carry and cfg.check_data == "full":  # checked at the start; once is enough
             cfg = cfg.replace(check_data="meta")
         # After a healing the ranks hold different states until the hand-over.
-        self.trainer, self.connected = build(cfg, self.comm, self.model, self.data,
-                                             check_start=self.carry is None)
+        self.trainer, self.connected = self.make(cfg, self.comm, self.carry is None)
         # A healing pipeline may have to undo a step some stages applied (run.recovery).
         self.trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
         self.faults.arm(self.trainer, launch_rank(), cfg.seed)

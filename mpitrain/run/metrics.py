@@ -274,7 +274,7 @@ def banner(cfg, trainer, data, ranks: int, total: int, run_dir: Optional[str],
              f"run directory {run_dir} (metrics.jsonl)",
              f"data {data.name}: {len(trainer.train)} train / "
              f"{len(trainer.val) if trainer.val else 0} val samples, features {data.features}, "
-             f"{_task_text(data.task)}; loss {type(trainer.loss).__name__}"]
+             f"{_task_text(data.task)}; loss {trainer.describe_loss()}"]
     if cfg.pipelined():
         lines.append(f"pipeline: {g.pp} stages x {g.dp} data-parallel replicas, "
                      f"{cfg.micro()} micro-batches, schedule {cfg.schedule}; "
@@ -291,7 +291,7 @@ def banner(cfg, trainer, data, ranks: int, total: int, run_dir: Optional[str],
     spec = trainer.spec.get("spec")
     if spec:
         lines.append(f"model {spec}")
-    lines.append(f"layers {trainer.model}" + (" (stage 0)" if g.pp > 1 else ""))
+    lines.append(trainer.describe_model() + (" (stage 0)" if g.pp > 1 else ""))
     lr = schedule.describe() if schedule is not None else f"lr {cfg.lr}"
     accumulate = (f", in {cfg.accumulate} accumulated micro-batches" if cfg.accumulate > 1
                   else "")
@@ -304,7 +304,7 @@ def banner(cfg, trainer, data, ranks: int, total: int, run_dir: Optional[str],
     lines.append(f"{total} steps ({trainer.sampler.steps_per_epoch} per epoch), global batch "
                  f"{cfg.batch_size} (about {cfg.batch_size // parts} per "
                  f"{'worker' if cfg.ps() else 'replica'}{accumulate}), "
-                 f"{cfg.optimizer} {lr}{clip}, {sync}")
+                 f"{trainer.describe_optimizer()} {lr}{clip}, {sync}")
     if cfg.early_stop is not None:
         lines.append(f"early stop: after {cfg.early_stop} evaluations without a better "
                      f"{cfg.monitor}")

@@ -120,6 +120,10 @@ def _refuse_unregistered(path: str, state: State) -> None:
 def load_model(path: str) -> Model:
     """The model of checkpoint ``path``, ready for ``model(x)`` (no MPI needed)."""
     state = load(path)
+    if state.model and state.model.get("torch"):
+        raise MpitrainError(f"{path}: a checkpoint of the PyTorch model "
+                            f"{state.model['torch']}: load it into that model with "
+                            "model.load_state_dict(mpitrain.torch.load_state(path))")
     layers, shape = _layers_of(path, state)
     network = Sequential(layers, dtype=next(iter(state.params.values())).dtype.name)
     mine = network.named_params()

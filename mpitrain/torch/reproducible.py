@@ -1,0 +1,208 @@
+"""``reproducible`` for a PyTorch model: the same bits at any number of ranks.
+
+As ``parallel.reproducible`` does for mpitrain's layers: each global batch is
+cut into ``G`` fixed groups; rank r of p computes groups ``rank_slice(G, r, p)``,
+each with the same rows, shapes and random draws (torch's generator seeded
+from (seed, step, group)) wherever it runs, at one torch thread and with
+``torch.use_deterministic_algorithms``; the groups' gradients are added in
+group order (``comm.ordered.OrderedSum``), their loss and metric sums
+gathered and added in group order.  A group that starts a sum gets autograd's
+own tensor (copied into place: -0.0 stays -0.0); the next ones add to it.
+Dropout and every other draw of a group come from torch's generator seeded
+from (seed, step, the group's first global sample id).
+
+A model whose buffers change in training (BatchNorm's running statistics)
+updates them group after group, in group order: each rank takes the buffers
+from the rank before, runs its groups' forward passes, passes the buffers on,
+then runs their backward passes; the last rank gives them to every rank.
+The forward passes wait for each other then; the backward passes do not.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..balance import bounds, rank_slice
+from ..comm.ordered import OrderedSum
+from ..parallel.evaluation import chunk_row
+from ..parallel.reproducible import EVAL_CHUNK, eval_chunks, gathered_sums
+from ..runtime import MpitrainError
+from ..threads import one_blas_thread
+from ..timeline import span
+from .broadcast import broadcast_tensors
+
+__all__ = ["TorchGroups", "deterministic", "seed_for"]
+
+_K = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit seed for torch's generator mixed from ``keys``: (seed, step, the first
+    global sample id of the rows it draws for), whichever rank computes them."""
+    z = 0
+    for k in keys:
+        z = ((z ^ (int(k) & (2 ** 64 - 1))) * _K[0]) & (2 ** 64 - 1)
+        z ^= z >> 31
+        z = (z * _K[1]) & (2 ** 64 - 1)
+    return z >> 1
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """One torch thread and deterministic algorithms for the block (restored after); an
+    operation without a deterministic implementation raises an ``MpitrainError`` naming
+    it."""
+    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with one_blas_thread():
+            yield
+    except RuntimeError as exc:
+        if "deterministic" not in str(exc):
+            raise
+        raise MpitrainError("{reproducible}: the model uses an operation with no "
+                            f"deterministic implementation: {str(exc).splitlines()[0]}") from None
+    finally:
+        torch.use_deterministic_algorithms(was)
+        torch.set_num_threads(threads)
+
+
+class TorchGroups:
+    """The grouped step and evaluation of a ``TorchTrainer``, ``groups`` groups a batch."""
+
+    def __init__(self, trainer, groups: int):
+        self.trainer, self.groups, self.comm = trainer, groups, trainer.comm
+        self.sum = OrderedSum(self.comm, trainer.grads.size, trainer.model.dtype)
+        # Buffers that training changes, passed from rank to rank in group order.
+        self.has_buffers = any(b.numel() for b in trainer.torch_model.buffers())
+
+    @property
+    def buffers(self) -> List[torch.Tensor]:
+        """The model's buffers now (``_fresh_buffers`` replaces them)."""
+        return [b for b in self.trainer.torch_model.buffers() if b.numel()]
+
+    def _fresh_buffers(self) -> None:
+        """Each buffer a copy of itself: the next forward pass updates the copy in place,
+        while the passes before keep, for their backward, the values they read."""
+        for module in self.trainer.torch_model.modules():
+            for name, b in module._buffers.items():
+                if b is not None and b.numel():
+                    module._buffers[name] = b.clone()
+
+    def step(self, step: int, stop: bool) -> Tuple[float, Dict[str, object], int]:
+        """One step of the trainer, bit-identical at any rank count."""
+        tr = self.trainer
+        t0 = time.perf_counter()
+        with span("data", "data"):
+            ids, x, y, batch = tr.batches.get(step)
+        t1 = time.perf_counter()
+        tr.on_phase("computing")
+        first, last = rank_slice(self.groups, tr.rank, tr.size)
+        cuts = bounds(batch, self.groups)
+        rows = np.zeros((last - first, 2 + tr.task.width))
+        home = tr.model.grads
+        self.sum.start(cuts)
+        tr.torch_model.train()
+        try:
+            with deterministic(), np.errstate(over="ignore", invalid="ignore"):
+                self._groups(step, cuts, first, last, ids, x, y, batch, rows, home)
+        finally:
+            tr.grads.bind(tr.exchange.buffer)
+        if stop and last > first:
+            rows[0, 1] = 1.0
+        t2 = time.perf_counter()
+        tr.on_phase("exchange")
+        with span("ordered sum", "exchange", groups=last - first):
+            self.sum.finish(home)
+            sums = gathered_sums(self.comm, rows, self.groups)
+        return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
+
+    def _groups(self, step, cuts, first, last, ids, x, y, batch, rows, home) -> None:
+        """Forward every non-empty group of this rank (the buffers handed on in group
+        order), then backward each into where ``OrderedSum`` places it."""
+        tr = self.trainer
+        if self.has_buffers:
+            self._receive_buffers()
+        losses: List[Tuple[int, torch.Tensor]] = []
+        for g in range(first, last):
+            lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
+            if hi == lo:
+                continue
+            if self.has_buffers and losses:
+                self._fresh_buffers()
+            torch.manual_seed(seed_for(tr.seed, step, int(ids[lo])))
+            with span("forward", "compute", samples=hi - lo):
+                out = tr.torch_model(torch.from_numpy(x[lo:hi]).to(tr.device))
+                loss = tr.loss_fn(out, tr.loss.targets(y[lo:hi]))
+            rows[g - first, 0] = float(loss.detach()) * (hi - lo)
+            rows[g - first, 2:] = tr.task.sums(out.detach().cpu().numpy(), y[lo:hi])
+            losses.append((g, loss * ((hi - lo) / batch)))
+        if self.has_buffers:
+            self._fresh_buffers()  # the last pass keeps what it read, too
+            self._pass_buffers()
+        for g, loss in losses:
+            into, add = self.sum.place(home)
+            self._backward(loss, into, add)
+
+    def _backward(self, loss: torch.Tensor, into: np.ndarray, add: bool) -> None:
+        """Backward of one group's loss into ``into``: added to what is there, or (not
+        ``add``) autograd's own tensors copied in (unreached parameters zero)."""
+        grads = self.trainer.grads
+        grads.bind(into)
+        grads.begin(reporting=False)
+        if not add:
+            for p in grads.params:
+                p.grad = None
+        with span("backward", "compute"):
+            loss.backward()
+        for i, p in enumerate(grads.params):
+            if not grads.fired[i]:
+                if not add:
+                    grads.views[i].zero_()
+                p.grad = grads.views[i]
+
+    def _receive_buffers(self) -> None:
+        """The buffers as the groups before this rank's left them (from rank - 1)."""
+        if self.trainer.rank > 0:
+            self._transfer(lambda flat: self.comm.Recv(flat, source=self.trainer.rank - 1))
+
+    def _pass_buffers(self) -> None:
+        """Hand the buffers on to rank + 1; the last rank gives them to every rank."""
+        rank, size = self.trainer.rank, self.trainer.size
+        if rank < size - 1:
+            self._transfer(lambda flat: self.comm.Send(flat, dest=rank + 1), write=False)
+        broadcast_tensors(self.buffers, size - 1, self.comm)
+
+    def _transfer(self, move, write: bool = True) -> None:
+        """``move`` each type's buffers as one flat array (received: written back)."""
+        by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+        for b in self.buffers:
+            by_dtype.setdefault(b.dtype, []).append(b)
+        for group in by_dtype.values():
+            flat = torch.cat([b.detach().reshape(-1).cpu() for b in group])
+            move(flat.numpy())
+            if write:
+                offset = 0
+                with torch.no_grad():
+                    for b in group:
+                        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                        offset += b.numel()
+
+    def evaluate(self) -> Optional[Dict[str, object]]:
+        """Evaluation over fixed chunks of ``EVAL_CHUNK`` rows, added in chunk order."""
+        tr = self.trainer
+        plan = eval_chunks(tr)
+        if plan is None:
+            return None
+        n, chunks, first, last, rows = plan
+        with deterministic():
+            for c in range(first, last):
+                x, y = tr.val.read_range(c * EVAL_CHUNK, min(n, (c + 1) * EVAL_CHUNK))
+                rows[c - first] = chunk_row(tr.forward(x), y, tr.loss, tr.task)
+        return tr._evaluated(gathered_sums(self.comm, rows, chunks), n)
+
