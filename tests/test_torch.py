@@ -269,3 +269,17 @@ def test_accumulate_clipping_schedules_and_the_timeline_through_torch_fit(tmp_pa
     events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     assert {e["pid"] for e in events if "pid" in e} == {0, 1}
     assert {"forward", "backward"} <= {e.get("name") for e in events}
+
+
+@pytest.mark.timeout(300)
+def test_bench_torch_measures_every_peer_in_one_job(tmp_path):
+    out = tmp_path / "b.json"
+    result = run_mpi(2, ["-m", "mpitrain", "bench", "torch", "--models", "cnn", "--repeats", 2,
+                         "--block", 1, "--warmup", 1, "--json", out], timeout=240)
+    assert result.returncode == 0, result.stderr
+    records = json.loads(out.read_text())
+    from mpitrain.bench.torch_peers import VARIANTS
+
+    assert [r["variant"] for r in records] == list(VARIANTS)
+    assert all(r["samples_per_s"] > 0 and len(r["turns"]) == 2 for r in records)
+    assert "x lockstep" in result.stdout

@@ -36,6 +36,13 @@ __all__ = ["add_arguments", "run", "VARIANTS"]
 
 VARIANTS = ("mpitrain-mpi", "mpitrain-shm", "fit", "fit-reproducible", "mpi4py", "ddp",
             "lockstep", "ceiling")
+# More settings, measured when asked for: the exchange overlapped with backward on one
+# node too (in 2 MiB buckets, a progress thread), and reproducible in 2 groups.
+EXTRA = {"mpitrain-mpi-overlap": dict(allreduce="mpi", overlap=True, progress="thread",
+                                      bucket_mb=2.0),
+         "mpitrain-shm-overlap": dict(allreduce="shm", overlap=True, progress="thread",
+                                      bucket_mb=2.0),
+         "mpitrain-ring": dict(allreduce="ring"), "fit-reproducible-g2": {}}
 SAMPLES = 2048  # rows of random data each model reads (cycled)
 
 
@@ -117,13 +124,13 @@ def _steppers(model_name: str, variants: List[str], comm: MPI.Comm,
     for v in variants:
         model = make_model(model_name)
         sgd = torch.optim.SGD(model.parameters(), lr=0.01)
-        if v in ("mpitrain-mpi", "mpitrain-shm"):
-            out[v] = loop(model, mt.DistributedOptimizer(sgd, model, comm=comm,
-                                                         allreduce=v.split("-")[1]))
-        elif v in ("fit", "fit-reproducible"):
+        if v.startswith("mpitrain-"):
+            options = EXTRA.get(v, dict(allreduce=v.split("-")[1]))
+            out[v] = loop(model, mt.DistributedOptimizer(sgd, model, comm=comm, **options))
+        elif v.startswith("fit"):
+            groups = {"fit-reproducible": 4, "fit-reproducible-g2": 2}.get(v)
             trainer = mt.TorchTrainer(model, loss_fn, sgd, mpitrain.ArrayDataset(x, y), comm,
-                                      batch_size=batch * comm.size, seed=0,
-                                      groups=4 if v == "fit-reproducible" else None)
+                                      batch_size=batch * comm.size, seed=0, groups=groups)
             trainer.peak = 0.01
             out[v] = lambda k, t=trainer: t.step(k)
         elif v == "mpi4py":
@@ -198,10 +205,10 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     init()
     torch.set_num_threads(1)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants) - set(VARIANTS) - set(EXTRA))
     if unknown:
         raise SystemExit(f"bench torch: unknown variant {unknown[0]!r} (known: "
-                         f"{', '.join(VARIANTS)})")
+                         f"{', '.join([*VARIANTS, *EXTRA])})")
     if "ddp" in variants:
         _ddp_group(comm)
     records = []

@@ -29,6 +29,7 @@ class TorchCheckpoints:
     def _arrays(self) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, np.ndarray]],
                                Dict[str, Any]]:
         params = model_arrays(self.torch_model)
+        params.update({n: b.cpu().numpy() for n, b in self.settled.items()})  # (a healing)
         opt, record = optimizer_arrays(self.torch_model, self.optimizer.torch, self.scheduler)
         return params, opt, record
 
@@ -49,8 +50,9 @@ class TorchCheckpoints:
                      task=self.data.task, model=self.spec,
                      rng={"sample_order": f"numpy.random.default_rng([{self.sampler.seed}, "
                                           "epoch]).permutation of the samples",
-                          "torch": "torch.manual_seed(seed_for(seed, step, rank, "
-                                   "micro-batch)) before each micro-batch"})
+                          "torch": "the model device's generator seeded with seed_for(seed, "
+                                   "step, the first global sample id of the rows it draws "
+                                   "for) before each micro-batch or group"})
 
     def mismatch(self, state: State, config: Dict[str, Any]) -> Optional[str]:
         """Why ``state`` cannot continue this run, or None (a ConfigError template)."""
@@ -130,6 +132,7 @@ class TorchCheckpoints:
             self.torch_model, self.optimizer.torch, got_opt, meta["record"]))
         restore_scheduler(self.scheduler, meta["record"])
         self.optimizer.steps = meta["steps"]
+        self.settle_buffers()
 
     def layout_extra(self) -> Dict[str, Any]:
         """Nothing beyond the grid."""

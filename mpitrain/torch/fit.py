@@ -76,6 +76,8 @@ def _make(model, loss_fn, optimizer, scheduler, data):
                                check_start=check_start, scheduler=scheduler,
                                **options, **recipe)
         trainer.peak = cfg.lr
+        trainer.keep_buffers = cfg.on_failure != "abort"
+        trainer.settle_buffers()
         return trainer, connected
 
     return make

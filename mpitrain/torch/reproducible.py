@@ -35,9 +35,18 @@ from ..threads import one_blas_thread
 from ..timeline import span
 from .broadcast import broadcast_tensors
 
-__all__ = ["TorchGroups", "deterministic", "seed_for"]
+__all__ = ["TorchGroups", "deterministic", "seed_for", "seed_torch"]
 
 _K = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+
+
+def seed_torch(seed: int, device: torch.device) -> None:
+    """Seed the generator that draws on ``device`` (the CPU's, or that GPU's): not
+    ``torch.manual_seed``, which also queues a seeding of every CUDA device."""
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 def seed_for(*keys: int) -> int:
@@ -57,8 +66,12 @@ def deterministic() -> Iterator[None]:
     operation without a deterministic implementation raises an ``MpitrainError`` naming
     it."""
     threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    # NaN in every new tensor finds code that reads memory it never wrote; the models'
+    # operations write what they read, and the fill costs a pass over each allocation.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         with one_blas_thread():
             yield
@@ -68,6 +81,7 @@ def deterministic() -> Iterator[None]:
         raise MpitrainError("{reproducible}: the model uses an operation with no "
                             f"deterministic implementation: {str(exc).splitlines()[0]}") from None
     finally:
+        torch.utils.deterministic.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(was)
         torch.set_num_threads(threads)
 
@@ -135,7 +149,7 @@ class TorchGroups:
                 continue
             if self.has_buffers and losses:
                 self._fresh_buffers()
-            torch.manual_seed(seed_for(tr.seed, step, int(ids[lo])))
+            seed_torch(seed_for(tr.seed, step, int(ids[lo])), tr.device)
             with span("forward", "compute", samples=hi - lo):
                 out = tr.torch_model(torch.from_numpy(x[lo:hi]).to(tr.device))
                 loss = tr.loss_fn(out, tr.loss.targets(y[lo:hi]))

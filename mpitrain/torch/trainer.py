@@ -38,7 +38,7 @@ from ..timeline import span
 from .broadcast import broadcast_parameters
 from .optimizer import DistributedOptimizer
 from .checkpoints import TorchCheckpoints
-from .reproducible import TorchGroups, seed_for
+from .reproducible import TorchGroups, seed_for, seed_torch
 
 __all__ = ["TorchTrainer"]
 
@@ -139,6 +139,8 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self.peak: Optional[float] = None  # the schedule's peak lr (set by the loop's lr)
         self.grouped = TorchGroups(self, groups) if groups else None
+        self.keep_buffers = False  # set by a healing loop (settle_buffers)
+        self.settled: Dict[str, torch.Tensor] = {}
 
     def _check_outputs(self, comm) -> None:
         """The model's output for one training sample fits the task (collective)."""
@@ -202,7 +204,7 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
         count = max(1, min(self.accumulate, len(x)))
         for k, (lo, hi) in enumerate(rank_slice(len(x), j, count) for j in range(count)):
             self.grads.begin(reporting=k == count - 1)  # the last pass makes them final
-            torch.manual_seed(seed_for(self.seed, step, int(ids[lo])))
+            seed_torch(seed_for(self.seed, step, int(ids[lo])), self.device)
             xb = torch.from_numpy(x[lo:hi]).to(self.device)
             yb = self.loss.targets(y[lo:hi])
             with span("forward", "compute", samples=hi - lo):
@@ -215,8 +217,19 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
 
     def step(self, step: int, stop: Any = False) -> Tuple[float, Dict[str, object], int]:
         """Run global step ``step`` (see the module); ``stop`` as ``Trainer.step``."""
-        if self.grouped is not None:
-            return self.grouped.step(step, stop)
+        out = self.grouped.step(step, stop) if self.grouped is not None else \
+            self._step(step, stop)
+        self.settle_buffers()
+        return out
+
+    def settle_buffers(self) -> None:
+        """With ``keep_buffers`` (a job that heals), a copy of the buffers as this step left
+        them: a forward pass of a step a rank's death cut short changes them in place, and
+        the state handed over after the healing must not hold that."""
+        if self.keep_buffers:
+            self.settled = {n: b.detach().clone() for n, b in self.torch_model.named_buffers()}
+
+    def _step(self, step: int, stop: Any) -> Tuple[float, Dict[str, object], int]:
         t0 = time.perf_counter()
         with span("data", "data"):
             ids, x, y, batch = self.batches.get(step)
