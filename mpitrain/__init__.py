@@ -17,7 +17,7 @@ The subpackages show the architecture, dependencies pointing one way::
 
     run (fit, loop, build) -> parallel (trainers) -> comm, model, data, fault -> runtime
 """
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # name -> module that defines it (imported lazily, so `import mpitrain` stays light)
 _API = {

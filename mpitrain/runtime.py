@@ -222,8 +222,8 @@ def quiet_barrier(comm, seconds: float = float("inf")) -> bool:
     import time
 
     # Naps double from 1 ms to 50 ms: a rank idle for long wakes 20 times a second, not
-    # 1,000.  Each wake-up takes a core from a rank that computes: with 2 of 4 ranks
-    # idle on 2 cores, 1 ms naps cost the 2 busy ranks 4-5% (bench train, -n 4).
+    # 1,000, since each wake-up takes a core from a rank that computes (oversubscribed
+    # nodes feel it: bench train -n 4 on 2 cores).
     nap, longest = QUIET_NAPS
     request = comm.Ibarrier()
     deadline = time.monotonic() + seconds

@@ -5,11 +5,52 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Every time limit of the tests (pytest's per test, and each subprocess's) is multiplied
+# by this factor: MPITRAIN_TEST_TIMEOUT_SCALE=3 on a machine three times slower.
+SCALE = float(os.environ.get("MPITRAIN_TEST_TIMEOUT_SCALE", "") or 1)
+MARGIN = 15.0  # seconds a test keeps after its last subprocess's limit, to report it
+_RUNNING = {}  # the test being run, and when it started
+
+
+def scaled(seconds: float) -> float:
+    """``seconds`` times ``MPITRAIN_TEST_TIMEOUT_SCALE``."""
+    return seconds * SCALE
+
+
+def test_timeout(item) -> float:
+    """The pytest timeout of ``item`` (scaled at collection)."""
+    marker = item.get_closest_marker("timeout")
+    return float(marker.args[0]) if marker and marker.args else \
+        scaled(float(item.config.getini("timeout") or 300))
+
+
+def limit(seconds: float) -> float:
+    """A subprocess's time limit: ``seconds`` scaled, cut to what the running test has
+    left (minus a margin to report it), so a hang fails the test with its output instead
+    of ending pytest; a limit at or above the test's own timeout is a mistake in the test."""
+    bound = scaled(seconds)
+    item = _RUNNING.get("item")
+    if item is None:
+        return bound
+    budget = test_timeout(item)
+    if bound >= budget:
+        pytest.fail(f"{item.nodeid}: a subprocess may take {bound:.0f} s, not below the "
+                    f"test's own timeout ({budget:.0f} s): raise @pytest.mark.timeout",
+                    pytrace=False)
+    left = budget - (time.monotonic() - _RUNNING["start"]) - MARGIN
+    return max(1.0, min(bound, left))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _RUNNING.update(item=item, start=time.monotonic())
 
 
 def mpiexec() -> str:
@@ -109,14 +150,15 @@ def scratch_dir() -> str:
 def run_mpi(n: int, args, timeout: float = 120, env=None, cwd=None, launcher=None):
     """Run ``mpiexec -n n python <args>`` (in a scratch directory unless ``cwd``;
     ``launcher``: another mpiexec command, e.g. ``ulfm_mpiexec()``); a hang fails the
-    test at ``timeout``."""
+    test at ``timeout`` (``limit``: scaled, within the test's own timeout)."""
     cmd = [*(launcher or [mpiexec()]), "-n", str(n), sys.executable, *map(str, args)]
     cwd = cwd or scratch_dir()
+    timeout = limit(timeout)
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=env or clean_env(), cwd=cwd)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (a hang?)\n"
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout:.0f} s (a hang?)\n"
                     f"stdout: {exc.stdout}\nstderr: {exc.stderr}")
 
 
@@ -196,7 +238,13 @@ def data_copy(small_data, tmp_path) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Outside mpiexec, leave the ``mpi`` tests to tests/test_mpi_suite.py (deselected here)."""
+    """Every test's timeout scaled (``SCALE``); outside mpiexec, leave the ``mpi`` tests to
+    tests/test_mpi_suite.py (deselected here)."""
+    default = float(config.getini("timeout") or 300)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        seconds = float(marker.args[0]) if marker and marker.args else default
+        item.add_marker(pytest.mark.timeout(scaled(seconds)), append=False)
     if config.getoption("--with-mpi", default=False):
         return
     keep = [i for i in items if i.get_closest_marker("mpi") is None]

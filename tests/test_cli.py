@@ -15,6 +15,7 @@ import damage
 from conftest import ROOT, clean_env, run_mpi, run_train
 
 
+@pytest.mark.timeout(400)
 def test_train_with_no_arguments_builds_the_builtin_data_and_learns(tmp_path):
     env = clean_env(MPITRAIN_CACHE=str(tmp_path / "cache"))
     result = run_train(4, "--log", tmp_path / "log.jsonl", env=env, timeout=300)
@@ -413,6 +414,7 @@ def test_idle_ranks_nap_longer_and_longer_while_others_are_measured(monkeypatch)
     assert not quiet_barrier(Comm(), seconds=1.0) and 1.0 < clock[0] < 1.06
 
 
+@pytest.mark.timeout(400)
 def test_ddp_peer_benchmark(tmp_path, small_data):
     pytest.importorskip("torch", reason="the DDP comparison needs torch (optional)")
     out = tmp_path / "ddp.json"

@@ -149,3 +149,30 @@ def _is_override(node) -> bool:
                          "describe", "targets", "rows", "out_shape", "flops",
                          "activation_elems", "text", "read", "read_labels", "connect",
                          "for_options", "like"}
+
+
+def _declared_timeout(fn: ast.FunctionDef) -> float:
+    for d in fn.decorator_list:
+        if isinstance(d, ast.Call) and getattr(d.func, "attr", "") == "timeout" and d.args \
+                and isinstance(d.args[0], ast.Constant):
+            return float(d.args[0].value)
+    return 300.0  # pyproject's timeout
+
+
+def test_every_test_outlasts_the_subprocesses_it_starts():
+    """A subprocess limit at or above its test's pytest timeout would end pytest (thread
+    method) with no report and jobs left running; conftest.limit checks the rest."""
+    bad = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef) or not fn.name.startswith("test"):
+                continue
+            budget = _declared_timeout(fn)
+            for call in (c for c in ast.walk(fn) if isinstance(c, ast.Call)):
+                for kw in call.keywords:
+                    if kw.arg == "timeout" and isinstance(kw.value, ast.Constant) \
+                            and isinstance(kw.value.value, (int, float)) \
+                            and kw.value.value >= budget:
+                        bad.append(f"{path.name}:{call.lineno} {fn.name}: {kw.value.value} s "
+                                   f">= {budget:.0f} s")
+    assert not bad, bad

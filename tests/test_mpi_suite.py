@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, run_mpi
 
 
+@pytest.mark.timeout(700)
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_mpi_suite(n, request):
     if request.config.getoption("--with-mpi", default=False):

@@ -155,6 +155,7 @@ def test_parameter_server_option_errors(small_data, tmp_path, n, args, message):
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
+@pytest.mark.timeout(400)
 def test_bench_stragglers_table_and_json(small_data, tmp_path):
     out = tmp_path / "stragglers.json"
     result = run_mpi(3, ["-m", "mpitrain", "bench", "stragglers", "--data", small_data,

@@ -52,6 +52,12 @@ def test_distributed_optimizer_averages_the_whole_batch_gradient(algorithm):
 
 
 @pytest.mark.timeout(200)
+def test_a_16_bit_wire_sums_the_gradients_to_its_precision():
+    result = run_mpi(3, [TESTS / "torch_grads_job.py", "ring", "bfloat16"], timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.timeout(200)
 def test_staged_gradients_through_the_host_buffer_match():
     """``staged`` (the path of parameters on a GPU), on the CPU: the same sums."""
     result = run_mpi(3, [TESTS / "torch_grads_job.py", "ring", "staged"], timeout=120)

@@ -47,9 +47,9 @@ class Machine:
     gamma: float = 1 / 8e9  # a byte reduced (a += b, memory bound)
 
 
-# Fitted on this machine's emulated nodes (network namespaces, TCP over veth, tbf at 1
-# Gbit/s; `bench model --measured ...`), 2026-12-01: the link delivered about 72 MB/s each
-# way with both directions busy, 58% of its rate.  Within a node: the peers' notes.
+# Constants fitted to emulated nodes (network namespaces, TCP over veth, tbf at 1 Gbit/s,
+# `bench model --measured ...`): a link with both directions busy delivers well below its
+# rate; the fit's figures are on the benchmarks page.
 THIS_MACHINE = Machine(alpha_node=5e-6, beta_node=1 / 8e9, alpha_link=4.0e-4,
                        beta_link=1 / 72e6, gamma=1 / 8e9)
 

@@ -24,7 +24,7 @@ COMMANDS = {"prepare": "run_prepare", "data": "run_index", "predict": "run_predi
 
 def _torch_front_end():
     """``mpitrain.torch``'s ``train_torch`` (an error naming the missing torch)."""
-    from ..torch.fit import train_torch
+    from ..torch.training import train_torch
 
     return train_torch
 

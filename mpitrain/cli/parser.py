@@ -139,7 +139,7 @@ def _using_checkpoints(sub) -> None:
     i = sub.add_parser("inspect", help="show a checkpoint and verify its checksums",
                        description="Print a checkpoint's step, layout, parameters and whether "
                                    "every checksum holds (exit 1 if one does not).")
-    i.add_argument("checkpoint", metavar="CKPT", help="a ckpt-*.h5 file")
+    i.add_argument("checkpoint", metavar="CKPT", help="a checkpoint file (ckpt-000000500.h5, best.h5)")
     i.add_argument("--export", metavar="FILE.npz",
                    help="write the parameters to an .npz, under the same names")
     i.add_argument("--overwrite", action="store_true", help="replace --export if it exists")

@@ -3,9 +3,8 @@
 ``float16`` is IEEE half precision, converted by numpy (in software: slow);
 ``bfloat16`` (the upper half of a float32, rounded to nearest even) is
 converted by ml_dtypes in compiled code (optional: ``pip install ml_dtypes``,
-the ``bfloat16`` extra).  Measured here on 1.85M values (7.4 MB): encode 0.86
-ms and decode-and-add 0.42 ms, against 1.38 and 0.88 ms for mpitrain's former
-integer passes in numpy, with the same bits.
+the ``bfloat16`` extra): one compiled pass each way, where numpy would need
+several integer passes for the same bits.
 """
 from __future__ import annotations
 

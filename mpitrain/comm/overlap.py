@@ -6,12 +6,8 @@ Between the ranks of one node the sum *is* work for those cores (MPI copies
 through shared memory and adds; so do the ring and shm), and mpitrain gives
 every core to the ranks' BLAS threads, so no core is spare: started inside
 backward, a bucket's sum takes its core from backward, and cutting the buffer
-into buckets adds calls.  Measured on 2 cores (``bench train``, reference
-MLP, each repeat against the ceiling of its repeat; README, Benchmarks): at
-2 ranks MPI's Allreduce reached 0.80-0.89 of the ceiling overlapped in 2 MiB
-buckets and 0.81-0.91 as one buffer after backward, shm 0.84-0.98 and
-0.93-1.01; at 4 ranks MPI's 0.58-0.60 and 0.78-0.81, shm 0.76-0.79 and
-0.97-0.98.
+into buckets adds calls (``bench train``'s ``*-overlap`` variants measure
+both ways; the benchmarks page has the figures).
 
 So by default (``overlap=None``) an exchange overlaps, in 2 MiB buckets, only
 where its ranks span more than one node, and sums one buffer after backward

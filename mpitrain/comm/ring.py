@@ -92,9 +92,9 @@ class RingAllreduce:
 
     ``segment_bytes`` bounds the size of one message; a chunk is cut into
     ``ceil(chunk bytes / segment_bytes)`` segments of nearly equal size.  The
-    default, 4 MiB, was the fastest measured here (PyPI MPICH, shared memory):
-    segments of 64-512 KiB lost more to per-message handshakes than they
-    gained in cache reuse, since MPICH already pipelines a large message.
+    default, 4 MiB, is large because MPI already pipelines a large message:
+    small segments pay a handshake each and gain little cache reuse
+    (``bench allreduce --segment`` measures it).
 
     ``wire="float16"`` or ``"bfloat16"`` sends 16-bit values (half the
     bytes) while every addition is done in the buffer's own precision: a

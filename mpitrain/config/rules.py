@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import fields
-from typing import Dict
+from typing import Dict, List, Tuple
 
 from ..comm.exchange import check_options
 from ..fault.drills import Faults
@@ -20,7 +20,7 @@ from ..runtime import ConfigError, MpitrainError, literal
 from .options import CHOICES, Config
 
 __all__ = ["validate", "refuse_what_does_not_apply", "check_length", "types", "OK", "BOUNDS",
-           "TORCH_GIVES"]
+           "TORCH_GIVES", "option_rules"]
 
 DEFAULTS = {f.name: f.default for f in fields(Config)}
 
@@ -219,6 +219,15 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
     """A non-default option the chosen layout would ignore is an error, with the reason;
     so is one in ``given`` (the keys the command line or TOML file set), even a default."""
     _refuse_for_torch(cfg, given)
+    for name, ignored, why, others in option_rules(cfg):
+        if ignored and (_changed(cfg, name) or name in given):
+            value = literal(repr(getattr(cfg, name)))
+            raise ConfigError(f"{{{name}}} {value} does not apply: it {why}", [name, *others])
+
+
+def option_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
+    """(option, whether ``cfg`` would ignore it, why, the options that decide) for each
+    option that applies to some layouts only (the reference lists the deciding ones)."""
     best = cfg.keep_best and cfg.ckpt_dir is not None
     rules = [
         ("shuffle_window", cfg.shuffle == "global",
@@ -291,10 +300,7 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
                       "gradients after its last backward pass", []))
     rules.append(("progress", cfg.overlap is False,
                   "moves an overlapped exchange; {overlap} is off", ["overlap"]))
-    for name, ignored, why, others in rules:
-        if ignored and (_changed(cfg, name) or name in given):
-            value = literal(repr(getattr(cfg, name)))
-            raise ConfigError(f"{{{name}}} {value} does not apply: it {why}", [name, *others])
+    return rules
 
 
 

@@ -3,25 +3,25 @@
 Schema (format ``mpitrain.checkpoint``, version 3)::
 
     ckpt-000000200.h5 (or best.h5: the best evaluation's state)
-      attrs   format="mpitrain.checkpoint", format_version=2, mpitrain_version,
+      attrs   format="mpitrain.checkpoint", format_version=3, mpitrain_version,
               step (steps done), epoch, epoch_step (steps done in that epoch),
-              created (UTC, ISO 8601),
-              config      JSON: the run's Config
+              created (UTC, ISO 8601), config (JSON: the run's Config)
               layout      JSON: {"world_size", "pp", "dp"} the job was written with
               sampler     JSON: {"seed", "batch_size", "samples", "drop_last"}
               rng         JSON: every generator's state (see below)
-              optimizer   JSON: {"name", "steps", ...hyper-parameters}
+              optimizer   JSON: {"name", "steps", ...hyper-parameters}; PyTorch's: "torch":
+                          {"class", "groups", "scalars", "scheduler": {"class", "state"}}
               task        JSON: the task (classification and its classes, or regression
                           and its standardisation, or multilabel)
               model       JSON: {"spec": the model as text, "input_shape": a sample's}
-                          (version 3; older files were MLPs of config's hidden)
+                          or {"torch": "module.Class", "input_shape"} (PyTorch's)
               loop        JSON: the training loop's state: the learning rate of the last
                           step, the monitored metric's best value and step, evaluations
                           without improvement, whether it stopped early (version 3)
               meta_crc32  CRC-32 of every attribute above: the JSON object
                           {name: value} of them all, keys sorted (version 1: of the
                           five JSON attributes alone, joined by newlines)
-      params/<name>             one dataset per parameter, e.g. params/0.weight
+      params/<name>             one dataset per parameter (PyTorch's: per state_dict entry)
       optimizer/<key>/<name>    optimizer state per parameter, e.g. optimizer/m/0.weight
       every dataset: attrs crc32 (CRC-32 of its bytes, C order)
 

@@ -117,8 +117,8 @@ class Watchdog:
                 # launcher's SIGCONT gets here too).  Open MPI's abort takes seconds to
                 # end the job; wait for it rather than print the message a second time.
                 time.sleep(self.grace * 5 + 5)
-        else:  # a collector normally ends the job first; this is the fallback (Open MPI's
-            # abort of a job with a stopped rank took more than 10 s here: wait well past it)
+        else:  # a collector normally ends the job first; this is the fallback (an MPI's
+            # abort of a job with a stopped rank can take many seconds: wait well past it)
             time.sleep(self.grace * 5 + 30)
             reports = {self.rank: me}
         silent = [r for r in range(self.size) if r not in reports]

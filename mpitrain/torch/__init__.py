@@ -28,7 +28,7 @@ __all__ = ["DistributedOptimizer", "broadcast_parameters", "broadcast_optimizer_
 
 def __getattr__(name):
     if name in ("fit",):
-        from .fit import fit
+        from .training import fit
 
         return fit
     if name == "load_state":
