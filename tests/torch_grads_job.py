@@ -1,4 +1,4 @@
-"""$ mpiexec -n N python tests/torch_grads_job.py ALLREDUCE [staged] [cuda] [bfloat16]
+"""$ mpiexec -n N python tests/torch_grads_job.py ALLREDUCE[,ALLREDUCE...] [staged] [cuda] [bfloat16]
 
 ``DistributedOptimizer`` in a loop of one's own (Horovod's pattern), checked
 against one process that computes every batch whole: after each of 5 steps
@@ -81,11 +81,12 @@ def train(make, algorithm: str, staged: bool, compare: bool, device: str = "cpu"
 
 
 def main() -> None:
-    algorithm, staged = sys.argv[1], "staged" in sys.argv[2:]
+    staged = "staged" in sys.argv[2:]
     device = "cuda" if "cuda" in sys.argv[2:] else "cpu"
     wire = "bfloat16" if "bfloat16" in sys.argv[2:] else None
-    train(Branchy, algorithm, staged, compare=True, device=device, wire=wire)
-    train(Net, algorithm, staged, compare=False, device=device, wire=wire)
+    for algorithm in sys.argv[1].split(","):  # each in turn, in one job
+        train(Branchy, algorithm, staged, compare=True, device=device, wire=wire)
+        train(Net, algorithm, staged, compare=False, device=device, wire=wire)
 
 
 if __name__ == "__main__":

@@ -64,11 +64,17 @@ class DistributedTrainer:
         rank gives them."""
         init()
         options = dict(model_config)
+        for key, why in (("epochs", "num_epochs"), ("strategy", "the trainer's strategy"),
+                         ("servers", "the trainer's servers")):
+            if key in options:
+                raise ConfigError(f"{{model_config}}: {key!r} is given by {why}, not here",
+                                  ["model_config"], everywhere=True)
         val_fraction = float(options.pop("val_fraction", 0.1))
         data = ArrayDataset(X, y, val_fraction=val_fraction, root=root)
         ps = {"servers": self.servers} if self.strategy == "ps" else {}
-        cfg = agreed(self.comm, lambda: Config(strategy=self.strategy, epochs=num_epochs,
-                                               quiet=True, **ps, **options))
+        cfg = agreed(self.comm, lambda: Config(**{"quiet": True, **options, **ps,
+                                                  "strategy": self.strategy,
+                                                  "epochs": num_epochs}))
         with open(os.devnull, "w") as devnull:
             summary, trainer, comm = run_training(cfg, self.comm, data=data, out=devnull)
         self.comm = comm  # a healed job's communicator, if it healed
