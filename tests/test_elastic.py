@@ -93,7 +93,7 @@ def test_two_deaths_in_one_run(small_data, tmp_path, uninterrupted):
     """Rank 1 dies at step 8, rank 0 (the writer of logs and checkpoints) at step 20: the
     job shrinks twice and ends at 2 ranks, close to the run that never failed (Adam).
     (Respawn heals one death; after a replacement joined, Open MPI 5.0's finalize can
-    wait on a later dead process: README, Failures.)"""
+    wait on a later dead process: docs/guide/checkpoints.md.)"""
     result = heal_run(4, small_data, tmp_path, "--on-failure", "shrink", "--optimizer",
                       "adam", "--fault", "kill:rank=1:step=8,kill:rank=0:step=20")
     assert result.returncode == 0, result.stderr
