@@ -110,7 +110,8 @@ class LayerNorm(Layer):
         n = len(x)
         flat = x.reshape(n, -1)  # (n, m)
         m = flat.shape[1]
-        xhat = flat - flat.mean(axis=1, keepdims=True)  # centred, then scaled in place
+        # centred (the mean as x.mean gives it, without its wrapper), then scaled in place
+        xhat = flat - np.add.reduce(flat, axis=1, keepdims=True) / m
         var = np.einsum("ij,ij->i", xhat, xhat) / m  # no (n, m) temporary
         inv = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)[:, None]  # (n, 1)
         xhat *= inv
@@ -133,12 +134,13 @@ class LayerNorm(Layer):
             return None
         d = g * self.gamma.reshape(1, -1)  # dL/dxhat (n, m)
         m = d.shape[1]
-        # dx = inv / m * (m d - sum(d) - xhat sum(d xhat)), in place
-        rest = xhat * np.einsum("ij,ij->i", d, xhat)[:, None]
-        rest += d.sum(axis=1, keepdims=True)
-        d *= m
+        # dx = inv (d - mean(d) - xhat mean(d xhat)): the row sums scaled first (n, 1),
+        # then four passes over (n, m) and one temporary
+        scale = inv / m
+        rest = xhat * (np.einsum("ij,ij->i", d, xhat)[:, None] * scale)
+        rest += np.add.reduce(d, axis=1, keepdims=True) * scale
+        d *= inv
         d -= rest
-        d *= inv / m
         return d.reshape(dy.shape)
 
 

@@ -4,10 +4,10 @@ A Linear's weight gradient adds up over micro-batches (``--accumulate``) and
 over ``--reproducible``'s groups: numpy's ``gweight += dy.T @ x`` makes the
 product into a temporary, then reads it and the gradient and writes the
 gradient again.  The BLAS's GEMM with beta = 1 adds into the gradient as it
-goes: for a 1024 x 1024 gradient from 32 rows, 0.63 against 1.17 ms here
-(numpy's OpenBLAS, one thread).  Its bits are the two steps' where the kernel
+goes, one pass over the gradient instead of three (``python -m mpitrain bench
+layers`` measures it).  Its bits are the two steps' where the kernel
 adds each finished dot product to ``c`` once — OpenBLAS's does while the rows
-fit one of its K blocks (here up to 300 rows at least; at 600 they differ).
+fit one of its K blocks (a few hundred rows; beyond, they can differ).
 So nothing is assumed: each shape (and thread count) is checked once against
 numpy, on random data of that shape (two trials); a shape that differs,
 numpy's BLAS being another library, or arrays not C-contiguous take numpy's

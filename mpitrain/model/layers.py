@@ -14,6 +14,7 @@ them; see ``blocks.Dropout``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -221,6 +222,25 @@ class Flatten(Layer):
         return dy.reshape(saved) if need_dx else None
 
 
+@functools.lru_cache(maxsize=None)
+def _zeros(length: int, dtype: str) -> np.ndarray:
+    """A read-only row of ``length`` zeros, shared."""
+    row = np.zeros(length, dtype)
+    row.flags.writeable = False
+    return row
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    """max(x, 0) in a new array: x viewed as (-1, length) against a row of zeros broadcast
+    over its rows, not against a scalar 0, as numpy's vectorised loop takes two arrays
+    (its loop for an array and a scalar is the slower one).  Same values either way."""
+    length = math.gcd(x.size, 4096) if x.flags.c_contiguous else 1
+    if length < 64:  # short rows: the scalar loop
+        return np.maximum(x, x.dtype.type(0))
+    y = np.maximum(x.reshape(-1, length), _zeros(length, x.dtype.str))
+    return y.reshape(x.shape)
+
+
 class ReLU(Layer):
     """max(x, 0)."""
 
@@ -231,11 +251,11 @@ class ReLU(Layer):
         return "relu"
 
     def forward(self, x, ctx=EVAL):
-        # np.maximum and a multiply by the mask: ~15x faster here than np.where.
-        y = np.maximum(x, x.dtype.type(0))
+        y = _relu(x)
         return y, y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False):
+        # a multiply by the mask: np.where takes a much slower loop
         return dy * (saved > 0) if need_dx else None
 
 
@@ -253,16 +273,26 @@ class Tanh(Layer):
         return y, y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False):
-        return dy * (1 - saved * saved) if need_dx else None
+        if not need_dx:
+            return None
+        # dy (1 - y^2) in one temporary, of the type dy * y has
+        g = np.multiply(saved, saved, dtype=np.result_type(saved, dy))
+        np.subtract(1, g, out=g)
+        g *= dy
+        return g
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)) as 0.5 + 0.5 tanh(x / 2): the same function, one transcendental
-    pass and no overflow (4x faster here than exp and a select)."""
-    y = np.tanh(x * x.dtype.type(0.5))
-    y *= 0.5
-    y += 0.5
-    return y
+    """1 / (1 + exp(-x)), in one new array.  Where exp(-x) overflows to inf (x below -88
+    in float32) 1 / inf = 0 is the float's answer.  exp rather than 0.5 + 0.5 tanh(x / 2):
+    numpy's exp is the faster of the two, and keeps the small values of the negative tail
+    that 0.5 - 0.5 tanh loses to cancellation."""
+    s = np.negative(x)
+    with np.errstate(over="ignore"):
+        np.exp(s, out=s)
+    s += 1
+    np.divide(1, s, out=s)
+    return s
 
 
 class Sigmoid(Layer):
@@ -279,7 +309,13 @@ class Sigmoid(Layer):
         return y, y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False):
-        return dy * saved * (1 - saved) if need_dx else None
+        if not need_dx:
+            return None
+        # dy s (1 - s) in one temporary, of the type dy * s has
+        g = np.subtract(1, saved, dtype=np.result_type(saved, dy))
+        g *= saved
+        g *= dy
+        return g
 
 
 class GELU(Layer):
@@ -324,7 +360,13 @@ class SiLU(Layer):
         if not need_dx:
             return None
         x, s = saved
-        return dy * (s * (1 + x * (1 - s)))
+        # dy s (1 + x (1 - s)) in one temporary, of the type dy * s has
+        g = np.subtract(1, s, dtype=np.result_type(s, dy))
+        g *= x
+        g += 1
+        g *= s
+        g *= dy
+        return g
 
 
 ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid, "gelu": GELU, "silu": SiLU}
