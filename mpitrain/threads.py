@@ -1,7 +1,7 @@
 """Threads per rank: BLAS and OpenMP limited to the cores each rank has.
 
 NumPy's BLAS starts one thread per core by default; two ranks on two cores,
-each with two BLAS threads, thrash (steps up to 30x slower here).  The thread
+each with two BLAS threads, oversubscribe the cores and spin against each other.  The thread
 variables must be set before the BLAS library is loaded, so this module
 imports no numpy, and ``import mpitrain`` calls ``limit_threads`` first.
 

@@ -77,7 +77,7 @@ CASES = [
      "steps and epochs: give one of the two"),
     ("config-reproducible-shm", config(reproducible=True, allreduce="shm"), ConfigError,
      "reproducible with allreduce shm"),
-    ("config-wire-mpi", config(grad_dtype="float16"), ConfigError,
+    ("config-wire-mpi", config(grad_dtype="float16", allreduce="mpi"), ConfigError,
      "grad_dtype float16 needs allreduce ring"),
     ("config-window", config(timeline="t.json", timeline_steps="5:3"), ConfigError,
      "timeline_steps: expected FIRST:LAST"),

@@ -42,7 +42,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
     "loss": ("auto", *LOSSES),
     "dtype": DTYPES,
     "optimizer": OPTIMIZERS,
-    "allreduce": tuple(ALGORITHMS),
+    "allreduce": ("auto", *ALGORITHMS),
     "check_data": MODES,
     "schedule": SCHEDULES,
     "progress": PROGRESS,
@@ -130,8 +130,10 @@ class Config:
                                      "global batch in --groups fixed groups, added in group order")
     groups: int = _opt(4, "with --reproducible: the fixed groups of each global batch (4 "
                           "serves 1 to 4 ranks, 12 up to 12 evenly; the fewer, the faster)")
-    allreduce: str = _opt("mpi", "gradient all-reduce: MPI's own Allreduce, mpitrain's ring, "
-                                 "or shm (ranks on a node add from each other's memory)")
+    allreduce: str = _opt("auto", "gradient all-reduce: auto (shm where it serves, else mpi; "
+                                  "ring for a 16-bit wire: the run's first lines say which "
+                                  "and why), MPI's own Allreduce, mpitrain's ring, or shm "
+                                  "(ranks on a node add from each other's memory)")
     bucket_mb: Optional[float] = _opt(None, "exchange the gradients in buckets of about this "
                                             "many MiB (0: one bucket; default: 2 with "
                                             "overlap, else one bucket; given, it asks for "

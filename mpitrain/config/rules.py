@@ -111,7 +111,8 @@ def validate(cfg: Config) -> None:
                           "schedule falls from lr to lr_min", ["lr_min", "lr"])
     if not MONITOR.match(cfg.monitor):
         raise bad("monitor", "a validation metric: val_loss, val_accuracy, val_rmse...")
-    check_options(cfg.allreduce, cfg.progress, cfg.wire())
+    check_options(cfg.allreduce if cfg.allreduce != "auto" else "ring" if cfg.wire() else "mpi",
+                  cfg.progress, cfg.wire())
     if cfg.on_failure == "shrink" and cfg.pipelined():
         raise ConfigError(f"{{on_failure}} shrink with {{pp}} {cfg.pp}: not supported: the "
                           "survivors no longer form pp stages of equal size ({on_failure} "

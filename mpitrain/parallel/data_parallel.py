@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional, Tuple
 
+from ..comm.auto import choose
 from ..comm.exchange import Exchange, plan_buckets
 from ..comm.overlap import plan_overlap
 from ..comm.topology import Grid, make_grid
@@ -60,7 +61,7 @@ class Trainer(TrainerBase):
     OPTIONS = ("allreduce", "bucket_mb", "overlap", "progress", "grad_dtype", "groups")
 
     def __init__(self, model: Sequential, loss: Any, optimizer: Optimizer, data: Any,
-                 comm: Any, *, allreduce: str = "mpi", bucket_mb: Optional[float] = None,
+                 comm: Any, *, allreduce: str = "auto", bucket_mb: Optional[float] = None,
                  overlap: Optional[bool] = None, progress: Optional[str] = None,
                  grad_dtype: Optional[str] = None, groups: Optional[int] = None,
                  check_start: bool = True, **options):
@@ -87,6 +88,10 @@ class Trainer(TrainerBase):
         # summed exactly (a float16 loss sum would overflow at 65504).
         covered = n if wire else n + w
         self.metrics = slice(n, n + w)
+        chosen = {}
+        if allreduce == "auto":  # shm where it serves (comm.auto)
+            allreduce, why = choose(comm, wire=wire, progress=progress, ordered=bool(groups))
+            chosen = {"allreduce": allreduce, "allreduce_why": why}
         overlap, bucket_mb, progress = plan_overlap(comm, overlap, bucket_mb, progress)
         self.exchange = Exchange(
             comm, n + w, self.model.dtype, algorithm=allreduce,
@@ -99,7 +104,7 @@ class Trainer(TrainerBase):
         self.xbuf = self.exchange.buffer
         self.batches = Batches(self.train, self.sampler, self.rank, self.size, groups=groups)
         self._finish(comm, groups, resolved=dict(overlap=overlap, bucket_mb=bucket_mb,
-                                                 progress=progress))
+                                                 progress=progress, **chosen))
         # groups: fixed groups added in group order (parallel.reproducible).
         self.grouped = GroupedSteps(self, groups) if groups else None
 

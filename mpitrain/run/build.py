@@ -14,6 +14,7 @@ from typing import Any, Dict, Tuple, Type
 import numpy as np
 from mpi4py import MPI
 
+from ..comm.auto import choose
 from ..config import Config
 from ..data.builtin import builtin_dataset
 from ..data.datasets import Data, as_dataset
@@ -33,7 +34,7 @@ from ..threads import blas_control, limit_threads, single_threaded_env
 # How the gradients are combined (the Config's strategy) -> its trainer.
 STRATEGIES: Dict[str, Type[TrainerBase]] = {"allreduce": Trainer, "ps": PSTrainer}
 
-__all__ = ["build", "open_data", "model_spec", "lr_schedule", "trainer_class",
+__all__ = ["build", "open_data", "model_spec", "lr_schedule", "trainer_class", "resolve_allreduce",
            "trainer_options", "text_model", "STRATEGIES"]
 
 
@@ -185,9 +186,21 @@ def build(cfg: Config, comm: MPI.Comm, model: Any = None, data: Any = None, *,
     optimizer = optimizer_named(cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 momentum=cfg.momentum)
     cls = trainer_class(cfg)
+    cfg, chosen = resolve_allreduce(cfg, comm)
     trainer = cls(model, cfg.loss, optimizer, connected, comm, check_start=check_start,
                   **trainer_options(cfg, cls))
+    trainer.resolved.update(chosen)
     return trainer, connected
+
+
+def resolve_allreduce(cfg: Config, comm: MPI.Comm) -> Tuple[Config, Dict[str, str]]:
+    """``cfg`` with ``allreduce`` "auto" made an algorithm (``comm.auto``), and the choice
+    with its reason for the run's record; unchanged otherwise (collective)."""
+    if cfg.allreduce != "auto" or cfg.ps():
+        return cfg, {}
+    algorithm, why = choose(comm, wire=cfg.wire(), progress=cfg.progress,
+                            heals=cfg.on_failure != "abort", ordered=cfg.reproducible)
+    return cfg.replace(allreduce=algorithm), {"allreduce": algorithm, "allreduce_why": why}
 
 
 def _check_reproducible(cfg: Config, comm: MPI.Comm) -> None:

@@ -27,7 +27,8 @@ from ..runtime import on_root
 from ..timeline import RECORDER, span
 from . import healing
 from .build import build, lr_schedule
-from .metrics import Meter, Reporter, banner, peak_rss, summarize, summary_line
+from .banner import banner
+from .metrics import Meter, Reporter, peak_rss, summarize, summary_line
 from .monitor import Monitor
 from .recovery import Carry
 from .rundir import open_run_dir

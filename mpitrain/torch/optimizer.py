@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from mpi4py import MPI
 
+from ..comm.auto import choose
 from ..comm.exchange import Exchange, plan_buckets
 from ..comm.overlap import plan_overlap
 from ..process import init
@@ -67,7 +68,7 @@ class DistributedOptimizer:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
-                 comm: Optional[MPI.Comm] = None, allreduce: str = "mpi",
+                 comm: Optional[MPI.Comm] = None, allreduce: str = "auto",
                  bucket_mb: Optional[float] = None, overlap: Optional[bool] = None,
                  progress: Optional[str] = None, grad_dtype: Optional[str] = None,
                  accumulate: int = 1, average: bool = True, sync_buffers: bool = True,
@@ -83,8 +84,11 @@ class DistributedOptimizer:
         dtype = flat_dtype(params)
         n = sum(p.numel() for p in params)
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        overlap, bucket_mb, progress = plan_overlap(self.comm, overlap, bucket_mb, progress)
         wire = None if grad_dtype in (None, "full") else grad_dtype
+        self.why = ""  # why "auto" chose the algorithm it chose
+        if allreduce == "auto":  # shm where it serves (comm.auto)
+            allreduce, self.why = choose(self.comm, wire=wire, progress=progress)
+        overlap, bucket_mb, progress = plan_overlap(self.comm, overlap, bucket_mb, progress)
         covered = n if wire else n + extra
         # ``extra`` slots after the gradients ride in the same sum (a trainer's metrics);
         # with a 16-bit wire they stay out of the buckets and are summed exactly.
@@ -94,7 +98,8 @@ class DistributedOptimizer:
             overlap=overlap, progress=progress, wire=wire,
             exact=slice(n, n + extra) if wire and extra else None,
             needed=slice(n, n + extra) if extra else None, shared=False)
-        self.resolved = dict(overlap=overlap, bucket_mb=bucket_mb, progress=progress)
+        self.resolved = dict(overlap=overlap, bucket_mb=bucket_mb, progress=progress,
+                             allreduce=allreduce)
         staged = any(p.device.type != "cpu" for p in params) if staged is None else staged
         self.grads = FlatGrads(params, self.exchange.buffer, self.exchange.ready, staged)
         self.size, self.accumulate, self.average = n, accumulate, average

@@ -84,7 +84,7 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
     OPTIONS = ("allreduce", "bucket_mb", "overlap", "progress", "grad_dtype", "groups")
 
     def __init__(self, model: torch.nn.Module, loss: Any, optimizer: torch.optim.Optimizer,
-                 data: Any, comm: Any, *, allreduce: str = "mpi",
+                 data: Any, comm: Any, *, allreduce: str = "auto",
                  bucket_mb: Optional[float] = None, overlap: Optional[bool] = None,
                  progress: Optional[str] = None, grad_dtype: Optional[str] = None,
                  groups: Optional[int] = None, check_start: bool = True,

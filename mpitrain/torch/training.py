@@ -25,6 +25,7 @@ import torch
 from mpi4py import MPI
 
 from ..config import Config
+from ..run.build import resolve_allreduce
 from ..config.rules import TORCH_LR
 from ..data.datasets import Dataset, as_dataset
 from ..process import init
@@ -63,6 +64,7 @@ def _make(model, loss_fn, optimizer, scheduler, data):
     """The trainer factory the loop calls (again after a healing, on the same objects)."""
 
     def make(cfg: Config, comm: MPI.Comm, check_start: bool):
+        cfg, chosen = resolve_allreduce(cfg, comm)
         dtype = torch.empty(0, dtype=next(model.parameters()).dtype).numpy().dtype.name
         connected = data.connect(comm, dtype=dtype, cache_mb=cfg.cache_mb,
                                  check=cfg.check_data)
@@ -75,6 +77,7 @@ def _make(model, loss_fn, optimizer, scheduler, data):
                                groups=cfg.groups if cfg.reproducible else None,
                                check_start=check_start, scheduler=scheduler,
                                **options, **recipe)
+        trainer.resolved.update(chosen)
         trainer.peak = cfg.lr
         trainer.keep_buffers = cfg.on_failure != "abort"
         trainer.settle_buffers()

@@ -34,6 +34,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ...balance import bounds, rank_slice
+from ...comm.auto import choose
 from ...comm.exchange import Exchange
 from ...comm.ordered import OrderedSum
 from ...comm.topology import Grid, make_grid
@@ -92,7 +93,7 @@ class PipelineTrainer(TrainerBase):
     def __init__(self, model: Any, loss: Any, optimizer: Optimizer, data: Any, comm: Any, *,
                  pp: Optional[int] = None, microbatches: Optional[int] = None,
                  schedule: str = "1f1b", stage_layers: Optional[Sequence[int]] = None,
-                 allreduce: str = "mpi", grad_dtype: Optional[str] = None,
+                 allreduce: str = "auto", grad_dtype: Optional[str] = None,
                  groups: Optional[int] = None, dtype: str = "float32",
                  check_start: bool = True, **options):
         grid = comm if isinstance(comm, Grid) else make_grid(comm, pp or 2)
@@ -134,6 +135,8 @@ class PipelineTrainer(TrainerBase):
         # Agreed over the world: a stage whose exchange is refused (shm with unequal
         # ranks per node) must not leave the other stages in their next collective.
         wire = None if grad_dtype in (None, "full") else grad_dtype
+        if allreduce == "auto":  # shm where it serves (comm.auto), alike in every stage
+            allreduce = grid.world.bcast(choose(grid.dp_comm, wire=wire, ordered=bool(groups))[0])
         self.exchange = agreed(grid.world, lambda: Exchange(
             grid.dp_comm, self.model.size, self.model.dtype, algorithm=allreduce,
             overlap=False, wire=wire))

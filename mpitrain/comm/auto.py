@@ -1,0 +1,52 @@
+"""``allreduce="auto"``: the fastest exchange that serves a job, and the reason for it.
+
+Within a node the shared-memory sum (``shm``) does least: each rank adds its share
+of every bucket straight from the others' memory and updates that share once for
+the node, and across nodes one leader per node joins MPI's ``Allreduce``.  It
+cannot serve everywhere, and ``auto`` then takes MPI's own ``Allreduce``: a job
+that heals itself (ULFM does not make shared-memory windows fault tolerant), a
+reproducible run (its fixed-order chain replaces the sum), an exchange driven by
+MPI requests (``progress`` test), nodes holding different numbers of ranks;
+a node of one rank has nothing to share.
+A 16-bit wire travels on mpitrain's ring only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from mpi4py import MPI
+
+from .shm import ShmAllreduce
+
+__all__ = ["choose"]
+
+
+def choose(comm: MPI.Comm, *, wire: Optional[str] = None, progress: Optional[str] = None,
+           heals: bool = False, ordered: bool = False) -> Tuple[str, str]:
+    """(the algorithm ``auto`` means on ``comm``, why), the same on every rank
+    (collective: the ranks per node are counted on ``comm``)."""
+    if wire is not None:
+        return "ring", f"a {wire} wire travels on mpitrain's ring only"
+    if heals:
+        return "mpi", "a job that heals: ULFM does not make shared-memory windows fault tolerant"
+    if ordered:
+        return "mpi", "reproducible: the fixed-order chain is the sum"
+    if progress is not None and progress not in ShmAllreduce.progress:
+        return "mpi", f"progress {progress} drives MPI requests"
+    if comm.Get_size() == 1:
+        return "mpi", "one rank: nothing to sum"
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    local, leader = node.Get_size(), node.Get_rank() == 0
+    node.Free()
+    most = comm.allreduce(local, op=MPI.MAX)
+    fewest = comm.allreduce(local, op=MPI.MIN)
+    nodes = comm.allreduce(int(leader), op=MPI.SUM)
+    if most == 1:
+        return "mpi", "one rank per node: nothing to share within a node"
+    if fewest != most:
+        return "mpi", (f"the nodes hold {fewest} to {most} ranks: shm needs the same number "
+                       "on every node")
+    if nodes == 1:
+        return "shm", f"the {local} ranks share a node's memory"
+    return "shm", (f"up to {most} ranks per node share its memory; one leader per node "
+                   f"of {nodes} joins MPI's Allreduce")
