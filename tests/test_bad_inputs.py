@@ -105,7 +105,7 @@ FLAGS = [
     ("bucket-nan", ["--bucket-mb", "nan"], 2, "--bucket-mb: expected a finite number"),
     ("progress-ring-test", ["--allreduce", "ring", "--progress", "test"], 2,
      "--progress test drives MPI requests"),
-    ("wire-mpi", ["--grad-dtype", "float16"], 2, "--grad-dtype float16 needs --allreduce ring"),
+    ("wire-mpi", ["--grad-dtype", "float16", "--allreduce", "mpi"], 2, "--grad-dtype float16 needs --allreduce ring"),
     ("pp-zero", ["--pp", "0"], 2, "--pp: expected a value >= 1"),
     ("pp-too-many", ["--pp", "2"], 2, "pp"),
     ("microbatches-unused", ["--microbatches", "4"], 2, "--microbatches 4 does not apply"),

@@ -497,21 +497,22 @@ def test_helper_threads_that_call_mpi_need_thread_multiple(small_data):
     to set; without them (--watchdog 0, no overlapped thread: the default on one node, or
     --progress none) the run goes on."""
     env = clean_env(MPI4PY_RC_THREAD_LEVEL="serialized")
-    refused = run_train(2, "--data", small_data, "--steps", "2", env=env, timeout=60)
+    mpi = ("--allreduce", "mpi")  # the exchange whose helper thread calls MPI
+    refused = run_train(2, "--data", small_data, "--steps", "2", *mpi, env=env, timeout=60)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.count("MPI runs at thread level 'serialized', but the watchdog "
                                 "(--watchdog 0 turns it off) calls MPI from its own thread while "
                                 "the main thread does, which needs 'multiple': unset "
                                 "MPI4PY_RC_THREAD_LEVEL") == 1
     exchange = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0",
-                         "--overlap", env=env, timeout=60)
+                         "--overlap", *mpi, env=env, timeout=60)
     assert exchange.returncode == 2
     assert ("the exchange's helper thread (--progress none avoids it, as does turning "
             "--overlap off)") in exchange.stderr
     for fine, plan in ((("--progress", "none"), "(one bucket overlapped with backward)"),
                        ((), "(one bucket after backward)")):
         done = run_train(2, "--data", small_data, "--steps", "2", "--watchdog", "0", *fine,
-                         "--hidden", "8", env=env, timeout=60)
+                         *mpi, "--hidden", "8", env=env, timeout=60)
         assert done.returncode == 0, done.stderr
         assert f"allreduce mpi {plan}" in done.stdout  # the run's header says how
 

@@ -241,3 +241,27 @@ def test_train_elastic_sbatch_heals_a_killed_rank(slurm, small_data, tmp_path,
     assert "rank 1 died at step 20: respawned it in" in healed.output
     assert same_bits(final(tmp_path / "healed"), final(tmp_path / "whole"))
     took(record_property, "train-elastic.sbatch healed", healed.seconds)
+
+
+@pytest.mark.timeout(SETUP_BUDGET + 150)
+def test_train_sbatch_trains_a_torch_factory(slurm, small_data, tmp_path, record_property):
+    """``--torch MODULE:FUNCTION`` through train.sbatch: the factory imported from the
+    directory the job was submitted from, checkpoints in mpitrain's format."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    if os.environ.get("MPITRAIN_TORCH_TESTS", "").strip().lower() != "require":
+        pytest.importorskip("torch", reason="the PyTorch front end needs torch (optional)")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(Path(__file__).with_name("torch_models.py"), project)
+    job = slurm.submit("slurm/train.sbatch",
+                       ["--torch", "torch_models:mlp", "--data", small_data, "--steps", "12",
+                        "--batch-size", "64", "--ckpt-dir", tmp_path / "ckpt",
+                        "--ckpt-every", "6"], cwd=project, timeout=120)
+    took(record_property, "train.sbatch --torch", job.seconds)
+    ok(job)
+    assert "done: steps 1-12" in job.output
+    state = final(tmp_path / "ckpt")
+    assert state.step == 12 and "0.weight" in state.params

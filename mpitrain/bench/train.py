@@ -41,6 +41,7 @@ CEILINGS = ("ceiling", "lockstep")  # the peers measured beside the variants
 VARIANTS = {
     # mpi, shm, ring and the 16-bit rings: the defaults (overlapped in buckets only across
     # nodes: comm.overlap); *-overlap: in 2 MiB buckets during backward, wherever they run
+    "auto": dict(allreduce="auto"),  # the default: shm where it serves (comm.auto)
     "mpi": dict(allreduce="mpi"),
     "mpi-overlap": dict(allreduce="mpi", overlap=True, progress="thread"),
     "mpi-test": dict(allreduce="mpi", overlap=True, progress="test"),
@@ -70,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``bench train``."""
     p.add_argument("--ranks", default=None, help="rank counts to measure, e.g. 1,2 "
                                                  "(default: 1, 2, 4, ... up to this job's)")
-    p.add_argument("--variants", default="mpi", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="auto", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--hidden", default="1024,1024")
     p.add_argument("--batch-per-rank", type=int, default=128)
     p.add_argument("--steps", type=int, default=100, help="timed steps per sample")

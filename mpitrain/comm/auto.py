@@ -2,7 +2,9 @@
 
 Within a node the shared-memory sum (``shm``) does least: each rank adds its share
 of every bucket straight from the others' memory and updates that share once for
-the node, and across nodes one leader per node joins MPI's ``Allreduce``.  It
+the node, and across nodes the ranks holding the same share sum it with MPI's
+``Allreduce`` (every rank of a node carries a part of the traffic, where one leader
+per node would carry it all).  It
 cannot serve everywhere, and ``auto`` then takes MPI's own ``Allreduce``: a job
 that heals itself (ULFM does not make shared-memory windows fault tolerant), a
 reproducible run (its fixed-order chain replaces the sum), an exchange driven by
@@ -48,5 +50,5 @@ def choose(comm: MPI.Comm, *, wire: Optional[str] = None, progress: Optional[str
                        "on every node")
     if nodes == 1:
         return "shm", f"the {local} ranks share a node's memory"
-    return "shm", (f"up to {most} ranks per node share its memory; one leader per node "
-                   f"of {nodes} joins MPI's Allreduce")
+    return "shm", (f"the {local} ranks of each node share its memory; each sums its "
+                   f"share across the {nodes} nodes with MPI's Allreduce")
