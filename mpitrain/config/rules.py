@@ -331,17 +331,7 @@ def option_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
         rules.append((option, cfg.ps(),
                       "chooses how all-reduce sums the gradients; with {strategy} ps the "
                       "servers sum the workers' pushes", ["strategy"]))
-    for option in ("outer_lr", "outer_momentum"):
-        rules.append((option, not cfg.local(),
-                      "is local SGD's outer step, and {sync_every} is 1", ["sync_every"]))
-    rules.append(("outer_momentum", cfg.local() and cfg.outer_lr is None,
-                  "is the momentum of the outer step, and no {outer_lr} is given",
-                  ["outer_lr"]))
-    for option in ("allreduce", "bucket_mb", "overlap", "progress"):
-        rules.append((option, cfg.local(),
-                      "chooses how the gradients are summed, and with {sync_every} > 1 none "
-                      "are: the parameters are averaged by MPI's Allreduce at each sync",
-                      ["sync_every"]))
+    rules += _local_rules(cfg)
     rules.append(("groups", not cfg.reproducible,
                   "cuts the batches of {reproducible}, which is off", ["reproducible"]))
     rules.append(("timeline_steps", cfg.timeline is None,
@@ -363,6 +353,20 @@ def option_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
                   "moves an overlapped exchange; {overlap} is off", ["overlap"]))
     return rules
 
+
+
+def _local_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
+    """``option_rules``' entries of local SGD: its outer step, and the exchange it has not."""
+    rules = [(option, not cfg.local(), "is local SGD's outer step, and {sync_every} is 1",
+              ["sync_every"]) for option in ("outer_lr", "outer_momentum")]
+    rules.append(("outer_momentum", cfg.local() and cfg.outer_lr is None,
+                  "is the momentum of the outer step, and no {outer_lr} is given",
+                  ["outer_lr"]))
+    rules += [(option, cfg.local(),
+               "chooses how the gradients are summed, and with {sync_every} > 1 none are: "
+               "the parameters are averaged by MPI's Allreduce at each sync", ["sync_every"])
+              for option in ("allreduce", "bucket_mb", "overlap", "progress")]
+    return rules
 
 
 def check_length(cfg: Config, total: int, steps_per_epoch: int) -> None:
