@@ -134,3 +134,13 @@ def test_the_command_line_refuses_in_one_line_with_exit_2():
     assert result.stderr == ("mpitrain: error: --ckpt-every 10 is not a multiple of "
                              "--sync-every 8: logs, evaluations and checkpoints fall on sync "
                              "points, where the replicas agree\n")
+
+
+@pytest.mark.timeout(60)
+def test_a_diverged_replica_is_reported_by_every_rank_at_the_sync(small_data, tmp_path):
+    result = run_train(2, "--data", small_data, "--hidden", "16", "--batch-size", "64",
+                       "--steps", "20", "--sync-every", "4", "--optimizer", "sgd",
+                       "--lr", "1e30", "--quiet", timeout=40)
+    assert result.returncode == 2
+    assert result.stderr.count("mpitrain: error: loss is not finite in steps 1-4 (epoch 0) "
+                               "on some replica; try a lower lr (now 1e+30)") == 1
