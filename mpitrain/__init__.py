@@ -49,7 +49,8 @@ _API = {
     "RingAllreduce": "comm.ring", "ring_allreduce": "comm.ring",
     "ShmAllreduce": "comm.shm",
     # trainers
-    "Trainer": "parallel.data_parallel", "PipelineTrainer": "parallel.pipeline.stage",
+    "Trainer": "parallel.data_parallel", "LocalSGDTrainer": "parallel.local_sgd",
+    "PipelineTrainer": "parallel.pipeline.stage",
     "PSTrainer": "parallel.ps.trainer", "ParameterServer": "parallel.ps.shard",
     "Recipe": "parallel.recipe",
     # the run: fit, and the pieces of a loop of one's own

@@ -59,6 +59,9 @@ VARIANTS = {
     "reproducible-g12": dict(allreduce="mpi", reproducible=True, groups=12),
     "reproducible-g4": dict(allreduce="mpi", reproducible=True, groups=4),
     "reproducible-g2": dict(allreduce="mpi", reproducible=True, groups=2),
+    # local SGD: H local steps, then one Allreduce of parameters and optimizer state
+    "local-8": dict(sync_every=8),
+    "local-16": dict(sync_every=16),
 }
 
 
@@ -220,7 +223,8 @@ def _parse(args: argparse.Namespace, comm: MPI.Comm):
     except ValueError:
         raise MpitrainError("--ranks and --hidden take comma-separated integers",
                             everywhere=True) from None
-    variants = args.variants.split(",")
+    # the peers (ceiling, lockstep) are measured beside every variant anyway
+    variants = [v for v in args.variants.split(",") if v not in CEILINGS]
     unknown = [v for v in variants if v not in VARIANTS]
     if args.block < 1 or args.steps < 1:
         raise MpitrainError(f"--block and --steps must be at least 1 (got {args.block} and "

@@ -148,6 +148,15 @@ class Config:
                                          "for overlap")
     grad_dtype: str = _opt("full", "exchange gradients in 16 bits, adding in full precision "
                                    "(needs --allreduce ring)")
+    sync_every: int = _opt(1, "local SGD: each replica takes N steps on its own slice of "
+                              "each batch (its own mean gradient, its own optimizer), then "
+                              "the replicas' parameters and optimizer state are averaged by "
+                              "one all-reduce (1: a synchronous step, summing the gradients)")
+    outer_lr: Optional[float] = _opt(None, "with --sync-every N > 1: DiLoCo's outer step of "
+                                           "this size (Nesterov momentum) on the averaged "
+                                           "change since the last sync (default: the "
+                                           "average itself)")
+    outer_momentum: float = _opt(0.9, "with --outer-lr: the outer step's Nesterov momentum")
     pp: int = _opt(1, "pipeline stages; the ranks form pp stages x (ranks / pp) replicas")
     microbatches: Optional[int] = _opt(None, "pipeline micro-batches per replica and step "
                                              "(default: 2 x pp)")
@@ -233,6 +242,10 @@ class Config:
             return None
         a, b = self.timeline_steps.split(":")
         return int(a), int(b)
+
+    def local(self) -> bool:
+        """Whether the replicas take local steps between syncs (local SGD)."""
+        return self.sync_every > 1
 
     def pipelined(self) -> bool:
         """Whether the pipeline trainer runs."""

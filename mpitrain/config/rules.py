@@ -64,6 +64,7 @@ BOUNDS = {
     "watchdog": (">=", 0, " (0 turns it off)"),
     "max_failures": (">=", 1, ""),
     "servers": (">=", 1, ""), "groups": (">=", 1, ""), "staleness": (">=", 0, ""),
+    "sync_every": (">=", 1, " (1: a synchronous step)"), "outer_lr": (">", 0, ""),
 }
 MONITOR = re.compile(r"^val_[a-z][a-z0-9_]*$")
 
@@ -122,7 +123,10 @@ def validate(cfg: Config) -> None:
                           "supported: a node's ranks share one copy of the parameters in an "
                           "MPI window, and ULFM does not make windows fault tolerant (use "
                           "{allreduce} mpi or ring)", ["on_failure", "allreduce"])
+    if not 0 <= cfg.outer_momentum < 1:
+        raise bad("outer_momentum", "a value in [0, 1)")
     _check_strategy(cfg)
+    _check_local(cfg)
     if cfg.timeline_steps is not None and not (
             re.fullmatch(r"\d+:\d+", cfg.timeline_steps)
             and 1 <= int(cfg.timeline_steps.split(":")[0]) <= int(cfg.timeline_steps.split(":")[1])):
@@ -182,6 +186,50 @@ def _check_strategy(cfg: Config) -> None:
                           ["balance", "pp"])
 
 
+def _check_local(cfg: Config) -> None:
+    """What local SGD ({sync_every} > 1) cannot be combined with, each with the reason."""
+    if not cfg.local():
+        return
+    h = f"{{sync_every}} {cfg.sync_every}"
+    refusals = [
+        (cfg.ps(), f"{h} with {{strategy}} ps: not supported: local SGD averages the "
+         "replicas' own copies of the model, and a parameter server's workers hold none (use "
+         "{strategy} allreduce)", ["strategy"]),
+        (cfg.pp > 1, f"{h} with {{pp}} {cfg.pp}: not supported: local SGD averages whole "
+         "replicas, and a pipeline stage holds a part of the model", ["pp"]),
+        (cfg.reproducible, f"{h} with {{reproducible}}: not supported: its fixed groups make "
+         "one synchronous sum the same at any rank count, and a local step is each replica's "
+         "own", ["reproducible"]),
+        (cfg.torch is not None, f"{h} with {{torch}}: not supported: the PyTorch front end "
+         "exchanges gradients every step (local SGD covers mpitrain's own models)", ["torch"]),
+        (cfg.balance == "speed", f"{h} with {{balance}} speed: not supported: local SGD "
+         "weighs the replicas by fixed slices of each batch", ["balance"]),
+        (cfg.grad_dtype != "full", f"{h} with {{grad_dtype}} {cfg.grad_dtype}: not "
+         "supported: no gradient is exchanged; the parameters are averaged in their own "
+         "dtype", ["grad_dtype"]),
+        (cfg.on_failure != "abort", f"{{on_failure}} {cfg.on_failure} with {h}: not "
+         "supported: between syncs the replicas differ, and a healing would have to roll "
+         "every survivor back to the last sync (use {on_failure} abort and relaunch: the "
+         "run resumes from {ckpt_dir})", ["on_failure", "ckpt_dir"]),
+    ]
+    for wrong, why, named in refusals:
+        if wrong:
+            raise ConfigError(why, ["sync_every", *named])
+
+
+def _check_sync_points(cfg: Config, given) -> None:
+    """With local SGD, periodic logs, evaluations and checkpoints given by the user fall on
+    sync points; a default that does not is taken at the next sync (``run.loop``)."""
+    if not cfg.local():
+        return
+    for name in ("log_every", "eval_every", "ckpt_every"):
+        value = getattr(cfg, name)
+        if value and value % cfg.sync_every and (_changed(cfg, name) or name in given):
+            raise ConfigError(f"{{{name}}} {value} is not a multiple of {{sync_every}} "
+                              f"{cfg.sync_every}: logs, evaluations and checkpoints fall on "
+                              "sync points, where the replicas agree", [name, "sync_every"])
+
+
 # What a PyTorch model ({torch}, mpitrain.torch.fit) brings itself: these options describe
 # mpitrain's own model and optimizer.
 TORCH_GIVES = {
@@ -220,6 +268,7 @@ def refuse_what_does_not_apply(cfg: Config, given=()) -> None:
     """A non-default option the chosen layout would ignore is an error, with the reason;
     so is one in ``given`` (the keys the command line or TOML file set), even a default."""
     _refuse_for_torch(cfg, given)
+    _check_sync_points(cfg, given)
     for name, ignored, why, others in option_rules(cfg):
         if ignored and (_changed(cfg, name) or name in given):
             value = literal(repr(getattr(cfg, name)))
@@ -282,6 +331,7 @@ def option_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
         rules.append((option, cfg.ps(),
                       "chooses how all-reduce sums the gradients; with {strategy} ps the "
                       "servers sum the workers' pushes", ["strategy"]))
+    rules += _local_rules(cfg)
     rules.append(("groups", not cfg.reproducible,
                   "cuts the batches of {reproducible}, which is off", ["reproducible"]))
     rules.append(("timeline_steps", cfg.timeline is None,
@@ -303,6 +353,20 @@ def option_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
                   "moves an overlapped exchange; {overlap} is off", ["overlap"]))
     return rules
 
+
+
+def _local_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
+    """``option_rules``' entries of local SGD: its outer step, and the exchange it has not."""
+    rules = [(option, not cfg.local(), "is local SGD's outer step, and {sync_every} is 1",
+              ["sync_every"]) for option in ("outer_lr", "outer_momentum")]
+    rules.append(("outer_momentum", cfg.local() and cfg.outer_lr is None,
+                  "is the momentum of the outer step, and no {outer_lr} is given",
+                  ["outer_lr"]))
+    rules += [(option, cfg.local(),
+               "chooses how the gradients are summed, and with {sync_every} > 1 none are: "
+               "the parameters are averaged by MPI's Allreduce at each sync", ["sync_every"])
+              for option in ("allreduce", "bucket_mb", "overlap", "progress")]
+    return rules
 
 
 def check_length(cfg: Config, total: int, steps_per_epoch: int) -> None:

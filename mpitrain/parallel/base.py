@@ -136,6 +136,24 @@ class TrainerBase(Computing, CheckpointState):
         """The whole model as text (``model.spec``), None if a layer has none."""
         return self.model.text()
 
+    # -- when the replicas agree -----------------------------------------------------------
+    def ends_at(self, total: int) -> None:
+        """The run ends after ``total`` steps (local SGD syncs there; a synchronous trainer
+        needs nothing)."""
+
+    def syncs_at(self, done: int) -> bool:
+        """Whether every replica holds the same state after ``done`` steps, so the loop may
+        log, evaluate, checkpoint or stop there: after every step of a synchronous trainer."""
+        return True
+
+    def since_sync(self, done: int) -> int:
+        """Steps since the previous such point, at one (``done``): 1 when every step syncs."""
+        return 1
+
+    def describe_sync(self) -> Optional[str]:
+        """How the replicas combine, for the run's first lines (None: the exchange says)."""
+        return None
+
     # -- life cycle ------------------------------------------------------------------------
     def prefetch(self, start: int, stop: int) -> None:
         """Read the batches of steps ``start``..``stop - 1`` ahead, in the background."""

@@ -22,7 +22,12 @@ import numpy as np
 
 from ..fault.checkpoint import State
 
-__all__ = ["CheckpointState"]
+__all__ = ["CheckpointState", "OPTIONAL_STATE"]
+
+# Optimizer-state keys some runs add and others go without: local SGD's outer optimizer
+# (parallel.local_sgd).  A run that keeps none ignores them; one that keeps them starts
+# them afresh from a checkpoint without them.
+OPTIONAL_STATE = ("outer_anchor", "outer_momentum")
 
 
 class CheckpointState:
@@ -126,7 +131,7 @@ class CheckpointState:
             return (f"parameters are {dtype} in the checkpoint, {self.model.dtype} here "
                     "({dtype})")
         if state.optimizer.get("name") != self.optimizer.name or set(
-                state.optimizer_state) != set(self.optimizer.state()):
+                state.optimizer_state) - set(OPTIONAL_STATE) != set(self.optimizer.state()):
             return (f"written with {{optimizer}} {state.optimizer.get('name')}, "
                     f"this run has {self.optimizer.name}")
         if state.task and state.task != self.task.describe():

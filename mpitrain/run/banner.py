@@ -58,6 +58,7 @@ def banner(cfg, trainer, data, ranks: int, total: int, run_dir: Optional[str],
         sync += f" ({trainer.exchange.describe()})"
     if chosen:
         sync += f", because {trainer.resolved.get('allreduce_why', '')}"
+    sync = trainer.describe_sync() or sync
     lines.append(f"{total} steps ({trainer.sampler.steps_per_epoch} per epoch), global batch "
                  f"{cfg.batch_size} (about {cfg.batch_size // parts} per "
                  f"{'worker' if cfg.ps() else 'replica'}{accumulate}), "

@@ -24,6 +24,7 @@ from ..model.sequential import Sequential
 from ..model.spec import SpecError, build as build_layers, mlp_spec
 from ..parallel.base import TrainerBase
 from ..parallel.data_parallel import Trainer
+from ..parallel.local_sgd import LocalSGDTrainer
 from ..parallel.pipeline.partition import shapes_along, stage_ranges
 from ..parallel.pipeline.stage import PipelineTrainer
 from ..parallel.ps.trainer import PSTrainer
@@ -76,6 +77,8 @@ def check_memory(cfg: Config, comm: MPI.Comm, layers, stages, shape) -> None:
               for a, b in stages]
     state = {"sgd": 0, "momentum": 1}.get(cfg.optimizer, 2)
     arrays = 3 + state  # parameters, gradients, the exchange buffer, the optimizer's state
+    if cfg.local():  # the sync buffer (parameters and state); the outer step's two
+        arrays += 1 + state + (2 if cfg.outer_lr is not None else 0)
     if cfg.reproducible:  # a buffer for each group held apart (comm.ordered)
         arrays += _group_buffers(cfg.groups, max(1, comm.Get_size() // cfg.pp), cfg.pp)
     along = shapes_along(layers, shape)
@@ -151,6 +154,8 @@ def lr_schedule(cfg: Config, steps_per_epoch: int, total: int) -> Schedule:
 
 def trainer_class(cfg: Config) -> Type[TrainerBase]:
     """The trainer of the run's layout and strategy: the one place that chooses."""
+    if cfg.local():  # local SGD: the replicas average every sync_every steps
+        return LocalSGDTrainer
     return PipelineTrainer if cfg.pipelined() else STRATEGIES[cfg.strategy]
 
 
@@ -196,7 +201,7 @@ def build(cfg: Config, comm: MPI.Comm, model: Any = None, data: Any = None, *,
 def resolve_allreduce(cfg: Config, comm: MPI.Comm) -> Tuple[Config, Dict[str, str]]:
     """``cfg`` with ``allreduce`` "auto" made an algorithm (``comm.auto``), and the choice
     with its reason for the run's record; unchanged otherwise (collective)."""
-    if cfg.allreduce != "auto" or cfg.ps():
+    if cfg.allreduce != "auto" or cfg.ps() or cfg.local():
         return cfg, {}
     algorithm, why = choose(comm, wire=cfg.wire(), progress=cfg.progress,
                             heals=cfg.on_failure != "abort", ordered=cfg.reproducible)

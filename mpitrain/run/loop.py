@@ -166,6 +166,7 @@ class Loop:
         self.faults.arm(self.trainer, launch_rank(), cfg.seed)
         spe = self.trainer.sampler.steps_per_epoch
         self.total = cfg.total_steps(spe)
+        self.trainer.ends_at(self.total)  # local SGD syncs at the last step too
         check_length(cfg, self.total, spe)
         self.lr_at = lr_schedule(cfg, spe, self.total)
         has_val = self.connected.val is not None and len(self.connected.val) > 0
@@ -244,9 +245,17 @@ class Loop:
         """Log, evaluate and checkpoint the step just done (``progress.pending``); True if
         the run stops early here."""
         cfg, trainer, p = self.cfg, self.trainer, self.progress.pending
-        evaluate = _is_eval_step(cfg, done, trainer.sampler.steps_per_epoch, self.total)
+        if not trainer.syncs_at(done):  # local SGD between syncs: the replicas differ
+            self.progress.pending = None
+            return False
+        # What fell due since the last sync point is done at this one (every step of a
+        # synchronous trainer is one).
+        window = range(done - trainer.since_sync(done) + 1, done + 1)
+        evaluate = any(_is_eval_step(cfg, d, trainer.sampler.steps_per_epoch, self.total)
+                       for d in window)
+        logs = any(d % cfg.log_every == 0 for d in window)
         improved = False
-        if not p.evaluated and (done % cfg.log_every == 0 or evaluate or p.stopping):
+        if not p.evaluated and (logs or evaluate or p.stopping):
             self.phase = "evaluation"
             record = self._record(done, p)
             if evaluate:
@@ -261,7 +270,8 @@ class Loop:
         p.evaluated = True
         if self.monitor.exhausted():
             self.early = self.monitor.reason()
-        periodic = self.ckpts.due(done, self.total, p.stopping or self.early is not None)
+        periodic = any(self.ckpts.due(d, self.total, p.stopping or self.early is not None)
+                       for d in window)
         if periodic or (improved and self.keep_best):
             self.phase = "checkpoint"
             if self.dog:

@@ -1,0 +1,146 @@
+"""Local SGD (``sync_every``, ``outer_lr``): exact against a reference, resumable bit for
+bit after a kill or a pre-emption, and refused with the reason where it cannot apply."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, clean_env, final, limit, run_mpi, run_train, same_bits
+from mpitrain import Config, ConfigError
+from mpitrain.fault import store
+
+STEPS = 32
+ARGS = ["--hidden", "16", "--batch-size", "64", "--steps", str(STEPS), "--optimizer", "adam",
+        "--lr", "0.01", "--log-every", "4"]
+LOCAL = ["--sync-every", "4", "--outer-lr", "0.7", "--ckpt-every", "8"]
+
+
+def train(data, ckpt, *extra, n=2):
+    return run_train(n, "--data", data, "--ckpt-dir", ckpt, *ARGS, *extra, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory):
+    """An uninterrupted 2-rank local-SGD run with DiLoCo's outer step."""
+    ckpt = tmp_path_factory.mktemp("local-reference")
+    result = train(small_data, ckpt, *LOCAL)
+    assert result.returncode == 0, result.stderr
+    assert [s for s, _ in store.listing(str(ckpt))] == [16, 24, 32]
+    assert "local SGD: parameters and optimizer state averaged by MPI Allreduce every 4 " \
+           "steps, outer Nesterov step lr 0.7 momentum 0.9" in result.stdout
+    return final(ckpt)
+
+
+@pytest.mark.timeout(150)
+def test_sync_every_1_is_the_synchronous_step(small_data, tmp_path):
+    runs = []
+    for name, extra in (("plain", []), ("one", ["--sync-every", "1"])):
+        result = train(small_data, tmp_path / name, *extra)
+        assert result.returncode == 0, result.stderr
+        runs.append(final(tmp_path / name))
+    assert same_bits(*runs)
+
+
+@pytest.mark.timeout(100)
+@pytest.mark.parametrize("options", [{"sync_every": 3},
+                                     {"sync_every": 3, "outer_lr": 0.7, "outer_momentum": 0.8}])
+def test_two_replicas_equal_a_hand_written_reference(tmp_path, options):
+    out = tmp_path / "out.json"
+    env = clean_env(PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+    result = run_mpi(2, [ROOT / "tests" / "local_sgd_job.py", out, json.dumps(options)],
+                     timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    got = json.loads(out.read_text())
+    assert got["replicas_equal"] and got["equal"], got
+
+
+@pytest.mark.timeout(200)
+def test_killed_between_syncs_and_relaunched_ends_bit_identical(small_data, tmp_path,
+                                                               reference):
+    killed = train(small_data, tmp_path, *LOCAL, "--fault", "kill:rank=1:step=22")
+    assert killed.returncode != 0
+    assert [s for s, _ in store.listing(str(tmp_path))] == [8, 16]
+    again = train(small_data, tmp_path, *LOCAL)
+    assert again.returncode == 0, again.stderr
+    assert "at step 16" in again.stdout
+    got = final(tmp_path)
+    assert set(got.optimizer_state) >= {"outer_anchor", "outer_momentum"}
+    assert same_bits(got, reference)
+
+
+@pytest.mark.timeout(200)
+def test_preemption_stops_at_the_next_sync_and_resumes_bit_identical(small_data, tmp_path,
+                                                                    reference):
+    stopped = train(small_data, tmp_path, *LOCAL, "--fault", "term:rank=1:step=9")
+    assert stopped.returncode == 75, stopped.stderr
+    assert [s for s, _ in store.listing(str(tmp_path))] == [8, 12]
+    assert stopped.stdout.count("stopped at step 12") == 1
+    again = train(small_data, tmp_path, *LOCAL)
+    assert again.returncode == 0 and "at step 12" in again.stdout, again.stderr
+    assert same_bits(final(tmp_path), reference)
+
+
+REFUSED = [
+    (dict(strategy="ps"), "sync_every 8 with strategy ps: not supported: local SGD averages "
+     "the replicas' own copies of the model, and a parameter server's workers hold none "
+     "(use strategy allreduce)"),
+    (dict(pp=2), "sync_every 8 with pp 2: not supported: local SGD averages whole replicas, "
+     "and a pipeline stage holds a part of the model"),
+    (dict(reproducible=True), "sync_every 8 with reproducible: not supported: its fixed "
+     "groups make one synchronous sum the same at any rank count, and a local step is each "
+     "replica's own"),
+    (dict(torch="m:f"), "sync_every 8 with torch: not supported: the PyTorch front end "
+     "exchanges gradients every step (local SGD covers mpitrain's own models)"),
+    (dict(balance="speed"), "sync_every 8 with balance speed: not supported: local SGD "
+     "weighs the replicas by fixed slices of each batch"),
+    (dict(grad_dtype="bfloat16"), "sync_every 8 with grad_dtype bfloat16: not supported: "
+     "no gradient is exchanged; the parameters are averaged in their own dtype"),
+    (dict(on_failure="shrink"), "on_failure shrink with sync_every 8: not supported: "
+     "between syncs the replicas differ, and a healing would have to roll every survivor "
+     "back to the last sync (use on_failure abort and relaunch: the run resumes from "
+     "ckpt_dir)"),
+    (dict(ckpt_dir="c", ckpt_every=10), "ckpt_every 10 is not a multiple of sync_every 8: "
+     "logs, evaluations and checkpoints fall on sync points, where the replicas agree"),
+    (dict(eval_every=12), "eval_every 12 is not a multiple of sync_every 8: logs, "
+     "evaluations and checkpoints fall on sync points, where the replicas agree"),
+    (dict(log_every=4), "log_every 4 is not a multiple of sync_every 8: logs, evaluations "
+     "and checkpoints fall on sync points, where the replicas agree"),
+    (dict(allreduce="shm"), "allreduce 'shm' does not apply: it chooses how the gradients "
+     "are summed, and with sync_every > 1 none are: the parameters are averaged by MPI's "
+     "Allreduce at each sync"),
+    (dict(sync_every=0), "sync_every: expected a value >= 1 (1: a synchronous step), got 0"),
+    (dict(sync_every=1, outer_lr=0.5), "outer_lr 0.5 does not apply: it is local SGD's "
+     "outer step, and sync_every is 1"),
+    (dict(outer_momentum=0.5), "outer_momentum 0.5 does not apply: it is the momentum of "
+     "the outer step, and no outer_lr is given"),
+]
+
+
+@pytest.mark.parametrize("options, message", REFUSED)
+def test_refusals_name_the_reason(options, message):
+    with pytest.raises(ConfigError) as info:
+        Config(**{"sync_every": 8, **options})
+    assert str(info.value) == message
+
+
+@pytest.mark.timeout(60)
+def test_the_command_line_refuses_in_one_line_with_exit_2():
+    cmd = [sys.executable, "-m", "mpitrain", "train", "--sync-every", "8", "--ckpt-dir", "c",
+           "--ckpt-every", "10"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(),
+                            timeout=limit(30))
+    assert result.returncode == 2
+    assert result.stderr == ("mpitrain: error: --ckpt-every 10 is not a multiple of "
+                             "--sync-every 8: logs, evaluations and checkpoints fall on sync "
+                             "points, where the replicas agree\n")
+
+
+@pytest.mark.timeout(60)
+def test_a_diverged_replica_is_reported_by_every_rank_at_the_sync(small_data, tmp_path):
+    result = run_train(2, "--data", small_data, "--hidden", "16", "--batch-size", "64",
+                       "--steps", "20", "--sync-every", "4", "--optimizer", "sgd",
+                       "--lr", "1e30", "--quiet", timeout=40)
+    assert result.returncode == 2
+    assert result.stderr.count("mpitrain: error: loss is not finite in steps 1-4 (epoch 0) "
+                               "on some replica; try a lower lr (now 1e+30)") == 1
