@@ -44,8 +44,8 @@ CASES: Dict[str, Tuple[str, Tuple[int, ...]]] = {
     "tanh": ("tanh", (256, 1024)),
     "residual": ("residual(layernorm,linear(512),gelu,linear(512))", (128, 512)),
 }
-GOALS = {"linear": 1.2, "linear-784": 1.2, "conv2d": 2.0, "conv2d-first": 2.0,
-         "conv2d-stride2": 2.0}
+# mpitrain's time over torch's that each layer should stay within (flatten: no work)
+GOALS = {name: 1.3 for name in CASES if name != "flatten"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
