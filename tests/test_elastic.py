@@ -38,13 +38,16 @@ def drill(n, seed):
 
 @pytest.fixture(scope="module")
 def uninterrupted(small_data, tmp_path_factory):
-    """The run that never failed, at each rank count and optimizer (computed once)."""
+    """The run that never failed, at each rank count and optimizer (computed once): the
+    same command with ``--on-failure respawn`` (which decides the exchange: ``auto``
+    takes MPI's ``Allreduce`` for a job that heals) and no fault."""
     runs = {}
 
     def get(n, optimizer="momentum"):
         if (n, optimizer) not in runs:
             ckpt = tmp_path_factory.mktemp(f"whole-{n}-{optimizer}")
-            result = heal_run(n, small_data, ckpt, "--optimizer", optimizer)
+            result = heal_run(n, small_data, ckpt, "--optimizer", optimizer,
+                              "--on-failure", "respawn")
             assert result.returncode == 0, result.stderr
             runs[n, optimizer] = final(ckpt), read_log(str(ckpt))
         return runs[n, optimizer]
