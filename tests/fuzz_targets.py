@@ -31,7 +31,7 @@ from mpitrain.fault import checkpoint  # noqa: E402
 from mpitrain.runtime import MpitrainError  # noqa: E402
 
 EXAMPLES = int(os.environ.get("MPITRAIN_FUZZ_EXAMPLES", "0"))
-FUZZ = settings(max_examples=EXAMPLES or 1000, deadline=None, derandomize=not EXAMPLES,
+FUZZ = settings(max_examples=EXAMPLES or 500, deadline=None, derandomize=not EXAMPLES,
                 suppress_health_check=list(HealthCheck), database=None)
 
 
