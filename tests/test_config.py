@@ -117,6 +117,8 @@ def test_a_resume_file_is_not_looked_for_by_every_rank(tmp_path):
     (dict(on_failure="shrink", max_failures=0), "max_failures: expected a value >= 1, got 0"),
     (dict(fault="heal-kill:rank=1:healing=1"), "fault 'heal-kill:rank=1:healing=1' does not "
      "apply: it kills a rank during a healing; on_failure is abort"),
+    (dict(on_failure="shrink", fault="join-hang:healing=1"), "fault 'join-hang:healing=1' "
+     "does not apply: it hangs a replacement rank as it joins; on_failure is shrink"),
 ])
 def test_a_config_built_in_code_is_validated_with_the_parameter_named(kwargs, message):
     with pytest.raises(ConfigError) as info:

@@ -17,6 +17,7 @@ from conftest import final, mpi_flavour, run_mpi, same_bits, ulfm_mpiexec
 from mpitrain.run.metrics import read_log
 
 BASE = ["--hidden", "16,16", "--batch-size", "60", "--steps", "30", "--log-every", "5",
+        "--watchdog", "60",
         "--quiet"]
 
 
@@ -134,6 +135,19 @@ def test_a_death_as_the_first_step_starts(small_data, tmp_path, uninterrupted):
     assert result.returncode == 0, result.stderr
     assert same_bits(final(tmp_path), uninterrupted(3)[0])
     assert [e["at_step"] for e in recoveries(tmp_path)] == [0]
+
+
+def test_a_replacement_that_never_joins_ends_the_job(small_data, tmp_path):
+    """The replacement hangs as it joins: the survivors wait in the healing's collective
+    calls on a process that is not dead.  The healing's bound (the watchdog's limit)
+    ends the job, and the replacement's own bound its job: the survivors' message once,
+    exit 3."""
+    result = heal_run(3, small_data, tmp_path, "--on-failure", "respawn", "--watchdog", "8",
+                      "--fault", "kill:rank=1:step=5,join-hang:healing=1", timeout=120)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("mpitrain: watchdog: healing 1 (respawn) did not complete in "
+                               "8 s (the watchdog's limit): ending the job") == 1
+    assert "the replacement of healing 1 hangs as it joins" in result.stderr
 
 
 PIPE = ["--pp", "2", "--microbatches", "2"]

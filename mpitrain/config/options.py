@@ -189,7 +189,8 @@ class Config:
                                 "rank")
     fault: Optional[str] = _opt(None, "inject failures for drills, comma-separated: "
                                       "kill|stop|term:rank=R:step=S, ckpt-kill:step=S, "
-                                      "heal-kill:rank=R:healing=N, slow:rank=R:factor=F, "
+                                      "heal-kill:rank=R:healing=N, join-hang:healing=N, "
+                                      "slow:rank=R:factor=F, "
                                       "jitter:prob=P:factor=F")
     # Output
     run_dir: Optional[str] = _opt(None, "this run's directory: metrics.jsonl is appended there "

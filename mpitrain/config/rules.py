@@ -319,6 +319,9 @@ def option_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
          "kills the writer of a checkpoint; no {ckpt_dir} is given", ["ckpt_dir"]),
         ("fault", cfg.on_failure == "abort" and "heal-kill" in (cfg.fault or ""),
          "kills a rank during a healing; {on_failure} is abort", ["on_failure"]),
+        ("fault", cfg.on_failure != "respawn" and "join-hang" in (cfg.fault or ""),
+         f"hangs a replacement rank as it joins; {{on_failure}} is {cfg.on_failure}",
+         ["on_failure"]),
     ]
     rules.append(("max_failures", cfg.on_failure == "abort",
                   "bounds the deaths a healing job survives; {on_failure} is abort",

@@ -33,6 +33,9 @@ class Faults:
     - ``heal-kill:rank=R:healing=N``  rank R sends itself SIGKILL during the N-th
       healing of the job, as the state is handed over (``--on-failure
       shrink|respawn``): a death during a recovery
+    - ``join-hang:healing=N``  the replacement started by the N-th healing
+      (``respawn``) hangs as it joins: the survivors wait on a process that is
+      not dead, and the healing's bound (the watchdog's limit) must end the job
     - ``slow:rank=R:factor=F``  rank R takes F times its compute time every step
       (a persistent straggler: an older node, a busy neighbour)
     - ``jitter:prob=P:factor=F``  each rank's step is, with probability P, F times
@@ -60,6 +63,7 @@ class Faults:
 
     ACTIONS = {"kill": ("rank", "step"), "stop": ("rank", "step"), "term": ("rank", "step"),
                "ckpt-kill": ("step",), "heal-kill": ("rank", "healing"),
+               "join-hang": ("healing",),
                "slow": ("rank", "factor"), "jitter": ("prob", "factor")}
     FLOATS = ("prob", "factor")  # the other keys are integers
     SIGNALS = {"kill": "SIGKILL", "stop": "SIGSTOP", "term": "SIGTERM"}
@@ -150,6 +154,16 @@ class Faults:
             return fn(*args, **kwargs)
 
         return killed_first
+
+    def at_join(self, told: Dict) -> None:
+        """A replacement joining the job, told its place (``told["healings"]``: which
+        healing started it): hang there for ever if a ``join-hang`` drill plans it."""
+        import threading
+
+        if any(a == "join-hang" and k == {"healing": told["healings"]} for a, k in self.plans):
+            print(f"mpitrain: fault drill: the replacement of healing {told['healings']} "
+                  "hangs as it joins", file=sys.stderr, flush=True)
+            threading.Event().wait()
 
     def arm(self, trainer, rank: int, seed: int) -> None:
         """Arm this run's drills on ``trainer`` from outside (its instance only): its

@@ -29,16 +29,19 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from mpi4py import MPI
 
+from ..runtime import EXIT_WATCHDOG, drain_output
 from ..threads import THREAD_VARS
 
-__all__ = ["MODES", "Healed", "RankFailed", "heal", "is_failure", "join", "launch_ranks",
-           "launch_rank", "unsupported"]
+__all__ = ["MODES", "Healed", "RankFailed", "bounded", "heal", "is_failure", "join",
+           "launch_ranks", "launch_rank", "unsupported"]
 
 MODES = ("abort", "shrink", "respawn")
 
@@ -208,14 +211,51 @@ def heal(comm: MPI.Intracomm, mode: str, launch: Sequence[int], also: Sequence[M
             _revoke([comm, *made])
 
 
-def join(parent: MPI.Intercomm) -> Healed:
+@contextmanager
+def bounded(seconds: float, what: str, order: int = 0) -> Iterator[None]:
+    """End the job if the block takes more than ``seconds`` (0: no bound).
+
+    A healing waits in MPI calls on other processes: a replacement that never
+    joins, or a peer that is stopped rather than dead, would hold every survivor
+    there for ever, and the training watchdog is off while the communicators are
+    rebuilt.  A thread then prints what did not complete and calls ``MPI_Abort``
+    on ``COMM_WORLD``, which ULFM honours with dead processes in it.  ``order``
+    (the launch rank) delays each rank's bound by 2 s more, so the first
+    survivor's message is normally the only one.
+    """
+    if seconds <= 0:
+        yield
+        return
+    done = threading.Event()
+
+    def fire() -> None:
+        if done.wait(seconds + 2 * order):
+            return
+        print(f"mpitrain: watchdog: {what} did not complete in {seconds:.0f} s (the "
+              "watchdog's limit): ending the job", file=sys.stderr, flush=True)
+        drain_output()
+        MPI.COMM_WORLD.Abort(EXIT_WATCHDOG)
+
+    thread = threading.Thread(target=fire, name="mpitrain-healing-bound", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def join(parent: MPI.Intercomm, before_split: Optional[Callable[[Dict[str, Any]], None]] = None
+         ) -> Healed:
     """A replacement (collective with the survivors' ``heal``): merge in and take the
     place of the dead rank it replaces.  If that fails the process kills itself, so
-    the survivors see one more death instead of waiting for it."""
+    the survivors see one more death instead of waiting for it.  ``before_split(told)``
+    runs once the survivors have said who takes which place (a drill's hook)."""
     t0 = time.perf_counter()
     try:
         merged = parent.Merge(high=True)
         told = merged.bcast(None, root=0)
+        if before_split is not None:
+            before_split(told)
         me = MPI.COMM_WORLD.Get_rank()
         mine = told["missing"][me]
         _LAUNCH[:] = [told["launch"][me]]

@@ -23,7 +23,8 @@ from mpi4py import MPI
 from ..comm.topology import grid_coords, grid_rank
 from ..config import Config
 from ..fault.drills import Faults
-from ..fault.elastic import RankFailed, heal, join, launch_rank, launch_ranks, unsupported
+from ..fault.elastic import (RankFailed, bounded, heal, join, launch_rank, launch_ranks,
+                             unsupported)
 from ..fault.resume import Checkpoints
 from ..runtime import EXIT_ERROR, ConfigError, literal, set_job_comm
 from ..timeline import RECORDER, span
@@ -42,7 +43,9 @@ class Job:
         self.launch: Optional[List[int]] = None
         parent = MPI.Comm.Get_parent() if cfg.on_failure == "respawn" else MPI.COMM_NULL
         if parent != MPI.COMM_NULL:  # a replacement for a dead rank: take its place
-            healed = join(parent)
+            with bounded(cfg.watchdog, "joining the job as a replacement rank",
+                         MPI.COMM_WORLD.Get_rank()):
+                healed = join(parent, faults.at_join)
             self.comm = healed.comm
             set_job_comm(self.comm)
             told, self.launch = healed.info, healed.launch
@@ -80,10 +83,12 @@ class Job:
         cfg, size = self.cfg, self.comm.size
         carry = self.carry = failed.carry
         carry.healings += 1
-        healed = heal(self.comm, cfg.on_failure, self.launch, also=failed.comms,
-                      info={"run_dir": carry.run_dir, "healings": carry.healings,
-                            "failures": carry.failures, "lost": carry.lost},
-                      check=lambda dead: orphaned(cfg, size, carry.lost + dead))
+        with bounded(cfg.watchdog, f"healing {carry.healings} ({cfg.on_failure})",
+                     launch_rank()):
+            healed = heal(self.comm, cfg.on_failure, self.launch, also=failed.comms,
+                          info={"run_dir": carry.run_dir, "healings": carry.healings,
+                                "failures": carry.failures, "lost": carry.lost},
+                          check=lambda dead: orphaned(cfg, size, carry.lost + dead))
         self.comm, self.launch = healed.comm, healed.launch
         set_job_comm(self.comm)
         if healed.refused:
