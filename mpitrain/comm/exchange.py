@@ -273,6 +273,24 @@ class Exchange:
         for a, b in self._sums(count):
             self.buffer[a:b] *= f
 
+    def fold_scale(self, factor: float, count: int) -> bool:
+        """Multiply the sums of ``buffer[:count]`` by ``factor`` as part of the sum, where
+        that saves a pass: with ``shm`` (not sharded), each rank scales the share it
+        summed before the others copy it (the same products as ``scale`` after
+        ``wait``).  Returns whether it will; if not, call ``scale`` after ``wait``."""
+        if self.algorithm != "shm" or self.sharded or self.size == 1:
+            return False
+        self._folded = (self.buffer.dtype.type(factor), count)
+        self._sum = self._reduce_scaled
+        return True
+
+    def _reduce_scaled(self, part: np.ndarray) -> None:
+        a, b = self.blocking.reduce_scatter(part)
+        factor, count = self._folded
+        if a < min(b, count):
+            self.buffer[a:min(b, count)] *= factor
+        self.blocking.gather(part)
+
     def write(self, fn: Callable[[], None]) -> None:
         """Run ``fn``, which writes the adopted parameters or optimizer state (a restore),
         where it must run: on every rank, or (sharded) once per node (collective)."""

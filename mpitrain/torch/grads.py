@@ -12,9 +12,10 @@ backward goes on with the layers before::
     params   p0      p1        p2     p3          (model.parameters() order)
     buffer   [....][........][....][......]       backward fills p3, p2, ... first
 
-A parameter whose ``.grad`` was set to None (``zero_grad(set_to_none=True)``)
-gets a new tensor from autograd: the hook copies it into its slice and puts the
-view back.  A parameter that got no gradient in a step (an unused branch) keeps
+A parameter whose ``.grad`` is None (``zero`` sets them so: one pass, where
+adding into a zeroed buffer would be two and a half) gets a new tensor from
+autograd: the hook copies it into its slice and puts the view back; later
+passes of an accumulation add into the view.  A parameter that got no gradient in a step (an unused branch) keeps
 zeros, so every rank sums the same buffer and applies the same update.
 
 Staged (parameters on a GPU, with an MPI that cannot read GPU memory): the
@@ -99,10 +100,18 @@ class FlatGrads:
         self.fired = [False] * len(self.params)
         self.mark = len(self.params)
 
-    def zero(self) -> None:
-        """Every gradient 0 (the views kept)."""
-        self.host.zero_()
+    def zero(self, to_none: bool = True) -> None:
+        """Start a new sum of gradients.  ``to_none`` (not staged): every ``.grad`` None,
+        so backward makes its own tensor and the hook copies it into its slice: one pass
+        over the gradients, where zeroing the buffer and adding into it would be two and
+        a half; ``settle`` zeroes what no pass reached.  Otherwise every gradient 0 (the
+        views kept)."""
         self.used = [False] * len(self.params)
+        if to_none and not self.staged:
+            for p in self.params:
+                p.grad = None
+            return
+        self.host.zero_()
         if self.staged:
             for p in self.params:
                 if p.grad is not None:

@@ -103,6 +103,9 @@ class DistributedOptimizer:
         staged = any(p.device.type != "cpu" for p in params) if staged is None else staged
         self.grads = FlatGrads(params, self.exchange.buffer, self.exchange.ready, staged)
         self.size, self.accumulate, self.average = n, accumulate, average
+        # The mean's division inside the sum where the exchange can (shm), else after it.
+        self.folded = average and extra == 0 and self.exchange.fold_scale(
+            1.0 / (self.comm.Get_size() * accumulate), n)
         self.buffers = BufferSync(model, self.comm) if sync_buffers else None
         self.passes = 0  # step() calls so far (K per applied step with accumulate K)
         self.steps = 0  # updates applied
@@ -126,17 +129,19 @@ class DistributedOptimizer:
         """Load the wrapped optimizer's state dict."""
         self.optimizer.load_state_dict(state)
 
-    def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
-        """Zero the gradients (kept as views of the buffer: ``set_to_none`` is ignored);
-        between the passes of an accumulation, nothing."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Start the next step's gradients: None (as torch's default), and backward's own
+        tensors are copied into the flat buffer as they are final; ``set_to_none``
+        False: zeros, views of the buffer.  Between the passes of an accumulation,
+        nothing."""
         if self.passes % self.accumulate == 0:
-            self.grads.zero()
+            self.grads.zero(to_none=set_to_none is not False)
 
     def synchronize(self) -> None:
         """Sum the gradients over the ranks now (collective): what ``step`` does first."""
         self.grads.settle()
         self.exchange.wait()
-        if self.average:
+        if self.average and not self.folded:
             self.exchange.scale(1.0 / (self.comm.Get_size() * self.accumulate), self.size)
         self.grads.unstage()
 
