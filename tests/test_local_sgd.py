@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, clean_env, final, limit, run_mpi, run_train, same_bits
@@ -27,7 +28,7 @@ def reference(small_data, tmp_path_factory):
     result = train(small_data, ckpt, *LOCAL)
     assert result.returncode == 0, result.stderr
     assert [s for s, _ in store.listing(str(ckpt))] == [16, 24, 32]
-    assert "local SGD: parameters and optimizer state averaged by MPI Allreduce every 4 " \
+    assert "local SGD: parameters and optimizer state averaged through shared memory (shm) every 4 " \
            "steps, outer Nesterov step lr 0.7 momentum 0.9" in result.stdout
     return final(ckpt)
 
@@ -40,6 +41,26 @@ def test_sync_every_1_is_the_synchronous_step(small_data, tmp_path):
         assert result.returncode == 0, result.stderr
         runs.append(final(tmp_path / name))
     assert same_bits(*runs)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("n", [2, 3])
+def test_each_sum_of_the_sync_averages_the_same(small_data, tmp_path, n):
+    """The sync's sum by each exchange (auto takes shm on one node): at 2 ranks the same
+    bits (a + b in any order), at 3 the same values to rounding; the header names it."""
+    runs = {}
+    for by, said in (("auto", "shared memory (shm)"), ("mpi", "MPI Allreduce"),
+                     ("ring", "mpitrain's ring")):
+        extra = [] if by == "auto" else ["--allreduce", by]
+        result = train(small_data, tmp_path / by, *LOCAL, *extra, n=n)
+        assert result.returncode == 0, result.stderr
+        assert f"averaged through {said} every 4 steps" in result.stdout
+        runs[by] = final(tmp_path / by)
+    if n == 2:
+        assert same_bits(runs["auto"], runs["mpi"]) and same_bits(runs["auto"], runs["ring"])
+    for by in ("mpi", "ring"):
+        for name, value in runs["auto"].params.items():
+            np.testing.assert_allclose(runs[by].params[name], value, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.timeout(100)
@@ -106,9 +127,9 @@ REFUSED = [
      "evaluations and checkpoints fall on sync points, where the replicas agree"),
     (dict(log_every=4), "log_every 4 is not a multiple of sync_every 8: logs, evaluations "
      "and checkpoints fall on sync points, where the replicas agree"),
-    (dict(allreduce="shm"), "allreduce 'shm' does not apply: it chooses how the gradients "
-     "are summed, and with sync_every > 1 none are: the parameters are averaged by MPI's "
-     "Allreduce at each sync"),
+    (dict(overlap=True), "overlap True does not apply: it shapes the gradients' exchange, and "
+     "with sync_every > 1 none crosses ranks: the parameters are averaged at each sync, by "
+     "allreduce"),
     (dict(sync_every=0), "sync_every: expected a value >= 1 (1: a synchronous step), got 0"),
     (dict(sync_every=1, outer_lr=0.5), "outer_lr 0.5 does not apply: it is local SGD's "
      "outer step, and sync_every is 1"),

@@ -366,9 +366,10 @@ def _local_rules(cfg: Config) -> List[Tuple[str, bool, str, List[str]]]:
                   "is the momentum of the outer step, and no {outer_lr} is given",
                   ["outer_lr"]))
     rules += [(option, cfg.local(),
-               "chooses how the gradients are summed, and with {sync_every} > 1 none are: "
-               "the parameters are averaged by MPI's Allreduce at each sync", ["sync_every"])
-              for option in ("allreduce", "bucket_mb", "overlap", "progress")]
+               "shapes the gradients' exchange, and with {sync_every} > 1 none crosses "
+               "ranks: the parameters are averaged at each sync, by {allreduce}",
+               ["sync_every", "allreduce"])
+              for option in ("bucket_mb", "overlap", "progress")]
     return rules
 
 

@@ -6,7 +6,9 @@ does, but between syncs nothing crosses ranks::
     grads = d/dθ [ mean loss over the rank's OWN samples of batch k ]
     optimizer.step()                                    (the rank's own copy)
     after steps H, 2H, ... and the run's last step (a sync point):
-        one Allreduce (MPI, in place) of [params | optimizer state | metric sums | flag]
+        one sum (in place) of [params | optimizer state | metric sums | flag], by
+        ``allreduce`` (auto: through the node's shared memory where its ranks share
+        one, else MPI's Allreduce)
         params, state = sum x (1/replicas)              (weighted by samples if uneven)
         with outer_lr (DiLoCo): delta = anchor - average; m = mu m + delta;
                                 anchor -= outer_lr (delta + mu m); params = anchor
@@ -27,7 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from mpi4py import MPI
 
-from ..comm.exchange import Exchange
+from ..comm.auto import choose
+from ..comm.exchange import Exchange, make_allreduce
 from ..comm.topology import Grid, make_grid
 from ..data.batches import Batches
 from ..fault.checkpoint import State
@@ -71,11 +74,12 @@ class LocalSGDTrainer(Trainer):
         loss, metrics, batch = trainer.step(0)   # the rank's own, until step 8
     """
 
-    OPTIONS = ("sync_every", "outer_lr", "outer_momentum")
+    OPTIONS = ("sync_every", "outer_lr", "outer_momentum", "allreduce")
 
     def __init__(self, model: Sequential, loss: Any, optimizer: Optimizer, data: Any,
                  comm: Any, *, sync_every: int = 8, outer_lr: Optional[float] = None,
-                 outer_momentum: float = 0.9, check_start: bool = True, **options):
+                 outer_momentum: float = 0.9, allreduce: str = "auto",
+                 check_start: bool = True, **options):
         comm = comm.world if isinstance(comm, Grid) else comm
         check_local_options(sync_every, outer_lr, outer_momentum)
         self.sync_every, self.outer_lr, self.outer_momentum = sync_every, outer_lr, outer_momentum
@@ -110,8 +114,14 @@ class LocalSGDTrainer(Trainer):
         self.grouped = None
         self.end: Optional[int] = None  # the run's last step, which syncs too
         inner, _ = self._inner()
-        # [params | optimizer state | loss sum, stop, task sums | non-finite flag]
-        self.syncbuf = np.zeros(len(inner) * n + w + 1, self.model.dtype)
+        # [params | optimizer state | loss sum, stop, task sums | non-finite flag], summed
+        # where auto would sum gradients (shm: the buffer is this rank's window segment).
+        count = len(inner) * n + w + 1
+        self.sync_by, self.sync_why = (choose(comm) if allreduce == "auto"
+                                       else (allreduce, "asked for"))
+        self.sync_sum = make_allreduce(self.sync_by, comm, count, self.model.dtype)
+        self.syncbuf = (self.sync_sum.buffer if self.sync_by == "shm"
+                        else np.zeros(count, self.model.dtype))
         self.tail = self.syncbuf[len(inner) * n:]
         self._reset_interval()
         self.anchor = self.model.params.copy() if outer_lr is not None else None
@@ -134,7 +144,9 @@ class LocalSGDTrainer(Trainer):
         """How the replicas combine, for the run's first lines."""
         outer = (f", outer Nesterov step lr {self.outer_lr:g} momentum {self.outer_momentum:g}"
                  if self.outer_lr is not None else "")
-        return (f"local SGD: parameters and optimizer state averaged by MPI Allreduce every "
+        by = {"shm": "shared memory (shm)", "ring": "mpitrain's ring"}.get(self.sync_by,
+                                                                         "MPI Allreduce")
+        return (f"local SGD: parameters and optimizer state averaged through {by} every "
                 f"{self.sync_every} steps{outer}")
 
     # -- a step ----------------------------------------------------------------------------
@@ -196,7 +208,7 @@ class LocalSGDTrainer(Trainer):
                 np.multiply(flat, weight, out=part)
         self.tail[...] = self.sums
         with span("allreduce", "exchange", lo=0, hi=self.syncbuf.size):
-            self.comm.Allreduce(MPI.IN_PLACE, self.syncbuf, op=MPI.SUM)
+            self.sync_sum(self.syncbuf)
         sums = self.tail.astype(np.float64)
         samples, first = self.counts[1], self.first
         self.stop_agreed = bool(sums[1] > 0)
@@ -219,6 +231,14 @@ class LocalSGDTrainer(Trainer):
         if self.outer_lr is not None:
             self._outer_step()
         return loss, self.task.summarize(sums[2:-1], samples)
+
+    def close(self) -> None:
+        """As every trainer's, and the sync's sum closed (collective; shm: its window)."""
+        super().close()
+        if self.sync_by == "shm":
+            self.syncbuf = self.syncbuf.copy()
+            self.tail = self.syncbuf[self.syncbuf.size - self.tail.size:]
+        self.sync_sum.close()
 
     def _outer_step(self) -> None:
         """DiLoCo's outer Nesterov step on the averaged change since the last sync."""
