@@ -111,6 +111,40 @@ def test_torch_fit_killed_and_relaunched_ends_bit_identical(tmp_path, n, model, 
     assert same_bits(final(tmp_path / "w"), final(ckpt))
 
 
+def test_a_sharded_update_refuses_an_optimizer_that_couples_the_parameters():
+    import torch
+
+    import mpitrain.torch as mt
+    from mpitrain import ConfigError
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ConfigError) as info:
+        mt.DistributedOptimizer(torch.optim.LBFGS(model.parameters()), model,
+                                shard_update=True)
+    assert str(info.value) == ("shard_update with optimizer LBFGS: its step couples the "
+                               "parameters, and a sharded update needs one that updates each "
+                               "parameter from its own gradient and state")
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("model,optimizer", [("bn", "sgd"), ("branchy", "adamw")])
+def test_the_sharded_update_gives_the_bits_of_the_whole_one(tmp_path, model, optimizer):
+    """``fit`` with shm: the node's ranks share one copy of the model and each updates the
+    parameters it owns; at 2 ranks MPI's sum has the same bits, and each rank updating the
+    whole model gives the same parameters and optimizer state (checkpoint included)."""
+    runs = {}
+    for allreduce in ("shm", "mpi"):
+        result, state = fit(2, tmp_path / allreduce, allreduce=allreduce, model=model,
+                            optimizer=optimizer, ckpt_dir=str(tmp_path / f"{allreduce}-ckpt"),
+                            quiet=False)
+        assert result.returncode == 0, result.stderr
+        shared = "each rank updates its share of the node's one copy of the model"
+        assert (shared in result.stdout) == (allreduce == "shm"), result.stdout
+        runs[allreduce] = state
+    assert equal(runs["shm"], runs["mpi"])
+    assert same_bits(final(tmp_path / "shm-ckpt"), final(tmp_path / "mpi-ckpt"))
+
+
 @pytest.mark.timeout(400)
 def test_a_pre_empted_torch_fit_exits_75_and_resumes_on_another_rank_count(tmp_path):
     """SIGTERM: a checkpoint and exit 75; relaunched at 3 ranks, reproducible, the bits of

@@ -3,7 +3,9 @@
 A PyTorch model trained by ``mpitrain.torch`` beside its peers, all in this
 one job, at its rank count, on the same model copies, data and threads (one
 torch thread per rank): ``mpitrain-mpi`` and ``mpitrain-shm``
-(``DistributedOptimizer`` in a loop of one's own), ``fit`` and
+(``DistributedOptimizer`` in a loop of one's own; ``mpitrain-shm-sharded`` with
+``shard_update``: one copy of the model per node, each rank updating its own
+parameters), ``fit`` (which shards the update with ``shm``) and
 ``fit-reproducible`` (``mpitrain.torch.fit``'s step: mpitrain's sampler and
 reader, the metrics; reproducible in 4 fixed groups), ``mpi4py`` (the
 gradients as views of one flat buffer, one ``Allreduce`` after backward),
@@ -34,15 +36,16 @@ from .common import write_json
 
 __all__ = ["add_arguments", "run", "VARIANTS"]
 
-VARIANTS = ("mpitrain-mpi", "mpitrain-shm", "fit", "fit-reproducible", "mpi4py", "ddp",
-            "lockstep", "ceiling")
+VARIANTS = ("mpitrain-mpi", "mpitrain-shm", "mpitrain-shm-sharded", "fit", "fit-reproducible",
+            "mpi4py", "ddp", "lockstep", "ceiling")
 # More settings, measured when asked for: the exchange overlapped with backward on one
 # node too (in 2 MiB buckets, a progress thread), and reproducible in 2 groups.
 EXTRA = {"mpitrain-mpi-overlap": dict(allreduce="mpi", overlap=True, progress="thread",
                                       bucket_mb=2.0),
          "mpitrain-shm-overlap": dict(allreduce="shm", overlap=True, progress="thread",
                                       bucket_mb=2.0),
-         "mpitrain-ring": dict(allreduce="ring"), "fit-reproducible-g2": {}}
+         "mpitrain-ring": dict(allreduce="ring"), "fit-reproducible-g2": {},
+         "mpitrain-shm-sharded": dict(allreduce="shm", shard_update=True)}
 SAMPLES = 2048  # rows of random data each model reads (cycled)
 
 

@@ -220,6 +220,8 @@ class Exchange:
     def describe(self) -> str:
         """How the buckets are summed, for the run's header ("one bucket after backward")."""
         when = "overlapped with backward" if self.overlap else "after backward"
+        if self.sharded:
+            when += "; each rank updates its share of the node's one copy of the model"
         if len(self.buckets) == 1:
             return f"one bucket {when}"
         lo, hi = self.buckets[0]

@@ -35,6 +35,7 @@ class TorchCheckpoints:
 
     def capture(self, step: int, config: Dict[str, Any]) -> Optional[State]:
         """The state after ``step`` steps, on rank 0 (None elsewhere); collective."""
+        self.dist.consolidate()  # a sharded update: each parameter's state from its owner
         if self.comm.Get_rank() != 0:
             return None
         params, opt, record = self._arrays()
@@ -131,6 +132,7 @@ class TorchCheckpoints:
         self.optimizer.torch.load_state_dict(to_optimizer_state(
             self.torch_model, self.optimizer.torch, got_opt, meta["record"]))
         restore_scheduler(self.scheduler, meta["record"])
+        self.dist.fence()  # a node-shared model: every rank's copy-in done before reads
         self.optimizer.steps = meta["steps"]
         self.settle_buffers()
 

@@ -29,12 +29,13 @@ import torch
 from mpi4py import MPI
 
 from ..comm.auto import choose
-from ..comm.exchange import Exchange, plan_buckets
+from ..comm.exchange import Exchange, PrivateModel, plan_buckets
 from ..comm.overlap import plan_overlap
 from ..process import init
 from ..runtime import ConfigError
 from .broadcast import BufferSync
 from .grads import FlatGrads, trainable
+from .owned import OwnedParams, refuse_coupled
 
 __all__ = ["DistributedOptimizer", "flat_dtype", "match_threads"]
 
@@ -65,6 +66,14 @@ class DistributedOptimizer:
     batch).  ``sync_buffers``: broadcast rank 0's buffers (BatchNorm statistics) after
     each step.  ``staged`` (default: the parameters are not on the
     CPU): the gradients stay on their device and go through the host buffer.
+
+    ``shard_update`` (with ``shm``, on the CPU): the ranks of a node share one copy of
+    the parameters and each updates the parameters it owns (``torch.owned``): about
+    1/local_size of the optimizer's work and no copy of the summed gradients.  Then
+    a parameter's ``.grad`` after ``synchronize`` holds the sum only on its owner, a
+    parameter changed in place outside ``step`` is changed for the whole node, and
+    the optimizer's state of a parameter lives on its owner: call ``consolidate()``
+    on every rank before reading ``state_dict()``.  ``mpitrain.torch.fit`` turns it on.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module, *,
@@ -72,12 +81,14 @@ class DistributedOptimizer:
                  bucket_mb: Optional[float] = None, overlap: Optional[bool] = None,
                  progress: Optional[str] = None, grad_dtype: Optional[str] = None,
                  accumulate: int = 1, average: bool = True, sync_buffers: bool = True,
-                 staged: Optional[bool] = None, extra: int = 0):
+                 staged: Optional[bool] = None, extra: int = 0, shard_update: bool = False):
         init()
         match_threads()
         if not isinstance(accumulate, int) or accumulate < 1:
             raise ConfigError(f"{{accumulate}}: expected a value >= 1, got {accumulate!r}",
                               ["accumulate"])
+        if shard_update:
+            refuse_coupled(optimizer)
         self.optimizer, self.model = optimizer, model
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         params = trainable(model)
@@ -89,6 +100,9 @@ class DistributedOptimizer:
         if allreduce == "auto":  # shm where it serves (comm.auto)
             allreduce, self.why = choose(self.comm, wire=wire, progress=progress)
         overlap, bucket_mb, progress = plan_overlap(self.comm, overlap, bucket_mb, progress)
+        staged = any(p.device.type != "cpu" for p in params) if staged is None else staged
+        shard_update = (shard_update and allreduce == "shm" and not staged
+                        and self.comm.Get_size() > 1)
         covered = n if wire else n + extra
         # ``extra`` slots after the gradients ride in the same sum (a trainer's metrics);
         # with a 16-bit wire they stay out of the buckets and are summed exactly.
@@ -97,11 +111,14 @@ class DistributedOptimizer:
             buckets=plan_buckets(covered, bucket_mb * 2 ** 20, np_dtype.itemsize),
             overlap=overlap, progress=progress, wire=wire,
             exact=slice(n, n + extra) if wire and extra else None,
-            needed=slice(n, n + extra) if extra else None, shared=False)
+            needed=slice(n, n + extra) if extra else None, shared=shard_update)
         self.resolved = dict(overlap=overlap, bucket_mb=bucket_mb, progress=progress,
                              allreduce=allreduce)
-        staged = any(p.device.type != "cpu" for p in params) if staged is None else staged
         self.grads = FlatGrads(params, self.exchange.buffer, self.exchange.ready, staged)
+        self.owned: Optional[OwnedParams] = None
+        if shard_update:  # the update runs here (step), not in the exchange's memory
+            self.exchange.memory = PrivateModel()
+            self.owned = OwnedParams(self.exchange, params, self.grads.offsets, optimizer)
         self.size, self.accumulate, self.average = n, accumulate, average
         # The mean's division inside the sum where the exchange can (shm), else after it.
         self.folded = average and extra == 0 and self.exchange.fold_scale(
@@ -154,11 +171,30 @@ class DistributedOptimizer:
             self.grads.begin(reporting=final_next)
             return None
         self.synchronize()
-        out = self.optimizer.step(closure)
+        out = self.apply(closure)
         self.sync_buffers()
         self.steps += 1
         self.grads.begin(reporting=self.accumulate == 1)
         return out
+
+    def apply(self, closure: Any = None) -> Any:
+        """The wrapped optimizer's step on the summed gradients (after ``synchronize``);
+        with ``shard_update``, each rank's own parameters (collective over the node)."""
+        if self.owned is not None:
+            return self.owned.step(self.optimizer, closure)
+        return self.optimizer.step(closure)
+
+    def consolidate(self) -> None:
+        """With ``shard_update``: every rank gets the optimizer's state of every parameter
+        from its owner (collective), so ``state_dict()`` is whole; otherwise nothing."""
+        if self.owned is not None:
+            self.owned.consolidate(self.optimizer)
+
+    def fence(self) -> None:
+        """With ``shard_update``: the node's ranks see each other's writes to the shared
+        parameters (collective; after a restore); otherwise nothing."""
+        if self.owned is not None:
+            self.owned.fence()
 
     def sync_buffers(self) -> None:
         """Rank 0's buffers on every rank (collective; with ``sync_buffers``)."""
@@ -166,7 +202,12 @@ class DistributedOptimizer:
             self.buffers.sync()
 
     def close(self) -> None:
-        """Free the exchange (collective); the gradients stay readable."""
+        """Free the exchange (collective); the gradients stay readable (with
+        ``shard_update``: the parameters move to memory of their own, and every rank holds
+        the whole optimizer state)."""
+        if self.owned is not None:
+            self.owned.release(self.optimizer)
+            self.owned = None
         self.exchange.close()
         self.grads.bind(self.exchange.buffer)  # shm: a private copy of the window's sums
 

@@ -37,6 +37,7 @@ from ..runtime import ConfigError, MpitrainError, agreed, literal
 from ..timeline import span
 from .broadcast import broadcast_parameters
 from .optimizer import DistributedOptimizer
+from .owned import COUPLED
 from .checkpoints import TorchCheckpoints
 from .reproducible import TorchGroups, seed_for, seed_torch
 
@@ -45,8 +46,10 @@ __all__ = ["TorchTrainer"]
 class _Stepper:
     """The user's optimizer (and scheduler) as the loop's end of a step calls it."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+                 apply: Any = None):
         self.torch, self.scheduler, self.steps = optimizer, scheduler, 0
+        self.apply = apply or optimizer.step  # DistributedOptimizer.apply: sharded or not
         self.name = type(optimizer).__name__.lower()
 
     @property
@@ -54,7 +57,7 @@ class _Stepper:
         return self.torch.param_groups[0]["lr"]
 
     def step(self) -> None:
-        self.torch.step()
+        self.apply()
         if self.scheduler is not None:
             self.scheduler.step()
         self.steps += 1
@@ -121,12 +124,14 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
         self.dist = DistributedOptimizer(
             optimizer, model, comm=comm, allreduce=allreduce, bucket_mb=bucket_mb,
             overlap=overlap, progress=progress, grad_dtype=grad_dtype, average=False,
-            extra=width, sync_buffers=not groups)  # grouped: buffers in group order
+            extra=width, sync_buffers=not groups,  # grouped: buffers in group order
+            # with shm: one copy per node, each rank its own parameters' update
+            shard_update=type(optimizer).__name__ not in COUPLED)
         self.exchange, self.grads = self.dist.exchange, self.dist.grads
         n = self.grads.size
         self.metrics = slice(n, n + width)
         self.model = _Flat(self.exchange.buffer[:n], self.grads.offsets)
-        self.optimizer = _Stepper(optimizer, scheduler)
+        self.optimizer = _Stepper(optimizer, scheduler, self.dist.apply)
         self.scheduler = scheduler
         self._shapes_and_names()
         reads_ahead = getattr(self.data, "prefetch", True)
