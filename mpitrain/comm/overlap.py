@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 from mpi4py import MPI
 
-from .exchange import PROGRESS
+from .algorithms import PROGRESS
 
 __all__ = ["BUCKET_MB", "spans_nodes", "plan_overlap"]
 

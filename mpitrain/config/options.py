@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..comm.codecs import WIRES
-from ..comm.exchange import ALGORITHMS, PROGRESS
+from ..comm.algorithms import ALGORITHMS, PROGRESS
 from ..data.checks import MODES
 from ..fault.elastic import MODES as ON_FAILURE
 from ..model.layers import ACTIVATIONS

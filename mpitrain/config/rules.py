@@ -12,7 +12,7 @@ import re
 from dataclasses import fields
 from typing import Dict, List, Tuple
 
-from ..comm.exchange import check_options
+from ..comm.algorithms import check_options
 from ..fault.drills import Faults
 from ..parallel.pipeline.schedules import MAX_MICROBATCHES
 from ..parallel.recipe import RECIPE_BOUNDS

@@ -30,7 +30,8 @@ import numpy as np
 from mpi4py import MPI
 
 from ..comm.auto import choose
-from ..comm.exchange import Exchange, make_allreduce
+from ..comm.algorithms import make_allreduce
+from ..comm.exchange import Exchange
 from ..comm.topology import Grid, make_grid
 from ..data.batches import Batches
 from ..fault.checkpoint import State
