@@ -236,9 +236,9 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
 def _print(records: List[Dict[str, object]], args, ranks: int) -> None:
     print(f"# {ranks} ranks, {args.batch_per_rank} samples per rank, SGD, 1 torch thread per "
           f"rank; median of {args.repeats} turns of {args.block} steps (min-max)")
-    print(f"# {'model':<5} {'variant':<17} {'samples/s':>26} {'x DDP':>6} {'x lockstep':>10} "
+    print(f"# {'model':<5} {'variant':<20} {'samples/s':>26} {'x DDP':>6} {'x lockstep':>10} "
           f"{'x ceiling':>9}")
     for r in records:
         span = f"{r['samples_per_s']:>9,.0f} ({r['min']:,.0f}-{r['max']:,.0f})"
-        print(f"  {r['model']:<5} {r['variant']:<17} {span:>26} {r['vs_ddp']:>6.2f} "
+        print(f"  {r['model']:<5} {r['variant']:<20} {span:>26} {r['vs_ddp']:>6.2f} "
               f"{r['vs_lockstep']:>10.2f} {r['vs_ceiling']:>9.2f}")
