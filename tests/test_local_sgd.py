@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, clean_env, final, limit, run_mpi, run_train, same_bits
+from conftest import (ROOT, clean_env, final, limit, run_mpi, run_train, same_bits,
+                      ulfm_mpiexec)
 from mpitrain import Config, ConfigError
 from mpitrain.fault import store
 
@@ -61,6 +62,45 @@ def test_each_sum_of_the_sync_averages_the_same(small_data, tmp_path, n):
     for by in ("mpi", "ring"):
         for name, value in runs["auto"].params.items():
             np.testing.assert_allclose(runs[by].params[name], value, rtol=1e-4, atol=1e-5)
+
+
+def heal_train(data, ckpt, *extra, n):
+    """A healing local-SGD job under Open MPI's ULFM (skipped elsewhere)."""
+    return run_mpi(n, ["-m", "mpitrain", "train", "--data", data, "--ckpt-dir", ckpt, *ARGS,
+                       *LOCAL, "--watchdog", "60", *extra], timeout=120,
+                   launcher=ulfm_mpiexec())
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("n,rank,step", [(2, 1, 22), (3, 0, 13)])
+def test_respawn_goes_back_to_the_last_sync_and_ends_bit_identical(small_data, tmp_path, n,
+                                                                  rank, step):
+    """A rank killed between syncs: every survivor goes back to the last sync point (the
+    state every replica held), a replacement takes it, and the steps since run again:
+    the bits of the run that never failed (rank 0 writes the logs and checkpoints)."""
+    whole = heal_train(small_data, tmp_path / "whole", "--on-failure", "respawn", n=n)
+    assert whole.returncode == 0, whole.stderr
+    healed = heal_train(small_data, tmp_path / "healed", "--on-failure", "respawn",
+                        "--fault", f"kill:rank={rank}:step={step}", n=n)
+    assert healed.returncode == 0, healed.stderr
+    back, seen = (step - 1) // 4 * 4, (step + 3) // 4 * 4  # the syncs around the death
+    assert healed.stdout.count(
+        f"rank {rank} died by step {seen}: respawned it in") == 1, healed.stdout
+    source = 1 if rank == 0 else 0  # the lowest survivor hands its state over
+    assert (f"went on from step {back + 1} with rank {source}'s state (its last sync point: "
+            f"steps {back + 1}-{seen} run again)") in healed.stdout
+    assert same_bits(final(tmp_path / "healed"), final(tmp_path / "whole"))
+
+
+@pytest.mark.timeout(200)
+def test_shrink_goes_on_from_the_last_sync_with_the_survivors(small_data, tmp_path):
+    result = heal_train(small_data, tmp_path, "--on-failure", "shrink", "--fault",
+                        "kill:rank=2:step=10", n=3)
+    assert result.returncode == 0, result.stderr
+    assert ("rank 2 died by step 12: shrank to 2 ranks in" in result.stdout
+            and "went on from step 9 with rank 0's state" in result.stdout), result.stdout
+    state = final(tmp_path)
+    assert state.step == STEPS and all(np.isfinite(a).all() for a in state.params.values())
 
 
 @pytest.mark.timeout(100)
@@ -117,10 +157,6 @@ REFUSED = [
      "weighs the replicas by fixed slices of each batch"),
     (dict(grad_dtype="bfloat16"), "sync_every 8 with grad_dtype bfloat16: not supported: "
      "no gradient is exchanged; the parameters are averaged in their own dtype"),
-    (dict(on_failure="shrink"), "on_failure shrink with sync_every 8: not supported: "
-     "between syncs the replicas differ, and a healing would have to roll every survivor "
-     "back to the last sync (use on_failure abort and relaunch: the run resumes from "
-     "ckpt_dir)"),
     (dict(ckpt_dir="c", ckpt_every=10), "ckpt_every 10 is not a multiple of sync_every 8: "
      "logs, evaluations and checkpoints fall on sync points, where the replicas agree"),
     (dict(eval_every=12), "eval_every 12 is not a multiple of sync_every 8: logs, "

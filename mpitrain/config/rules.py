@@ -207,10 +207,6 @@ def _check_local(cfg: Config) -> None:
         (cfg.grad_dtype != "full", f"{h} with {{grad_dtype}} {cfg.grad_dtype}: not "
          "supported: no gradient is exchanged; the parameters are averaged in their own "
          "dtype", ["grad_dtype"]),
-        (cfg.on_failure != "abort", f"{{on_failure}} {cfg.on_failure} with {h}: not "
-         "supported: between syncs the replicas differ, and a healing would have to roll "
-         "every survivor back to the last sync (use {on_failure} abort and relaunch: the "
-         "run resumes from {ckpt_dir})", ["on_failure", "ckpt_dir"]),
     ]
     for wrong, why, named in refusals:
         if wrong:

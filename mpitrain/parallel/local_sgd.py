@@ -127,6 +127,10 @@ class LocalSGDTrainer(Trainer):
         self._reset_interval()
         self.anchor = self.model.params.copy() if outer_lr is not None else None
         self.outer_m = np.zeros_like(self.model.params) if outer_lr is not None else None
+        # With keep_sync (a job that heals): a copy of the state at the last sync point,
+        # which every replica held alike; a healing goes back to it (``rewind``).
+        self.keep_sync = False
+        self._synced: Optional[Tuple[List[np.ndarray], int, int, int]] = None
 
     # -- what the loop asks ----------------------------------------------------------------
     def ends_at(self, total: int) -> None:
@@ -161,6 +165,8 @@ class LocalSGDTrainer(Trainer):
         """Run global step ``step`` on this replica alone, and sync if it ends an interval;
         return (mean loss, metrics, global batch): this rank's own between syncs, every
         replica's since the previous sync at a sync point."""
+        if self.keep_sync and self._synced is None:  # the start: a sync point too
+            self._keep(step)
         t0 = time.perf_counter()
         with span("data", "data"):
             ids, x, y, batch = self.batches.get(step)
@@ -231,7 +237,32 @@ class LocalSGDTrainer(Trainer):
         self.exchange.write(write)
         if self.outer_lr is not None:
             self._outer_step()
+        if self.keep_sync:
+            self._keep(step + 1)
         return loss, self.task.summarize(sums[2:-1], samples)
+
+    def _keep(self, done: int) -> None:
+        """Keep the state after ``done`` steps, a sync point (local)."""
+        flats, _ = self._flats()
+        if self._synced is None:
+            self._synced = ([f.copy() for f in flats], 0, 0, 0)
+        else:
+            for kept, flat in zip(self._synced[0], flats):
+                kept[...] = flat
+        self._synced = (self._synced[0], self.optimizer.steps, self.clipped, done)
+
+    def rewind(self, completed: int) -> int:
+        """After a rank died (local): go back to the state of the last sync point and
+        return its step count; ``completed`` (the steps applied) without a kept state."""
+        if not self.keep_sync or self._synced is None:
+            return completed
+        kept, steps, clipped, done = self._synced
+        flats, _ = self._flats()
+        for flat, k in zip(flats, kept):
+            flat[...] = k
+        self.optimizer.steps, self.clipped = steps, clipped
+        self._reset_interval()
+        return done
 
     def close(self) -> None:
         """As every trainer's, and the sync's sum closed (collective; shm: its window)."""

@@ -201,7 +201,7 @@ def build(cfg: Config, comm: MPI.Comm, model: Any = None, data: Any = None, *,
 def resolve_allreduce(cfg: Config, comm: MPI.Comm) -> Tuple[Config, Dict[str, str]]:
     """``cfg`` with ``allreduce`` "auto" made an algorithm (``comm.auto``), and the choice
     with its reason for the run's record; unchanged otherwise (collective)."""
-    if cfg.allreduce != "auto" or cfg.ps() or cfg.local():
+    if cfg.allreduce != "auto" or cfg.ps():
         return cfg, {}
     algorithm, why = choose(comm, wire=cfg.wire(), progress=cfg.progress,
                             heals=cfg.on_failure != "abort", ordered=cfg.reproducible)

@@ -131,10 +131,15 @@ def leave(loop, exc: BaseException) -> RankFailed:
     if old is not None and old.trainer is not None:
         carry = old  # the hand-over was not agreed: the old state still counts
     else:
-        carry = Carry(trainer=loop.trainer, completed=loop.completed,
-                      loop=loop.progress.to_json(loop.monitor), run_dir=loop.run_dir,
-                      failures=old.failures if old else 0,
-                      healings=old.healings if old else 0)
+        completed, state = loop.completed, loop.progress.to_json(loop.monitor)
+        rewind = getattr(loop.trainer, "rewind", None)
+        if rewind is not None:  # local SGD: back to the last sync, where replicas agreed
+            completed = rewind(completed)
+            if state["pending"] and state["pending"]["done"] != completed:
+                state["pending"] = None  # a step after the sync: it runs again
+        carry = Carry(trainer=loop.trainer, completed=completed, loop=state,
+                      run_dir=loop.run_dir, failures=old.failures if old else 0,
+                      healings=old.healings if old else 0, reached=loop.completed + 1)
     if not carry.noticed:  # a death during a healing counts from the first notice
         carry.noticed = time.perf_counter()
     carry.phase = loop.phase
@@ -158,12 +163,16 @@ def recover(loop, notes: List[str]) -> int:
         loop.monitor.restore(loop.ckpts.loop)
     else:
         loop.progress.take(state, loop.monitor)
-    loop.faults.disarm_through(start + 1)  # their turn has come (and gone)
+    # The drills up to the furthest step any rank started have had their turn (a local
+    # SGD job goes back to its last sync and runs those steps again).
+    reached = comm.allreduce(carry.reached, op=MPI.MAX)
+    loop.faults.disarm_through(max(start + 1, reached))
     loop.completed = start
     # From the first survivor's notice of the death to the state handed over.
     took = comm.allreduce(time.perf_counter() - carry.noticed if carry.noticed else 0.0,
                           op=MPI.MAX)
-    line, event = describe(carry, comm.size, cfg.on_failure, start, source, behind, took)
+    line, event = describe(carry, comm.size, cfg.on_failure, start, source, behind, took,
+                           died=max(start + 1, reached))
     loop.report.event(line, event)
     carry.lost, carry.noticed = [], 0.0
     for line in notes:

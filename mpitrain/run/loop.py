@@ -163,6 +163,8 @@ class Loop:
         self.trainer, self.connected = self.make(cfg, self.comm, self.carry is None)
         # A healing pipeline may have to undo a step some stages applied (run.recovery).
         self.trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
+        # Local SGD heals from the last sync, where every replica held the same state.
+        self.trainer.keep_sync = cfg.local() and cfg.on_failure != "abort"
         self.faults.arm(self.trainer, launch_rank(), cfg.seed)
         spe = self.trainer.sampler.steps_per_epoch
         self.total = cfg.total_steps(spe)

@@ -44,6 +44,7 @@ class Carry:
     lost: List[int] = field(default_factory=list)  # launch ranks dead since the hand-over
     noticed: float = 0.0  # perf_counter() when this rank saw the failure
     phase: str = ""  # what it was doing
+    reached: int = 0  # the (1-based) step this rank was running (0: none, a replacement)
 
 
 def agree(trainer: TrainerBase, comm: MPI.Intracomm,
@@ -88,16 +89,24 @@ def agree(trainer: TrainerBase, comm: MPI.Intracomm,
 
 
 def describe(carry: Carry, ranks: int, mode: str, at_step: int, source: int,
-             behind: List[int], seconds: float) -> Tuple[str, Dict[str, Any]]:
+             behind: List[int], seconds: float, died: Optional[int] = None
+             ) -> Tuple[str, Dict[str, Any]]:
     """The log line and the metrics.jsonl record of one healing (``carry.lost``: the
-    launch ranks of the processes that died)."""
+    launch ranks of the processes that died; ``died``: the furthest step a rank started,
+    if later than the one the job goes on from: local SGD goes back to its last sync,
+    and its survivors see a death only at the next sync)."""
     dead = ", ".join(map(str, carry.lost))
     how = (f"respawned {'it' if len(carry.lost) == 1 else 'them'}" if mode == "respawn"
            else f"shrank to {ranks} ranks")
-    line = (f"rank{'s' * (len(carry.lost) > 1)} {dead} died at step {at_step + 1}: {how} "
+    died = max(died or 0, at_step + 1)
+    back = (f" (its last sync point: steps {at_step + 1}-{died} run again)" if died > at_step + 1
+            else f" (ranks {behind} were a step apart)" if behind else "")
+    when = f"by step {died}" if died > at_step + 1 else f"at step {died}"  # seen at a sync
+    line = (f"rank{'s' * (len(carry.lost) > 1)} {dead} died {when}: {how} "
             f"in {seconds:.2f} s and went on from step {at_step + 1} with rank {source}'s "
-            "state" + (f" (ranks {behind} were a step apart)" if behind else ""))
+            "state" + back)
     record = {"event": "recovery", "mode": mode, "dead": list(carry.lost), "at_step": at_step,
+              "died_in": died,
               "ranks": ranks, "seconds": round(seconds, 4), "source": source,
               "behind": behind, "healings": carry.healings, "time": time.time()}
     return line, record
