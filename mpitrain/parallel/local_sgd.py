@@ -8,7 +8,8 @@ does, but between syncs nothing crosses ranks::
     after steps H, 2H, ... and the run's last step (a sync point):
         one sum (in place) of [params | optimizer state | metric sums | flag], by
         ``allreduce`` (auto: through the node's shared memory where its ranks share
-        one, else MPI's Allreduce)
+        one, else MPI's Allreduce); the parameters and the state live in that buffer,
+        so nothing is copied in or out
         params, state = sum x (1/replicas)              (weighted by samples if uneven)
         with outer_lr (DiLoCo): delta = anchor - average; m = mu m + delta;
                                 anchor -= outer_lr (delta + mu m); params = anchor
@@ -121,9 +122,11 @@ class LocalSGDTrainer(Trainer):
         self.sync_by, self.sync_why = (choose(comm) if allreduce == "auto"
                                        else (allreduce, "asked for"))
         self.sync_sum = make_allreduce(self.sync_by, comm, count, self.model.dtype)
-        self.syncbuf = (self.sync_sum.buffer if self.sync_by == "shm"
-                        else np.zeros(count, self.model.dtype))
-        self.tail = self.syncbuf[len(inner) * n:]
+        syncbuf = (self.sync_sum.buffer if self.sync_by == "shm"
+                   else np.zeros(count, self.model.dtype))
+        for k, flat in enumerate(inner):
+            syncbuf[k * n:(k + 1) * n] = flat
+        self._bind_sync(syncbuf)
         self._reset_interval()
         self.anchor = self.model.params.copy() if outer_lr is not None else None
         self.outer_m = np.zeros_like(self.model.params) if outer_lr is not None else None
@@ -207,12 +210,8 @@ class LocalSGDTrainer(Trainer):
         n, dt = self.model.size, self.model.dtype.type
         # Uneven slices: each replica weighs by its share of the interval's samples.
         weight = dt(self.counts[0] / self.counts[1]) if self.uneven else None
-        for k, flat in enumerate(inner):
-            part = self.syncbuf[k * n:(k + 1) * n]
-            if weight is None:
-                part[...] = flat
-            else:
-                np.multiply(flat, weight, out=part)
+        if weight is not None:
+            self.syncbuf[:len(inner) * n] *= weight
         self.tail[...] = self.sums
         with span("allreduce", "exchange", lo=0, hi=self.syncbuf.size):
             self.sync_sum(self.syncbuf)
@@ -227,19 +226,23 @@ class LocalSGDTrainer(Trainer):
                                 f"steps {first + 1}-{step + 1} (epoch {epoch}) on some "
                                 f"replica; try a lower lr (now {self.optimizer.lr})",
                                 everywhere=True)
-        if weight is None:
+        if weight is None:  # the parameters and state are the buffer: averaged in place
             self.syncbuf[:len(inner) * n] *= dt(1.0 / self.size)
-
-        def write() -> None:
-            for k, flat in enumerate(inner):
-                flat[...] = self.syncbuf[k * n:(k + 1) * n]
-
-        self.exchange.write(write)
         if self.outer_lr is not None:
             self._outer_step()
         if self.keep_sync:
             self._keep(step + 1)
         return loss, self.task.summarize(sums[2:-1], samples)
+
+    def _bind_sync(self, syncbuf: np.ndarray) -> None:
+        """Make the parameters and the optimizer's state views of ``syncbuf`` (which holds
+        their values), so a sync sums them where they are: no copy in, no copy out."""
+        n = self.model.size
+        _, keys = self._inner()
+        self.syncbuf, self.tail = syncbuf, syncbuf[(1 + len(keys)) * n:]
+        self.model.bind_params(syncbuf[:n])
+        self.optimizer.bind(self.model.params, self.model.grads,
+                            {key: syncbuf[(1 + k) * n:(2 + k) * n] for k, key in enumerate(keys)})
 
     def _keep(self, done: int) -> None:
         """Keep the state after ``done`` steps, a sync point (local)."""
@@ -267,9 +270,8 @@ class LocalSGDTrainer(Trainer):
     def close(self) -> None:
         """As every trainer's, and the sync's sum closed (collective; shm: its window)."""
         super().close()
-        if self.sync_by == "shm":
-            self.syncbuf = self.syncbuf.copy()
-            self.tail = self.syncbuf[self.syncbuf.size - self.tail.size:]
+        if self.sync_by == "shm":  # the window is freed: the arrays move out of it
+            self._bind_sync(self.syncbuf.copy())
         self.sync_sum.close()
 
     def _outer_step(self) -> None:
