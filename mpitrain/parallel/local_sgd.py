@@ -134,6 +134,13 @@ class LocalSGDTrainer(Trainer):
         # which every replica held alike; a healing goes back to it (``rewind``).
         self.keep_sync = False
         self._synced: Optional[Tuple[List[np.ndarray], int, int, int]] = None
+        # A stop request (pre-emption) between syncs: each step's flag summed without
+        # blocking on a communicator of its own, read one step later; agreed, the job
+        # goes back to the last sync (kept) and stops there.
+        self.stop_comm = comm.Dup()
+        self._stop_flag, self._stop_out = np.zeros(1), np.zeros(1)
+        self._stop_req: Optional[MPI.Request] = None
+        self.stopped_at: Optional[int] = None  # the sync point a stop went back to
 
     # -- what the loop asks ----------------------------------------------------------------
     def ends_at(self, total: int) -> None:
@@ -192,12 +199,16 @@ class LocalSGDTrainer(Trainer):
         with span("optimizer", "update"):
             self.exchange.update(self.optimizer)
         t2 = time.perf_counter()
+        asked = self._stop_asked(bool(stop))
         if self.syncs_at(step + 1):
             self.on_phase("exchange")
             loss, summed = self._sync(step)
         else:
             loss = float(local[0]) / len(ids)
             summed = self.task.summarize(local[2:], len(ids))
+            if asked and self.keep_sync and self._synced is not None:
+                self.stopped_at = self.rewind(step + 1)  # stop at the last sync point
+                self.stop_agreed = True
         t3 = time.perf_counter()
         self.times["data"] += t1 - t0
         self.times["compute"] += t2 - t1
@@ -233,6 +244,17 @@ class LocalSGDTrainer(Trainer):
         if self.keep_sync:
             self._keep(step + 1)
         return loss, self.task.summarize(sums[2:-1], samples)
+
+    def _stop_asked(self, stop: bool) -> bool:
+        """Whether some rank was asked to stop by the step before (its flags' sum is done
+        by now); this step's flag starts on its way (collective, without blocking)."""
+        asked = False
+        if self._stop_req is not None:
+            self._stop_req.Wait()
+            asked = bool(self._stop_out[0] > 0)
+        self._stop_flag[0] = 1.0 if stop else 0.0
+        self._stop_req = self.stop_comm.Iallreduce(self._stop_flag, self._stop_out, op=MPI.MAX)
+        return asked
 
     def _bind_sync(self, syncbuf: np.ndarray) -> None:
         """Make the parameters and the optimizer's state views of ``syncbuf`` (which holds
@@ -270,9 +292,19 @@ class LocalSGDTrainer(Trainer):
     def close(self) -> None:
         """As every trainer's, and the sync's sum closed (collective; shm: its window)."""
         super().close()
+        if self._stop_req is not None:
+            self._stop_req.Wait()
+            self._stop_req = None
+        self.stop_comm.Free()
         if self.sync_by == "shm":  # the window is freed: the arrays move out of it
             self._bind_sync(self.syncbuf.copy())
         self.sync_sum.close()
+
+    def abandon(self) -> List[MPI.Comm]:
+        """After a rank died (local): as every trainer's, and the stop requests'
+        communicator for the healing to revoke and free."""
+        self._stop_req = None
+        return super().abandon() + [self.stop_comm]
 
     def _outer_step(self) -> None:
         """DiLoCo's outer Nesterov step on the averaged change since the last sync."""

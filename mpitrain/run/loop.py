@@ -163,8 +163,10 @@ class Loop:
         self.trainer, self.connected = self.make(cfg, self.comm, self.carry is None)
         # A healing pipeline may have to undo a step some stages applied (run.recovery).
         self.trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
-        # Local SGD heals from the last sync, where every replica held the same state.
-        self.trainer.keep_sync = cfg.local() and cfg.on_failure != "abort"
+        # Local SGD heals, and stops when pre-empted, from the last sync, where every
+        # replica held the same state.
+        self.trainer.keep_sync = cfg.local() and (cfg.on_failure != "abort"
+                                                  or cfg.ckpt_dir is not None)
         self.faults.arm(self.trainer, launch_rank(), cfg.seed)
         spe = self.trainer.sampler.steps_per_epoch
         self.total = cfg.total_steps(spe)
@@ -225,14 +227,18 @@ class Loop:
                 RECORDER.at_step(done)
                 with span(f"step {done}", "step"):
                     loss, metrics, batch = trainer.step(step, stop=signals)
-                # Applied: from here this rank's state is that of ``done`` steps.
+                # Applied: from here this rank's state is that of ``done`` steps (local SGD
+                # stopping between syncs goes back to its last sync point instead).
+                back = getattr(trainer, "stopped_at", None) is not None
+                if back:
+                    done = trainer.stopped_at
                 self.completed = done
                 self.meter.add(step, batch, time.perf_counter() - t0)
                 if trainer.stop_agreed:
                     signals.agree()  # no SIGTERM deadline, none until the exit
                 epoch = trainer.sampler.locate(step)[0]
                 self.progress.pending = Pending(done, epoch, loss, metrics, lr,
-                                                trainer.stop_agreed)
+                                                trainer.stop_agreed, evaluated=back)
                 self.report.live_step({"step": done, "epoch": epoch, "loss": loss, **metrics,
                                        "lr": lr, "eta_s": self.meter.eta(done),
                                        "samples_per_s": batch / self.meter.last})
