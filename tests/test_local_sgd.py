@@ -133,7 +133,7 @@ def test_killed_between_syncs_and_relaunched_ends_bit_identical(small_data, tmp_
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("term,stop", [(9, 8), (11, 12)])
+@pytest.mark.parametrize("term,stop", [(9, 8), (13, 12), (11, 12)])
 def test_preemption_stops_at_a_sync_point_and_resumes_bit_identical(small_data, tmp_path,
                                                                    reference, term, stop):
     """SIGTERM to one rank: the ranks learn it a step later (a non-blocking sum of the

@@ -291,7 +291,7 @@ def test_restored_state_continues_bitwise_and_survives_close(small_data, allredu
 def test_shm_across_nodes_trains_like_mpi(small_data, monkeypatch):
     """Two 'nodes' (even and odd ranks): a shared model per node, shares summed across
     nodes by Allreduce, each node's ranks updating their shares of its copy."""
-    import mpitrain.comm.exchange
+    import mpitrain.comm.algorithms
     import mpitrain.comm.shm
 
     comm = MPI.COMM_WORLD
@@ -304,7 +304,7 @@ def test_shm_across_nodes_trains_like_mpi(small_data, monkeypatch):
             super().__init__(comm, count, dtype, node=node)
             node.Free()
 
-    monkeypatch.setattr(mpitrain.comm.exchange, "ShmAllreduce", TwoNodes)
+    monkeypatch.setattr(mpitrain.comm.algorithms, "ShmAllreduce", TwoNodes)
     cfg = Config(data=small_data, hidden=[32, 16], batch_size=45, seed=2, optimizer="momentum")
     with_mpi, losses_mpi = run(cfg, comm, 20)
     with_shm, losses_shm = run(Config(**{**cfg.to_dict(), "allreduce": "shm"}), comm, 20)

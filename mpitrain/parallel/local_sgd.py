@@ -1,7 +1,7 @@
 """Local SGD: each replica takes ``sync_every`` steps alone, then the replicas average.
 
 Every rank reads its slice of global batch k exactly as a synchronous run
-does, but between syncs nothing crosses ranks::
+does, but between syncs no gradient crosses ranks::
 
     grads = d/dθ [ mean loss over the rank's OWN samples of batch k ]
     optimizer.step()                                    (the rank's own copy)
@@ -16,9 +16,12 @@ does, but between syncs nothing crosses ranks::
 
 Averaging the optimizer's state as well leaves every replica identical after
 a sync, so a checkpoint (taken only at a sync point) is an ordinary one plus
-the outer optimizer's ``outer_anchor`` and ``outer_momentum``.  Stop requests
-(pre-emption) and a non-finite loss ride in the same buffer: they are agreed
-at the sync, and a divergence is raised by every rank alike.  Between syncs
+the outer optimizer's ``outer_anchor`` and ``outer_momentum``.  A non-finite
+loss rides in the same buffer and is raised by every rank alike at the sync.
+A stop request (pre-emption) rides there too, and with a checkpoint directory
+each step's flags are also summed without blocking and read a step later:
+agreed between syncs, every rank goes back to the last sync point (a copy of
+it is kept) and the run stops there.  A healing goes back to it too.  Between syncs
 ``step`` returns the rank's own loss and metrics of the step; at a sync, the
 mean over every replica's samples since the previous sync.
 """
@@ -134,9 +137,11 @@ class LocalSGDTrainer(Trainer):
         # which every replica held alike; a healing goes back to it (``rewind``).
         self.keep_sync = False
         self._synced: Optional[Tuple[List[np.ndarray], int, int, int]] = None
-        # A stop request (pre-emption) between syncs: each step's flag summed without
-        # blocking on a communicator of its own, read one step later; agreed, the job
-        # goes back to the last sync (kept) and stops there.
+        # A stop request (pre-emption) between syncs, where the loop can stop (watch_stop:
+        # a checkpoint directory): each step's flag summed without blocking on a
+        # communicator of its own, read one step later; agreed, the job goes back to the
+        # last sync (kept) and stops there.  It keeps a rank at most a step or so ahead.
+        self.watch_stop = False
         self.stop_comm = comm.Dup()
         self._stop_flag, self._stop_out = np.zeros(1), np.zeros(1)
         self._stop_req: Optional[MPI.Request] = None
@@ -199,7 +204,7 @@ class LocalSGDTrainer(Trainer):
         with span("optimizer", "update"):
             self.exchange.update(self.optimizer)
         t2 = time.perf_counter()
-        asked = self._stop_asked(bool(stop))
+        asked = self._stop_asked(bool(stop)) if self.watch_stop else False
         if self.syncs_at(step + 1):
             self.on_phase("exchange")
             loss, summed = self._sync(step)
@@ -232,6 +237,7 @@ class LocalSGDTrainer(Trainer):
         loss = float(sums[0]) / samples
         self._reset_interval()
         if sums[-1] > 0 or not np.isfinite(loss):
+            self._settle_stop()  # every rank raises here: no request left pending
             epoch, _ = self.sampler.locate(step)
             raise MpitrainError(f"loss is {loss if np.isfinite(loss) else 'not finite'} in "
                                 f"steps {first + 1}-{step + 1} (epoch {epoch}) on some "
@@ -255,6 +261,12 @@ class LocalSGDTrainer(Trainer):
         self._stop_flag[0] = 1.0 if stop else 0.0
         self._stop_req = self.stop_comm.Iallreduce(self._stop_flag, self._stop_out, op=MPI.MAX)
         return asked
+
+    def _settle_stop(self) -> None:
+        """Complete the pending stop-flag sum (collective: every rank has posted it)."""
+        if self._stop_req is not None:
+            self._stop_req.Wait()
+            self._stop_req = None
 
     def _bind_sync(self, syncbuf: np.ndarray) -> None:
         """Make the parameters and the optimizer's state views of ``syncbuf`` (which holds
@@ -292,9 +304,7 @@ class LocalSGDTrainer(Trainer):
     def close(self) -> None:
         """As every trainer's, and the sync's sum closed (collective; shm: its window)."""
         super().close()
-        if self._stop_req is not None:
-            self._stop_req.Wait()
-            self._stop_req = None
+        self._settle_stop()
         self.stop_comm.Free()
         if self.sync_by == "shm":  # the window is freed: the arrays move out of it
             self._bind_sync(self.syncbuf.copy())
@@ -302,8 +312,14 @@ class LocalSGDTrainer(Trainer):
 
     def abandon(self) -> List[MPI.Comm]:
         """After a rank died (local): as every trainer's, and the stop requests'
-        communicator for the healing to revoke and free."""
-        self._stop_req = None
+        communicator, revoked (so the pending sum ends), for the healing to free."""
+        if self._stop_req is not None:
+            self.stop_comm.Revoke()
+            try:
+                self._stop_req.Wait()
+            except MPI.Exception:
+                pass
+            self._stop_req = None
         return super().abandon() + [self.stop_comm]
 
     def _outer_step(self) -> None:

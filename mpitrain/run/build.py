@@ -77,8 +77,10 @@ def check_memory(cfg: Config, comm: MPI.Comm, layers, stages, shape) -> None:
               for a, b in stages]
     state = {"sgd": 0, "momentum": 1}.get(cfg.optimizer, 2)
     arrays = 3 + state  # parameters, gradients, the exchange buffer, the optimizer's state
-    if cfg.local():  # the sync buffer (parameters and state); the outer step's two
-        arrays += 1 + state + (2 if cfg.outer_lr is not None else 0)
+    if cfg.local():  # the outer step's two; the copy of the last sync point's state
+        outer = 2 if cfg.outer_lr is not None else 0
+        kept = cfg.on_failure != "abort" or cfg.ckpt_dir is not None
+        arrays += outer + ((1 + state + outer) if kept else 0)
     if cfg.reproducible:  # a buffer for each group held apart (comm.ordered)
         arrays += _group_buffers(cfg.groups, max(1, comm.Get_size() // cfg.pp), cfg.pp)
     along = shapes_along(layers, shape)

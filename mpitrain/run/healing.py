@@ -139,7 +139,8 @@ def leave(loop, exc: BaseException) -> RankFailed:
                 state["pending"] = None  # a step after the sync: it runs again
         carry = Carry(trainer=loop.trainer, completed=completed, loop=state,
                       run_dir=loop.run_dir, failures=old.failures if old else 0,
-                      healings=old.healings if old else 0, reached=loop.completed + 1)
+                      healings=old.healings if old else 0,
+                      reached=loop.completed + 1 if rewind is not None else 0)
     if not carry.noticed:  # a death during a healing counts from the first notice
         carry.noticed = time.perf_counter()
     carry.phase = loop.phase

@@ -167,6 +167,7 @@ class Loop:
         # replica held the same state.
         self.trainer.keep_sync = cfg.local() and (cfg.on_failure != "abort"
                                                   or cfg.ckpt_dir is not None)
+        self.trainer.watch_stop = cfg.local() and cfg.ckpt_dir is not None  # pre-emption
         self.faults.arm(self.trainer, launch_rank(), cfg.seed)
         spe = self.trainer.sampler.steps_per_epoch
         self.total = cfg.total_steps(spe)

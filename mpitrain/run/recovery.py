@@ -94,7 +94,7 @@ def describe(carry: Carry, ranks: int, mode: str, at_step: int, source: int,
     """The log line and the metrics.jsonl record of one healing (``carry.lost``: the
     launch ranks of the processes that died; ``died``: the furthest step a rank started,
     if later than the one the job goes on from: local SGD goes back to its last sync,
-    and its survivors see a death only at the next sync)."""
+    and its survivors see a death a step or more after it, at a sum)."""
     dead = ", ".join(map(str, carry.lost))
     how = (f"respawned {'it' if len(carry.lost) == 1 else 'them'}" if mode == "respawn"
            else f"shrank to {ranks} ranks")

@@ -2,8 +2,9 @@
 
 The exchange (``comm.exchange``) sums one flat numpy buffer in place.  Each
 trainable parameter's ``.grad`` is made a view of its slice of that buffer
-(``torch.from_numpy``: no copy), so backward writes the gradients where the
-exchange sums them; autograd adds into an existing ``.grad`` in place.  A
+(``torch.from_numpy``: no copy), so the gradients lie where the exchange sums
+them: a step's first backward pass makes its own tensor, copied in once
+(below), and later passes add into the view in place.  A
 ``register_post_accumulate_grad_hook`` on each parameter tells when its
 gradient is final; whenever every parameter from some offset to the end of the
 buffer is final, ``on_final(offset)`` starts the buckets that lie there, while
@@ -79,7 +80,7 @@ class FlatGrads:
             if self.staged:
                 view.copy_(p.grad)
             elif p.grad is not view:  # set to None and made anew by autograd
-                view.copy_(p.grad)
+                view.copy_(p.grad.to_dense() if p.grad.is_sparse else p.grad)
                 p.grad = view
             self.fired[i] = self.used[i] = True
             if not self.reporting:

@@ -11,8 +11,9 @@ over the ranks, summed by mpitrain's exchange (Horovod's pattern, on MPI)::
         loss_fn(model(x), y).backward()         # buckets summed as backward fills them
         opt.step()                              # the average over the ranks, applied
 
-The gradients are views of the exchange's flat buffer (``torch.grads``), so
-nothing is copied: ``mpi`` (MPI's Allreduce), ``ring`` (mpitrain's, also with a
+The gradients are views of the exchange's flat buffer (``torch.grads``):
+backward's own tensor is copied in once as it is final, and the sum needs no
+other copy: ``mpi`` (MPI's Allreduce), ``ring`` (mpitrain's, also with a
 16-bit wire: ``grad_dtype``) or ``shm`` (the ranks of a node add from each
 other's memory) sums them in place, in buckets of ``bucket_mb`` overlapped
 with backward where the ranks span nodes (``comm.overlap``).  Parameters that

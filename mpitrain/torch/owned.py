@@ -92,7 +92,13 @@ class OwnedParams:
 
     def step(self, optimizer: torch.optim.Optimizer, closure: Any = None) -> Any:
         """Update the parameters this rank owns from the summed gradients (collective over
-        the node; after the exchange's ``wait``)."""
+        the node; after the exchange's ``wait``).  No ``closure``: its forward pass would
+        read the shared parameters while the node's ranks write them."""
+        if closure is not None:
+            raise ConfigError("{closure} with {shard_update}: a closure's forward pass "
+                              "would read the node's shared parameters while its ranks "
+                              "update them (shard_update False runs it)",
+                              ["closure", "shard_update"])
         buffer, views = self.exchange.buffer, self.shm.views
         self.shm.fence()  # every share summed and scaled
         for j, lo, hi in self.fetch:
@@ -139,6 +145,10 @@ class OwnedParams:
                 got[key] = t
             if not mine:
                 optimizer.state[p] = got
+
+    def detach(self) -> None:
+        """The parameters copied into memory of their own (local: after an error)."""
+        self._bind(self.flat.copy())
 
     def release(self, optimizer: torch.optim.Optimizer) -> None:
         """Before the window is freed (collective over the node): the optimizer state on

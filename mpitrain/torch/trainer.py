@@ -125,8 +125,10 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
             optimizer, model, comm=comm, allreduce=allreduce, bucket_mb=bucket_mb,
             overlap=overlap, progress=progress, grad_dtype=grad_dtype, average=False,
             extra=width, sync_buffers=not groups,  # grouped: buffers in group order
-            # with shm: one copy per node, each rank its own parameters' update
-            shard_update=type(optimizer).__name__ not in COUPLED)
+            # with shm: one copy per node, each rank its own parameters' update (not with
+            # clipping: the norm, added by shares, would round otherwise than unsharded)
+            shard_update=type(optimizer).__name__ not in COUPLED
+            and recipe.clip_grad_norm is None)
         self.exchange, self.grads = self.dist.exchange, self.dist.grads
         n = self.grads.size
         self.metrics = slice(n, n + width)
@@ -282,6 +284,13 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
         self.batches.close()
         self.dist.close()
         self.dist.remove()
+
+    def stop(self) -> None:
+        """After an error (local): as every trainer's, and the parameters moved out of the
+        node's shared window (which is not freed now), so the model stays usable."""
+        super().stop()
+        if self.dist.owned is not None:
+            self.dist.owned.detach()
 
     def abandon(self) -> List[MPI.Comm]:
         """After a rank died (local): as every trainer, and the hooks off the model."""
