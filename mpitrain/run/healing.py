@@ -15,6 +15,7 @@ job, and a relaunch resumes from the newest checkpoint.
 """
 from __future__ import annotations
 
+import atexit
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -26,7 +27,7 @@ from ..fault.drills import Faults
 from ..fault.elastic import (RankFailed, bounded, heal, join, launch_rank, launch_ranks,
                              unsupported)
 from ..fault.resume import Checkpoints
-from ..runtime import EXIT_ERROR, ConfigError, literal, set_job_comm
+from ..runtime import EXIT_ERROR, ConfigError, bound_finalize, literal, set_job_comm
 from ..timeline import RECORDER, span
 from . import recovery
 from .recovery import Carry, describe
@@ -72,7 +73,11 @@ class Job:
         notes = ckpts.rebind(self.comm) if self.carry else ckpts.open()
         while True:
             try:
-                return attempt(self.comm, self.carry, notes)
+                summary = attempt(self.comm, self.carry, notes)
+                if self.carry is not None:  # healed, or a replacement: in a script of
+                    # one's own too (fit), Open MPI's finalize is bounded at exit
+                    atexit.register(bound_finalize, 30)
+                return summary
             except RankFailed as failed:
                 self._heal(failed)
                 notes = ckpts.rebind(self.comm)
