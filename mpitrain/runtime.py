@@ -253,18 +253,22 @@ def bound_finalize(seconds: int, code: int = 0) -> None:
     healed jobs, where Open MPI 5.0's ``MPI_Finalize`` can wait for ever on a process
     that died during a hand-over after a replacement joined (the default action of
     SIGALRM works where no Python code runs any more).  A non-zero ``code``: the job ends
-    with that error; every rank leaves with it, without ``MPI_Finalize``."""
+    with that error; every rank leaves with it, without ``MPI_Finalize``.  Once is
+    enough: a second call (the command line's, then the healed job's at exit) does
+    nothing, and the first call's alarm stands."""
     import signal
 
+    comm = job_comm(None)
+    if comm is None:  # not a healed job, or bounded already
+        return
+    _JOB.clear()
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     signal.alarm(seconds)
-    comm = job_comm(None)
-    if comm is not None:  # no communicator reaching a replacement is left for finalize
-        try:
-            comm.Barrier()
-            comm.Free()
-        except Exception:  # noqa: BLE001 - a rank died at the very end: finalize decides
-            pass
+    try:  # no communicator reaching a replacement is left for finalize
+        comm.Barrier()
+        comm.Free()
+    except Exception:  # noqa: BLE001 - a rank died at the very end: finalize decides
+        pass
     if code:  # an agreed error: every rank is past the barrier; leave without finalize
         import os
 

@@ -211,7 +211,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> List[Dict[str, object]]:
     unknown = sorted(set(variants) - set(VARIANTS) - set(EXTRA))
     if unknown:
         raise SystemExit(f"bench torch: unknown variant {unknown[0]!r} (known: "
-                         f"{', '.join([*VARIANTS, *EXTRA])})")
+                         f"{', '.join(dict.fromkeys([*VARIANTS, *EXTRA]))})")
     if "ddp" in variants:
         _ddp_group(comm)
     records = []

@@ -9,8 +9,7 @@ import sys
 from typing import List, Optional
 
 from ..process import init
-from ..runtime import (EXIT_PREEMPTED, ConfigError, agreed, bound_finalize, job_comm,
-                       run_or_abort)
+from ..runtime import EXIT_PREEMPTED, ConfigError, agreed, bound_finalize, run_or_abort
 from . import commands
 from .parser import parser
 
@@ -59,6 +58,5 @@ def main(argv: Optional[List[str]] = None) -> None:
         code = run_or_abort(run, comm, render=render)
     except SystemExit as exc:  # an error every rank agreed on: all exit with its status
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-    if job_comm(None) is not None:  # a healed job: see runtime.bound_finalize
-        bound_finalize(30, code)
+    bound_finalize(30, code)  # a healed job's end (nothing otherwise): see its docstring
     sys.exit(code)

@@ -93,13 +93,16 @@ class Exchange:
     trainer's loss and counts, when the buckets travel in 16 bits); with a
     sharded update, ``needed`` is the slice every rank needs whole (the metrics).
     ``shared`` False: each rank updates the whole model (PyTorch's optimizers), not shares.
+    ``memory``: where the update runs, if not the default (``NodeSharedModel`` when
+    sharded, else ``PrivateModel``): a caller that updates the shares itself
+    (``torch.owned``) passes ``PrivateModel()``.
     """
 
     def __init__(self, comm: MPI.Comm, count: int, dtype, *, algorithm: str = "mpi",
                  buckets: Optional[Sequence[Tuple[int, int]]] = None, overlap: bool = True,
                  progress: str = "thread", wire: Optional[str] = None,
                  exact: Optional[slice] = None, needed: Optional[slice] = None,
-                 shared: bool = True):
+                 shared: bool = True, memory: Optional[object] = None):
         check_options(algorithm, progress, wire)
         self.size = comm.Get_size()
         self.overlap, self.progress, self.wire = overlap, progress, wire
@@ -118,7 +121,8 @@ class Exchange:
         # bucket's sum, and updates that share of parameters the node's ranks share.
         self.sharded = ALGORITHMS[algorithm].sharded and self.size > 1 and shared
         self.needed = needed
-        self.memory = NodeSharedModel(self.blocking) if self.sharded else PrivateModel()
+        self.memory = memory or (NodeSharedModel(self.blocking) if self.sharded
+                                 else PrivateModel())
         self.owned: List[Tuple[int, int]] = []  # this rank's shares, this step
         # Each bucket's sum; with shm peers may still read the buffer after it: one fence
         # in ``wait`` ends every bucket's reads.

@@ -107,6 +107,10 @@ class TrainerBase(Computing, CheckpointState):
         # some stages only can be undone (run.recovery); (arrays, optimizer steps, clipped).
         self.keep_before_update = False
         self._before: Optional[Tuple[List[np.ndarray], int, int]] = None
+        # Local SGD: keep the last sync point's state for a healing (keep_sync), sum the
+        # stop flags every step (watch_stop); a stop that went back to it (stopped_at).
+        self.keep_sync = self.watch_stop = False
+        self.stopped_at: Optional[int] = None
         # Speed-balanced batches (parallel.speed); its changes are reported through
         # ``on_event(line, record)``, set by the loop.
         self.balancer: Optional[SpeedBalancer] = None
@@ -149,6 +153,11 @@ class TrainerBase(Computing, CheckpointState):
     def since_sync(self, done: int) -> int:
         """Steps since the previous such point, at one (``done``): 1 when every step syncs."""
         return 1
+
+    def rewind(self, completed: int) -> int:
+        """After a rank died (local): go back to a state every replica held and return
+        its step count.  A synchronous trainer's state after ``completed`` steps is one."""
+        return completed
 
     def describe_sync(self) -> Optional[str]:
         """How the replicas combine, for the run's first lines (None: the exchange says)."""

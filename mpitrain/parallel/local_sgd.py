@@ -133,19 +133,16 @@ class LocalSGDTrainer(Trainer):
         self._reset_interval()
         self.anchor = self.model.params.copy() if outer_lr is not None else None
         self.outer_m = np.zeros_like(self.model.params) if outer_lr is not None else None
-        # With keep_sync (a job that heals): a copy of the state at the last sync point,
-        # which every replica held alike; a healing goes back to it (``rewind``).
-        self.keep_sync = False
+        # With keep_sync (a job that heals) or watch_stop: a copy of the state at the last
+        # sync point, which every replica held alike; a healing or a stop goes back to it.
         self._synced: Optional[Tuple[List[np.ndarray], int, int, int]] = None
         # A stop request (pre-emption) between syncs, where the loop can stop (watch_stop:
         # a checkpoint directory): each step's flag summed without blocking on a
         # communicator of its own, read one step later; agreed, the job goes back to the
         # last sync (kept) and stops there.  It keeps a rank at most a step or so ahead.
-        self.watch_stop = False
         self.stop_comm = comm.Dup()
         self._stop_flag, self._stop_out = np.zeros(1), np.zeros(1)
         self._stop_req: Optional[MPI.Request] = None
-        self.stopped_at: Optional[int] = None  # the sync point a stop went back to
 
     # -- what the loop asks ----------------------------------------------------------------
     def ends_at(self, total: int) -> None:
@@ -180,7 +177,7 @@ class LocalSGDTrainer(Trainer):
         """Run global step ``step`` on this replica alone, and sync if it ends an interval;
         return (mean loss, metrics, global batch): this rank's own between syncs, every
         replica's since the previous sync at a sync point."""
-        if self.keep_sync and self._synced is None:  # the start: a sync point too
+        if (self.keep_sync or self.watch_stop) and self._synced is None:  # the start: one too
             self._keep(step)
         t0 = time.perf_counter()
         with span("data", "data"):
@@ -211,7 +208,7 @@ class LocalSGDTrainer(Trainer):
         else:
             loss = float(local[0]) / len(ids)
             summed = self.task.summarize(local[2:], len(ids))
-            if asked and self.keep_sync and self._synced is not None:
+            if asked:
                 self.stopped_at = self.rewind(step + 1)  # stop at the last sync point
                 self.stop_agreed = True
         t3 = time.perf_counter()
@@ -247,7 +244,7 @@ class LocalSGDTrainer(Trainer):
             self.syncbuf[:len(inner) * n] *= dt(1.0 / self.size)
         if self.outer_lr is not None:
             self._outer_step()
-        if self.keep_sync:
+        if self.keep_sync or self.watch_stop:
             self._keep(step + 1)
         return loss, self.task.summarize(sums[2:-1], samples)
 
@@ -289,9 +286,10 @@ class LocalSGDTrainer(Trainer):
         self._synced = (self._synced[0], self.optimizer.steps, self.clipped, done)
 
     def rewind(self, completed: int) -> int:
-        """After a rank died (local): go back to the state of the last sync point and
-        return its step count; ``completed`` (the steps applied) without a kept state."""
-        if not self.keep_sync or self._synced is None:
+        """After a rank died, or a stop between syncs (local): go back to the state of the
+        last sync point and return its step count; ``completed`` (the steps applied)
+        without a kept state."""
+        if self._synced is None:
             return completed
         kept, steps, clipped, done = self._synced
         flats, _ = self._flats()

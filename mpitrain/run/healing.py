@@ -19,6 +19,7 @@ import atexit
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 from mpi4py import MPI
 
 from ..comm.topology import grid_coords, grid_rank
@@ -137,15 +138,15 @@ def leave(loop, exc: BaseException) -> RankFailed:
         carry = old  # the hand-over was not agreed: the old state still counts
     else:
         completed, state = loop.completed, loop.progress.to_json(loop.monitor)
-        rewind = getattr(loop.trainer, "rewind", None)
-        if rewind is not None:  # local SGD: back to the last sync, where replicas agreed
-            completed = rewind(completed)
-            if state["pending"] and state["pending"]["done"] != completed:
-                state["pending"] = None  # a step after the sync: it runs again
+        if loop.trainer is not None:  # local SGD: back to the last sync, where all agreed
+            completed = loop.trainer.rewind(completed)
+        back = completed < loop.completed
+        if back and state["pending"] and state["pending"]["done"] != completed:
+            state["pending"] = None  # a step after the sync: it runs again
         carry = Carry(trainer=loop.trainer, completed=completed, loop=state,
                       run_dir=loop.run_dir, failures=old.failures if old else 0,
                       healings=old.healings if old else 0,
-                      reached=loop.completed + 1 if rewind is not None else 0)
+                      reached=loop.completed + 1 if back else 0)
     if not carry.noticed:  # a death during a healing counts from the first notice
         carry.noticed = time.perf_counter()
     carry.phase = loop.phase
@@ -169,16 +170,17 @@ def recover(loop, notes: List[str]) -> int:
         loop.monitor.restore(loop.ckpts.loop)
     else:
         loop.progress.take(state, loop.monitor)
-    # The drills up to the furthest step any rank started have had their turn (a local
-    # SGD job goes back to its last sync and runs those steps again).
-    reached = comm.allreduce(carry.reached, op=MPI.MAX)
+    # One sum for two maxima: the furthest step a rank started (the drills up to it have
+    # had their turn, though a local SGD job goes back and runs those steps again), and
+    # the time from the first survivor's notice of the death to the state handed over.
+    seen = np.array([carry.reached,
+                     time.perf_counter() - carry.noticed if carry.noticed else 0.0])
+    comm.Allreduce(MPI.IN_PLACE, seen, op=MPI.MAX)
+    reached, took = int(seen[0]), float(seen[1])
     loop.faults.disarm_through(max(start + 1, reached))
     loop.completed = start
-    # From the first survivor's notice of the death to the state handed over.
-    took = comm.allreduce(time.perf_counter() - carry.noticed if carry.noticed else 0.0,
-                          op=MPI.MAX)
     line, event = describe(carry, comm.size, cfg.on_failure, start, source, behind, took,
-                           died=max(start + 1, reached))
+                           died=reached)
     loop.report.event(line, event)
     carry.lost, carry.noticed = [], 0.0
     for line in notes:

@@ -165,8 +165,7 @@ class Loop:
         self.trainer.keep_before_update = cfg.pipelined() and cfg.on_failure != "abort"
         # Local SGD heals, and stops when pre-empted, from the last sync, where every
         # replica held the same state.
-        self.trainer.keep_sync = cfg.local() and (cfg.on_failure != "abort"
-                                                  or cfg.ckpt_dir is not None)
+        self.trainer.keep_sync = cfg.local() and cfg.on_failure != "abort"
         self.trainer.watch_stop = cfg.local() and cfg.ckpt_dir is not None  # pre-emption
         self.faults.arm(self.trainer, launch_rank(), cfg.seed)
         spe = self.trainer.sampler.steps_per_epoch
@@ -230,7 +229,7 @@ class Loop:
                     loss, metrics, batch = trainer.step(step, stop=signals)
                 # Applied: from here this rank's state is that of ``done`` steps (local SGD
                 # stopping between syncs goes back to its last sync point instead).
-                back = getattr(trainer, "stopped_at", None) is not None
+                back = trainer.stopped_at is not None
                 if back:
                     done = trainer.stopped_at
                 self.completed = done

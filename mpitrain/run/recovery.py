@@ -99,9 +99,10 @@ def describe(carry: Carry, ranks: int, mode: str, at_step: int, source: int,
     how = (f"respawned {'it' if len(carry.lost) == 1 else 'them'}" if mode == "respawn"
            else f"shrank to {ranks} ranks")
     died = max(died or 0, at_step + 1)
-    back = (f" (its last sync point: steps {at_step + 1}-{died} run again)" if died > at_step + 1
+    went_back = died > at_step + 1
+    back = (f" (its last sync point: steps {at_step + 1}-{died} run again)" if went_back
             else f" (ranks {behind} were a step apart)" if behind else "")
-    when = f"by step {died}" if died > at_step + 1 else f"at step {died}"  # seen at a sync
+    when = f"by step {died}" if went_back else f"at step {died}"  # seen at a later sum
     line = (f"rank{'s' * (len(carry.lost) > 1)} {dead} died {when}: {how} "
             f"in {seconds:.2f} s and went on from step {at_step + 1} with rank {source}'s "
             "state" + back)

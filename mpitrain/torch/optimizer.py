@@ -112,13 +112,13 @@ class DistributedOptimizer:
             buckets=plan_buckets(covered, bucket_mb * 2 ** 20, np_dtype.itemsize),
             overlap=overlap, progress=progress, wire=wire,
             exact=slice(n, n + extra) if wire and extra else None,
-            needed=slice(n, n + extra) if extra else None, shared=shard_update)
+            needed=slice(n, n + extra) if extra else None, shared=shard_update,
+            memory=PrivateModel())  # the update runs here: step (sharded: torch.owned)
         self.resolved = dict(overlap=overlap, bucket_mb=bucket_mb, progress=progress,
                              allreduce=allreduce)
         self.grads = FlatGrads(params, self.exchange.buffer, self.exchange.ready, staged)
         self.owned: Optional[OwnedParams] = None
-        if shard_update:  # the update runs here (step), not in the exchange's memory
-            self.exchange.memory = PrivateModel()
+        if shard_update:
             self.owned = OwnedParams(self.exchange, params, self.grads.offsets, optimizer)
         self.size, self.accumulate, self.average = n, accumulate, average
         # The mean's division inside the sum where the exchange can (shm), else after it.

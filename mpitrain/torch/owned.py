@@ -122,28 +122,31 @@ class OwnedParams:
 
     def consolidate(self, optimizer: torch.optim.Optimizer) -> None:
         """Every rank of the node gets each parameter's optimizer state from its owner
-        (collective over the node): the metadata by one small broadcast, each tensor by
-        ``Bcast``."""
-        node = self.shm.node
+        (collective over the node): what each rank holds described in one small
+        ``allgather``, then each tensor by ``Bcast`` from its owner."""
+        node, me = self.shm.node, self.shm.local_rank
+
+        def described(state: Dict[str, Any]) -> Dict[str, Any]:
+            return {k: (tuple(v.shape), str(v.dtype)) if torch.is_tensor(v) else ("value", v)
+                    for k, v in state.items()}
+
+        mine = {i: described(optimizer.state.get(self.params[i], {})) for i in self.mine}
+        metas = {i: m for held in node.allgather(mine) for i, m in held.items()}
         for i, p in enumerate(self.params):
-            owner = self.owner[i]
-            mine = node.Get_rank() == owner
-            state: Dict[str, Any] = optimizer.state.get(p, {}) if mine else {}
-            meta = {k: (tuple(v.shape), str(v.dtype)) if torch.is_tensor(v) else ("value", v)
-                    for k, v in state.items()} if mine else None
-            meta = node.bcast(meta, root=owner)
+            owner, meta = self.owner[i], metas.get(i)
             if not meta:
                 continue
+            state = optimizer.state.get(p, {}) if owner == me else {}
             got: Dict[str, Any] = {}
             for key, (shape, kind) in meta.items():
                 if shape == "value":
                     got[key] = kind
                     continue
-                t = (state[key].detach().contiguous() if mine else
+                t = (state[key].detach().contiguous() if owner == me else
                      torch.empty(shape, dtype=getattr(torch, kind.split(".")[-1])))
                 node.Bcast(t.reshape(-1).numpy(), root=owner)
                 got[key] = t
-            if not mine:
+            if owner != me:
                 optimizer.state[p] = got
 
     def detach(self) -> None:
