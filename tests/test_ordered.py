@@ -1,5 +1,5 @@
-"""comm.ordered.OrderedSum on real MPI jobs: the chain through the ranks gives the bits of
-one rank's left-to-right sum, for any split of the groups, empty groups included."""
+"""comm.ordered.OrderedSum on real MPI jobs: the same bits as one rank's sum along the tree
+over the groups, for any split of the groups among the ranks, empty groups included."""
 import pytest
 
 from conftest import run_mpi
@@ -13,7 +13,7 @@ from mpitrain.comm.ordered import OrderedSum
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
-count = 300_001  # more than one chunk of the chain, not a multiple of it
+count = 300_001  # not a multiple of the ranks
 
 def group(g):  # a group's gradient: values over many binades, keyed to the group alone
     rng = np.random.default_rng([7, g])
@@ -21,27 +21,51 @@ def group(g):  # a group's gradient: values over many binades, keyed to the grou
     v[::1000] = -0.0  # a sum of -0.0s is -0.0: no group may start from +0.0
     return v
 
+def tree(values):  # the order, written out: left half (the larger) + right half
+    if len(values) == 1:
+        return values[0]
+    m = (len(values) + 1) // 2
+    return tree(values[:m]) + tree(values[m:])
+
+on_shm = sys.argv[-1] == "shm"
+if on_shm:  # each rank's sum is its segment of a node's window, as the torch trainer's
+    from mpitrain.comm.shm import ShmAllreduce
+    shm = ShmAllreduce(comm, count + 5)  # (beyond count: the trainer's metrics)
+    buckets = [(0, 100_000), (100_000, count + 5)]
 bad = 0
 s = OrderedSum(comm, count)  # one for every step, as a trainer keeps it
 cases = ([5, 3, 7, 2, 4, 6, 1, 8, 2, 3, 5, 4], [0, 0, 0, 4, 0, 2, 3, 0, 0, 1, 0, 0],
-         [0] * 11 + [9])
-# alone: from which of its non-empty groups on a rank computes each in a buffer of its own
-# (as threads computing at once do; 0: all, even the leader's first)
-for sizes, alone in [(c, a) for c in cases for a in (99, 1, 0)]:
+         [0] * 11 + [9], [3, 1, 4, 1], [2, 7, 1])
+# runs: into how many runs a rank cuts its non-empty groups (threads computing at once)
+for sizes, runs, gather in [(c, r, g) for c in cases for r in ((1,) if on_shm else (1, 2, 3))
+                            for g in ((True, False) if on_shm else (True,))]:
     cuts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     G = len(sizes)
-    expect = None  # one rank's sum, left to right over the non-empty groups
-    for g in range(G):
-        if sizes[g]:
-            expect = group(g) if expect is None else expect + group(g)
+    expect = tree([group(g) for g in range(G) if sizes[g]])
+    left_to_right = sum((group(g) for g in range(G) if sizes[g]), np.float32(-0.0))
     first, last = rank_slice(G, rank, size)
     s.start(cuts)
-    home = np.full(count, np.nan, np.float32)  # what a leader's backward writes into
-    for k, g in enumerate(g for g in range(first, last) if sizes[g]):
-        into, add = s.place(home, alone=k >= alone)  # as backward: write, or add to it
-        into[...] = into + group(g) if add else group(g)
-    s.finish(home)
-    bad += not np.array_equal(home.view(np.uint32), expect.view(np.uint32))
+    home = shm.buffer[:count] if on_shm else np.empty(count, np.float32)  # the sum's place
+    home[...] = np.nan
+    mine = [g for g in range(first, last) if sizes[g]]
+    for k in range(runs):
+        a, b = rank_slice(len(mine), k, runs)
+        for g in mine[a:b]:
+            into, add = s.place(home, run=k)  # as backward: write, or add to it
+            into[...] = into + group(g) if add else group(g)
+    if on_shm:  # with more than a term on a rank (some cases), MPI's path
+        s.finish(home, shm=shm, buckets=buckets, gather=gather)
+        shares = [(0, count)] if gather else [(e[rank], e[rank + 1]) for e in
+                                              (shm.bounds(lo, hi) for lo, hi in buckets)]
+        shares = [(a, min(b, count)) for a, b in shares]
+        bad += sum(not np.array_equal(home[a:b].view(np.uint32), expect[a:b].view(np.uint32))
+                   for a, b in shares)
+        shm.fence()  # the next case writes its segment only once the others read it
+    else:
+        s.finish(home)
+        bad += not np.array_equal(home.view(np.uint32), expect.view(np.uint32))
+    if sum(map(bool, sizes)) > 3:  # (3 groups: the same order) the tree has bits of its own
+        assert not np.array_equal(expect, left_to_right)
 total = comm.allreduce(bad)
 if rank == 0:
     print("mismatches", total)
@@ -50,7 +74,25 @@ sys.exit(1 if total else 0)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
-def test_the_chain_gives_one_ranks_bits(n):
-    r = run_mpi(n, ["-m", "mpi4py", "-c", CODE], timeout=100)  # an error aborts the job
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_the_sum_has_one_ranks_bits_along_the_tree(n):
+    r = run_mpi(n, ["-m", "mpi4py", "-c", CODE, "mpi"], timeout=100)  # an error aborts it
     assert r.returncode == 0 and "mismatches 0" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_the_sum_on_shared_memory_has_the_same_bits(n):
+    """Each rank adds its shares from the others' segments (gathered, or only its own for
+    a sharded update); MPI's path where a rank holds two terms (a short batch)."""
+    r = run_mpi(n, ["-m", "mpi4py", "-c", CODE, "shm"], timeout=100)
+    assert r.returncode == 0 and "mismatches 0" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_the_terms_of_a_rank_are_the_whole_subtrees_over_its_groups():
+    from mpitrain.comm.ordered import tree_terms
+    assert tree_terms(0, 4, 4) == [(0, 4)]
+    assert [tree_terms(2 * r, 2 * r + 2, 4) for r in range(2)] == [[(0, 2)], [(2, 4)]]
+    assert tree_terms(1, 4, 4) == [(1, 2), (2, 4)]
+    assert tree_terms(3, 9, 12) == [(3, 6), (6, 9)]
+    assert tree_terms(2, 2, 4) == []

@@ -75,12 +75,16 @@ def test_gpu_gradients_go_through_the_host_buffer():
 
 @pytest.mark.timeout(600)
 def test_reproducible_torch_fit_has_the_same_bits_at_1_to_4_ranks(tmp_path):
-    """BatchNorm (its buffers too) and dropout: the same state_dict at 1, 2, 3, 4 ranks."""
+    """BatchNorm (its buffers too) and dropout: the same state_dict at 1, 2, 3, 4 ranks, the
+    sum on more than one adding from the node's shared memory."""
     runs = {}
     for n in (1, 2, 3, 4):
-        result, runs[n] = fit(n, tmp_path / str(n), model="bn", reproducible=True)
+        result, runs[n] = fit(n, tmp_path / str(n), model="bn", reproducible=True,
+                              quiet=False)
         assert result.returncode == 0, result.stderr
         assert summary(tmp_path / str(n))["replicas_equal"]
+        assert (n > 1) == ("shm, because the %d ranks share a node's memory (the fixed-order "
+                           "sum adds from it)" % n in result.stdout), result.stdout[:2000]
     assert all(equal(runs[1], runs[n]) for n in (2, 3, 4))
     plain, state = fit(2, tmp_path / "plain", model="bn")
     assert plain.returncode == 0 and not equal(runs[1], state)

@@ -7,7 +7,8 @@ the node, and across nodes the ranks holding the same share sum it with MPI's
 per node would carry it all).  It
 cannot serve everywhere, and ``auto`` then takes MPI's own ``Allreduce``: a job
 that heals itself (ULFM does not make shared-memory windows fault tolerant), a
-reproducible run (its fixed-order chain replaces the sum), an exchange driven by
+reproducible run (its fixed-order sum replaces it; a torch model's adds from a
+node's shared memory when one node holds every rank), an exchange driven by
 MPI requests (``progress`` test), nodes holding different numbers of ranks;
 a node of one rank has nothing to share.
 A 16-bit wire travels on mpitrain's ring only.
@@ -24,15 +25,18 @@ __all__ = ["choose"]
 
 
 def choose(comm: MPI.Comm, *, wire: Optional[str] = None, progress: Optional[str] = None,
-           heals: bool = False, ordered: bool = False) -> Tuple[str, str]:
+           heals: bool = False, ordered: bool = False,
+           ordered_on_shm: bool = False) -> Tuple[str, str]:
     """(the algorithm ``auto`` means on ``comm``, why), the same on every rank
-    (collective: the ranks per node are counted on ``comm``)."""
+    (collective: the ranks per node are counted on ``comm``).  ``ordered``: a
+    reproducible run, whose fixed-order sum runs on MPI, or (``ordered_on_shm``: the
+    torch trainer's) on a node's shared memory where one node holds every rank."""
     if wire is not None:
         return "ring", f"a {wire} wire travels on mpitrain's ring only"
     if heals:
         return "mpi", "a job that heals: ULFM does not make shared-memory windows fault tolerant"
-    if ordered:
-        return "mpi", "reproducible: the fixed-order chain is the sum"
+    if ordered and not ordered_on_shm:
+        return "mpi", "reproducible: the fixed-order sum runs on MPI"
     if progress is not None and progress not in ShmAllreduce.progress:
         return "mpi", f"progress {progress} drives MPI requests"
     if comm.Get_size() == 1:
@@ -48,7 +52,10 @@ def choose(comm: MPI.Comm, *, wire: Optional[str] = None, progress: Optional[str
     if fewest != most:
         return "mpi", (f"the nodes hold {fewest} to {most} ranks: shm needs the same number "
                        "on every node")
+    if ordered and nodes > 1:
+        return "mpi", "reproducible across nodes: the fixed-order sum runs on MPI"
     if nodes == 1:
-        return "shm", f"the {local} ranks share a node's memory"
+        return "shm", f"the {local} ranks share a node's memory" + (
+            " (the fixed-order sum adds from it)" if ordered else "")
     return "shm", (f"the {local} ranks of each node share its memory; each sums its "
                    f"share across the {nodes} nodes with MPI's Allreduce")

@@ -2,178 +2,267 @@
 
 A float sum's bits depend on its order, and the order of a gradient sum
 changes with the number of ranks (how a batch is split, how MPI pairs the
-ranks).  So ``--reproducible`` fixes the order: the groups' gradients are
-added left to right, in group order, on any number of ranks::
+ranks).  So ``--reproducible`` fixes the order: a fixed binary tree over the
+step's non-empty groups, each node the sum of its two halves (the left one
+the larger by at most a group), on any number of ranks::
 
-    S = (...((g_0 + g_1) + g_2) + ...) + g_{G-1}          G fixed groups
+    G = 4:  S = (g_0 + g_1) + (g_2 + g_3)       G = 3:  S = (g_0 + g_1) + g_2
 
-Rank r holds the contiguous groups [f_r, l_r).  The first rank with a
-non-empty group *leads*: its backward passes add each group into the
-gradient buffer as ``--accumulate`` does (``buffer = g_f``, then ``buffer +=
-g``: exactly the additions above, for free).  Every later rank computes each
-group into a buffer of its own, receives the sum of the groups before its
-own from the rank before it, adds its groups to it one by one, and sends it
-on; the last rank broadcasts the total.  The chain runs chunk by chunk, so
-rank r + 1 adds chunk c while rank r sends chunk c + 1::
+A tree rather than a left-to-right chain because its subtrees add up where
+their groups are: rank r holds the contiguous groups [f_r, l_r), covered by
+a few whole subtrees (its *terms*; one when the ranks divide the groups
+evenly), which it adds up alone, and only the terms travel.  Backward adds a
+group into the buffer of its left sibling where that sibling is a group or a
+node built the same way (``buffer += g``, as ``--accumulate`` does: exactly
+the node's addition, for free); the other nodes of a term are added when the
+step's groups are done.  Then rank s adds up shard s of every rank's terms
+along the tree, and an Allgatherv spreads the shards::
 
-    rank 0 (leads)    g_0 .. g_3 accumulated by backward  --S_4-->
-    rank 1            S_4 + g_4 + g_5 + g_6 + g_7          --S_8-->
-    rank 2            S_8 + g_8 + ... + g_11 = S           Bcast(S, root=2)
+    4 groups, 2 ranks:  rank 0: t_0 = g_0 + g_1 (backward)   S[:h] = t_0[:h] + t_1[:h]
+                        rank 1: t_1 = g_2 + g_3 (backward)   S[h:] = t_0[h:] + t_1[h:]
 
-With few terms per rank (at most ``SHARDED_TERMS``: the leader's buffer is
-one term, every later rank's non-empty group one each) the same additions
-are shared out instead: rank s adds up shard s of every rank's terms, in
-order, and an Allgatherv spreads the shards.  Each rank then adds 1/p of the
-values, not all of them, and sends its terms' shards (p - 1)/p of a buffer
-each; with more terms the chain sends less.  Which of the two runs follows
-from the cuts alone, so every rank picks the same::
-
-    2 ranks, g_0 on rank 0, g_1 on rank 1:   rank 0: S[:h] = g_0[:h] + g_1[:h]
-                                             rank 1: S[h:] = g_0[h:] + g_1[h:]
-
-A rank whose cores compute several groups at once (``parallel.reproducible``)
-places all but the first thread's groups ``alone``, even on the leader: each
-in a buffer of its own, added in order after the first thread's, as a later
-rank's groups are.
-
-On one rank these are the additions of ``--accumulate G``.  The cost on more ranks:
-each link carries the buffer once and the broadcast once, not overlapped
-with backward; the ranks but the leader add their groups (one float pass a
-group).  A group's gradient must have the same bits whatever rank computes
-it: the trainers compute each group on its own, with the same shapes.
+so a step costs what an unordered reduce-scatter and allgather cost, plus one
+float pass per node that backward could not add.  On one rank with G = 4:
+one such pass.  A group's gradient must have the same bits whatever rank
+computes it: the trainers compute each group on its own, with the same shapes.
+A rank whose cores compute several runs of its groups at once
+(``parallel.reproducible``) places each run's groups in buffers of that run.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
 
 from ..balance import bounds, rank_slice
 
-__all__ = ["OrderedSum", "TAG_ORDERED"]
+__all__ = ["OrderedSum", "TAG_ORDERED", "tree_terms"]
 
-CHUNK_BYTES = 1 << 20  # a message of the chain: the receiver adds it while the next travels
-TAG_ORDERED = 32000  # point-to-point tag of the chain, on its communicator
-# The most terms a rank may hold for the sharded sum: each term travels to every other
-# rank in shards ((p - 1) / p of it), against the chain's one buffer and a broadcast.
-SHARDED_TERMS = 2
+TAG_ORDERED = 32000  # point-to-point tag of the terms' shards, on its communicator
+
+Node = Tuple[int, int]  # [a, b) of the step's non-empty groups, by position among them
+
+
+def halves(node: Node) -> Tuple[Node, Node]:
+    """The two children of a node of two or more groups: the left the larger."""
+    a, b = node
+    m = a + (b - a + 1) // 2
+    return (a, m), (m, b)
+
+
+def tree_terms(lo: int, hi: int, n: int) -> List[Node]:
+    """The whole subtrees, left to right, that cover groups [lo, hi) of the tree over
+    ``n`` groups: the terms of the rank that holds them."""
+    out: List[Node] = []
+
+    def cover(node: Node) -> None:
+        a, b = node
+        if b <= lo or a >= hi:
+            return
+        if lo <= a and b <= hi:
+            out.append(node)
+        else:
+            for child in halves(node):
+                cover(child)
+
+    if hi > lo:
+        cover((0, n))
+    return out
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays are the same memory (views made at different times)."""
+    return a.shape == b.shape and a.__array_interface__["data"][0] == \
+        b.__array_interface__["data"][0]
 
 
 class OrderedSum:
     """One step's fixed-order sum over ``comm`` of the groups each rank computed.
 
-    ``cuts``: the G + 1 cut points of the step's batch into groups (so every
-    rank knows which groups are empty and who holds them: ``start``).
-    Use: for each non-empty group, in order, ``place(buffer)`` says where backward
-    computes it and whether it adds to what is there; then ``finish(buffer)``
-    (collective).
+    Use: ``start(cuts)`` with the G + 1 cut points of the step's batch into groups
+    (every rank knows which groups are empty and who holds them); for each of this
+    rank's non-empty groups, in order, ``place(buffer)`` says where backward computes it
+    and whether it adds to what is there; then ``finish(buffer)`` (collective) writes
+    the sum into ``buffer``.
     """
 
     def __init__(self, comm: MPI.Comm, count: int, dtype=np.float32):
         self.comm, self.count, self.dtype = comm, count, np.dtype(dtype)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self._pool: List[np.ndarray] = []  # the groups' gradients, reused step after step
-        self._kept: List[np.ndarray] = []
-        self._spare: List[np.ndarray] = []  # shards of other ranks' terms (sharded sum)
-        self.chunk = max(1, CHUNK_BYTES // self.dtype.itemsize)
+        self._pool: List[np.ndarray] = []  # the terms' buffers, reused step after step
+        self._spare: List[np.ndarray] = []  # shards of other ranks' terms
         self.start([0, 1])
 
     def start(self, cuts: Sequence[int]) -> None:
         """Begin a step whose groups are cut at ``cuts``; rank k holds groups
         ``rank_slice(G, k, p)``, as the trainers give them out."""
-        self._kept.clear()
         groups = len(cuts) - 1
-        first, last = rank_slice(groups, self.rank, self.size)
-        # Each rank's terms of the sum: the leader's buffer (all its groups), then each
-        # later rank's non-empty groups one by one; every rank knows them all.
-        self.terms = []
-        for f, l in (rank_slice(groups, k, self.size) for k in range(self.size)):
-            filled = sum(cuts[g + 1] > cuts[g] for g in range(f, l))
-            self.terms.append(min(filled, 1) if cuts[f] == 0 else filled)
-        self.before = cuts[first] > 0  # a non-empty group precedes this rank's groups
-        self.mine = cuts[last] > cuts[first]  # this rank has a non-empty group
-        self.leads = not self.before  # backward adds this rank's groups into the buffer
-        self._added = 0  # of which backward adds into the leader's buffer
+        filled = np.cumsum([0] + [int(cuts[g + 1] > cuts[g]) for g in range(groups)])
+        self.n = int(filled[-1])  # the tree's leaves: the non-empty groups
+        # Every rank's terms: the subtrees over its non-empty groups.
+        self.terms: List[List[Node]] = []
+        for k in range(self.size):
+            f, l = rank_slice(groups, k, self.size)
+            self.terms.append(tree_terms(int(filled[f]), int(filled[l]), self.n))
+        f, _ = rank_slice(groups, self.rank, self.size)
+        self._next = int(filled[f])  # the position of this rank's next group
+        self._held: Dict[Node, np.ndarray] = {}  # nodes whose value backward leaves in place
+        self._open: Dict[int, Node] = {}  # each run's node that its next group may add to
+        self._home: Optional[np.ndarray] = None
+        self._used = 0  # buffers of the pool in use this step
 
-    def place(self, buffer: np.ndarray, alone: bool = False) -> Tuple[np.ndarray, bool]:
+    def place(self, buffer: np.ndarray, run: int = 0) -> Tuple[np.ndarray, bool]:
         """Where backward computes this rank's next non-empty group, and whether it adds
-        to what is there: the leader's groups add up in ``buffer`` (as --accumulate);
-        every other rank's group gets a buffer of its own, added after the sum before.
-        ``alone``: a buffer of its own even on the leader (a group another thread
-        computes at the same time; ``finish`` adds it, in order, after the others)."""
-        if self.leads and not alone:
-            self._added += 1
-            return buffer, self._added > 1
-        if len(self._pool) == len(self._kept):
-            self._pool.append(np.zeros(self.count, self.dtype))
-        self._kept.append(self._pool[len(self._kept)])
-        return self._kept[-1], False
-
-    def finish(self, buffer: np.ndarray) -> None:
-        """Write the sum of every rank's groups, in group order, into ``buffer``
-        (collective).  A leader's ``buffer`` already holds its groups' sum."""
-        if self.leads and not self._added:  # the leader's first group (g_f, not 0 + g_f:
-            # -0.0 stays -0.0), or nothing so far: the next rank leads after this one
-            buffer[...] = self._kept.pop(0) if self._kept else 0
-        if self.size > 1 and max(self.terms) <= SHARDED_TERMS:
-            self._sharded(buffer)
+        to what is there.  ``buffer``: where the sum goes (the first group of run 0
+        starts there); ``run``: groups computed one after the other share a run, and
+        only a group of the same run adds to another's buffer (threads computing runs
+        at once give each a different number)."""
+        leaf = (self._next, self._next + 1)
+        self._next += 1
+        node = self._open.get(run)
+        if node is not None and node[1] == leaf[0] and self._parent_of(node, leaf):
+            array = self._held.pop(node)
+            self._held[(node[0], leaf[1])] = array
+            self._open[run] = (node[0], leaf[1])
+            return array, True
+        if run == 0 and self._home is None:
+            self._home = array = buffer
         else:
-            self._chain(buffer)
-        self._kept.clear()
+            if self._used == len(self._pool):
+                self._pool.append(np.empty(self.count, self.dtype))
+            array = self._pool[self._used]
+            self._used += 1
+        self._held[leaf] = array
+        self._open[run] = leaf
+        return array, False
 
-    def _chain(self, buffer: np.ndarray) -> None:
-        """The sum through the ranks in order, chunk by chunk; the last broadcasts it."""
-        # The rank after this one receives only if something precedes its groups.
-        sends = self.rank < self.size - 1 and (self.before or self.mine)
-        sending: List[MPI.Request] = []
-        for a in range(0, self.count, self.chunk):
-            b = min(self.count, a + self.chunk)
-            if self.before:
-                self.comm.Recv(buffer[a:b], source=self.rank - 1, tag=TAG_ORDERED)
-            for g in self._kept:  # left to right: (S + g_f) + g_f+1 ...
-                buffer[a:b] += g[a:b]
-            if sends:
-                sending.append(self.comm.Isend(buffer[a:b], dest=self.rank + 1,
-                                               tag=TAG_ORDERED))
-        MPI.Request.Waitall(sending)
-        if self.size > 1:
-            self.comm.Bcast(buffer, root=self.size - 1)
+    def _parent_of(self, left: Node, leaf: Node) -> bool:
+        """Whether ``left`` and the group ``leaf`` are the two halves of a node."""
+        node = (left[0], leaf[1])
+        at = (0, self.n)  # down from the root to where the node would be
+        while at[1] - at[0] > 1 and at != node:
+            low, high = halves(at)
+            if node[1] <= low[1]:
+                at = low
+            elif node[0] >= high[0]:
+                at = high
+            else:
+                return False
+        return at == node and halves(node) == (left, leaf)
 
-    def _sharded(self, buffer: np.ndarray) -> None:
-        """Rank s adds up shard s of every rank's terms, in order; then an Allgatherv."""
-        if self.leads:  # the leader's other threads' groups, into its one term
-            for g in self._kept:
-                buffer += g
-        own = [buffer] if self.leads and self.mine else self._kept
+    @staticmethod
+    def _value(node: Node, get) -> np.ndarray:
+        """The array holding ``node``'s value: ``get(node)`` where that is one (a
+        group, a node backward built, a term), else its left half's array with its
+        right half's added to it."""
+        held = get(node)
+        if held is not None:
+            return held
+        left, right = halves(node)
+        out = OrderedSum._value(left, get)
+        out += OrderedSum._value(right, get)
+        return out
+
+    def finish(self, buffer: np.ndarray, shm=None, buckets: Sequence[Tuple[int, int]] = (),
+               gather: bool = True) -> None:
+        """Write the sum of every rank's groups, in the tree's order, into ``buffer``
+        (collective).  ``shm``: the ``comm.shm.ShmAllreduce`` whose segment ``buffer``
+        is, on a node that holds every rank of ``comm``: where no rank has more than
+        one term, each rank adds its share of each of ``buckets`` from the others'
+        segments (the shares ``shm`` sums), and ``gather`` copies the other shares."""
+        mine = [self._value(t, self._held.get) for t in self.terms[self.rank]]
+        if shm is not None and self.size > 1 and max(map(len, self.terms)) <= 1:
+            if mine and not _same(mine[0], buffer):
+                raise RuntimeError("OrderedSum: a term outside the shared segment")
+            self._on_shm(buffer, shm, buckets, gather)
+        elif self.size == 1:
+            if self.n == 0:
+                buffer[...] = 0
+            elif not _same(mine[0], buffer):
+                buffer[...] = mine[0]
+        else:
+            self._sharded(buffer, mine)
+        self._held.clear()
+
+    def _sharded(self, buffer: np.ndarray, own: List[np.ndarray]) -> None:
+        """Rank s adds up shard s of every rank's terms (``own``: this rank's) along
+        the tree; then an Allgatherv."""
         edges = bounds(self.count, self.size)
         lo, hi = edges[self.rank], edges[self.rank + 1]
         sending = [self.comm.Isend(t[edges[s]:edges[s + 1]], dest=s, tag=TAG_ORDERED)
                    for t in own for s in range(self.size) if s != self.rank]
-        parts: List[Tuple[Optional[MPI.Request], np.ndarray]] = []  # in group order
-        spare = iter(self._spares(sum(self.terms) - len(own), hi - lo))
-        for k in range(self.size):
-            if k == self.rank:
-                parts += [(None, t[lo:hi]) for t in own]
-            for _ in range(self.terms[k] if k != self.rank else 0):
-                into = next(spare)
-                parts.append((self.comm.Irecv(into, source=k, tag=TAG_ORDERED), into))
-        out = buffer[lo:hi]  # (t_0 + t_1) + t_2 ...: t_0 is the leader's buffer
-        for i, (request, term) in enumerate(parts):
+        others = [(k, t) for k in range(self.size) if k != self.rank for t in self.terms[k]]
+        spare = self._spares(len(others), hi - lo)
+        shards: Dict[Node, Tuple[Optional[MPI.Request], np.ndarray]] = {
+            t: (self.comm.Irecv(into, source=k, tag=TAG_ORDERED), into)
+            for (k, t), into in zip(others, spare)}
+        shards.update({t: (None, a[lo:hi]) for t, a in zip(self.terms[self.rank], own)})
+
+        def shard(node: Node) -> Optional[np.ndarray]:
+            if node not in shards:
+                return None
+            request, into = shards[node]
             if request is not None:
                 request.Wait()
-            if i > 0:
-                out += term
-            elif not (self.leads and self.mine):  # (the leader's is in place already)
-                out[...] = term
-        if not parts:
+            return into
+
+        out = buffer[lo:hi]
+        if self.n == 0:
             out[...] = 0
+        elif (0, self.n) in shards:  # one term holds everything
+            whole = shard((0, self.n))
+            if not _same(whole, out):
+                out[...] = whole
+        else:  # the root's addition straight into place (a + b: commutative, exact)
+            left, right = halves((0, self.n))
+            np.add(self._value(left, shard), self._value(right, shard), out=out)
         MPI.Request.Waitall(sending)
         counts = [b - a for a, b in zip(edges, edges[1:])]
         self.comm.Allgatherv(MPI.IN_PLACE, [buffer, (counts, edges[:-1])])
 
+    def _on_shm(self, buffer: np.ndarray, shm, buckets: Sequence[Tuple[int, int]],
+                gather: bool) -> None:
+        """Each rank's share of each bucket added up along the tree from the terms where
+        they lie (every rank's segment of ``shm``), into its own segment."""
+        holder = {terms[0]: k for k, terms in enumerate(self.terms) if terms}
+        me, root = shm.local_rank, (0, self.n)
+        shm.fence()  # every rank's term is final
+        for lo, hi in buckets:
+            edges = shm.bounds(lo, hi)
+            a, b = min(edges[me], self.count), min(edges[me + 1], self.count)
+            if b <= a:
+                continue
+            out, fresh = buffer[a:b], iter(self._spares(self.size, b - a))
+
+            def get(node: Node) -> Optional[np.ndarray]:
+                return shm.views[holder[node]][a:b] if node in holder else None
+
+            def value(node: Node) -> Tuple[np.ndarray, bool]:  # (array, ours to write)
+                if node in holder:
+                    return get(node), False
+                (left, ours), (right, _) = value(halves(node)[0]), value(halves(node)[1])
+                if not ours:  # never into another rank's segment: a spare of our own
+                    left, ours = np.add(left, right, out=next(fresh)), True
+                else:
+                    left += right
+                return left, ours
+
+            if self.n == 0:
+                out[...] = 0
+            elif root in holder:
+                if not _same(get(root), out):
+                    out[...] = get(root)
+            else:  # the root's addition straight into place (a + b: commutative, exact)
+                np.add(value(halves(root)[0])[0], value(halves(root)[1])[0], out=out)
+        if gather:
+            for lo, hi in (bucket for bucket in buckets if bucket[0] < self.count):
+                shm.gather(buffer[lo:min(hi, self.count)], within=shm.buffer[lo:hi])
+            shm.fence()  # the others are done reading this segment
+
     def _spares(self, n: int, length: int) -> List[np.ndarray]:
         """``n`` receive buffers of ``length`` values, reused step after step."""
+        self._spare = [b for b in self._spare if b.size >= length]
         while len(self._spare) < n:
-            self._spare.append(np.empty(self.count // self.size + 1, self.dtype))
+            self._spare.append(np.empty(max(length, self.count // self.size + 1), self.dtype))
         return [b[:length] for b in self._spare[:n]]

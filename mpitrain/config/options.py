@@ -127,7 +127,8 @@ class Config:
     balance_every: int = _opt(20, "with --balance speed: agree on the ranks' speeds every N "
                                   "steps")
     reproducible: bool = _opt(False, "bit-identical results at any number of ranks: each "
-                                     "global batch in --groups fixed groups, added in group order")
+                                     "global batch in --groups fixed groups, added in one fixed "
+                                     "order")
     groups: int = _opt(4, "with --reproducible: the fixed groups of each global batch (4 "
                           "serves 1 to 4 ranks, 12 up to 12 evenly; the fewer, the faster)")
     allreduce: str = _opt("auto", "gradient all-reduce: auto (shm where it serves, else mpi; "

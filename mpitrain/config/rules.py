@@ -147,10 +147,11 @@ def _check_strategy(cfg: Config) -> None:
     """What the parameter server, speed-balanced batches and --reproducible cannot be
     combined with."""
     if cfg.reproducible:
-        for ok, what in ((cfg.allreduce != "shm", "{allreduce} shm: the ranks of a node share "
-                          "one copy of the model and update it in shares, from a sum of their "
-                          "own that the fixed-order chain replaces (use {allreduce} mpi or "
-                          "ring: they give the same bits)"),
+        for ok, what in ((cfg.allreduce != "shm" or cfg.torch is not None,
+                          "{allreduce} shm: the ranks of a node share one copy of the model "
+                          "and update it in shares, from a sum of their own that the "
+                          "fixed-order sum replaces (use {allreduce} mpi or ring: they give "
+                          "the same bits; a torch model's fixed-order sum can add on shm)"),
                          (cfg.grad_dtype == "full", "{grad_dtype} " + cfg.grad_dtype + ": the "
                           "groups' sum travels in the model's dtype; a 16-bit wire would round "
                           "it by how the groups are split"),

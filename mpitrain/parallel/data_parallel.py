@@ -48,7 +48,7 @@ class Trainer(TrainerBase):
     ring, shm), ``bucket_mb``, ``overlap``, ``progress`` (None: chosen by where
     the ranks are, ``comm.overlap.plan_overlap``) and ``grad_dtype`` (a 16-bit
     wire, with ring).  ``groups``: with a number, the reproducible step (fixed
-    groups added in group order: the same bits at any rank count).  ``check_start``:
+    groups added in one fixed order: the same bits at any rank count).  ``check_start``:
     refuse replicas that start from different parameters (a healing, which hands them one
     state next, turns it off).  Every
     other option is the ``Recipe``'s (``batch_size``, ``seed``, ``accumulate``,
@@ -105,7 +105,7 @@ class Trainer(TrainerBase):
         self.batches = Batches(self.train, self.sampler, self.rank, self.size, groups=groups)
         self._finish(comm, groups, resolved=dict(overlap=overlap, bucket_mb=bucket_mb,
                                                  progress=progress, **chosen))
-        # groups: fixed groups added in group order (parallel.reproducible).
+        # groups: fixed groups added in one fixed order (parallel.reproducible).
         self.grouped = GroupedSteps(self, groups) if groups else None
 
     def close(self) -> None:

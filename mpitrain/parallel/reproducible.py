@@ -4,8 +4,9 @@ Each global batch is cut into ``G`` fixed groups (``rank_slice`` of the
 batch); rank r of p computes groups ``rank_slice(G, r, p)``, each on its own
 with the same shapes whatever rank holds it, so each group's gradient has
 the same bits at any rank count.  The groups' gradients are then added in
-group order (``comm.ordered``: a chain through the ranks), and the groups'
-loss and metric sums gathered and added in group order.  The
+one fixed order (``comm.ordered``: a tree over the groups, each rank adding
+its subtrees), and the groups' loss and metric sums gathered and added in
+group order.  The
 optimizer then sees the same summed gradient, bit for bit, at 1, 2, 3 or 4
 ranks; so does evaluation, over fixed chunks of the validation split.  Both run
 at one BLAS thread (``threads.one_blas_thread``): a product's bits depend on the
@@ -145,13 +146,13 @@ class GroupedSteps:
         home = tr.model.grads  # the exchange's buffer, which the optimizer reads
         self.sum.start(cuts)
         # The rank's cores compute its non-empty groups at once, a contiguous run each
-        # (one BLAS thread apiece: the same bits as one after the other); the first run's
-        # groups go where OrderedSum says, the others' into buffers of their own.
+        # (one BLAS thread apiece: the same bits as one after the other), each run's
+        # groups where OrderedSum places them for that run.
         mine = [g for g in range(first, last) if cuts[g + 1] > cuts[g]]
         threads = max(1, min(cores, len(mine)))
         runs = [mine[a:b] for a, b in (rank_slice(len(mine), k, threads)
                                        for k in range(threads))]
-        placed = {g: self.sum.place(home, alone=k > 0) for k, run in enumerate(runs)
+        placed = {g: self.sum.place(home, run=k) for k, run in enumerate(runs)
                   for g in run}
 
         def compute(run: List[int], model: Sequential) -> None:

@@ -5,9 +5,10 @@ cut into ``G`` fixed groups; rank r of p computes groups ``rank_slice(G, r, p)``
 each with the same rows, shapes and random draws (torch's generator seeded
 from (seed, step, group)) wherever it runs, at one torch thread and with
 ``torch.use_deterministic_algorithms``; the groups' gradients are added in
-group order (``comm.ordered.OrderedSum``), their loss and metric sums
-gathered and added in group order.  A group that starts a sum gets autograd's
-own tensor (copied into place: -0.0 stays -0.0); the next ones add to it.
+one fixed order (``comm.ordered.OrderedSum``: a tree over the groups), their
+loss and metric sums gathered and added in group order.  A group placed in a
+buffer of its own gets autograd's own tensor (copied into place: -0.0 stays
+-0.0); a group whose left sibling in the tree is built in a buffer adds to it.
 Dropout and every other draw of a group come from torch's generator seeded
 from (seed, step, the group's first global sample id).
 
@@ -92,6 +93,12 @@ class TorchGroups:
     def __init__(self, trainer, groups: int):
         self.trainer, self.groups, self.comm = trainer, groups, trainer.comm
         self.sum = OrderedSum(self.comm, trainer.grads.size, trainer.model.dtype)
+        # With shm on one node: the sum adds from the ranks' segments (comm.ordered), and
+        # a sharded update (torch.owned) needs only each rank's shares.
+        shm = trainer.exchange.blocking
+        self.on_shm = ({} if shm.name != "shm" or shm.cross.Get_size() > 1
+                       else dict(shm=shm, buckets=trainer.exchange.buckets,
+                                 gather=trainer.dist.owned is None))
         # Buffers that training changes, passed from rank to rank in group order.
         self.has_buffers = any(b.numel() for b in trainer.torch_model.buffers())
 
@@ -132,7 +139,7 @@ class TorchGroups:
         t2 = time.perf_counter()
         tr.on_phase("exchange")
         with span("ordered sum", "exchange", groups=last - first):
-            self.sum.finish(home)
+            self.sum.finish(home, **self.on_shm)
             sums = gathered_sums(self.comm, rows, self.groups)
         return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
 

@@ -13,7 +13,7 @@ replica's part is first cut into K chunks, run one after the other, each its
 M micro-batches through the schedule: a stage holds one chunk's activations
 at a time, and the gradients add up over all K x M micro-batches.
 With ``groups`` (``--reproducible``) the micro-batches are the replica's fixed
-groups (``parallel.reproducible``), added in group order over the replicas
+groups (``parallel.reproducible``), added along one fixed tree over the replicas
 (``comm.ordered``), so the stages end with the bits of any other layout.
 
 Point-to-point verbs are named from the stage's side, as in Megatron-LM:
