@@ -33,10 +33,19 @@ def test_the_same_bits_at_one_to_four_ranks(small_data, tmp_path, extra):
 
 
 def test_the_same_bits_with_ring_and_mpi_and_without_accumulation(small_data, tmp_path):
-    base, _ = trained(2, small_data, tmp_path / "mpi")
+    """MPI's sum of the terms, the ring, and shared memory (what auto takes on a node,
+    sharded; with clipping, gathered for the norm)."""
+    base, _ = trained(2, small_data, tmp_path / "mpi", "--allreduce", "mpi")
     ring, _ = trained(3, small_data, tmp_path / "ring", "--allreduce", "ring")
     acc, _ = trained(4, small_data, tmp_path / "acc", "--accumulate", "3", "--no-overlap")
     assert same_bits(base, ring) and same_bits(base, acc)
+    said = run_train(3, "--data", small_data, "--ckpt-dir", str(tmp_path / "auto"), *ARGS)
+    assert "allreduce auto: shm, because the 3 ranks share a node's memory (the fixed-order " \
+           "sum adds from it)" in said.stdout, said.stdout + said.stderr
+    clip = ("--clip-grad-norm", "0.05", "--optimizer", "momentum")
+    clipped = [trained(n, small_data, tmp_path / f"clip-{how}-{n}", *clip, "--allreduce", how)[0]
+               for n, how in ((2, "mpi"), (2, "shm"), (4, "shm"))]
+    assert same_bits(*clipped[:2]) and same_bits(*clipped[1:])
 
 
 @pytest.mark.parametrize("extra, schedule", [
@@ -80,7 +89,8 @@ def test_without_it_rank_counts_differ(small_data, tmp_path):
 
 
 @pytest.mark.parametrize("n, args, message", [
-    (2, ["--allreduce", "shm"], "--reproducible with --allreduce shm"),
+    (4, ["--allreduce", "shm", "--pp", "2"], "--reproducible with --allreduce shm and --pp 2: "
+     "a stage's fixed-order sum over its replicas runs on MPI"),
     (2, ["--grad-dtype", "bfloat16", "--allreduce", "ring"], "a 16-bit wire"),
     (4, ["--pp", "2", "--microbatches", "4"], "--reproducible with --microbatches 4: a "
      "pipeline's micro-batches are the fixed groups (set --groups)"),

@@ -7,8 +7,9 @@ the node, and across nodes the ranks holding the same share sum it with MPI's
 per node would carry it all).  It
 cannot serve everywhere, and ``auto`` then takes MPI's own ``Allreduce``: a job
 that heals itself (ULFM does not make shared-memory windows fault tolerant), a
-reproducible run (its fixed-order sum replaces it; a torch model's adds from a
-node's shared memory when one node holds every rank), an exchange driven by
+reproducible run across nodes or in a pipeline (its fixed-order sum replaces the
+exchange's, and adds from a node's shared memory only where one node holds every
+rank of a data-parallel job), an exchange driven by
 MPI requests (``progress`` test), nodes holding different numbers of ranks;
 a node of one rank has nothing to share.
 A 16-bit wire travels on mpitrain's ring only.
@@ -29,8 +30,9 @@ def choose(comm: MPI.Comm, *, wire: Optional[str] = None, progress: Optional[str
            ordered_on_shm: bool = False) -> Tuple[str, str]:
     """(the algorithm ``auto`` means on ``comm``, why), the same on every rank
     (collective: the ranks per node are counted on ``comm``).  ``ordered``: a
-    reproducible run, whose fixed-order sum runs on MPI, or (``ordered_on_shm``: the
-    torch trainer's) on a node's shared memory where one node holds every rank."""
+    reproducible run, whose fixed-order sum runs on MPI, or (``ordered_on_shm``: a
+    data-parallel trainer's, not a pipeline stage's) on a node's shared memory where one
+    node holds every rank."""
     if wire is not None:
         return "ring", f"a {wire} wire travels on mpitrain's ring only"
     if heals:

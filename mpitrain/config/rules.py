@@ -147,11 +147,10 @@ def _check_strategy(cfg: Config) -> None:
     """What the parameter server, speed-balanced batches and --reproducible cannot be
     combined with."""
     if cfg.reproducible:
-        for ok, what in ((cfg.allreduce != "shm" or cfg.torch is not None,
-                          "{allreduce} shm: the ranks of a node share one copy of the model "
-                          "and update it in shares, from a sum of their own that the "
-                          "fixed-order sum replaces (use {allreduce} mpi or ring: they give "
-                          "the same bits; a torch model's fixed-order sum can add on shm)"),
+        for ok, what in ((cfg.allreduce != "shm" or cfg.pp == 1,
+                          f"{{allreduce}} shm and {{pp}} {cfg.pp}: a stage's fixed-order sum "
+                          "over its replicas runs on MPI (use {allreduce} mpi or ring: they "
+                          "give the same bits)"),
                          (cfg.grad_dtype == "full", "{grad_dtype} " + cfg.grad_dtype + ": the "
                           "groups' sum travels in the model's dtype; a 16-bit wire would round "
                           "it by how the groups are split"),
@@ -161,7 +160,7 @@ def _check_strategy(cfg: Config) -> None:
                          (cfg.microbatches is None, f"{{microbatches}} {cfg.microbatches}: "
                           "a pipeline's micro-batches are the fixed groups (set {groups})")):
             if not ok:
-                named = [n for n in ("allreduce", "grad_dtype", "strategy", "balance",
+                named = [n for n in ("allreduce", "pp", "grad_dtype", "strategy", "balance",
                                      "microbatches", "groups")
                          if "{" + n + "}" in what]
                 raise ConfigError("{reproducible} with " + what, ["reproducible", *named])

@@ -78,6 +78,22 @@ def eval_chunks(tr) -> Optional[Tuple[int, int, int, int, np.ndarray]]:
     return n, chunks, first, last, np.zeros((last - first, 1 + tr.task.width))
 
 
+def on_shm(exchange, whole: bool) -> Tuple[Dict[str, object], List[Tuple[int, int]]]:
+    """How ``OrderedSum.finish`` sums into ``exchange``'s buffer, and the shares of it
+    whose sums a sharded update needs here: with ``shm`` on one node, from the ranks'
+    segments, gathered if the update is not sharded or the clipping norm needs the
+    ``whole`` sum (``comm.ordered``)."""
+    shm = exchange.blocking
+    if shm.name != "shm":
+        return {}, []
+    me = shm.local_rank
+    shares = [(e[me], e[me + 1]) for e in (shm.bounds(lo, hi) for lo, hi in exchange.buckets)]
+    if shm.cross.Get_size() > 1:  # MPI's path across nodes: the whole sum everywhere
+        return {}, shares if exchange.sharded else []
+    return (dict(shm=shm, buckets=exchange.buckets, gather=whole or not exchange.sharded),
+            shares if exchange.sharded else [])
+
+
 class GroupedSteps:
     """The grouped step and evaluation of a data-parallel ``trainer``, with ``groups``
     groups per batch."""
@@ -86,6 +102,7 @@ class GroupedSteps:
         self.trainer, self.groups = trainer, groups
         self.comm = trainer.comm
         self.sum = OrderedSum(self.comm, trainer.model.size, trainer.model.dtype)
+        self.on_shm, self.shares = on_shm(trainer.exchange, trainer.clip_grad_norm is not None)
         self._copies: List[Sequential] = []  # the model, for each thread but the first
         self._pool: Optional[ThreadPoolExecutor] = None
         self._workers = 0  # the pool's threads
@@ -174,7 +191,8 @@ class GroupedSteps:
         t2 = time.perf_counter()
         tr.on_phase("exchange")
         with span("ordered sum", "exchange", groups=last - first):
-            self.sum.finish(tr.model.grads)
+            self.sum.finish(tr.model.grads, **self.on_shm)
+            tr.exchange.owned[:] = self.shares  # a sharded update's: what shm sums here
             sums = gathered_sums(comm, rows, self.groups)
         return tr._conclude(step, batch, sums, (t0, t1, t2, time.perf_counter()))
 

@@ -200,16 +200,15 @@ def build(cfg: Config, comm: MPI.Comm, model: Any = None, data: Any = None, *,
     return trainer, connected
 
 
-def resolve_allreduce(cfg: Config, comm: MPI.Comm,
-                      ordered_on_shm: bool = False) -> Tuple[Config, Dict[str, str]]:
+def resolve_allreduce(cfg: Config, comm: MPI.Comm) -> Tuple[Config, Dict[str, str]]:
     """``cfg`` with ``allreduce`` "auto" made an algorithm (``comm.auto``), and the choice
-    with its reason for the run's record; unchanged otherwise (collective).
-    ``ordered_on_shm``: the trainer's reproducible sum can add on shared memory."""
+    with its reason for the run's record; unchanged otherwise (collective).  A
+    reproducible sum adds on shared memory but in a pipeline's stages."""
     if cfg.allreduce != "auto" or cfg.ps():
         return cfg, {}
     algorithm, why = choose(comm, wire=cfg.wire(), progress=cfg.progress,
                             heals=cfg.on_failure != "abort", ordered=cfg.reproducible,
-                            ordered_on_shm=ordered_on_shm)
+                            ordered_on_shm=cfg.pp == 1)
     return cfg.replace(allreduce=algorithm), {"allreduce": algorithm, "allreduce_why": why}
 
 

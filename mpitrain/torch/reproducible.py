@@ -30,7 +30,7 @@ import torch
 from ..balance import bounds, rank_slice
 from ..comm.ordered import OrderedSum
 from ..parallel.evaluation import chunk_row
-from ..parallel.reproducible import EVAL_CHUNK, eval_chunks, gathered_sums
+from ..parallel.reproducible import EVAL_CHUNK, eval_chunks, gathered_sums, on_shm
 from ..runtime import MpitrainError
 from ..threads import one_blas_thread
 from ..timeline import span
@@ -95,10 +95,7 @@ class TorchGroups:
         self.sum = OrderedSum(self.comm, trainer.grads.size, trainer.model.dtype)
         # With shm on one node: the sum adds from the ranks' segments (comm.ordered), and
         # a sharded update (torch.owned) needs only each rank's shares.
-        shm = trainer.exchange.blocking
-        self.on_shm = ({} if shm.name != "shm" or shm.cross.Get_size() > 1
-                       else dict(shm=shm, buckets=trainer.exchange.buckets,
-                                 gather=trainer.dist.owned is None))
+        self.on_shm, _ = on_shm(trainer.exchange, trainer.dist.owned is None)
         # Buffers that training changes, passed from rank to rank in group order.
         self.has_buffers = any(b.numel() for b in trainer.torch_model.buffers())
 

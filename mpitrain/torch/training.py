@@ -64,7 +64,7 @@ def _make(model, loss_fn, optimizer, scheduler, data):
     """The trainer factory the loop calls (again after a healing, on the same objects)."""
 
     def make(cfg: Config, comm: MPI.Comm, check_start: bool):
-        cfg, chosen = resolve_allreduce(cfg, comm, ordered_on_shm=True)
+        cfg, chosen = resolve_allreduce(cfg, comm)
         dtype = torch.empty(0, dtype=next(model.parameters()).dtype).numpy().dtype.name
         connected = data.connect(comm, dtype=dtype, cache_mb=cfg.cache_mb,
                                  check=cfg.check_data)
