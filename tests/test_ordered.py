@@ -21,10 +21,10 @@ def group(g):  # a group's gradient: values over many binades, keyed to the grou
     v[::1000] = -0.0  # a sum of -0.0s is -0.0: no group may start from +0.0
     return v
 
-def tree(values):  # the order, written out: left half (the larger) + right half
+def tree(values):  # the order, written out: left half + right half (the larger)
     if len(values) == 1:
         return values[0]
-    m = (len(values) + 1) // 2
+    m = len(values) // 2
     return tree(values[:m]) + tree(values[m:])
 
 on_shm = sys.argv[-1] == "shm"
@@ -64,7 +64,7 @@ for sizes, runs, gather in [(c, r, g) for c in cases for r in ((1,) if on_shm el
     else:
         s.finish(home)
         bad += not np.array_equal(home.view(np.uint32), expect.view(np.uint32))
-    if sum(map(bool, sizes)) > 3:  # (3 groups: the same order) the tree has bits of its own
+    if sum(map(bool, sizes)) > 2:  # the tree's order has bits of its own
         assert not np.array_equal(expect, left_to_right)
 total = comm.allreduce(bad)
 if rank == 0:

@@ -55,7 +55,7 @@ def test_the_same_bits_with_ring_and_mpi_and_without_accumulation(small_data, tm
     (("--optimizer", "sgd", "--batch-size", "53", "--groups", "12"), "1f1b")])  # short last
 def test_the_same_bits_in_pipeline_layouts(small_data, tmp_path, extra, schedule):
     """One rank, 2 stages, 3 stages, 2 stages x 2 replicas: the pipeline's micro-batches
-    are the fixed groups, each stage's parts added in group order over its replicas."""
+    are the fixed groups, each stage's parts added along the tree over its replicas."""
     first, line = trained(1, small_data, tmp_path / "one", *extra)
     for n, pp in ((2, 2), (3, 3), (4, 2)):
         state, other = trained(n, small_data, tmp_path / f"{n}-{pp}", "--pp", str(pp),

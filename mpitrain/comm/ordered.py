@@ -3,19 +3,20 @@
 A float sum's bits depend on its order, and the order of a gradient sum
 changes with the number of ranks (how a batch is split, how MPI pairs the
 ranks).  So ``--reproducible`` fixes the order: a fixed binary tree over the
-step's non-empty groups, each node the sum of its two halves (the left one
-the larger by at most a group), on any number of ranks::
+step's non-empty groups, each node the sum of its two halves (the right one
+the larger by at most a group, as ``rank_slice`` gives later ranks the larger
+parts), on any number of ranks::
 
-    G = 4:  S = (g_0 + g_1) + (g_2 + g_3)       G = 3:  S = (g_0 + g_1) + g_2
+    G = 4:  S = (g_0 + g_1) + (g_2 + g_3)       G = 3:  S = g_0 + (g_1 + g_2)
 
 A tree rather than a left-to-right chain because its subtrees add up where
 their groups are: rank r holds the contiguous groups [f_r, l_r), covered by
-a few whole subtrees (its *terms*; one when the ranks divide the groups
-evenly), which it adds up alone, and only the terms travel.  Backward adds a
-group into the buffer of its left sibling where that sibling is a group or a
-node built the same way (``buffer += g``, as ``--accumulate`` does: exactly
-the node's addition, for free); the other nodes of a term are added when the
-step's groups are done.  Then rank s adds up shard s of every rank's terms
+a few whole subtrees (its *terms*), which it adds up alone, and only the
+terms travel.  On 1, 2 or 4 ranks, and with G = 3 or 4 on 3 ranks, every rank
+holds one term (12 groups on 3 ranks: up to 3).  Backward adds a
+group into the buffer of its left sibling where that sibling is a group
+(``buffer += g``, as ``--accumulate`` does: exactly the node's addition, for
+free); the other nodes of a term are added when the step's groups are done.  Then rank s adds up shard s of every rank's terms
 along the tree, and an Allgatherv spreads the shards::
 
     4 groups, 2 ranks:  rank 0: t_0 = g_0 + g_1 (backward)   S[:h] = t_0[:h] + t_1[:h]
@@ -45,9 +46,9 @@ Node = Tuple[int, int]  # [a, b) of the step's non-empty groups, by position amo
 
 
 def halves(node: Node) -> Tuple[Node, Node]:
-    """The two children of a node of two or more groups: the left the larger."""
+    """The two children of a node of two or more groups: the right the larger."""
     a, b = node
-    m = a + (b - a + 1) // 2
+    m = a + (b - a) // 2
     return (a, m), (m, b)
 
 
@@ -173,8 +174,8 @@ class OrderedSum:
         segments (the shares ``shm`` sums), and ``gather`` copies the other shares."""
         mine = [self._value(t, self._held.get) for t in self.terms[self.rank]]
         if shm is not None and self.size > 1 and max(map(len, self.terms)) <= 1:
-            if mine and not _same(mine[0], buffer):
-                raise RuntimeError("OrderedSum: a term outside the shared segment")
+            if mine and not _same(mine[0], buffer):  # (no caller's: run 0 starts there)
+                buffer[...] = mine[0]  # the others read it in this rank's segment
             self._on_shm(buffer, shm, buckets, gather)
         elif self.size == 1:
             if self.n == 0:

@@ -8,7 +8,7 @@ from (seed, step, group)) wherever it runs, at one torch thread and with
 one fixed order (``comm.ordered.OrderedSum``: a tree over the groups), their
 loss and metric sums gathered and added in group order.  A group placed in a
 buffer of its own gets autograd's own tensor (copied into place: -0.0 stays
--0.0); a group whose left sibling in the tree is built in a buffer adds to it.
+-0.0); a group whose left sibling in the tree is a group adds to its buffer.
 Dropout and every other draw of a group come from torch's generator seeded
 from (seed, step, the group's first global sample id).
 
@@ -179,8 +179,10 @@ class TorchGroups:
         with span("backward", "compute"):
             loss.backward()
         for i, p in enumerate(grads.params):
-            if not grads.fired[i]:
-                if not add:
+            if not grads.fired[i]:  # this group's gradient is +0.0: the node is left + 0.0
+                if add:
+                    grads.views[i].add_(0.0)  # (-0.0 + 0.0 is +0.0, as the sum elsewhere)
+                else:
                     grads.views[i].zero_()
                 p.grad = grads.views[i]
 

@@ -137,9 +137,10 @@ class PipelineTrainer(TrainerBase):
         wire = None if grad_dtype in (None, "full") else grad_dtype
         if allreduce == "auto":  # shm where it serves (comm.auto), alike in every stage
             allreduce = grid.world.bcast(choose(grid.dp_comm, wire=wire, ordered=bool(groups))[0])
+        # With groups the fixed-order sum writes the whole sum: the update is not sharded.
         self.exchange = agreed(grid.world, lambda: Exchange(
             grid.dp_comm, self.model.size, self.model.dtype, algorithm=allreduce,
-            overlap=False, wire=wire))
+            overlap=False, wire=wire, shared=not groups))
         self.check_replicas()
         self.exchange.adopt(self.model, self.optimizer)
         self.metrics = np.zeros(2 + self.task.width)  # loss sum, stop, task sums; over world
