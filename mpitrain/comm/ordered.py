@@ -31,7 +31,7 @@ A rank whose cores compute several runs of its groups at once
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from mpi4py import MPI
@@ -70,6 +70,25 @@ def tree_terms(lo: int, hi: int, n: int) -> List[Node]:
     if hi > lo:
         cover((0, n))
     return out
+
+
+# Where a node's value lies, if it lies somewhere: (its array, whether it may be written).
+Held = Callable[[Node], Optional[Tuple[np.ndarray, bool]]]
+NOTHING: Iterator[np.ndarray] = iter(())  # no spare arrays: every array may be written
+
+
+def value(node: Node, get: Held, fresh: Iterator[np.ndarray]) -> Tuple[np.ndarray, bool]:
+    """``node``'s value: where ``get`` says it lies, else the sum of its halves, added
+    into the left half's array where that may be written, and into the next of
+    ``fresh`` where not (another rank's memory); with whether the result may be."""
+    held = get(node)
+    if held is not None:
+        return held
+    (left, ours), (right, _) = (value(half, get, fresh) for half in halves(node))
+    if not ours:
+        return np.add(left, right, out=next(fresh)), True
+    left += right
+    return left, True
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -152,18 +171,16 @@ class OrderedSum:
                 return False
         return at == node and halves(node) == (left, leaf)
 
-    @staticmethod
-    def _value(node: Node, get) -> np.ndarray:
-        """The array holding ``node``'s value: ``get(node)`` where that is one (a
-        group, a node backward built, a term), else its left half's array with its
-        right half's added to it."""
-        held = get(node)
-        if held is not None:
-            return held
-        left, right = halves(node)
-        out = OrderedSum._value(left, get)
-        out += OrderedSum._value(right, get)
-        return out
+    def _root_into(self, out: np.ndarray, get: Held, fresh: Iterator[np.ndarray]) -> None:
+        """Write the tree's sum (the root's ``value``) into ``out``."""
+        root = (0, self.n)
+        if self.n == 0:
+            out[...] = 0
+        elif get(root) is not None:
+            if not _same(get(root)[0], out):
+                out[...] = get(root)[0]
+        else:  # the root's addition straight into place (a + b: commutative, exact)
+            np.add(*(value(half, get, fresh)[0] for half in halves(root)), out=out)
 
     def finish(self, buffer: np.ndarray, shm=None, buckets: Sequence[Tuple[int, int]] = (),
                gather: bool = True) -> None:
@@ -172,19 +189,17 @@ class OrderedSum:
         is, on a node that holds every rank of ``comm``: where no rank has more than
         one term, each rank adds its share of each of ``buckets`` from the others'
         segments (the shares ``shm`` sums), and ``gather`` copies the other shares."""
-        mine = [self._value(t, self._held.get) for t in self.terms[self.rank]]
+        held = {node: (array, True) for node, array in self._held.items()}
+        mine = [value(t, held.get, NOTHING)[0] for t in self.terms[self.rank]]
+        self._held.clear()
         if shm is not None and self.size > 1 and max(map(len, self.terms)) <= 1:
             if mine and not _same(mine[0], buffer):  # (no caller's: run 0 starts there)
                 buffer[...] = mine[0]  # the others read it in this rank's segment
             self._on_shm(buffer, shm, buckets, gather)
         elif self.size == 1:
-            if self.n == 0:
-                buffer[...] = 0
-            elif not _same(mine[0], buffer):
-                buffer[...] = mine[0]
+            self._root_into(buffer, {(0, self.n): (t, True) for t in mine}.get, NOTHING)
         else:
             self._sharded(buffer, mine)
-        self._held.clear()
 
     def _sharded(self, buffer: np.ndarray, own: List[np.ndarray]) -> None:
         """Rank s adds up shard s of every rank's terms (``own``: this rank's) along
@@ -200,24 +215,15 @@ class OrderedSum:
             for (k, t), into in zip(others, spare)}
         shards.update({t: (None, a[lo:hi]) for t, a in zip(self.terms[self.rank], own)})
 
-        def shard(node: Node) -> Optional[np.ndarray]:
+        def shard(node: Node) -> Optional[Tuple[np.ndarray, bool]]:
             if node not in shards:
                 return None
             request, into = shards[node]
             if request is not None:
                 request.Wait()
-            return into
+            return into, True  # (a spare, or a shard of this rank's own term)
 
-        out = buffer[lo:hi]
-        if self.n == 0:
-            out[...] = 0
-        elif (0, self.n) in shards:  # one term holds everything
-            whole = shard((0, self.n))
-            if not _same(whole, out):
-                out[...] = whole
-        else:  # the root's addition straight into place (a + b: commutative, exact)
-            left, right = halves((0, self.n))
-            np.add(self._value(left, shard), self._value(right, shard), out=out)
+        self._root_into(buffer[lo:hi], shard, NOTHING)
         MPI.Request.Waitall(sending)
         counts = [b - a for a, b in zip(edges, edges[1:])]
         self.comm.Allgatherv(MPI.IN_PLACE, [buffer, (counts, edges[:-1])])
@@ -227,35 +233,16 @@ class OrderedSum:
         """Each rank's share of each bucket added up along the tree from the terms where
         they lie (every rank's segment of ``shm``), into its own segment."""
         holder = {terms[0]: k for k, terms in enumerate(self.terms) if terms}
-        me, root = shm.local_rank, (0, self.n)
+        me = shm.local_rank
         shm.fence()  # every rank's term is final
         for lo, hi in buckets:
             edges = shm.bounds(lo, hi)
             a, b = min(edges[me], self.count), min(edges[me + 1], self.count)
             if b <= a:
                 continue
-            out, fresh = buffer[a:b], iter(self._spares(self.size, b - a))
-
-            def get(node: Node) -> Optional[np.ndarray]:
-                return shm.views[holder[node]][a:b] if node in holder else None
-
-            def value(node: Node) -> Tuple[np.ndarray, bool]:  # (array, ours to write)
-                if node in holder:
-                    return get(node), False
-                (left, ours), (right, _) = value(halves(node)[0]), value(halves(node)[1])
-                if not ours:  # never into another rank's segment: a spare of our own
-                    left, ours = np.add(left, right, out=next(fresh)), True
-                else:
-                    left += right
-                return left, ours
-
-            if self.n == 0:
-                out[...] = 0
-            elif root in holder:
-                if not _same(get(root), out):
-                    out[...] = get(root)
-            else:  # the root's addition straight into place (a + b: commutative, exact)
-                np.add(value(halves(root)[0])[0], value(halves(root)[1])[0], out=out)
+            # The terms read where they lie and never written (other ranks' segments).
+            self._root_into(buffer[a:b], lambda node: (shm.views[holder[node]][a:b], False)
+                            if node in holder else None, iter(self._spares(self.size, b - a)))
         if gather:
             for lo, hi in (bucket for bucket in buckets if bucket[0] < self.count):
                 shm.gather(buffer[lo:min(hi, self.count)], within=shm.buffer[lo:hi])

@@ -87,11 +87,11 @@ def on_shm(exchange, whole: bool) -> Tuple[Dict[str, object], List[Tuple[int, in
     if shm.name != "shm":
         return {}, []
     me = shm.local_rank
-    shares = [(e[me], e[me + 1]) for e in (shm.bounds(lo, hi) for lo, hi in exchange.buckets)]
+    shares = [(e[me], e[me + 1]) for e in (shm.bounds(lo, hi) for lo, hi in exchange.buckets)
+              ] if exchange.sharded else []
     if shm.cross.Get_size() > 1:  # MPI's path across nodes: the whole sum everywhere
-        return {}, shares if exchange.sharded else []
-    return (dict(shm=shm, buckets=exchange.buckets, gather=whole or not exchange.sharded),
-            shares if exchange.sharded else [])
+        return {}, shares
+    return dict(shm=shm, buckets=exchange.buckets, gather=whole or not exchange.sharded), shares
 
 
 class GroupedSteps:

@@ -95,7 +95,7 @@ class TorchGroups:
         self.sum = OrderedSum(self.comm, trainer.grads.size, trainer.model.dtype)
         # With shm on one node: the sum adds from the ranks' segments (comm.ordered), and
         # a sharded update (torch.owned) needs only each rank's shares.
-        self.on_shm, _ = on_shm(trainer.exchange, trainer.dist.owned is None)
+        self.on_shm, _ = on_shm(trainer.exchange, trainer.clip_grad_norm is not None)
         # Buffers that training changes, passed from rank to rank in group order.
         self.has_buffers = any(b.numel() for b in trainer.torch_model.buffers())
 
