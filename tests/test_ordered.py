@@ -90,9 +90,12 @@ def test_the_sum_on_shared_memory_has_the_same_bits(n):
 
 
 def test_the_terms_of_a_rank_are_the_whole_subtrees_over_its_groups():
-    from mpitrain.comm.ordered import tree_terms
+    from mpitrain.comm.ordered import most_terms, tree_terms
     assert tree_terms(0, 4, 4) == [(0, 4)]
     assert [tree_terms(2 * r, 2 * r + 2, 4) for r in range(2)] == [[(0, 2)], [(2, 4)]]
     assert tree_terms(1, 4, 4) == [(1, 2), (2, 4)]
     assert tree_terms(3, 9, 12) == [(3, 6), (6, 9)]
     assert tree_terms(2, 2, 4) == []
+    # one term a rank (the sum on shared memory) on 1, 2, 4 ranks; 12 groups on 3: three
+    assert all(most_terms(g, p) == 1 for g in range(1, 13) for p in (1, 2, 4) if p <= g)
+    assert [most_terms(g, 3) for g in (3, 4, 5, 12)] == [1, 1, 2, 3]

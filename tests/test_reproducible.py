@@ -42,6 +42,10 @@ def test_the_same_bits_with_ring_and_mpi_and_without_accumulation(small_data, tm
     said = run_train(3, "--data", small_data, "--ckpt-dir", str(tmp_path / "auto"), *ARGS)
     assert "allreduce auto: shm, because the 3 ranks share a node's memory (the fixed-order " \
            "sum adds from it)" in said.stdout, said.stdout + said.stderr
+    many = run_train(3, "--data", small_data, "--ckpt-dir", str(tmp_path / "g12"), *ARGS,
+                     "--groups", "12", "--steps", "2")
+    assert "allreduce auto: mpi, because reproducible: 12 groups on 3 ranks leave a rank 3 " \
+           "subtrees of the fixed-order sum" in many.stdout, many.stdout + many.stderr
     clip = ("--clip-grad-norm", "0.05", "--optimizer", "momentum")
     clipped = [trained(n, small_data, tmp_path / f"clip-{how}-{n}", *clip, "--allreduce", how)[0]
                for n, how in ((2, "mpi"), (2, "shm"), (4, "shm"))]

@@ -9,7 +9,8 @@ cannot serve everywhere, and ``auto`` then takes MPI's own ``Allreduce``: a job
 that heals itself (ULFM does not make shared-memory windows fault tolerant), a
 reproducible run across nodes or in a pipeline (its fixed-order sum replaces the
 exchange's, and adds from a node's shared memory only where one node holds every
-rank of a data-parallel job), an exchange driven by
+rank of a data-parallel job whose groups leave each rank one term of it), an exchange
+driven by
 MPI requests (``progress`` test), nodes holding different numbers of ranks;
 a node of one rank has nothing to share.
 A 16-bit wire travels on mpitrain's ring only.
@@ -20,19 +21,21 @@ from typing import Optional, Tuple
 
 from mpi4py import MPI
 
+from .ordered import most_terms
 from .shm import ShmAllreduce
 
 __all__ = ["choose"]
 
 
 def choose(comm: MPI.Comm, *, wire: Optional[str] = None, progress: Optional[str] = None,
-           heals: bool = False, ordered: bool = False,
+           heals: bool = False, ordered: int = 0,
            ordered_on_shm: bool = False) -> Tuple[str, str]:
     """(the algorithm ``auto`` means on ``comm``, why), the same on every rank
-    (collective: the ranks per node are counted on ``comm``).  ``ordered``: a
-    reproducible run, whose fixed-order sum runs on MPI, or (``ordered_on_shm``: a
-    data-parallel trainer's, not a pipeline stage's) on a node's shared memory where one
-    node holds every rank."""
+    (collective: the ranks per node are counted on ``comm``).  ``ordered``: the groups
+    of a reproducible run (0: not reproducible), whose fixed-order sum runs on MPI, or
+    (``ordered_on_shm``: a data-parallel trainer's, not a pipeline stage's) on a node's
+    shared memory where one node holds every rank and each rank one term of the sum
+    (``comm.ordered``)."""
     if wire is not None:
         return "ring", f"a {wire} wire travels on mpitrain's ring only"
     if heals:
@@ -56,6 +59,11 @@ def choose(comm: MPI.Comm, *, wire: Optional[str] = None, progress: Optional[str
                        "on every node")
     if ordered and nodes > 1:
         return "mpi", "reproducible across nodes: the fixed-order sum runs on MPI"
+    terms = most_terms(int(ordered), comm.Get_size()) if ordered else 1
+    if terms > 1:
+        return "mpi", (f"reproducible: {int(ordered)} groups on {comm.Get_size()} ranks leave a "
+                       f"rank {terms} subtrees of the fixed-order sum (it adds from shared "
+                       "memory where each rank holds one)")
     if nodes == 1:
         return "shm", f"the {local} ranks share a node's memory" + (
             " (the fixed-order sum adds from it)" if ordered else "")

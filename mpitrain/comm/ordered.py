@@ -38,7 +38,7 @@ from mpi4py import MPI
 
 from ..balance import bounds, rank_slice
 
-__all__ = ["OrderedSum", "TAG_ORDERED", "tree_terms"]
+__all__ = ["OrderedSum", "TAG_ORDERED", "most_terms", "tree_terms"]
 
 TAG_ORDERED = 32000  # point-to-point tag of the terms' shards, on its communicator
 
@@ -70,6 +70,12 @@ def tree_terms(lo: int, hi: int, n: int) -> List[Node]:
     if hi > lo:
         cover((0, n))
     return out
+
+
+def most_terms(groups: int, size: int) -> int:
+    """The most terms any of ``size`` ranks holds when all ``groups`` groups are
+    non-empty: 1 where the sum can add from shared memory (``OrderedSum.finish``)."""
+    return max(len(tree_terms(*rank_slice(groups, k, size), groups)) for k in range(size))
 
 
 # Where a node's value lies, if it lies somewhere: (its array, whether it may be written).

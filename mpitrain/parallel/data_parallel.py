@@ -90,7 +90,7 @@ class Trainer(TrainerBase):
         self.metrics = slice(n, n + w)
         chosen = {}
         if allreduce == "auto":  # shm where it serves (comm.auto)
-            allreduce, why = choose(comm, wire=wire, progress=progress, ordered=bool(groups),
+            allreduce, why = choose(comm, wire=wire, progress=progress, ordered=groups or 0,
                                    ordered_on_shm=True)
             chosen = {"allreduce": allreduce, "allreduce_why": why}
         overlap, bucket_mb, progress = plan_overlap(comm, overlap, bucket_mb, progress)

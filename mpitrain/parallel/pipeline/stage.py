@@ -136,7 +136,7 @@ class PipelineTrainer(TrainerBase):
         # ranks per node) must not leave the other stages in their next collective.
         wire = None if grad_dtype in (None, "full") else grad_dtype
         if allreduce == "auto":  # shm where it serves (comm.auto), alike in every stage
-            allreduce = grid.world.bcast(choose(grid.dp_comm, wire=wire, ordered=bool(groups))[0])
+            allreduce = grid.world.bcast(choose(grid.dp_comm, wire=wire, ordered=groups or 0)[0])
         # With groups the fixed-order sum writes the whole sum: the update is not sharded.
         self.exchange = agreed(grid.world, lambda: Exchange(
             grid.dp_comm, self.model.size, self.model.dtype, algorithm=allreduce,
