@@ -96,8 +96,9 @@ def test_an_unregistered_layer_has_no_text_and_says_so():
 
 
 class Wrong(mpitrain.Layer):
-    """A layer whose backward pass is off by a factor, or forgets to add, or keeps its
-    input in itself: what check_layer must catch."""
+    """A layer whose backward pass is off by a factor, or forgets to add (or adds in
+    pieces, which rounds otherwise), or keeps its input in itself: what check_layer must
+    catch."""
 
     def __init__(self, fault: str):
         self.fault = fault
@@ -118,7 +119,10 @@ class Wrong(mpitrain.Layer):
     def backward(self, dy, saved, need_dx=True, accumulate=False):
         x = self.kept if self.fault == "keeps" else saved
         g = (dy * x).sum(axis=0)
-        if accumulate and self.fault != "overwrites":
+        if accumulate and self.fault == "in-rows":  # right to a rounding: one add per row
+            for row in dy * x:
+                self.gw += row
+        elif accumulate and self.fault != "overwrites":
             self.gw += g
         else:
             self.gw[...] = g
@@ -130,6 +134,7 @@ class Wrong(mpitrain.Layer):
     ("factor", "dL/dx: backward gives"),
     ("overwrites", "backward with accumulate=True does not add"),
     ("keeps", "forward keeps something of the batch in the layer"),
+    ("in-rows", "adds this batch's gradients in more than one addition"),
 ])
 def test_check_layer_finds_what_is_wrong(fault, message):
     with pytest.raises(GradientCheckError, match=message):

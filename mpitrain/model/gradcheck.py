@@ -6,7 +6,8 @@ gradient ``dy`` define ``f = sum(forward(x) * dy)``; each input and parameter
 coordinate is moved by +-eps and ``(f(+) - f(-)) / 2 eps`` compared with what
 ``backward`` wrote.  It also checks what the training loop relies on besides
 the numbers: ``out_shape`` agrees with ``forward``, ``accumulate=True`` adds to
-the gradients instead of overwriting them, and ``forward`` keeps nothing of a
+the gradients in one addition (the bits of ``grads + g``, which ``--reproducible``
+relies on) instead of overwriting them, and ``forward`` keeps nothing of a
 batch in the layer (two batches in flight give each its own gradients).
 """
 from __future__ import annotations
@@ -116,7 +117,15 @@ def _check_accumulate_and_keep_nothing(model: Sequential, x, ctx, dy, grads, rng
         raise GradientCheckError("forward keeps something of the batch in the layer: a "
                                  "second forward before the first batch's backward changed "
                                  "its gradients (return what backward needs in `saved`)")
+    # Onto other values than its own: the sum's bits must be those of one addition,
+    # grads + this batch's (--reproducible adds a group into its sibling's buffer so).
+    before = rng.normal(size=model.grads.shape)
+    model.grads[...] = before
     model.backward(dy, saved, need_dx=False, accumulate=True)
-    if not np.allclose(model.grads, 2 * grads, rtol=1e-12, atol=1e-12):
+    if not np.allclose(model.grads, before + grads, rtol=1e-12, atol=1e-12):
         raise GradientCheckError("backward with accumulate=True does not add to the "
                                  "gradients (it should: grads += this batch's)")
+    if model.grads.tobytes() != (before + grads).tobytes():
+        raise GradientCheckError("backward with accumulate=True adds this batch's gradients "
+                                 "in more than one addition: its bits differ from grads + "
+                                 "this batch's (add them once, as --reproducible needs)")
