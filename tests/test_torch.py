@@ -13,7 +13,7 @@ import random
 import numpy as np
 import pytest
 
-from conftest import ROOT, final, run_mpi, same_bits
+from conftest import ROOT, clean_env, final, run_mpi, same_bits
 
 if os.environ.get("MPITRAIN_TORCH_TESTS", "").strip().lower() == "require":
     import torch  # noqa: F401 - CI installs it: its absence is a failure
@@ -24,10 +24,10 @@ TESTS = ROOT / "tests"
 BASE = {"batch_size": 48, "steps": 30, "quiet": True}
 
 
-def fit(n, out, timeout=150, launcher=None, **options):
+def fit(n, out, timeout=150, launcher=None, env=None, **options):
     """The torch fit job at ``n`` ranks: (completed process, its state_dict by name)."""
     result = run_mpi(n, [TESTS / "torch_job.py", out, json.dumps({**BASE, **options})],
-                     timeout=timeout, launcher=launcher)
+                     timeout=timeout, launcher=launcher, env=env)
     path = out / "state.npz"
     return result, dict(np.load(path)) if path.exists() else None
 
@@ -147,6 +147,20 @@ def test_the_sharded_update_gives_the_bits_of_the_whole_one(tmp_path, model, opt
         runs[allreduce] = state
     assert equal(runs["shm"], runs["mpi"])
     assert same_bits(final(tmp_path / "shm-ckpt"), final(tmp_path / "mpi-ckpt"))
+
+
+@pytest.mark.timeout(400)
+def test_reproducible_groups_at_once_have_the_bits_of_group_by_group(tmp_path):
+    """Linear layers only (and a branch never used): a rank's groups go through the model
+    at once (torch.at_once); the bits are those of the groups one by one, at 1-3 ranks."""
+    runs = {}
+    for n, at_once in ((1, "0"), (1, "1"), (2, "1"), (3, "1")):
+        result, runs[n, at_once] = fit(n, tmp_path / f"{n}-{at_once}", model="branchy",
+                                       reproducible=True, optimizer="sgd",
+                                       env={**clean_env(), "MPITRAIN_GROUPS_AT_ONCE": at_once})
+        assert result.returncode == 0, result.stderr
+    first = runs[1, "0"]
+    assert all(equal(first, state) for state in runs.values())
 
 
 @pytest.mark.timeout(400)

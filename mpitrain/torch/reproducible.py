@@ -34,6 +34,7 @@ from ..parallel.reproducible import EVAL_CHUNK, eval_chunks, gathered_sums, on_s
 from ..runtime import MpitrainError
 from ..threads import one_blas_thread
 from ..timeline import span
+from .at_once import AtOnce
 from .broadcast import broadcast_tensors
 
 __all__ = ["TorchGroups", "deterministic", "seed_for", "seed_torch"]
@@ -98,6 +99,8 @@ class TorchGroups:
         self.on_shm, _ = on_shm(trainer.exchange, trainer.clip_grad_norm is not None)
         # Buffers that training changes, passed from rank to rank in group order.
         self.has_buffers = any(b.numel() for b in trainer.torch_model.buffers())
+        # A run of a rank's groups through the model at once where the bits allow it.
+        self.at_once = AtOnce(trainer.torch_model, trainer.grads.params, trainer.grads.offsets)
 
     @property
     def buffers(self) -> List[torch.Tensor]:
@@ -146,6 +149,14 @@ class TorchGroups:
         tr = self.trainer
         if self.has_buffers:
             self._receive_buffers()
+        run = [(g, cuts[g] - cuts[first], cuts[g + 1] - cuts[first])
+               for g in range(first, last) if cuts[g + 1] > cuts[g]]
+        sizes = [hi - lo for _, lo, hi in run]
+        fits = self.at_once.known(sizes)
+        if fits is None:
+            fits = self._check_at_once(step, run, ids, x, y, batch)
+        if fits and self._run_at_once(step, first, run, ids, x, y, batch, rows, home):
+            return
         losses: List[Tuple[int, torch.Tensor]] = []
         for g in range(first, last):
             lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
@@ -166,6 +177,51 @@ class TorchGroups:
         for g, loss in losses:
             into, add = self.sum.place(home)
             self._backward(loss, into, add)
+
+    def _run_at_once(self, step, first, run, ids, x, y, batch, rows, home) -> bool:
+        """Forward the rank's groups ``run`` (g, lo, hi) at once, then backward, each
+        group's gradients into where ``OrderedSum`` places it (``torch.at_once``); False
+        (nothing placed) if the model took an input the path does not take."""
+        tr = self.trainer
+        start, end = run[0][1], run[-1][2]
+        seed_torch(seed_for(tr.seed, step, int(ids[start])), tr.device)
+        with span("forward", "compute", samples=end - start):
+            out, plan = self.at_once.forward(
+                torch.from_numpy(x[start:end]).to(tr.device),
+                [lo - start for _, lo, _ in run] + [end - start])
+            if plan.unfit:
+                return False
+            losses = []
+            for (g, lo, hi), part in zip(run, out.split([hi - lo for _, lo, hi in run])):
+                loss = tr.loss_fn(part, tr.loss.targets(y[lo:hi]))
+                rows[g - first, 0] = float(loss.detach()) * (hi - lo)
+                rows[g - first, 2:] = tr.task.sums(part.detach().cpu().numpy(), y[lo:hi])
+                losses.append(loss * ((hi - lo) / batch))
+        plan.at([self.sum.place(home) for _ in run])
+        with span("backward", "compute"):
+            torch.autograd.backward(losses)
+        plan.settle(self.at_once.params)
+        return True
+
+    def _check_at_once(self, step, run, ids, x, y, batch) -> bool:
+        """Whether a run shaped as ``run`` keeps every row's bits at once (checked on
+        random rows of its shape with the step's targets, once per shape)."""
+        tr = self.trainer
+        sizes = [hi - lo for _, lo, hi in run]
+        start = run[0][1]
+        gen = torch.Generator().manual_seed(len(sizes) * 1000003 + sum(sizes))
+        rand = torch.randn((sum(sizes), *x.shape[1:]), generator=gen,
+                           dtype=self.at_once.params[0].dtype).to(tr.device)
+
+        def loss(out, lo, hi):
+            part = y[start + lo:start + hi]
+            return tr.loss_fn(out, tr.loss.targets(part)) * ((hi - lo) / batch)
+
+        def seed(g):
+            seed_torch(seed_for(tr.seed, step, int(ids[run[g][1]])), tr.device)
+
+        with span("check at once", "compute", groups=len(sizes)):
+            return self.at_once.check(sizes, rand, loss, seed)
 
     def _backward(self, loss: torch.Tensor, into: np.ndarray, add: bool) -> None:
         """Backward of one group's loss into ``into``: added to what is there, or (not
