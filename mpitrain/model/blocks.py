@@ -24,6 +24,12 @@ _K = [np.uint64(k) for k in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB1
                              0xD6E8FEB86659FD93, 0xA0761D6478BD642F)]
 
 
+def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(n,) the dot product of each row of a with the same row of b (one BLAS dot a row:
+    no (n, m) temporary)."""
+    return np.matmul(a[:, None, :], b[:, :, None]).reshape(len(a))
+
+
 def _mix(z: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser: a bijection of 64-bit words that scatters every bit."""
     z = (z ^ (z >> np.uint64(30))) * _K[1]
@@ -110,14 +116,22 @@ class LayerNorm(Layer):
         n = len(x)
         flat = x.reshape(n, -1)  # (n, m)
         m = flat.shape[1]
-        # centred (the mean as x.mean gives it, without its wrapper), then scaled in place
-        xhat = flat - np.add.reduce(flat, axis=1, keepdims=True) / m
-        var = np.einsum("ij,ij->i", xhat, xhat) / m  # no (n, m) temporary
+        # centred, then scaled in place; the row sums and squares as the BLAS's products
+        # with a vector (no (n, m) temporary, a third of numpy's reductions' time)
+        xhat = flat - (flat @ self._ones(m, x.dtype) / m)[:, None]
+        var = _row_dots(xhat, xhat) / m
         inv = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)[:, None]  # (n, 1)
         xhat *= inv
         y = xhat * self.gamma.reshape(1, -1)
         y += self.beta.reshape(1, -1)
         return y.reshape(x.shape), (xhat, inv)
+
+    def _ones(self, m: int, dtype) -> np.ndarray:
+        """A vector of m ones (kept: the row sums' other factor)."""
+        ones = getattr(self, "_ones_kept", None)
+        if ones is None or ones.shape != (m,) or ones.dtype != dtype:
+            ones = self._ones_kept = np.ones(m, dtype)
+        return ones
 
     def backward(self, dy, saved, need_dx=True, accumulate=False):
         xhat, inv = saved
@@ -137,8 +151,8 @@ class LayerNorm(Layer):
         # dx = inv (d - mean(d) - xhat mean(d xhat)): the row sums scaled first (n, 1),
         # then four passes over (n, m) and one temporary
         scale = inv / m
-        rest = xhat * (np.einsum("ij,ij->i", d, xhat)[:, None] * scale)
-        rest += np.add.reduce(d, axis=1, keepdims=True) * scale
+        rest = xhat * (_row_dots(d, xhat)[:, None] * scale)
+        rest += (d @ self._ones(m, d.dtype))[:, None] * scale
         d *= inv
         d -= rest
         return d.reshape(dy.shape)
