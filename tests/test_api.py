@@ -140,6 +140,8 @@ def test_check_layer_finds_what_is_wrong(fault, message):
     with pytest.raises(GradientCheckError, match=message):
         check_layer(Wrong(fault), (3,))
     check_layer(Wrong("none"), (3,))  # the same layer, right
+    if fault == "in-rows":  # right to a rounding, which is all a run without reproducible needs
+        check_layer(Wrong(fault), (3,), exact_accumulate=False)
 
 
 def test_check_layer_checks_out_shape():

@@ -87,10 +87,10 @@ def at_once(net, x, cuts=CUTS):
     places = [(buffers[g // 2], add) for g, add in enumerate(ADDS)]
     out, plan = run.forward(x, cuts)
     assert not plan.unfit
-    plan.at(places)
+    plan.set_places(places)
     torch.autograd.backward([loss(part, lo, hi) for part, (lo, hi)
                              in zip(out.split(list(np.diff(cuts))), zip(cuts, cuts[1:]))])
-    plan.settle(params)
+    plan.zero_unreached(params)
     return buffers
 
 
@@ -104,7 +104,7 @@ def test_the_check_says_whether_each_group_keeps_the_bits_it_has_alone(cuts):
     alike = all(a.tobytes() == b.tobytes() for a, b in zip(expect, got))
     assert all(p.grad is None for p in net.parameters())  # placed, not accumulated
     params, offsets = flat_layout(net)
-    assert AtOnce(net, params, offsets).check(list(np.diff(cuts)), x, loss,
+    assert AtOnce(net, params, offsets).check(list(np.diff(cuts)), [x], loss,
                                               lambda g: None) == alike
     assert all(np.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(expect, got))
 
@@ -114,7 +114,7 @@ def test_a_model_whose_rows_depend_on_each_other_goes_group_by_group():
     params, offsets = flat_layout(net)
     run = AtOnce(net, params, offsets)
     assert run.known(SIZES) is None  # not checked yet
-    assert not run.check(SIZES, data(), loss, lambda g: None)
+    assert not run.check(SIZES, [data()], loss, lambda g: None)
     assert run.known(SIZES) is False and run.known(SIZES[:1]) is False  # one group: alone
 
 
@@ -122,7 +122,7 @@ def test_a_shape_is_checked_once_and_an_input_of_other_rank_is_refused():
     net = Branchy()
     params, offsets = flat_layout(net)
     run = AtOnce(net, params, offsets)
-    alike = run.check(SIZES, data(), loss, lambda g: None)
+    alike = run.check(SIZES, [data()], loss, lambda g: None)
     assert run.known(SIZES) is alike and run.known([16, 16]) is None
     seq = torch.from_numpy(np.ones((32, 2, 12), np.float32))  # (rows, tokens, features)
     out, plan = run.forward(seq, CUTS)
@@ -147,7 +147,7 @@ def test_a_linear_called_twice_goes_group_by_group():
     run = AtOnce(net, params, offsets)
     out, plan = run.forward(data(), CUTS)
     assert plan.unfit and out.shape == (32, 12)
-    assert not run.check(SIZES, data(), loss, lambda g: None)
+    assert not run.check(SIZES, [data()], loss, lambda g: None)
 
 
 @pytest.mark.parametrize("make", [
@@ -165,3 +165,82 @@ def test_other_parameters_buffers_and_dropout_are_left_alone(make, monkeypatch):
     assert linear_modules(plain, flat_layout(plain)[0]) is not None
     monkeypatch.setenv("MPITRAIN_GROUPS_AT_ONCE", "0")
     assert AtOnce(plain, *flat_layout(plain)).known([2, 2]) is False
+
+
+class Draws(torch.nn.Module):
+    """Noise of its own in forward (no dropout module): the groups' draws differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.layer(x + 0.1 * torch.randn_like(x))
+
+
+def test_random_draws_a_parameters_own_use_and_errors_go_group_by_group():
+    net = Draws()
+    params, offsets = flat_layout(net)
+    run = AtOnce(net, params, offsets)
+    assert run.forward(data(), CUTS)[1].unfit
+    assert not run.check(SIZES, [data()], loss, lambda g: torch.manual_seed(g))
+    net = Branchy()  # a loss that reads a weight itself (decay): autograd's own gradient
+    params, offsets = flat_layout(net)
+    decayed = lambda out, lo, hi: loss(out, lo, hi) + net.head.weight.square().sum()  # noqa
+    assert not AtOnce(net, params, offsets).check(SIZES, [data()], decayed, lambda g: None)
+    assert all(p.grad is None for p in params)  # .grad as it was
+
+    def fails(out, lo, hi):
+        raise ValueError("a loss that raises")
+    assert not AtOnce(net, params, offsets).check(SIZES, [data()], fails, lambda g: None)
+    assert "forward" not in vars(net.head) and "forward" not in vars(net.body[0])
+
+
+def test_hooks_and_a_forward_of_ones_own_are_left_alone():
+    net = Branchy()
+    net.head.weight.register_hook(lambda g: g.clamp(-1, 1))
+    assert linear_modules(net, flat_layout(net)[0]) is None
+    net = Branchy()
+    net.head.register_full_backward_hook(lambda module, dx, dy: None)
+    assert linear_modules(net, flat_layout(net)[0]) is None
+    net = Branchy()
+    net.head.forward = lambda x: torch.nn.functional.linear(x, net.head.weight)
+    assert linear_modules(net, flat_layout(net)[0]) is None
+    plain = Branchy()
+    assert linear_modules(plain, flat_layout(plain)[0]) is not None
+
+
+def trained(monkeypatch, at_once):
+    """Branchy (Linear layers, an unused one) trained 3 steps, reproducible in 4 groups of
+    12 rows on one rank: (its parameters, the run shapes the check found alike)."""
+    from mpi4py import MPI
+
+    import mpitrain
+    import mpitrain.torch as mt
+    from torch_models import arrays, model
+
+    monkeypatch.setenv("MPITRAIN_GROUPS_AT_ONCE", at_once)
+    net, (x, y) = model("branchy"), arrays()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    trainer = mt.TorchTrainer(net, torch.nn.functional.cross_entropy, opt,
+                              mpitrain.ArrayDataset(x, y), MPI.COMM_SELF, batch_size=48,
+                              seed=0, groups=4)
+    losses = [trainer.step(k)[0] for k in range(3)]
+    return [p.detach().clone() for p in net.parameters()], trainer.grouped.at_once.shapes, \
+        losses
+
+
+def test_the_trainer_computes_a_ranks_groups_at_once_with_the_bits_of_one_by_one(
+        monkeypatch):
+    """The trainer's own path (its OrderedSum places, rows, seeds): with the groups at once
+    (the check finds 4 groups of 12 rows alike here: one thread, torch's CPU products)
+    the parameters and losses have the bits of the groups one by one."""
+    params, shapes, losses = trained(monkeypatch, "1")
+    assert shapes == {(12, 12, 12, 12): True}, "the check found the run's rows unlike"
+    plain, none, plain_losses = trained(monkeypatch, "0")
+    assert none == {} and losses == plain_losses
+    assert all(_bits(a) == _bits(b) for a, b in zip(params, plain))
+
+
+def _bits(t):
+    return t.numpy().tobytes()

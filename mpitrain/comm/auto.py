@@ -9,9 +9,9 @@ cannot serve everywhere, and ``auto`` then takes MPI's own ``Allreduce``: a job
 that heals itself (ULFM does not make shared-memory windows fault tolerant), a
 reproducible run across nodes or in a pipeline (its fixed-order sum replaces the
 exchange's, and adds from a node's shared memory only where one node holds every
-rank of a data-parallel job whose groups leave each rank one term of it), an exchange
-driven by
-MPI requests (``progress`` test), nodes holding different numbers of ranks;
+rank of a data-parallel job whose groups leave each rank one term of it), an
+exchange driven by MPI requests (``progress`` test), nodes holding different numbers
+of ranks;
 a node of one rank has nothing to share.
 A 16-bit wire travels on mpitrain's ring only.
 """

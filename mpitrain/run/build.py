@@ -207,7 +207,8 @@ def resolve_allreduce(cfg: Config, comm: MPI.Comm) -> Tuple[Config, Dict[str, st
     if cfg.allreduce != "auto" or cfg.ps():
         return cfg, {}
     algorithm, why = choose(comm, wire=cfg.wire(), progress=cfg.progress,
-                            heals=cfg.on_failure != "abort", ordered=cfg.groups if cfg.reproducible else 0,
+                            heals=cfg.on_failure != "abort",
+                            ordered=cfg.groups if cfg.reproducible else 0,
                             ordered_on_shm=cfg.pp == 1)
     return cfg.replace(allreduce=algorithm), {"allreduce": algorithm, "allreduce_why": why}
 

@@ -76,6 +76,8 @@ class FlatGrads:
 
     def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def final(p: torch.Tensor) -> None:
+            if p.grad is None:  # autograd passed no gradient (a Function returned None)
+                return
             view = self.views[i]
             if self.staged:
                 view.copy_(p.grad)

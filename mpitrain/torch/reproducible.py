@@ -152,11 +152,13 @@ class TorchGroups:
         run = [(g, cuts[g] - cuts[first], cuts[g + 1] - cuts[first])
                for g in range(first, last) if cuts[g + 1] > cuts[g]]
         sizes = [hi - lo for _, lo, hi in run]
-        fits = self.at_once.known(sizes)
+        fits = not self.has_buffers and self.at_once.known(sizes)  # (buffers: in turn)
         if fits is None:
             fits = self._check_at_once(step, run, ids, x, y, batch)
         if fits and self._run_at_once(step, first, run, ids, x, y, batch, rows, home):
             return
+        if fits:  # the model took another path this time: group by group from now on
+            self.at_once.shapes[tuple(sizes)] = False
         losses: List[Tuple[int, torch.Tensor]] = []
         for g in range(first, last):
             lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
@@ -185,6 +187,7 @@ class TorchGroups:
         tr = self.trainer
         start, end = run[0][1], run[-1][2]
         seed_torch(seed_for(tr.seed, step, int(ids[start])), tr.device)
+        tr.grads.begin(reporting=False)
         with span("forward", "compute", samples=end - start):
             out, plan = self.at_once.forward(
                 torch.from_numpy(x[start:end]).to(tr.device),
@@ -197,16 +200,25 @@ class TorchGroups:
                 rows[g - first, 0] = float(loss.detach()) * (hi - lo)
                 rows[g - first, 2:] = tr.task.sums(part.detach().cpu().numpy(), y[lo:hi])
                 losses.append(loss * ((hi - lo) / batch))
-        plan.at([self.sum.place(home) for _ in run])
+        plan.set_places([self.sum.place(home) for _ in run])
+        for p in tr.grads.params:
+            p.grad = None
         with span("backward", "compute"):
             torch.autograd.backward(losses)
-        plan.settle(self.at_once.params)
+        if any(tr.grads.fired):  # reached outside its Linear (the check saw it never)
+            raise MpitrainError(f"{{reproducible}}: step {step}: a parameter got a gradient "
+                                "outside its Linear module's pass, which computing the "
+                                "groups at once does not add in group order (set "
+                                "MPITRAIN_GROUPS_AT_ONCE=0)")
+        plan.zero_unreached(self.at_once.params)
         return True
 
     def _check_at_once(self, step, run, ids, x, y, batch) -> bool:
         """Whether a run shaped as ``run`` keeps every row's bits at once (checked on
-        random rows of its shape with the step's targets, once per shape)."""
+        random rows of its shape and on the step's, with the step's targets, once per
+        shape)."""
         tr = self.trainer
+        tr.grads.begin(reporting=False)
         sizes = [hi - lo for _, lo, hi in run]
         start = run[0][1]
         gen = torch.Generator().manual_seed(len(sizes) * 1000003 + sum(sizes))
@@ -220,8 +232,9 @@ class TorchGroups:
         def seed(g):
             seed_torch(seed_for(tr.seed, step, int(ids[run[g][1]])), tr.device)
 
+        real = torch.from_numpy(x[start:run[-1][2]]).to(tr.device)
         with span("check at once", "compute", groups=len(sizes)):
-            return self.at_once.check(sizes, rand, loss, seed)
+            return self.at_once.check(sizes, [rand, real], loss, seed)
 
     def _backward(self, loss: torch.Tensor, into: np.ndarray, add: bool) -> None:
         """Backward of one group's loss into ``into``: added to what is there, or (not

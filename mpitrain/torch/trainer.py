@@ -27,6 +27,7 @@ import torch
 from mpi4py import MPI
 
 from ..balance import rank_slice
+from ..comm.auto import choose
 from ..comm.topology import Grid, make_grid
 from ..data.batches import Batches
 from ..model.tasks import make_task
@@ -121,6 +122,11 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
         if check_start:  # every rank starts from rank 0's values, as DDP does
             broadcast_parameters(model, 0, comm)
         width = 2 + self.task.width
+        why = ""
+        if allreduce == "auto" and groups:  # shm for the fixed-order sum where it serves
+            allreduce, why = choose(comm, wire=None if grad_dtype in (None, "full")
+                                    else grad_dtype, progress=progress, ordered=groups,
+                                    ordered_on_shm=True)
         self.dist = DistributedOptimizer(
             optimizer, model, comm=comm, allreduce=allreduce, bucket_mb=bucket_mb,
             overlap=overlap, progress=progress, grad_dtype=grad_dtype, average=False,
@@ -129,6 +135,7 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
             # clipping: the norm, added by shares, would round otherwise than unsharded)
             shard_update=type(optimizer).__name__ not in COUPLED
             and recipe.clip_grad_norm is None)
+        self.dist.why = why or self.dist.why
         self.exchange, self.grads = self.dist.exchange, self.dist.grads
         n = self.grads.size
         self.metrics = slice(n, n + width)
