@@ -152,7 +152,8 @@ def test_the_sharded_update_gives_the_bits_of_the_whole_one(tmp_path, model, opt
 @pytest.mark.timeout(400)
 def test_reproducible_groups_at_once_have_the_bits_of_group_by_group(tmp_path):
     """Linear layers only (and a branch never used): a rank's groups go through the model
-    at once (torch.at_once); at 2 and 3 ranks the bits are those of one rank computing them one by one."""
+    at once (torch.at_once); at 2 and 3 ranks the bits are those of one rank computing
+    them one by one."""
     runs = {}  # (one rank at once: tests/test_torch_at_once.py, in-process)
     for n, at_once in ((1, "0"), (2, "1"), (3, "1")):
         result, runs[n, at_once] = fit(n, tmp_path / f"{n}-{at_once}", model="branchy",
