@@ -13,11 +13,12 @@ A tree rather than a left-to-right chain because its subtrees add up where
 their groups are: rank r holds the contiguous groups [f_r, l_r), covered by
 a few whole subtrees (its *terms*), which it adds up alone, and only the
 terms travel.  On 1, 2 or 4 ranks, and with G = 3 or 4 on 3 ranks, every rank
-holds one term (12 groups on 3 ranks: up to 3).  Backward adds a
-group into the buffer of its left sibling where that sibling is a group
-(``buffer += g``, as ``--accumulate`` does: exactly the node's addition, for
-free); the other nodes of a term are added when the step's groups are done.  Then rank s adds up shard s of every rank's terms
-along the tree, and an Allgatherv spreads the shards::
+holds one term (12 groups on 3 ranks: up to 3).  Backward adds a group into
+the buffer of its left sibling where that sibling is a group (``buffer += g``,
+as ``--accumulate`` does: exactly the node's addition, for free); the other
+nodes of a term are added when the step's groups are done.  Then rank s adds
+up shard s of every rank's terms along the tree, and an Allgatherv spreads
+the shards::
 
     4 groups, 2 ranks:  rank 0: t_0 = g_0 + g_1 (backward)   S[:h] = t_0[:h] + t_1[:h]
                         rank 1: t_1 = g_2 + g_3 (backward)   S[h:] = t_0[h:] + t_1[h:]

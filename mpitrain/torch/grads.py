@@ -16,8 +16,9 @@ backward goes on with the layers before::
 A parameter whose ``.grad`` is None (``zero`` sets them so: one pass, where
 adding into a zeroed buffer would be two and a half) gets a new tensor from
 autograd: the hook copies it into its slice and puts the view back; later
-passes of an accumulation add into the view.  A parameter that got no gradient in a step (an unused branch) keeps
-zeros, so every rank sums the same buffer and applies the same update.
+passes of an accumulation add into the view.  A parameter that got no
+gradient in a step (an unused branch) keeps zeros, so every rank sums the same
+buffer and applies the same update.
 
 Staged (parameters on a GPU, with an MPI that cannot read GPU memory): the
 gradients stay on the device; the hook copies each into its slice of the host
