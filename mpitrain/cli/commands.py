@@ -170,6 +170,7 @@ def info(args: argparse.Namespace, comm) -> None:
 
     from .. import __version__
     from ..malloc import malloc_report
+    from ..model.kernels import describe as kernels_report
     from ..process import report
     from ..runtime import library_version
     from ..threads import thread_report
@@ -192,6 +193,7 @@ def info(args: argparse.Namespace, comm) -> None:
              else "; ".join(f"rank {r}: {t}" for r, t in enumerate(threads))),
             ("numpy", numpy.__version__),
             ("malloc", malloc_report()),
+            ("kernels", kernels_report()),
             *[(k, v) for k, v in report() if k in ("Open MPI waits", "uncaught errors")],
             ("h5py", f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})"),
             ("h5py with MPI", "yes (mpio driver available)" if h5py.get_config().mpi

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from . import kernels
 from .layers import EVAL, Layer, Shape
 
 __all__ = ["LayerNorm", "Dropout", "Residual", "uniform"]
@@ -22,12 +23,6 @@ __all__ = ["LayerNorm", "Dropout", "Residual", "uniform"]
 _M = np.uint64(0xFFFFFFFFFFFFFFFF)
 _K = [np.uint64(k) for k in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB,
                              0xD6E8FEB86659FD93, 0xA0761D6478BD642F)]
-
-
-def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n,) the dot product of each row of a with the same row of b (one BLAS dot a row:
-    no (n, m) temporary)."""
-    return np.matmul(a[:, None, :], b[:, :, None]).reshape(len(a))
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -113,30 +108,14 @@ class LayerNorm(Layer):
         return 12.0 * math.prod(shape)
 
     def forward(self, x, ctx=EVAL):
-        n = len(x)
-        flat = x.reshape(n, -1)  # (n, m)
-        m = flat.shape[1]
-        # centred, then scaled in place; the row sums and squares as the BLAS's products
-        # with a vector (no (n, m) temporary, a third of numpy's reductions' time)
-        xhat = flat - (flat @ self._ones(m, x.dtype) / m)[:, None]
-        var = _row_dots(xhat, xhat) / m
-        inv = (1.0 / np.sqrt(var + self.eps)).astype(x.dtype)[:, None]  # (n, 1)
-        xhat *= inv
-        y = xhat * self.gamma.reshape(1, -1)
-        y += self.beta.reshape(1, -1)
+        # one loop a row in float32 (model.kernels: compiled, or numpy with the same bits)
+        y, xhat, inv = kernels.layernorm(x.reshape(len(x), -1), self.gamma.reshape(-1),
+                                         self.beta.reshape(-1), self.eps)
         return y.reshape(x.shape), (xhat, inv)
-
-    def _ones(self, m: int, dtype) -> np.ndarray:
-        """A vector of m ones (kept: the row sums' other factor)."""
-        ones = getattr(self, "_ones_kept", None)
-        if ones is None or ones.shape != (m,) or ones.dtype != dtype:
-            ones = self._ones_kept = np.ones(m, dtype)
-        return ones
 
     def backward(self, dy, saved, need_dx=True, accumulate=False):
         xhat, inv = saved
-        n = len(dy)
-        g = dy.reshape(n, -1)
+        g = dy.reshape(len(dy), -1)
         gg, gb = np.einsum("ij,ij->j", g, xhat), g.sum(axis=0)
         if accumulate:
             self.ggamma += gg.reshape(self.shape)
@@ -146,16 +125,7 @@ class LayerNorm(Layer):
             self.gbeta[...] = gb.reshape(self.shape)
         if not need_dx:
             return None
-        d = g * self.gamma.reshape(1, -1)  # dL/dxhat (n, m)
-        m = d.shape[1]
-        # dx = inv (d - mean(d) - xhat mean(d xhat)): the row sums scaled first (n, 1),
-        # then four passes over (n, m) and one temporary
-        scale = inv / m
-        rest = xhat * (_row_dots(d, xhat)[:, None] * scale)
-        rest += (d @ self._ones(m, d.dtype))[:, None] * scale
-        d *= inv
-        d -= rest
-        return d.reshape(dy.shape)
+        return kernels.layernorm_dx(g, xhat, inv, self.gamma.reshape(-1)).reshape(dy.shape)
 
 
 class Residual(Layer):

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import kernels
 from .gemm import add_product
 from .registry import text_of
 
@@ -282,21 +283,9 @@ class Tanh(Layer):
         return g
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)), in one new array.  Where exp(-x) overflows to inf (x below -88
-    in float32) 1 / inf = 0 is the float's answer.  exp rather than 0.5 + 0.5 tanh(x / 2):
-    numpy's exp is the faster of the two, and keeps the small values of the negative tail
-    that 0.5 - 0.5 tanh loses to cancellation."""
-    s = np.negative(x)
-    with np.errstate(over="ignore"):
-        np.exp(s, out=s)
-    s += 1
-    np.divide(1, s, out=s)
-    return s
-
-
 class Sigmoid(Layer):
-    """1 / (1 + exp(-x))."""
+    """1 / (1 + exp(-x)); in float32 one fused loop (``model.kernels``: the compiled one, or
+    numpy's passes with the same bits)."""
 
     def __repr__(self) -> str:
         return "Sigmoid()"
@@ -305,17 +294,13 @@ class Sigmoid(Layer):
         return "sigmoid"
 
     def forward(self, x, ctx=EVAL):
-        y = _sigmoid(x)
+        y = kernels.sigmoid(x)
         return y, y
 
     def backward(self, dy, saved, need_dx=True, accumulate=False):
         if not need_dx:
             return None
-        # dy s (1 - s) in one temporary, of the type dy * s has
-        g = np.subtract(1, saved, dtype=np.result_type(saved, dy))
-        g *= saved
-        g *= dy
-        return g
+        return kernels.sigmoid_grad(dy, saved)
 
 
 class GELU(Layer):
@@ -353,7 +338,7 @@ class SiLU(Layer):
         return "silu"
 
     def forward(self, x, ctx=EVAL):
-        s = _sigmoid(x)
+        s = kernels.sigmoid(x)
         return x * s, (x, s)
 
     def backward(self, dy, saved, need_dx=True, accumulate=False):
