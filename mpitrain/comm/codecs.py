@@ -12,7 +12,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-__all__ = ["WIRES", "codec", "missing"]
+__all__ = ["WIRES", "codec", "missing", "wire_of"]
 
 WIRES = ("float16", "bfloat16")  # the 16-bit wire formats, besides the buffer's own
 
@@ -40,6 +40,12 @@ class Codec:
         else:
             np.copyto(out, half, casting="unsafe")
         return out
+
+
+def wire_of(grad_dtype: Optional[str]) -> Optional[str]:
+    """The wire format of the ``grad_dtype`` option: None for the model's own precision
+    (None or ``"full"``), else the 16-bit format named."""
+    return None if grad_dtype in (None, "full") else grad_dtype
 
 
 def missing(wire: str) -> Optional[str]:

@@ -23,6 +23,7 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 from ..comm.auto import choose
+from ..comm.codecs import wire_of
 from ..comm.exchange import Exchange, plan_buckets
 from ..comm.overlap import plan_overlap
 from ..comm.topology import Grid, make_grid
@@ -78,7 +79,7 @@ class Trainer(TrainerBase):
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.shapes = dict(self.model.shapes)
         self.stage_names = [list(self.model.shapes)]
-        wire = None if grad_dtype in (None, "full") else grad_dtype
+        wire = wire_of(grad_dtype)
         n, w = self.model.size, 2 + self.task.width
         # The exchange buffer (n + w,): gradients, then the loss sum, the number of
         # ranks asked to stop (pre-emption) and the task's metric sums, all in one

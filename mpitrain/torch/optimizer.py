@@ -30,6 +30,7 @@ import torch
 from mpi4py import MPI
 
 from ..comm.auto import choose
+from ..comm.codecs import wire_of
 from ..comm.exchange import Exchange, PrivateModel, plan_buckets
 from ..comm.overlap import plan_overlap
 from ..process import init
@@ -96,7 +97,7 @@ class DistributedOptimizer:
         dtype = flat_dtype(params)
         n = sum(p.numel() for p in params)
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-        wire = None if grad_dtype in (None, "full") else grad_dtype
+        wire = wire_of(grad_dtype)
         self.why = ""  # why "auto" chose the algorithm it chose
         if allreduce == "auto":  # shm where it serves (comm.auto)
             allreduce, self.why = choose(self.comm, wire=wire, progress=progress)

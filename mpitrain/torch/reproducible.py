@@ -159,26 +159,31 @@ class TorchGroups:
             return
         if fits:  # the model took another path this time: group by group from now on
             self.at_once.shapes[tuple(sizes)] = False
-        losses: List[Tuple[int, torch.Tensor]] = []
-        for g in range(first, last):
-            lo, hi = cuts[g] - cuts[first], cuts[g + 1] - cuts[first]
-            if hi == lo:
-                continue
+        losses: List[torch.Tensor] = []
+        for g, lo, hi in run:
             if self.has_buffers and losses:
                 self._fresh_buffers()
             seed_torch(seed_for(tr.seed, step, int(ids[lo])), tr.device)
             with span("forward", "compute", samples=hi - lo):
                 out = tr.torch_model(torch.from_numpy(x[lo:hi]).to(tr.device))
-                loss = tr.loss_fn(out, tr.loss.targets(y[lo:hi]))
-            rows[g - first, 0] = float(loss.detach()) * (hi - lo)
-            rows[g - first, 2:] = tr.task.sums(out.detach().cpu().numpy(), y[lo:hi])
-            losses.append((g, loss * ((hi - lo) / batch)))
+                losses.append(self._share(out, y[lo:hi], batch, rows[g - first]))
         if self.has_buffers:
             self._fresh_buffers()  # the last pass keeps what it read, too
             self._pass_buffers()
-        for g, loss in losses:
+        for loss in losses:
             into, add = self.sum.place(home)
             self._backward(loss, into, add)
+
+    def _share(self, out: torch.Tensor, y: np.ndarray, batch: int,
+               row: Optional[np.ndarray] = None) -> torch.Tensor:
+        """A group's share of the step's mean loss (its own mean x its rows / ``batch``);
+        with ``row``, its loss sum and task sums written there for the step's record."""
+        tr = self.trainer
+        loss = tr.loss_fn(out, tr.loss.targets(y))
+        if row is not None:
+            row[0] = float(loss.detach()) * len(y)
+            row[2:] = tr.task.sums(out.detach().cpu().numpy(), y)
+        return loss * (len(y) / batch)
 
     def _run_at_once(self, step, first, run, ids, x, y, batch, rows, home) -> bool:
         """Forward the rank's groups ``run`` (g, lo, hi) at once, then backward, each
@@ -194,12 +199,8 @@ class TorchGroups:
                 [lo - start for _, lo, _ in run] + [end - start])
             if plan.unfit:
                 return False
-            losses = []
-            for (g, lo, hi), part in zip(run, out.split([hi - lo for _, lo, hi in run])):
-                loss = tr.loss_fn(part, tr.loss.targets(y[lo:hi]))
-                rows[g - first, 0] = float(loss.detach()) * (hi - lo)
-                rows[g - first, 2:] = tr.task.sums(part.detach().cpu().numpy(), y[lo:hi])
-                losses.append(loss * ((hi - lo) / batch))
+            losses = [self._share(part, y[lo:hi], batch, rows[g - first]) for (g, lo, hi), part
+                      in zip(run, out.split([hi - lo for _, lo, hi in run]))]
         plan.set_places([self.sum.place(home) for _ in run])
         for p in tr.grads.params:
             p.grad = None
@@ -226,8 +227,7 @@ class TorchGroups:
                            dtype=self.at_once.params[0].dtype).to(tr.device)
 
         def loss(out, lo, hi):
-            part = y[start + lo:start + hi]
-            return tr.loss_fn(out, tr.loss.targets(part)) * ((hi - lo) / batch)
+            return self._share(out, y[start + lo:start + hi], batch)
 
         def seed(g):
             seed_torch(seed_for(tr.seed, step, int(ids[run[g][1]])), tr.device)

@@ -28,6 +28,7 @@ from mpi4py import MPI
 
 from ..balance import rank_slice
 from ..comm.auto import choose
+from ..comm.codecs import wire_of
 from ..comm.topology import Grid, make_grid
 from ..data.batches import Batches
 from ..model.tasks import make_task
@@ -124,9 +125,8 @@ class TorchTrainer(TorchCheckpoints, TrainerBase):
         width = 2 + self.task.width
         why = ""
         if allreduce == "auto" and groups:  # shm for the fixed-order sum where it serves
-            allreduce, why = choose(comm, wire=None if grad_dtype in (None, "full")
-                                    else grad_dtype, progress=progress, ordered=groups,
-                                    ordered_on_shm=True)
+            allreduce, why = choose(comm, wire=wire_of(grad_dtype), progress=progress,
+                                    ordered=groups, ordered_on_shm=True)
         self.dist = DistributedOptimizer(
             optimizer, model, comm=comm, allreduce=allreduce, bucket_mb=bucket_mb,
             overlap=overlap, progress=progress, grad_dtype=grad_dtype, average=False,

@@ -35,6 +35,7 @@ from mpi4py import MPI
 
 from ...balance import bounds, rank_slice
 from ...comm.auto import choose
+from ...comm.codecs import wire_of
 from ...comm.exchange import Exchange
 from ...comm.ordered import OrderedSum
 from ...comm.topology import Grid, make_grid
@@ -134,7 +135,7 @@ class PipelineTrainer(TrainerBase):
         # The stage's gradients are summed over its replicas after its last backward pass.
         # Agreed over the world: a stage whose exchange is refused (shm with unequal
         # ranks per node) must not leave the other stages in their next collective.
-        wire = None if grad_dtype in (None, "full") else grad_dtype
+        wire = wire_of(grad_dtype)
         if allreduce == "auto":  # shm where it serves (comm.auto), alike in every stage
             allreduce = grid.world.bcast(choose(grid.dp_comm, wire=wire, ordered=groups or 0)[0])
         # With groups the fixed-order sum writes the whole sum: the update is not sharded.
