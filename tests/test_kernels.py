@@ -144,6 +144,25 @@ def test_layernorm_is_the_normalisation_to_float32s_precision():
     np.testing.assert_allclose(y, want * gamma + beta, rtol=0, atol=1e-5)
 
 
+def test_float64_layernorm_keeps_the_blas_row_sums():
+    """float64 has no compiled twin: its sums stay the BLAS's, its bits those of before."""
+    rng = np.random.default_rng(5)
+    x, g = rng.standard_normal((6, 40)), rng.standard_normal((6, 40))
+    gamma, beta = rng.standard_normal(40), rng.standard_normal(40)
+    ones = np.ones(40)
+    xhat = x - (x @ ones / 40)[:, None]
+    inv = (1.0 / np.sqrt(np.matmul(xhat[:, None], xhat[:, :, None]).reshape(6) / 40
+                         + 1e-5))[:, None]
+    xhat *= inv
+    y, got_xhat, got_inv = kernels.layernorm(x, gamma, beta, 1e-5)
+    assert same_bits(y, xhat * gamma + beta) and same_bits(got_inv, inv)
+    d = g * gamma
+    scale = inv / 40
+    want = d * inv - (xhat * (np.matmul(d[:, None], xhat[:, :, None]).reshape(6, 1) * scale)
+                      + (d @ ones)[:, None] * scale)
+    assert same_bits(kernels.layernorm_dx(g, got_xhat, got_inv, gamma), want)
+
+
 def test_other_types_and_layouts_take_numpy():
     x = np.linspace(-5, 5, 33)
     assert same_bits(kernels.sigmoid(x), 1 / (np.exp(-x) + 1))  # float64: numpy's exp

@@ -18,7 +18,8 @@ and any machine that has both.  Two definitions make that possible:
 
 Where the kernels are missing, or ``MPITRAIN_KERNELS=0`` is set, the same functions run
 in numpy (``compiled()`` says which).  Only C-contiguous float32 arrays take the kernels;
-other types run the numpy code.
+float64 keeps numpy's ``exp`` and the BLAS's row sums, faster in numpy and without a
+compiled twin to match.
 """
 from __future__ import annotations
 
@@ -154,6 +155,20 @@ def halving_sums(a: np.ndarray) -> np.ndarray:
     return a[0].copy()
 
 
+def _row_sums(a: np.ndarray) -> np.ndarray:
+    """Each row's sum: float32's halving sum (the kernels' own); other types' by the BLAS
+    (a product with a vector of ones)."""
+    return halving_sums(a) if a.dtype == _F else a @ np.ones(a.shape[1], a.dtype)
+
+
+def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Each row's dot product of ``a`` and ``b``: float32's halving sum of the products;
+    other types' by the BLAS (one dot a row, no (n, m) temporary)."""
+    if a.dtype == _F:
+        return halving_sums(a * b)
+    return np.matmul(a[:, None, :], b[:, :, None]).reshape(len(a))
+
+
 def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
               eps: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each row of the (n, m) ``x`` to mean 0 and variance 1, then ``* gamma + beta``;
@@ -164,8 +179,8 @@ def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
         y, xhat, inv = np.empty_like(x), np.empty_like(x), np.empty((n, 1), x.dtype)
         _c.layernorm(x, gamma, beta, float(eps), y, xhat, inv, n, m)
         return y, xhat, inv
-    xhat = x - (halving_sums(x) / m)[:, None]
-    var = halving_sums(xhat * xhat) / m
+    xhat = x - (_row_sums(x) / m)[:, None]
+    var = _row_dots(xhat, xhat) / m
     inv = (1.0 / np.sqrt(var + eps)).astype(x.dtype)[:, None]
     xhat *= inv
     y = xhat * gamma.reshape(1, -1)
@@ -185,8 +200,8 @@ def layernorm_dx(g: np.ndarray, xhat: np.ndarray, inv: np.ndarray,
         return dx
     d = g * gamma.reshape(1, -1)
     scale = inv / m
-    total = halving_sums(d)
-    rest = halving_sums(d * xhat)[:, None]
+    total = _row_sums(d)
+    rest = _row_dots(d, xhat)[:, None]
     rest *= scale
     rest = xhat * rest
     rest += total[:, None] * scale
