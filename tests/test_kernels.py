@@ -101,6 +101,41 @@ def test_a_model_trains_to_the_same_bits_with_the_kernels_or_without(both):
     assert same_bits(fast[0], slow[0]) and same_bits(fast[1], slow[1])
 
 
+def test_the_bits_are_pinned():
+    """The definitions' bits, fixed across versions and machines (IEEE float32 operations
+    only): a change of an operation, a constant or an order in both paths shows here."""
+    import hashlib
+    digest = lambda *arrays: hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
+    assert digest(kernels.sigmoid(wide_values()))[:16] == "061cd9265c429811"
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((33, 777)) * 3 + 1).astype(F)
+    gamma, beta = rng.standard_normal(777).astype(F), rng.standard_normal(777).astype(F)
+    y, xhat, inv = kernels.layernorm(x, gamma, beta, 1e-5)
+    dx = kernels.layernorm_dx(rng.standard_normal((33, 777)).astype(F), xhat, inv, gamma)
+    assert digest(y, inv, dx)[:16] == "0b078b89e014cd60"
+
+
+@pytest.mark.parametrize("eps", [1e-5, np.float64(1e-5), np.float32(1e-5)])
+def test_eps_of_any_type_gives_the_same_bits(both, eps):
+    """eps is rounded to float32 first: a float64 scalar does not turn numpy's sums into
+    float64 (NEP 50), which the loop in C would not follow."""
+    x = np.full((2, 8), 3.0, F)  # constant rows: var 0, inv = 1 / sqrt(eps)
+    x[1] = np.arange(8)
+    gamma, beta = np.ones(8, F), np.zeros(8, F)
+    fast, slow = both(kernels.layernorm, x, gamma, beta, eps)
+    assert all(same_bits(a, b) for a, b in zip(fast, slow))
+    assert same_bits(fast[2], kernels.layernorm(x, gamma, beta, 1e-5)[2])
+
+
+def test_a_strided_batch_has_the_bits_of_its_contiguous_copy(both):
+    rng = np.random.default_rng(12)
+    wide = rng.standard_normal((8, 64)).astype(F)
+    gamma, beta = rng.standard_normal(32).astype(F), rng.standard_normal(32).astype(F)
+    fast, _ = both(kernels.layernorm, np.ascontiguousarray(wide[:, ::2]), gamma, beta, 1e-5)
+    strided = kernels.layernorm(wide[:, ::2], gamma, beta, 1e-5)  # numpy: not contiguous
+    assert all(same_bits(a, b) for a, b in zip(fast, strided))
+
+
 def reference_halving_sum(row):
     """The definition, one float32 addition at a time."""
     a, m = [F(v) for v in row], len(row)

@@ -15,7 +15,7 @@
 #include <string.h>
 #include <math.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 #define MT_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define MT_CLONES
@@ -51,8 +51,8 @@ static inline __attribute__((always_inline)) v8f mt_exp(v8f t)
     v8i below = t < lo, above = t > hi;
     t = (v8f)(((v8i)lo & below) | ((v8i)t & ~below));
     t = (v8f)(((v8i)hi & above) | ((v8i)t & ~above));
-    v8f k = t * LOG2E + MAGIC;
-    k = k - MAGIC;
+    v8f shifted = t * LOG2E + MAGIC;  /* k in its low mantissa bits: 0x4B400000 + k */
+    v8f k = shifted - MAGIC;
     v8f r = t - k * C1;
     r = r - k * C2;
     v8f z = r * r;
@@ -64,7 +64,7 @@ static inline __attribute__((always_inline)) v8f mt_exp(v8f t)
     p = p * z;
     p = p + r;
     p = p + 1.0f;
-    v8u bits = ((v8u)__builtin_convertvector(k, v8i) + 126u) << 23;
+    v8u bits = ((v8u)shifted - 0x4B400000u + 126u) << 23;  /* (a NaN: any; p is NaN) */
     return p * (v8f)bits * 2.0f;
 }
 
@@ -248,6 +248,10 @@ static PyObject *py_layernorm(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOdOOOnn", &o[0], &o[1], &o[2], &eps, &o[3], &o[4], &o[5],
                           &n, &m))
         return NULL;
+    if (n < 0 || m < 0 || (m && n > PY_SSIZE_T_MAX / m)) {
+        PyErr_SetString(PyExc_OverflowError, "layernorm: n * m out of range");
+        return NULL;
+    }
     Py_ssize_t counts[6] = {n * m, m, m, n * m, n * m, n};
     if (take_all(o, v, names, counts, 6, 3) < 0)
         return NULL;
@@ -273,6 +277,10 @@ static PyObject *py_layernorm_dx(PyObject *self, PyObject *args)
     static const char *names[5] = {"g", "xhat", "inv", "gamma", "dx"};
     if (!PyArg_ParseTuple(args, "OOOOOnn", &o[0], &o[1], &o[2], &o[3], &o[4], &n, &m))
         return NULL;
+    if (n < 0 || m < 0 || (m && n > PY_SSIZE_T_MAX / m)) {
+        PyErr_SetString(PyExc_OverflowError, "layernorm_dx: n * m out of range");
+        return NULL;
+    }
     Py_ssize_t counts[5] = {n * m, n * m, n, m, n * m};
     if (take_all(o, v, names, counts, 5, 4) < 0)
         return NULL;

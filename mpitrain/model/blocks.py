@@ -80,7 +80,7 @@ class LayerNorm(Layer):
     by ``gamma`` and shifts by ``beta`` (one of each per unit)."""
 
     def __init__(self, shape: Shape, eps: float = 1e-5):
-        self.shape, self.eps = tuple(shape), eps
+        self.shape, self.eps = tuple(shape), float(eps)
 
     def __repr__(self) -> str:
         return f"LayerNorm({self.shape})"

@@ -175,6 +175,7 @@ def layernorm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray,
     returns (y, xhat, inv) with xhat the normalised rows and inv (n, 1) 1 / sqrt(var + eps).
     """
     n, m = x.shape
+    eps = x.dtype.type(eps)  # rounded to x's type first, whatever type it came in
     if _fast(x, gamma, beta):
         y, xhat, inv = np.empty_like(x), np.empty_like(x), np.empty((n, 1), x.dtype)
         _c.layernorm(x, gamma, beta, float(eps), y, xhat, inv, n, m)
