@@ -79,3 +79,17 @@ def test_theoretical_bubble():
     assert bubble(1, 8) == 0
     assert bubble(4, 1) == pytest.approx(3 / 4)
     assert bubble(4, 8) == pytest.approx(3 / 11)
+
+
+def test_a_stage_refuses_shm_for_the_fixed_order_sum():
+    """Built directly, as the configuration refuses it: the groups' sum runs on MPI."""
+    from mpitrain.data.arrays import ArrayDataset
+    from mpitrain.model.optim import SGD
+    from mpitrain.parallel.pipeline.stage import PipelineTrainer
+    from mpitrain.runtime import ConfigError
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.standard_normal((32, 4)).astype(np.float32),
+                        rng.integers(0, 2, 32), classes=2)
+    with pytest.raises(ConfigError, match=r"^allreduce shm with groups: a stage's fixed-order"):
+        PipelineTrainer(mlp(4, [8], 2), "ce", SGD(lr=0.1), data, MPI.COMM_SELF, pp=1,
+                        allreduce="shm", groups=4)

@@ -97,6 +97,10 @@ class PipelineTrainer(TrainerBase):
                  allreduce: str = "auto", grad_dtype: Optional[str] = None,
                  groups: Optional[int] = None, dtype: str = "float32",
                  check_start: bool = True, **options):
+        if groups and allreduce == "shm":  # as config.rules says for every public path
+            raise ConfigError("{allreduce} shm with {groups}: a stage's fixed-order sum over "
+                              "its replicas runs on MPI (use {allreduce} mpi or ring: they "
+                              "give the same bits)", ["allreduce", "groups"], everywhere=True)
         grid = comm if isinstance(comm, Grid) else make_grid(comm, pp or 2)
         self.check_start = check_start
         microbatches = 2 * grid.pp if microbatches is None else microbatches
