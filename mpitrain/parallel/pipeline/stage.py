@@ -1,19 +1,17 @@
 """Pipeline model parallelism: one stage of layers per rank, micro-batches between stages.
 
-The model's layers are cut into ``grid.pp`` contiguous stages
-(``partition.py``); each rank holds only its stage's parameters, gradients
-and optimizer state.  Each data-parallel replica (``grid.dp_rank``) takes
-its slice of the global batch and cuts it into ``M`` micro-batches, which
-travel forward (activations) and backward (gradients) between neighbouring
-stages by buffer-based point-to-point messages on ``grid.pp_comm``, in the
-order a schedule (``schedules.py``) gives.  After the last backward pass each
-stage sums its gradients over its replicas (``grid.dp_comm``) through the
-same ``Exchange`` the data-parallel trainer uses.  With ``accumulate`` K the
-replica's part is first cut into K chunks, run one after the other, each its
-M micro-batches through the schedule: a stage holds one chunk's activations
-at a time, and the gradients add up over all K x M micro-batches.
-With ``groups`` (``--reproducible``) the micro-batches are the replica's fixed
-groups (``parallel.reproducible``), added along one fixed tree over the replicas
+The model's layers are cut into ``grid.pp`` contiguous stages (``partition.py``); each rank
+holds only its stage's parameters, gradients and optimizer state.  Each data-parallel
+replica (``grid.dp_rank``) takes its slice of the global batch and cuts it into ``M``
+micro-batches, which travel forward (activations) and backward (gradients) between
+neighbouring stages by buffer-based point-to-point messages on ``grid.pp_comm``, in the
+order a schedule (``schedules.py``) gives.  After the last backward pass each stage sums its
+gradients over its replicas (``grid.dp_comm``) through the same ``Exchange`` the
+data-parallel trainer uses.  With ``accumulate`` K the replica's part is first cut into K
+chunks, run one after the other, each its M micro-batches through the schedule: a stage
+holds one chunk's activations at a time, and the gradients add up over all K x M
+micro-batches. With ``groups`` (``--reproducible``) the micro-batches are the replica's
+fixed groups (``parallel.reproducible``), added along one fixed tree over the replicas
 (``comm.ordered``), so the stages end with the bits of any other layout.
 
 Point-to-point verbs are named from the stage's side, as in Megatron-LM:
@@ -97,10 +95,9 @@ class PipelineTrainer(TrainerBase):
                  allreduce: str = "auto", grad_dtype: Optional[str] = None,
                  groups: Optional[int] = None, dtype: str = "float32",
                  check_start: bool = True, **options):
-        if groups and allreduce == "shm":  # as config.rules says for every public path
-            raise ConfigError("{allreduce} shm with {groups}: a stage's fixed-order sum over "
-                              "its replicas runs on MPI (use {allreduce} mpi or ring: they "
-                              "give the same bits)", ["allreduce", "groups"], everywhere=True)
+        if groups and allreduce == "shm":  # (config.rules refuses it on every public path)
+            raise ConfigError("{allreduce} shm with {groups}: a stage's fixed-order sum runs on "
+                              "MPI (use mpi or ring)", ["allreduce", "groups"], everywhere=True)
         grid = comm if isinstance(comm, Grid) else make_grid(comm, pp or 2)
         self.check_start = check_start
         microbatches = 2 * grid.pp if microbatches is None else microbatches
