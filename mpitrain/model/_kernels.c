@@ -181,50 +181,6 @@ static void release(Py_buffer *views, int k)
         PyBuffer_Release(&views[i]);
 }
 
-static PyObject *py_sigmoid(PyObject *self, PyObject *args)
-{
-    PyObject *x, *out;
-    Py_ssize_t n;
-    Py_buffer v[2];
-    if (!PyArg_ParseTuple(args, "OOn", &x, &out, &n))
-        return NULL;
-    if (take(x, &v[0], 0, n, "x") < 0)
-        return NULL;
-    if (take(out, &v[1], 1, n, "out") < 0) {
-        release(v, 1);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    sigmoid_loop(v[0].buf, v[1].buf, n);
-    Py_END_ALLOW_THREADS
-    release(v, 2);
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_sigmoid_grad(PyObject *self, PyObject *args)
-{
-    PyObject *dy, *s, *out;
-    Py_ssize_t n;
-    Py_buffer v[3];
-    if (!PyArg_ParseTuple(args, "OOOn", &dy, &s, &out, &n))
-        return NULL;
-    if (take(dy, &v[0], 0, n, "dy") < 0)
-        return NULL;
-    if (take(s, &v[1], 0, n, "s") < 0) {
-        release(v, 1);
-        return NULL;
-    }
-    if (take(out, &v[2], 1, n, "out") < 0) {
-        release(v, 2);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    sigmoid_grad_loop(v[0].buf, v[1].buf, v[2].buf, n);
-    Py_END_ALLOW_THREADS
-    release(v, 3);
-    Py_RETURN_NONE;
-}
-
 /* Take the buffers named in names (in order; writable from index first_out on). */
 static int take_all(PyObject **objs, Py_buffer *v, const char **names, const Py_ssize_t *counts,
                     int k, int first_out)
@@ -238,6 +194,53 @@ static int take_all(PyObject **objs, Py_buffer *v, const char **names, const Py_
     return 0;
 }
 
+/* Whether n rows of m elements can be counted (the buffers' lengths are checked against it). */
+static int rows_fit(Py_ssize_t n, Py_ssize_t m, const char *what)
+{
+    if (n < 0 || m < 0 || (m && n > PY_SSIZE_T_MAX / m)) {
+        PyErr_Format(PyExc_OverflowError, "%s: n * m out of range", what);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_sigmoid(PyObject *self, PyObject *args)
+{
+    PyObject *o[2];
+    Py_ssize_t n;
+    Py_buffer v[2];
+    static const char *names[2] = {"x", "out"};
+    if (!PyArg_ParseTuple(args, "OOn", &o[0], &o[1], &n) || !rows_fit(n, 1, "sigmoid"))
+        return NULL;
+    Py_ssize_t counts[2] = {n, n};
+    if (take_all(o, v, names, counts, 2, 1) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    sigmoid_loop(v[0].buf, v[1].buf, n);
+    Py_END_ALLOW_THREADS
+    release(v, 2);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_sigmoid_grad(PyObject *self, PyObject *args)
+{
+    PyObject *o[3];
+    Py_ssize_t n;
+    Py_buffer v[3];
+    static const char *names[3] = {"dy", "s", "out"};
+    if (!PyArg_ParseTuple(args, "OOOn", &o[0], &o[1], &o[2], &n) ||
+        !rows_fit(n, 1, "sigmoid_grad"))
+        return NULL;
+    Py_ssize_t counts[3] = {n, n, n};
+    if (take_all(o, v, names, counts, 3, 2) < 0)
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    sigmoid_grad_loop(v[0].buf, v[1].buf, v[2].buf, n);
+    Py_END_ALLOW_THREADS
+    release(v, 3);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_layernorm(PyObject *self, PyObject *args)
 {
     PyObject *o[6];
@@ -248,10 +251,8 @@ static PyObject *py_layernorm(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOOdOOOnn", &o[0], &o[1], &o[2], &eps, &o[3], &o[4], &o[5],
                           &n, &m))
         return NULL;
-    if (n < 0 || m < 0 || (m && n > PY_SSIZE_T_MAX / m)) {
-        PyErr_SetString(PyExc_OverflowError, "layernorm: n * m out of range");
+    if (!rows_fit(n, m, "layernorm"))
         return NULL;
-    }
     Py_ssize_t counts[6] = {n * m, m, m, n * m, n * m, n};
     if (take_all(o, v, names, counts, 6, 3) < 0)
         return NULL;
@@ -277,10 +278,8 @@ static PyObject *py_layernorm_dx(PyObject *self, PyObject *args)
     static const char *names[5] = {"g", "xhat", "inv", "gamma", "dx"};
     if (!PyArg_ParseTuple(args, "OOOOOnn", &o[0], &o[1], &o[2], &o[3], &o[4], &n, &m))
         return NULL;
-    if (n < 0 || m < 0 || (m && n > PY_SSIZE_T_MAX / m)) {
-        PyErr_SetString(PyExc_OverflowError, "layernorm_dx: n * m out of range");
+    if (!rows_fit(n, m, "layernorm_dx"))
         return NULL;
-    }
     Py_ssize_t counts[5] = {n * m, n * m, n, m, n * m};
     if (take_all(o, v, names, counts, 5, 4) < 0)
         return NULL;
